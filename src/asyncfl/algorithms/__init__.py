@@ -1,0 +1,1 @@
+"""Pure federated-learning math on flat tensors: trainer, aggregators, staleness, optimizers."""

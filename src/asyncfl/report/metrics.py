@@ -1,0 +1,87 @@
+"""Run metrics: counters of trips and bytes, evaluation rows, staleness of accepted updates."""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from asyncfl.algorithms.aggregators import Verdict
+
+COLUMNS = [
+    "virtual_time", "version", "trips_started", "trips_completed", "trips_dropped",
+    "trips_discarded", "trips_cancelled", "bytes_down", "bytes_up", "test_accuracy",
+    "test_loss", "wall_time",
+]
+
+
+class Metrics:
+    def __init__(self):
+        self.started = self.completed = self.dropped = self.discarded = self.cancelled = 0
+        self.bytes_down = self.bytes_up = 0
+        self.staleness: Counter[int] = Counter()
+        self.rows: list[dict] = []
+        self.wall_seconds = self.virtual_time = 0.0
+        self.server_steps = self.client_updates = 0
+
+    def on_verdict(self, verdict: Verdict, staleness: int) -> None:
+        if verdict == Verdict.DISCARDED:
+            self.discarded += 1
+        else:
+            self.staleness[staleness] += 1
+
+    def record(self, t: float, version: int, acc: float, loss: float, wall: float) -> None:
+        self.rows.append({
+            "virtual_time": t, "version": version, "trips_started": self.started,
+            "trips_completed": self.completed, "trips_dropped": self.dropped,
+            "trips_discarded": self.discarded, "trips_cancelled": self.cancelled,
+            "bytes_down": self.bytes_down, "bytes_up": self.bytes_up,
+            "test_accuracy": acc, "test_loss": loss, "wall_time": wall,
+        })
+
+    def first_at(self, target: float) -> dict | None:
+        return next((r for r in self.rows if r["test_accuracy"] >= target), None)
+
+    def staleness_quantile(self, q: float) -> float | None:
+        if not self.staleness:
+            return None
+        values = np.array(sorted(self.staleness))
+        counts = np.array([self.staleness[v] for v in values])
+        cdf = np.cumsum(counts) / counts.sum()
+        return float(values[np.searchsorted(cdf, q)])
+
+    def summary(self, target: float) -> dict:
+        hit = self.first_at(target)
+        last = self.rows[-1]
+        total = sum(self.staleness.values())
+        return {
+            "final_accuracy": last["test_accuracy"],
+            "final_loss": last["test_loss"],
+            "best_accuracy": max(r["test_accuracy"] for r in self.rows),
+            "time_to_target": hit["virtual_time"] if hit else None,
+            "trips_to_target": hit["trips_started"] if hit else None,
+            "bytes_to_target": hit["bytes_down"] + hit["bytes_up"] if hit else None,
+            "server_steps": self.server_steps,
+            "virtual_time": self.virtual_time,
+            "wall_seconds": self.wall_seconds,
+            "client_updates": self.client_updates,
+            "trips": {
+                "started": self.started, "completed": self.completed, "dropped": self.dropped,
+                "discarded": self.discarded, "cancelled": self.cancelled,
+            },
+            "bytes_down": self.bytes_down,
+            "bytes_up": self.bytes_up,
+            "mean_staleness": sum(k * v for k, v in self.staleness.items()) / total if total else None,
+            "p99_staleness": self.staleness_quantile(0.99),
+        }
+
+    def write_csv(self, path: Path) -> None:
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+    def staleness_histogram(self) -> dict[str, int]:
+        return {str(k): self.staleness[k] for k in sorted(self.staleness)}

@@ -1,0 +1,48 @@
+"""Comparison plots (PNG) of several runs of one experiment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from asyncfl.report.metrics import Metrics  # noqa: E402
+
+
+def _curves(results: dict[str, Metrics], x: str, xlabel: str, target: float, path: Path, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, m in results.items():
+        ax.plot([r[x] for r in m.rows], [r["test_accuracy"] for r in m.rows], label=name, lw=1.6)
+    ax.axhline(target, color="grey", ls="--", lw=1, label=f"target {target:g}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_plots(results: dict[str, Metrics], target: float, out: Path, title: str) -> list[Path]:
+    paths = [out / "accuracy_vs_time.png", out / "accuracy_vs_trips.png", out / "staleness.png"]
+    _curves(results, "virtual_time", "virtual time (s)", target, paths[0], f"{title}: accuracy vs time")
+    _curves(results, "trips_started", "client trips started", target, paths[1], f"{title}: accuracy vs trips")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, m in results.items():
+        if m.staleness:
+            xs = sorted(m.staleness)
+            ax.step(xs, [m.staleness[k] for k in xs], where="mid", label=name)
+    ax.set_xlabel("staleness of accepted updates (server versions)")
+    ax.set_ylabel("updates")
+    ax.set_title(f"{title}: staleness histogram")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(paths[2], dpi=120)
+    plt.close(fig)
+    return paths

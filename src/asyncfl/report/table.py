@@ -1,0 +1,33 @@
+"""The printed comparison table."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+
+def _fmt(v, spec: str) -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def _bytes(v) -> str:
+    if v is None:
+        return "—"
+    for unit in ("B", "KB", "MB", "GB"):
+        if v < 1000:
+            return f"{v:.0f} {unit}" if unit == "B" else f"{v:.1f} {unit}"
+        v /= 1000
+    return f"{v:.1f} TB"
+
+
+def summary_table(summary: dict) -> Table:
+    t = Table(title=f"{summary['preset']}: target accuracy {summary['target_accuracy']:g}")
+    for col in ("run", "mode", "C", "final acc", "time to target (s)", "trips to target",
+                "bytes to target", "server steps", "mean staleness", "wall (s)"):
+        t.add_column(col, justify="left" if col in ("run", "mode") else "right")
+    for r in summary["runs"]:
+        t.add_row(
+            r["name"], r["mode"], str(r["concurrency"]), f"{r['final_accuracy']:.3f}",
+            _fmt(r["time_to_target"], ".0f"), _fmt(r["trips_to_target"], "d"), _bytes(r["bytes_to_target"]),
+            str(r["server_steps"]), _fmt(r["mean_staleness"], ".1f"), f"{r['wall_seconds']:.1f}",
+        )
+    return t

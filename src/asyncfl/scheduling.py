@@ -1,0 +1,122 @@
+"""Scheduling policies: *when* clients train and the server steps (SPEC §4).
+
+A policy is a small state machine over a `Runtime`: the simulator implements it with a virtual
+clock, the network server with check-ins and wall-clock timers. Aggregation math stays in the
+aggregator; the policy only decides when to start clients, when a round closes and what
+happens to stragglers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol
+
+from asyncfl.algorithms.aggregators import Verdict
+from asyncfl.algorithms.update import ClientUpdate
+from asyncfl.config import SchedulerConfig
+
+
+class Runtime(Protocol):
+    @property
+    def in_flight(self) -> int: ...
+
+    def request_clients(self, n: int) -> int:
+        """Start up to n trips from the current model; returns how many started. When fewer
+        than asked could start, the runtime calls `on_timer(rt, WAKE)` later."""
+
+    def submit(self, trip: Any, update: ClientUpdate) -> Verdict: ...
+
+    def flush(self) -> bool: ...
+
+    def cancel_in_flight(self) -> None: ...
+
+    def collect_partial(self) -> list[tuple[Any, ClientUpdate]]:
+        """Stop every trip in flight; return the partial updates of those that did work."""
+
+    def set_timer(self, delay: float, payload: Any) -> None: ...
+
+
+WAKE = "wake"
+
+
+class AsyncPolicy:
+    """Keep `concurrency` clients training; every report or loss starts a replacement."""
+
+    mode = "async"
+
+    def __init__(self, concurrency: int):
+        self.concurrency = concurrency
+
+    def start(self, rt: Runtime) -> None:
+        rt.request_clients(self.concurrency - rt.in_flight)
+
+    def on_report(self, rt: Runtime, trip: Any, update: ClientUpdate) -> None:
+        rt.submit(trip, update)
+        self.start(rt)
+
+    def on_lost(self, rt: Runtime, trip: Any) -> None:
+        self.start(rt)
+
+    def on_timer(self, rt: Runtime, payload: Any) -> None:
+        if payload == WAKE:
+            self.start(rt)
+
+
+class SyncPolicy:
+    """Rounds: select ceil(cohort (1 + over_selection)) devices from one model version; the
+    round closes at `cohort` accepted updates, when nobody is left in flight, or at the
+    timeout. Stragglers are then cancelled (drop), waited for (wait: no timeout), or asked
+    for the work they have done (partial)."""
+
+    mode = "sync"
+
+    def __init__(self, cohort: int, over_selection: float = 0.0, round_timeout: float | None = None, straggler: str = "drop"):
+        self.cohort = cohort
+        self.selected = math.ceil(cohort * (1 + over_selection) - 1e-9)
+        self.round_timeout = round_timeout if straggler != "wait" else None
+        self.straggler = straggler
+        self.round = 0
+        self.open = False
+        self.arrived = 0
+
+    def start(self, rt: Runtime) -> None:
+        if rt.request_clients(self.selected) == 0:
+            return  # the runtime wakes us when devices may be eligible again
+        self.round += 1
+        self.open = True
+        self.arrived = 0
+        if self.round_timeout is not None:
+            rt.set_timer(self.round_timeout, ("deadline", self.round))
+
+    def on_report(self, rt: Runtime, trip: Any, update: ClientUpdate) -> None:
+        if rt.submit(trip, update) != Verdict.DISCARDED:
+            self.arrived += 1
+        self._maybe_close(rt)
+
+    def on_lost(self, rt: Runtime, trip: Any) -> None:
+        self._maybe_close(rt)
+
+    def on_timer(self, rt: Runtime, payload: Any) -> None:
+        if payload == WAKE and not self.open:
+            self.start(rt)
+        elif payload == ("deadline", self.round) and self.open:
+            if self.straggler == "partial":
+                for trip, update in rt.collect_partial():
+                    rt.submit(trip, update)
+            self._close(rt)
+
+    def _maybe_close(self, rt: Runtime) -> None:
+        if self.arrived >= self.cohort or rt.in_flight == 0:
+            self._close(rt)
+
+    def _close(self, rt: Runtime) -> None:
+        rt.cancel_in_flight()
+        rt.flush()
+        self.open = False
+        self.start(rt)
+
+
+def build_policy(cfg: SchedulerConfig) -> AsyncPolicy | SyncPolicy:
+    if cfg.mode == "async":
+        return AsyncPolicy(cfg.concurrency)
+    return SyncPolicy(cfg.concurrency, cfg.over_selection, cfg.round_timeout, cfg.straggler)

@@ -1,0 +1,1 @@
+"""Discrete-event simulation: virtual clock, device population, deferred client execution."""

@@ -1,0 +1,60 @@
+"""Deferred client execution (SPEC §5).
+
+A client's result depends only on its start model, its data and its seed, all fixed when the
+trip starts. The simulator submits a job at trip start and asks for the result only when the
+trip reports, so an executor is free to train many pending jobs together.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from asyncfl.algorithms.trainer import LocalTrainer
+from asyncfl.algorithms.update import ClientUpdate
+from asyncfl.data.federated import FederatedDataset
+
+
+@dataclass
+class TrainJob:
+    job_id: int
+    client: int  # index of the client's data partition
+    base_version: int
+    base_w: torch.Tensor
+    seed: int
+    steps: int  # may be lowered before the result is asked for (partial work)
+
+
+class Executor(ABC):
+    def __init__(self, trainer: LocalTrainer, data: FederatedDataset):
+        self.trainer = trainer
+        self.data = data
+        self.pending: dict[int, TrainJob] = {}
+        self.trained = 0  # client updates computed, for throughput figures
+
+    def submit(self, job: TrainJob) -> None:
+        self.pending[job.job_id] = job
+
+    def cancel(self, job_id: int) -> None:
+        self.pending.pop(job_id, None)
+
+    def set_steps(self, job_id: int, steps: int) -> None:
+        self.pending[job_id].steps = steps
+
+    @abstractmethod
+    def result(self, job_id: int) -> ClientUpdate:
+        """Train (at least) this job and return its update; the job leaves the pool."""
+
+
+class SequentialExecutor(Executor):
+    """Reference executor: trains each job alone, when its result is needed."""
+
+    def result(self, job_id):
+        job = self.pending.pop(job_id)
+        x, y = self.data.client_data(job.client)
+        self.trained += 1
+        return self.trainer.train(
+            job.base_w, x, y, seed=job.seed, client_id=job.client, base_version=job.base_version, steps=job.steps
+        )

@@ -1,0 +1,55 @@
+"""Device population held as arrays, so 10^6 devices cost a few tens of MB (SPEC §5)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from asyncfl.config import Dist, PopulationConfig
+
+
+def sample(dist: Dist, n: int, rng: np.random.Generator) -> np.ndarray:
+    if dist.kind == "lognormal":
+        v = dist.scale * np.exp(dist.sigma * rng.standard_normal(n))
+    elif dist.kind == "halfnormal":
+        v = np.abs(dist.scale * rng.standard_normal(n))
+    elif dist.kind == "exponential":
+        v = rng.exponential(dist.scale, n)
+    else:
+        v = np.full(n, dist.scale)
+    return np.maximum(v, dist.minimum).astype(np.float32)
+
+
+class Population:
+    def __init__(self, cfg: PopulationConfig, rng: np.random.Generator):
+        n = cfg.devices
+        self.size = n
+        self.compute_per_example = sample(cfg.compute_per_example, n, rng)  # seconds
+        self.download_bandwidth = sample(cfg.download_bandwidth, n, rng)  # bytes / s
+        self.upload_bandwidth = sample(cfg.upload_bandwidth, n, rng)
+        self.period = cfg.availability.period
+        self.on_fraction = cfg.availability.on_fraction
+        self.phase = rng.random(n).astype(np.float32) if self.on_fraction < 1 else None
+        self.busy = np.zeros(n, dtype=bool)
+
+    def available(self, ids: np.ndarray, t: float) -> np.ndarray:
+        if self.phase is None:
+            return np.ones(len(ids), dtype=bool)
+        return (t / self.period + self.phase[ids]) % 1.0 < self.on_fraction
+
+    def pick(self, k: int, t: float, rng: np.random.Generator) -> np.ndarray:
+        """Up to k distinct idle, eligible devices, uniformly at random."""
+        if k <= 0:
+            return np.empty(0, dtype=np.int64)
+        chosen: np.ndarray = np.empty(0, dtype=np.int64)
+        for _ in range(4):  # rejection sampling: cheap when most devices are free
+            cand = np.unique(rng.integers(0, self.size, size=2 * (k - len(chosen)) + 8))
+            cand = cand[~self.busy[cand] & self.available(cand, t)]
+            cand = np.setdiff1d(cand, chosen, assume_unique=True)
+            chosen = np.concatenate([chosen, rng.permutation(cand)[: k - len(chosen)]])
+            if len(chosen) == k:
+                return chosen
+        free = np.flatnonzero(~self.busy)
+        free = free[self.available(free, t)]
+        free = np.setdiff1d(free, chosen, assume_unique=True)
+        extra = rng.choice(free, size=min(k - len(chosen), len(free)), replace=False)
+        return np.concatenate([chosen, extra]).astype(np.int64)

@@ -1,0 +1,236 @@
+"""The discrete-event simulator: a virtual clock over a heterogeneous device population.
+
+It implements the scheduling policies' `Runtime`: it picks eligible devices, times their
+trips (download, compute, upload, maybe a dropout), defers their training to the executor and
+hands reports to the policy, which folds them in through the shared aggregator.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from asyncfl.algorithms.aggregators import Aggregator, ServerState, Verdict
+from asyncfl.algorithms.trainer import LocalTrainer
+from asyncfl.algorithms.update import ClientUpdate
+from asyncfl.config import PopulationConfig, StopConfig, EvalConfig
+from asyncfl.data.federated import FederatedDataset
+from asyncfl.models.flat import FlatModel
+from asyncfl.report.metrics import Metrics
+from asyncfl.scheduling import WAKE, AsyncPolicy, SyncPolicy
+from asyncfl.sim.executor import Executor, TrainJob
+from asyncfl.sim.population import Population
+
+FINISH, DROP, TIMER, EVAL, END = range(5)
+
+
+@dataclass
+class Trip:
+    trip_id: int
+    device: int
+    client: int
+    base_version: int
+    base_w: torch.Tensor
+    start: float
+    download_end: float
+    step_time: float  # virtual seconds per local step on this device
+    steps: int
+
+
+def payload_bytes(w: torch.Tensor) -> int:
+    """Bytes of a dense float32 model or update on the wire."""
+    return w.numel() * w.element_size()
+
+
+class Simulation:
+    def __init__(
+        self,
+        *,
+        model: FlatModel,
+        data: FederatedDataset,
+        trainer: LocalTrainer,
+        executor: Executor,
+        aggregator: Aggregator,
+        policy: AsyncPolicy | SyncPolicy,
+        population: PopulationConfig,
+        eval_cfg: EvalConfig,
+        stop: StopConfig,
+        target_accuracy: float,
+        seed: int,
+        w0: torch.Tensor,
+        progress: Callable[[float], None] | None = None,
+    ):
+        self.model, self.data, self.trainer = model, data, trainer
+        self.executor, self.aggregator, self.policy = executor, aggregator, policy
+        self.eval_cfg, self.stop, self.target = eval_cfg, stop, target_accuracy
+        self.seed = seed
+        profile_ss, select_ss, drop_ss = np.random.SeedSequence(seed).spawn(3)
+        self.population = Population(population, np.random.default_rng(profile_ss))
+        self.select_rng = np.random.default_rng(select_ss)
+        self.drop_rng = np.random.default_rng(drop_ss)
+        self.dropout = population.dropout
+        self.retry_interval = population.retry_interval
+        self.state = ServerState(w=w0.clone(), version=0)
+        self.model_bytes = payload_bytes(w0)
+        self.clock = 0.0
+        self.heap: list[tuple[float, int, int, Any]] = []
+        self.seq = itertools.count()
+        self.trip_ids = itertools.count()
+        self.trips: dict[int, Trip] = {}
+        self.wake_pending = False
+        self.metrics = Metrics()
+        self.last_eval_version = 0
+        self.reached_target = False
+        self.progress = progress
+        self._wall0 = 0.0
+
+    # ---- Runtime protocol -------------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        return len(self.trips)
+
+    def request_clients(self, n: int) -> int:
+        devices = self.population.pick(n, self.clock, self.select_rng) if n > 0 else []
+        for d in devices:
+            self._start_trip(int(d))
+        if len(devices) < n:
+            self._wake_later()
+        return len(devices)
+
+    def submit(self, trip: Trip, update: ClientUpdate) -> Verdict:
+        staleness = self.state.version - update.base_version
+        verdict = self.aggregator.submit(self.state, update, trip.base_w)
+        self.metrics.on_verdict(verdict, staleness)
+        if verdict == Verdict.STEPPED:
+            self._after_step()
+        return verdict
+
+    def flush(self) -> bool:
+        stepped = self.aggregator.flush(self.state)
+        if stepped:
+            self._after_step()
+        return stepped
+
+    def cancel_in_flight(self) -> None:
+        for trip_id in list(self.trips):
+            self._end_trip(trip_id)
+            self.executor.cancel(trip_id)
+            self.metrics.cancelled += 1
+
+    def collect_partial(self) -> list[tuple[Trip, ClientUpdate]]:
+        done = []
+        for trip_id, trip in list(self.trips.items()):
+            steps = min(trip.steps, math.floor((self.clock - trip.download_end) / trip.step_time))
+            if steps < 1:
+                continue
+            self._end_trip(trip_id)
+            self.executor.set_steps(trip_id, steps)
+            self.metrics.completed += 1
+            self.metrics.bytes_up += self.model_bytes
+            done.append((trip, self.executor.result(trip_id)))
+        return done
+
+    def set_timer(self, delay: float, payload: Any) -> None:
+        self._push(self.clock + delay, TIMER, payload)
+
+    # ---- trips ------------------------------------------------------------------------
+    def _push(self, t: float, kind: int, payload: Any) -> None:
+        heapq.heappush(self.heap, (t, next(self.seq), kind, payload))
+
+    def _wake_later(self) -> None:
+        if not self.wake_pending:
+            self.wake_pending = True
+            self.set_timer(self.retry_interval, WAKE)
+
+    def _start_trip(self, device: int) -> None:
+        pop = self.population
+        trip_id = next(self.trip_ids)
+        client = device % self.data.num_clients
+        n = len(self.data.client_indices[client])
+        steps = self.trainer.num_steps(n)
+        step_time = float(pop.compute_per_example[device]) * self.trainer.examples_per_step(n)
+        download = self.model_bytes / float(pop.download_bandwidth[device])
+        upload = self.model_bytes / float(pop.upload_bandwidth[device])
+        trip = Trip(trip_id, device, client, self.state.version, self.state.w, self.clock,
+                    self.clock + download, step_time, steps)
+        self.trips[trip_id] = trip
+        pop.busy[device] = True
+        self.metrics.started += 1
+        self.metrics.bytes_down += self.model_bytes
+        seed = int(np.random.SeedSequence([self.seed, trip_id]).generate_state(1)[0])
+        self.executor.submit(TrainJob(trip_id, client, trip.base_version, trip.base_w, seed, steps))
+        duration = download + steps * step_time + upload
+        if self.dropout and self.drop_rng.random() < self.dropout:
+            self._push(self.clock + self.drop_rng.random() * duration, DROP, trip_id)
+        else:
+            self._push(self.clock + duration, FINISH, trip_id)
+
+    def _end_trip(self, trip_id: int) -> Trip:
+        trip = self.trips.pop(trip_id)
+        self.population.busy[trip.device] = False
+        return trip
+
+    # ---- evaluation -------------------------------------------------------------------
+    def _after_step(self) -> None:
+        every = self.eval_cfg.every_versions
+        if every and self.state.version - self.last_eval_version >= every:
+            self._evaluate()
+
+    def _evaluate(self) -> None:
+        acc, loss = self.model.evaluate(self.state.w, self.data.x_test, self.data.y_test)
+        self.last_eval_version = self.state.version
+        self.metrics.record(self.clock, self.state.version, acc, loss, time.perf_counter() - self._wall0)
+        if acc >= self.target:
+            self.reached_target = True
+
+    def _done(self) -> bool:
+        if self.stop.max_trips is not None and self.metrics.started >= self.stop.max_trips:
+            return True
+        return self.stop.at_target and self.reached_target
+
+    # ---- main loop --------------------------------------------------------------------
+    def run(self) -> Metrics:
+        self._wall0 = time.perf_counter()
+        self._evaluate()
+        if self.eval_cfg.every_seconds:
+            self._push(self.eval_cfg.every_seconds, EVAL, None)
+        self._push(self.stop.max_time, END, None)
+        self.policy.start(self)
+        while self.heap and not self._done():
+            t, _, kind, payload = heapq.heappop(self.heap)
+            self.clock = t
+            if kind == END:
+                break
+            if kind == EVAL:
+                self._evaluate()
+                self._push(t + self.eval_cfg.every_seconds, EVAL, None)
+                if self.progress:
+                    self.progress(t)
+            elif kind == TIMER:
+                if payload == WAKE:
+                    self.wake_pending = False
+                self.policy.on_timer(self, payload)
+            elif payload in self.trips:  # FINISH or DROP of a trip not cancelled meanwhile
+                trip = self._end_trip(payload)
+                if kind == DROP:
+                    self.executor.cancel(payload)
+                    self.metrics.dropped += 1
+                    self.policy.on_lost(self, trip)
+                else:
+                    self.metrics.completed += 1
+                    self.metrics.bytes_up += self.model_bytes
+                    self.policy.on_report(self, trip, self.executor.result(payload))
+        if self.metrics.rows[-1]["virtual_time"] < self.clock or self.metrics.rows[-1]["version"] != self.state.version:
+            self._evaluate()
+        self.metrics.wall_seconds = time.perf_counter() - self._wall0
+        self.metrics.virtual_time = self.clock
+        self.metrics.server_steps = self.state.version
+        self.metrics.client_updates = self.executor.trained
+        return self.metrics
