@@ -13,7 +13,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from asyncfl.algorithms import aggregators, server_opt, staleness
 from asyncfl.algorithms.trainer import LocalTrainer
-from asyncfl.config import ExperimentConfig, RunSpec, ServerOptConfig, StalenessConfig
+from asyncfl.config import ConfigError, ExperimentConfig, RunSpec, ServerOptConfig, StalenessConfig
 from asyncfl.data import digits
 from asyncfl.data.federated import FederatedDataset
 from asyncfl.data.partition import partition
@@ -30,8 +30,11 @@ def build_data(cfg: ExperimentConfig) -> FederatedDataset:
     x, y, x_test, y_test, classes = digits.load(cfg.data.test_fraction, cfg.seed)
     num_clients = cfg.data.num_clients or cfg.population.devices
     p = cfg.data.partition
-    parts = partition(p.kind, y.numpy(), num_clients, cfg.seed, alpha=p.alpha,
-                      classes_per_client=p.classes_per_client, exponent=p.exponent)
+    try:
+        parts = partition(p.kind, y.numpy(), num_clients, cfg.seed, alpha=p.alpha,
+                          classes_per_client=p.classes_per_client, exponent=p.exponent)
+    except ValueError as err:
+        raise ConfigError(f"data.partition: {err}") from None
     return FederatedDataset(x, y, parts, x_test, y_test, classes)
 
 
@@ -68,18 +71,22 @@ def proximal_coefficient(spec: RunSpec) -> float:
         spec.algorithm.name, 0.0)
 
 
-def run_one(cfg: ExperimentConfig, spec: RunSpec, data: FederatedDataset | None = None, progress=None) -> Metrics:
+def build_simulation(cfg: ExperimentConfig, spec: RunSpec, data: FederatedDataset | None = None,
+                     progress=None) -> Simulation:
     data = data or build_data(cfg)
     model = build_flat_model(cfg, data)
     t = cfg.trainer
     trainer = LocalTrainer(model, t.lr, t.batch_size, t.local_steps, t.local_epochs, proximal_coefficient(spec))
-    sim = Simulation(
+    return Simulation(
         model=model, data=data, trainer=trainer, executor=SequentialExecutor(trainer, data),
         aggregator=build_aggregator(spec), policy=build_policy(spec.scheduler), population=cfg.population,
         eval_cfg=cfg.eval, stop=cfg.stop, target_accuracy=cfg.target_accuracy, seed=cfg.seed,
         w0=model.initial_weights(), progress=progress,
     )
-    return sim.run()
+
+
+def run_one(cfg: ExperimentConfig, spec: RunSpec, data: FederatedDataset | None = None, progress=None) -> Metrics:
+    return build_simulation(cfg, spec, data, progress).run()
 
 
 def run_entry(cfg: ExperimentConfig, spec: RunSpec, m: Metrics) -> dict:

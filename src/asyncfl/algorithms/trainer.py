@@ -74,7 +74,7 @@ class LocalTrainer:
             if self.prox_mu:
                 g = g + self.prox_mu * (w - w0)
             w = w - self.lr * g
-            losses += float(loss)
+            losses += float(loss.detach())
         return ClientUpdate(
             client_id=client_id,
             base_version=base_version,

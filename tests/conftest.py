@@ -1,0 +1,32 @@
+import pytest
+
+from asyncfl import config
+
+
+def small_config(**overrides) -> config.ExperimentConfig:
+    """A quick digits experiment: 40 devices, a few hundred virtual seconds."""
+    tree = {
+        "name": "small",
+        "seed": 1,
+        "target_accuracy": 0.8,
+        "population": {"devices": 40, "dropout": 0.0},
+        "model": {"name": "mlp", "hidden": [32]},
+        "trainer": {"lr": 0.1, "batch_size": 16, "local_steps": 5},
+        "eval": {"every_seconds": 10},
+        "stop": {"max_time": 200},
+        "runs": [
+            {"name": "fedavg", "algorithm": {"name": "fedavg"},
+             "scheduler": {"concurrency": 8, "over_selection": 0.25}},
+            {"name": "fedbuff", "algorithm": {"name": "fedbuff", "buffer_size": 4},
+             "scheduler": {"concurrency": 8}},
+        ],
+    }
+    for assignment in overrides.pop("sets", []):
+        config.apply_override(tree, assignment)
+    tree.update(overrides)
+    return config.validate(tree)
+
+
+@pytest.fixture
+def small():
+    return small_config

@@ -1,0 +1,110 @@
+import pytest
+import torch
+
+from asyncfl.algorithms import aggregators, server_opt, staleness
+from asyncfl.algorithms.aggregators import ServerState, Verdict
+from asyncfl.algorithms.update import ClientUpdate
+
+
+def upd(delta, n=10, base=0, cid=0):
+    return ClientUpdate(client_id=cid, base_version=base, delta=torch.tensor(delta, dtype=torch.float64),
+                        n_examples=n, steps=1, loss=0.0)
+
+
+def test_fedasync_mixing_matches_hand_computation():
+    agg = aggregators.FedAsync(alpha=0.5, staleness=staleness.hinge(a=1, b=1))
+    base = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    state = ServerState(w=torch.tensor([3.0, 4.0], dtype=torch.float64), version=3)
+    # staleness 3 - 0 = 3 > b=1: s = 1 / (1 * 2 + 1) = 1/3, alpha_t = 1/6
+    # x_new = base - delta = [0, 1]; w = 5/6 * [3, 4] + 1/6 * [0, 1] = [2.5, 3.5]
+    verdict = agg.submit(state, upd([1.0, 1.0], base=0), base)
+    assert verdict == Verdict.STEPPED
+    assert state.version == 4
+    assert torch.allclose(state.w, torch.tensor([2.5, 3.5], dtype=torch.float64))
+
+
+def test_fedasync_fresh_update_uses_full_alpha():
+    agg = aggregators.FedAsync(alpha=0.6, staleness=staleness.polynomial(0.5))
+    state = ServerState(w=torch.zeros(1, dtype=torch.float64), version=0)
+    agg.submit(state, upd([-1.0]), torch.zeros(1, dtype=torch.float64))
+    assert state.w.item() == pytest.approx(0.6)  # x_new = 1, alpha_t = 0.6 * 1^-0.5
+
+
+def test_fedbuff_steps_every_k_with_staleness_weights():
+    agg = aggregators.fedbuff(server_opt.SGD(lr=1.0), buffer_size=2, staleness=staleness.inverse_sqrt())
+    state = ServerState(w=torch.zeros(2, dtype=torch.float64), version=3)
+    base = torch.zeros(2, dtype=torch.float64)
+    assert agg.submit(state, upd([2.0, 0.0], base=3), base) == Verdict.BUFFERED  # d=0, weight 1
+    assert state.version == 3 and agg.pending == 1
+    assert agg.submit(state, upd([0.0, 4.0], base=0), base) == Verdict.STEPPED  # d=3, weight 1/2
+    # w = 0 - (1 * [2, 0] + 0.5 * [0, 4]) / 2 = [-1, -1]
+    assert state.version == 4 and agg.pending == 0
+    assert torch.allclose(state.w, torch.tensor([-1.0, -1.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("example_weight", ["n", "uniform"])
+def test_fedbuff_with_k_equal_cohort_is_fedavg(example_weight):
+    torch.manual_seed(0)
+    w0 = torch.randn(50, dtype=torch.float64)
+    sizes = [5, 17, 3, 40, 11] if example_weight == "n" else [8] * 5
+    updates = [upd(torch.randn(50).tolist(), n=n, base=7, cid=i) for i, n in enumerate(sizes)]
+    avg = aggregators.fedavg(server_opt.SGD(lr=1.0))
+    buf = aggregators.fedbuff(server_opt.SGD(lr=1.0), buffer_size=len(updates), staleness=staleness.inverse_sqrt(),
+                              example_weight=example_weight, normalize="weight" if example_weight == "n" else "count")
+    s_avg, s_buf = ServerState(w0.clone(), 7), ServerState(w0.clone(), 7)
+    for u in updates:
+        avg.submit(s_avg, u, w0)
+        buf.submit(s_buf, u, w0)
+    assert avg.flush(s_avg)  # the round barrier
+    assert not buf.flush(s_buf)  # already stepped on its K-th update
+    expected = w0 - sum(n * u.delta for n, u in zip(sizes, updates)) / sum(sizes)
+    assert torch.allclose(s_avg.w, expected)
+    assert torch.allclose(s_buf.w, s_avg.w)
+    assert s_avg.version == s_buf.version == 8
+
+
+def test_update_older_than_max_staleness_is_discarded_and_changes_nothing():
+    for agg in (aggregators.fedbuff(server_opt.SGD(), 1, staleness.constant(), max_staleness=2),
+                aggregators.FedAsync(0.5, staleness.constant(), max_staleness=2)):
+        state = ServerState(w=torch.ones(3, dtype=torch.float64), version=10)
+        assert agg.submit(state, upd([1.0, 1.0, 1.0], base=7), state.w) == Verdict.DISCARDED
+        assert state.version == 10 and torch.equal(state.w, torch.ones(3, dtype=torch.float64))
+        assert agg.pending == 0
+        assert agg.submit(state, upd([1.0, 1.0, 1.0], base=8), state.w) == Verdict.STEPPED  # d=2 still ok
+
+
+def test_flush_of_empty_buffer_does_not_step():
+    agg = aggregators.fedavg(server_opt.SGD())
+    state = ServerState(w=torch.ones(2), version=0)
+    assert not agg.flush(state)
+    assert state.version == 0
+
+
+def test_server_sgd_momentum_accumulates():
+    opt = server_opt.SGD(lr=0.5, momentum=0.9)
+    w = torch.zeros(1, dtype=torch.float64)
+    g = torch.ones(1, dtype=torch.float64)
+    w = opt.step(w, g)  # m = 1, w = -0.5
+    w = opt.step(w, g)  # m = 1.9, w = -0.5 - 0.95
+    assert w.item() == pytest.approx(-1.45)
+
+
+@pytest.mark.parametrize("rule,v1", [("adam", 0.01 * 4), ("yogi", 0.01 * 4), ("adagrad", 4.0)])
+def test_adaptive_server_optimizers_first_step(rule, v1):
+    opt = server_opt.Adaptive(rule, lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
+    w = opt.step(torch.zeros(1, dtype=torch.float64), torch.full((1,), 2.0, dtype=torch.float64))
+    m1 = 0.1 * 2.0
+    assert w.item() == pytest.approx(-0.1 * m1 / (v1 ** 0.5 + 1e-3))
+
+
+def test_aggregator_state_round_trips():
+    a = aggregators.fedbuff(server_opt.SGD(momentum=0.9), 3, staleness.constant())
+    state = ServerState(torch.zeros(2, dtype=torch.float64), 0)
+    a.submit(state, upd([1.0, 2.0]), state.w)
+    b = aggregators.fedbuff(server_opt.SGD(momentum=0.9), 3, staleness.constant())
+    b.load_state_dict(a.state_dict())
+    for agg in (a, b):
+        s = ServerState(state.w.clone(), 0)
+        agg.submit(s, upd([3.0, 3.0]), s.w)
+        agg.submit(s, upd([2.0, 1.0]), s.w)
+        assert torch.allclose(s.w, torch.tensor([-2.0, -2.0], dtype=torch.float64))
