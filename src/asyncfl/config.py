@@ -194,7 +194,8 @@ class ExperimentConfig(Strict):
     name: str = "experiment"
     seed: int = Field(default=0, ge=0)
     target_accuracy: float = Field(default=0.9, gt=0, le=1)
-    executor: Literal["sequential"] = "sequential"
+    executor: Literal["sequential", "batched"] = "sequential"
+    executor_memory_mb: float = Field(default=512.0, gt=0, description="batched executor: memory per pass")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     population: PopulationConfig = PopulationConfig()

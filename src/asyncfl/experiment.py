@@ -22,7 +22,7 @@ from asyncfl.report.metrics import Metrics
 from asyncfl.report.plots import write_plots
 from asyncfl.report.table import summary_table
 from asyncfl.scheduling import build_policy
-from asyncfl.sim.executor import SequentialExecutor
+from asyncfl.sim.batched import make_executor
 from asyncfl.sim.simulator import Simulation
 
 
@@ -78,7 +78,8 @@ def build_simulation(cfg: ExperimentConfig, spec: RunSpec, data: FederatedDatase
     t = cfg.trainer
     trainer = LocalTrainer(model, t.lr, t.batch_size, t.local_steps, t.local_epochs, proximal_coefficient(spec))
     return Simulation(
-        model=model, data=data, trainer=trainer, executor=SequentialExecutor(trainer, data),
+        model=model, data=data, trainer=trainer,
+        executor=make_executor(cfg.executor, trainer, data, cfg.executor_memory_mb),
         aggregator=build_aggregator(spec), policy=build_policy(spec.scheduler), population=cfg.population,
         eval_cfg=cfg.eval, stop=cfg.stop, target_accuracy=cfg.target_accuracy, seed=cfg.seed,
         w0=model.initial_weights(), progress=progress,

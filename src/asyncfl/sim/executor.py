@@ -25,6 +25,7 @@ class TrainJob:
     base_w: torch.Tensor
     seed: int
     steps: int  # may be lowered before the result is asked for (partial work)
+    reports: bool = True  # False: the trip is known to drop, train it only if asked
 
 
 class Executor(ABC):
@@ -42,6 +43,10 @@ class Executor(ABC):
 
     def set_steps(self, job_id: int, steps: int) -> None:
         self.pending[job_id].steps = steps
+
+    def evaluate_many(self, ws: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> list[tuple[float, float]]:
+        """(accuracy, loss) of several global-model snapshots; batched executors vectorise it."""
+        return [self.trainer.model.evaluate(w, x, y) for w in ws]
 
     @abstractmethod
     def result(self, job_id: int) -> ClientUpdate:

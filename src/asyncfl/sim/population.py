@@ -43,9 +43,15 @@ class Population:
         chosen: np.ndarray = np.empty(0, dtype=np.int64)
         for _ in range(4):  # rejection sampling: cheap when most devices are free
             cand = np.unique(rng.integers(0, self.size, size=2 * (k - len(chosen)) + 8))
-            cand = cand[~self.busy[cand] & self.available(cand, t)]
-            cand = np.setdiff1d(cand, chosen, assume_unique=True)
-            chosen = np.concatenate([chosen, rng.permutation(cand)[: k - len(chosen)]])
+            ok = ~self.busy[cand]
+            if self.phase is not None:
+                ok &= self.available(cand, t)
+            cand = cand[ok]
+            if len(chosen):  # skipped when empty: this runs once per report at high concurrency
+                cand = np.setdiff1d(cand, chosen, assume_unique=True)
+                chosen = np.concatenate([chosen, rng.permutation(cand)[: k - len(chosen)]])
+            else:
+                chosen = rng.permutation(cand)[:k]
             if len(chosen) == k:
                 return chosen
         free = np.flatnonzero(~self.busy)

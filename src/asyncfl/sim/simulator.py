@@ -27,6 +27,7 @@ from asyncfl.report.metrics import Metrics
 from asyncfl.scheduling import WAKE, AsyncPolicy, SyncPolicy
 from asyncfl.sim.executor import Executor, TrainJob
 from asyncfl.sim.population import Population
+from asyncfl.sim.seeding import trip_seeds
 
 FINISH, DROP, TIMER, EVAL, END = range(5)
 
@@ -90,6 +91,10 @@ class Simulation:
         self.reached_target = False
         self.progress = progress
         self._wall0 = 0.0
+        self._seed_base, self._seed_block = 0, []
+        self._eval_queue: list[tuple[dict, torch.Tensor]] = []
+        self.eval_batch = 32
+        self.eval_seconds = 0.0
 
     # ---- Runtime protocol -------------------------------------------------------------
     @property
@@ -125,7 +130,7 @@ class Simulation:
             self.metrics.cancelled += 1
 
     def collect_partial(self) -> list[tuple[Trip, ClientUpdate]]:
-        done = []
+        partial = []
         for trip_id, trip in list(self.trips.items()):
             steps = min(trip.steps, math.floor((self.clock - trip.download_end) / trip.step_time))
             if steps < 1:
@@ -134,8 +139,9 @@ class Simulation:
             self.executor.set_steps(trip_id, steps)
             self.metrics.completed += 1
             self.metrics.bytes_up += self.model_bytes
-            done.append((trip, self.executor.result(trip_id)))
-        return done
+            partial.append(trip)
+        # all steps are set before any result is asked for, so a batched executor trains them in one pass
+        return [(trip, self.executor.result(trip.trip_id)) for trip in partial]
 
     def set_timer(self, delay: float, payload: Any) -> None:
         self._push(self.clock + delay, TIMER, payload)
@@ -164,13 +170,24 @@ class Simulation:
         pop.busy[device] = True
         self.metrics.started += 1
         self.metrics.bytes_down += self.model_bytes
-        seed = int(np.random.SeedSequence([self.seed, trip_id]).generate_state(1)[0])
-        self.executor.submit(TrainJob(trip_id, client, trip.base_version, trip.base_w, seed, steps))
+        seed = self._trip_seed(trip_id)
         duration = download + steps * step_time + upload
-        if self.dropout and self.drop_rng.random() < self.dropout:
+        drops = bool(self.dropout) and self.drop_rng.random() < self.dropout
+        self.executor.submit(TrainJob(trip_id, client, trip.base_version, trip.base_w, seed, steps, not drops))
+        if drops:
             self._push(self.clock + self.drop_rng.random() * duration, DROP, trip_id)
         else:
             self._push(self.clock + duration, FINISH, trip_id)
+
+    def _trip_seed(self, trip_id: int) -> int:
+        off = trip_id - self._seed_base
+        if 0 <= off < len(self._seed_block):
+            return self._seed_block[off]
+        if self.seed >= 2**32 or trip_id + 4096 >= 2**32:
+            return int(np.random.SeedSequence([self.seed, trip_id]).generate_state(1)[0])
+        self._seed_base = trip_id
+        self._seed_block = trip_seeds(self.seed, np.arange(trip_id, trip_id + 4096)).tolist()
+        return self._seed_block[0]
 
     def _end_trip(self, trip_id: int) -> Trip:
         trip = self.trips.pop(trip_id)
@@ -184,11 +201,26 @@ class Simulation:
             self._evaluate()
 
     def _evaluate(self) -> None:
-        acc, loss = self.model.evaluate(self.state.w, self.data.x_test, self.data.y_test)
+        """Record a row now, score it later: snapshots are evaluated together in one batched
+        pass, unless stopping at the target needs each accuracy at once. Models are never
+        modified in place, so holding a version's tensor is a snapshot."""
         self.last_eval_version = self.state.version
-        self.metrics.record(self.clock, self.state.version, acc, loss, time.perf_counter() - self._wall0)
-        if acc >= self.target:
-            self.reached_target = True
+        self.metrics.record(self.clock, self.state.version, math.nan, math.nan, time.perf_counter() - self._wall0)
+        self._eval_queue.append((self.metrics.rows[-1], self.state.w))
+        if self.stop.at_target or len(self._eval_queue) >= self.eval_batch:
+            self._score_evaluations()
+
+    def _score_evaluations(self) -> None:
+        if not self._eval_queue:
+            return
+        t0 = time.perf_counter()
+        scores = self.executor.evaluate_many([w for _, w in self._eval_queue], self.data.x_test, self.data.y_test)
+        for (row, _), (acc, loss) in zip(self._eval_queue, scores):
+            row["test_accuracy"], row["test_loss"] = acc, loss
+            if acc >= self.target:
+                self.reached_target = True
+        self._eval_queue.clear()
+        self.eval_seconds += time.perf_counter() - t0
 
     def _done(self) -> bool:
         if self.stop.max_trips is not None and self.metrics.started >= self.stop.max_trips:
@@ -229,6 +261,7 @@ class Simulation:
                     self.policy.on_report(self, trip, self.executor.result(payload))
         if self.metrics.rows[-1]["virtual_time"] < self.clock or self.metrics.rows[-1]["version"] != self.state.version:
             self._evaluate()
+        self._score_evaluations()
         self.metrics.wall_seconds = time.perf_counter() - self._wall0
         self.metrics.virtual_time = self.clock
         self.metrics.server_steps = self.state.version

@@ -1,0 +1,174 @@
+"""The batched executor must give the sequential executor's results, to float tolerance."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from asyncfl import config
+from asyncfl.algorithms.trainer import LocalTrainer
+from asyncfl.data import digits
+from asyncfl.data.federated import FederatedDataset
+from asyncfl.data.partition import partition
+from asyncfl.experiment import build_simulation
+from asyncfl.models import FlatModel, build_model
+from asyncfl.sim.batched import BatchedExecutor, _FuncKernel, batch_indices_many, make_executor
+from asyncfl.sim.executor import SequentialExecutor, TrainJob
+from asyncfl.sim.seeding import pcg64_states, trip_seeds
+
+
+@pytest.fixture(scope="module")
+def data():
+    x, y, xt, yt, c = digits.load(0.2, 0)
+    parts = partition("dirichlet", y.numpy(), 60, 0, alpha=0.5, classes_per_client=2, exponent=1.0)
+    return FederatedDataset(x, y, parts, xt, yt, c)
+
+
+def mlp_trainer(data, mu=0.05, **kw):
+    torch.manual_seed(0)
+    model = FlatModel(build_model("mlp", data.num_features, data.num_classes, hidden=(32,)))
+    return LocalTrainer(model, 0.1, 16, prox_mu=mu, **kw)
+
+
+def both(trainer, data, jobs, force_generic=False, memory_mb=4.0):
+    seq, bat = SequentialExecutor(trainer, data), BatchedExecutor(trainer, data, memory_mb=memory_mb)
+    if force_generic:
+        bat.kernel = _FuncKernel(trainer.model)
+    for ex in (seq, bat):
+        for j in jobs:
+            ex.submit(TrainJob(j.job_id, j.client, j.base_version, j.base_w, j.seed, j.steps))
+    return seq, bat
+
+
+def assert_same(u, v, tol=2e-6):
+    assert (u.client_id, u.base_version, u.n_examples, u.steps) == (v.client_id, v.base_version, v.n_examples, v.steps)
+    assert torch.allclose(u.delta, v.delta, atol=tol, rtol=1e-4)
+    assert u.loss == pytest.approx(v.loss, abs=1e-5)
+
+
+@pytest.mark.parametrize("force_generic", [False, True])
+def test_per_client_equal_with_prox_mixed_steps_and_small_clients(data, force_generic):
+    tr = mlp_trainer(data, local_steps=6)
+    assert (data.client_sizes() < 16).any() and (data.client_sizes() >= 16).any()
+    w0 = tr.model.initial_weights()
+    jobs = [TrainJob(k, k % data.num_clients, k % 3, w0 + 0.01 * (k % 3), 100 + k, 1 + k % 7) for k in range(90)]
+    seq, bat = both(tr, data, jobs, force_generic)
+    order = list(range(89, -1, -1))  # ask in another order than submitted
+    got = {k: bat.result(k) for k in order}
+    assert bat.passes >= 2  # the small memory budget chunked the pool
+    for k in order:
+        assert_same(got[k], seq.result(k))
+
+
+def test_partial_steps_cancel_and_late_submits(data):
+    tr = mlp_trainer(data, local_steps=8)
+    w0 = tr.model.initial_weights()
+    jobs = [TrainJob(k, k, 0, w0, 7 + k, 8) for k in range(20)]
+    seq, bat = both(tr, data, jobs)
+    assert_same(bat.result(0), seq.result(0))  # trains the whole pool
+    assert bat.trained == 20
+    for k in (3, 4):  # already trained with 8 steps: lowering steps retrains them
+        seq.set_steps(k, 3)
+        bat.set_steps(k, 3)
+    bat.cancel(5)
+    seq.cancel(5)
+    with pytest.raises(KeyError):
+        bat.result(5)
+    late = TrainJob(99, 1, 1, w0 * 0.5, 1234, 8)
+    for ex in (seq, bat):
+        ex.submit(TrainJob(late.job_id, late.client, late.base_version, late.base_w, late.seed, late.steps))
+    for k in [1, 2, 3, 4, 6, 99]:
+        u, v = bat.result(k), seq.result(k)
+        assert_same(u, v)
+        assert u.steps == (3 if k in (3, 4) else 8)
+    assert seq.pending.keys() == bat.pending.keys() | bat.done.keys()
+
+
+def test_minibatch_order_and_seeds_match_numpy():
+    tr = LocalTrainer(None, 0.1, 16, local_steps=10)
+    rng = np.random.default_rng(0)
+    ns, st, sd = (rng.integers(1, 60, 300).tolist(), rng.integers(1, 25, 300).tolist(),
+                  rng.integers(0, 2**32, 300).tolist())
+    for got, n, s, d in zip(batch_indices_many(tr, ns, st, sd), ns, st, sd):
+        assert np.array_equal(got, tr.batch_indices(n, s, d))
+    ids = np.arange(0, 5000, 7)
+    assert np.array_equal(trip_seeds(3, ids), [np.random.SeedSequence([3, int(i)]).generate_state(1)[0] for i in ids])
+    for s, state in zip(sd[:50], pcg64_states(np.array(sd[:50], dtype=np.uint64))):
+        assert state["state"] == np.random.PCG64(s).state["state"]
+
+
+def test_batched_evaluation_equals_sequential(data):
+    tr = mlp_trainer(data, local_steps=2)
+    w0 = tr.model.initial_weights()
+    ws = [w0 + 0.05 * k for k in range(5)]
+    seq = SequentialExecutor(tr, data).evaluate_many(ws, data.x_test, data.y_test)
+    bat = BatchedExecutor(tr, data).evaluate_many(ws, data.x_test, data.y_test)
+    for (a1, l1), (a2, l2) in zip(seq, bat):
+        assert a1 == pytest.approx(a2, abs=1e-9) and l1 == pytest.approx(l2, rel=1e-5)
+
+
+def test_whole_run_same_accuracy_curve():
+    tree = {
+        "name": "eq", "seed": 2, "target_accuracy": 0.8,
+        "population": {"devices": 40, "dropout": 0.1},
+        "model": {"name": "mlp", "hidden": [32]},
+        "trainer": {"lr": 0.1, "batch_size": 16, "local_steps": 5},
+        "eval": {"every_seconds": 10},
+        "stop": {"max_time": 150},
+        "runs": [
+            {"name": "fedbuff", "algorithm": {"name": "fedbuff", "buffer_size": 4}, "scheduler": {"concurrency": 10}},
+            {"name": "fedprox", "algorithm": {"name": "fedprox", "mu": 0.05},
+             "scheduler": {"concurrency": 8, "round_timeout": 15, "straggler": "partial"}},
+        ],
+    }
+    for run in ("fedbuff", "fedprox"):
+        curves = []
+        for ex in ("sequential", "batched"):
+            cfg = config.validate({**tree, "executor": ex})
+            sim = build_simulation(cfg, cfg.run(run))
+            assert type(sim.executor).__name__ == {"sequential": "SequentialExecutor", "batched": "BatchedExecutor"}[ex]
+            m = sim.run()
+            curves.append((m, [(r["virtual_time"], r["version"], r["trips_completed"]) for r in m.rows],
+                           np.array([r["test_accuracy"] for r in m.rows])))
+        (m1, k1, a1), (m2, k2, a2) = curves
+        assert k1 == k2 and m1.completed == m2.completed and m1.server_steps == m2.server_steps
+        assert np.abs(a1 - a2).max() <= 1e-4
+        assert a1[-1] > a1[0]
+
+
+class WithBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        out = self.fc(x)
+        return out * 2 if float(out.mean()) > 0 else out  # python control flow on values: not vmappable
+
+
+def test_unvectorisable_models_fall_back_with_a_notice(data):
+    module = WithBuffer()
+    model = FlatModel(module)
+    module.register_buffer("running_mean", torch.zeros(10))  # FlatModel checks at construction only
+    notices = []
+    ex = make_executor("batched", LocalTrainer(model, 0.1, 16, local_steps=2), data, notify=notices.append)
+    assert isinstance(ex, SequentialExecutor)
+    assert len(notices) == 1 and "\n" not in notices[0] and "buffers" in notices[0] and "sequential" in notices[0]
+
+    notices.clear()
+    ex = make_executor("batched", LocalTrainer(FlatModel(DataDependent()), 0.1, 16, local_steps=2), data,
+                       notify=notices.append)
+    assert isinstance(ex, SequentialExecutor)
+    assert len(notices) == 1 and "torch.func" in notices[0]
+
+    assert isinstance(make_executor("batched", mlp_trainer(data, local_steps=2), data, notify=notices.append),
+                      BatchedExecutor)
