@@ -5,7 +5,6 @@ import pytest
 import torch
 from torch import nn
 
-from asyncfl import config
 from asyncfl.algorithms.trainer import LocalTrainer
 from asyncfl.data import digits
 from asyncfl.data.federated import FederatedDataset
@@ -107,24 +106,16 @@ def test_batched_evaluation_equals_sequential(data):
         assert a1 == pytest.approx(a2, abs=1e-9) and l1 == pytest.approx(l2, rel=1e-5)
 
 
-def test_whole_run_same_accuracy_curve():
-    tree = {
-        "name": "eq", "seed": 2, "target_accuracy": 0.8,
-        "population": {"devices": 40, "dropout": 0.1},
-        "model": {"name": "mlp", "hidden": [32]},
-        "trainer": {"lr": 0.1, "batch_size": 16, "local_steps": 5},
-        "eval": {"every_seconds": 10},
-        "stop": {"max_time": 150},
-        "runs": [
-            {"name": "fedbuff", "algorithm": {"name": "fedbuff", "buffer_size": 4}, "scheduler": {"concurrency": 10}},
-            {"name": "fedprox", "algorithm": {"name": "fedprox", "mu": 0.05},
-             "scheduler": {"concurrency": 8, "round_timeout": 15, "straggler": "partial"}},
-        ],
-    }
+def test_whole_run_same_accuracy_curve(small):
+    runs = [
+        {"name": "fedbuff", "algorithm": {"name": "fedbuff", "buffer_size": 4}, "scheduler": {"concurrency": 10}},
+        {"name": "fedprox", "algorithm": {"name": "fedprox", "mu": 0.05},
+         "scheduler": {"concurrency": 8, "round_timeout": 15, "straggler": "partial"}},
+    ]
     for run in ("fedbuff", "fedprox"):
         curves = []
         for ex in ("sequential", "batched"):
-            cfg = config.validate({**tree, "executor": ex})
+            cfg = small(seed=2, runs=runs, executor=ex, sets=["population.dropout=0.1", "stop.max_time=150"])
             sim = build_simulation(cfg, cfg.run(run))
             assert type(sim.executor).__name__ == {"sequential": "SequentialExecutor", "batched": "BatchedExecutor"}[ex]
             m = sim.run()
