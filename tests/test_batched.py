@@ -11,9 +11,9 @@ from asyncfl.data.federated import FederatedDataset
 from asyncfl.data.partition import partition
 from asyncfl.experiment import build_simulation
 from asyncfl.models import FlatModel, build_model
-from asyncfl.sim.batched import BatchedExecutor, _FuncKernel, batch_indices_many, make_executor
+from asyncfl.algorithms.shuffle import minibatches, mix
+from asyncfl.sim.batched import BatchedExecutor, _FuncKernel, make_executor
 from asyncfl.sim.executor import SequentialExecutor, TrainJob
-from asyncfl.sim.seeding import pcg64_states, trip_seeds
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +40,11 @@ def both(trainer, data, jobs, force_generic=False, memory_mb=4.0):
 
 
 def assert_same(u, v, tol=2e-6):
-    assert (u.client_id, u.base_version, u.n_examples, u.steps) == (v.client_id, v.base_version, v.n_examples, v.steps)
+    assert (u.client_id, u.base_version, u.n_examples, u.steps, u.planned_steps) == (
+        v.client_id, v.base_version, v.n_examples, v.steps, v.planned_steps)
     assert torch.allclose(u.delta, v.delta, atol=tol, rtol=1e-4)
     assert u.loss == pytest.approx(v.loss, abs=1e-5)
+    assert u.start_loss == pytest.approx(v.start_loss, abs=1e-5)
 
 
 @pytest.mark.parametrize("force_generic", [False, True])
@@ -57,6 +59,17 @@ def test_per_client_equal_with_prox_mixed_steps_and_small_clients(data, force_ge
     assert bat.passes >= 2  # the small memory budget chunked the pool
     for k in order:
         assert_same(got[k], seq.result(k))
+
+
+@pytest.mark.parametrize("meta", ["fo", "hf"])
+@pytest.mark.parametrize("force_generic", [False, True])
+def test_per_fedavg_meta_steps_equal(data, meta, force_generic):
+    tr = mlp_trainer(data, mu=0.0, local_steps=4, meta=meta, meta_lr=0.05)
+    w0 = tr.model.initial_weights()
+    jobs = [TrainJob(k, k % data.num_clients, k % 2, w0 + 0.01 * (k % 2), 300 + k, 1 + k % 4) for k in range(40)]
+    seq, bat = both(tr, data, jobs, force_generic)
+    for k in range(40):
+        assert_same(bat.result(k), seq.result(k), tol=1e-5)  # HF's finite difference amplifies rounding
 
 
 def test_partial_steps_cancel_and_late_submits(data):
@@ -83,17 +96,18 @@ def test_partial_steps_cancel_and_late_submits(data):
     assert seq.pending.keys() == bat.pending.keys() | bat.done.keys()
 
 
-def test_minibatch_order_and_seeds_match_numpy():
+def test_vectorised_minibatches_equal_the_trainers_order():
+    """The batched executor asks for all jobs' orders at once; each must be the trainer's."""
     tr = LocalTrainer(None, 0.1, 16, local_steps=10)
     rng = np.random.default_rng(0)
-    ns, st, sd = (rng.integers(1, 60, 300).tolist(), rng.integers(1, 25, 300).tolist(),
-                  rng.integers(0, 2**32, 300).tolist())
-    for got, n, s, d in zip(batch_indices_many(tr, ns, st, sd), ns, st, sd):
-        assert np.array_equal(got, tr.batch_indices(n, s, d))
-    ids = np.arange(0, 5000, 7)
-    assert np.array_equal(trip_seeds(3, ids), [np.random.SeedSequence([3, int(i)]).generate_state(1)[0] for i in ids])
-    for s, state in zip(sd[:50], pcg64_states(np.array(sd[:50], dtype=np.uint64))):
-        assert state["state"] == np.random.PCG64(s).state["state"]
+    ns, st = rng.integers(1, 3000, 300), rng.integers(1, 25, 300)
+    ns[:100] = rng.integers(1, 40, 100)  # many small clients next to a few large ones
+    seeds = rng.integers(0, 2**63, 300)
+    bs = np.minimum(16, ns)
+    got = minibatches(ns, st, bs, mix(seeds.astype(np.uint64)))
+    for k, (n, s, d) in enumerate(zip(ns.tolist(), st.tolist(), seeds.tolist())):
+        assert np.array_equal(got[:s, k, : bs[k]], tr.batch_indices(n, s, d))
+        assert not got[s:, k].any() and not got[:, k, bs[k]:].any()  # padding is zero
 
 
 def test_batched_evaluation_equals_sequential(data):

@@ -54,6 +54,17 @@ def test_minibatch_order_is_a_function_of_the_seed():
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
 
 
+def test_epoch_permutations_are_uniform_and_independent():
+    """Over many seeds, every example is equally likely at every position, and the second
+    epoch's order does not follow the first's."""
+    t = LocalTrainer(FlatModel(build_model("logreg", 2, 2)), 0.1, batch_size=6, local_steps=2)
+    orders = np.stack([t.batch_indices(6, 2, s).reshape(-1) for s in range(6000)])  # two epochs
+    counts = np.stack([np.bincount(orders[:, p], minlength=6) for p in range(12)])
+    assert np.abs(counts - 1000).max() < 5 * np.sqrt(1000 * 5 / 6)  # 5 sigma of a binomial
+    same_first = (orders[:, 0] == orders[:, 6]).mean()
+    assert abs(same_first - 1 / 6) < 0.03
+
+
 def test_small_client_uses_all_its_examples_per_step():
     t = LocalTrainer(FlatModel(build_model("logreg", 2, 2)), 0.1, batch_size=16, local_steps=3)
     assert t.batch_indices(5, 3, 0).shape == (3, 5)

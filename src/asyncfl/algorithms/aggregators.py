@@ -104,8 +104,10 @@ class BufferedAggregator(Aggregator):
         if self.too_stale(state, update):
             return Verdict.DISCARDED
         a = self.weight(update, state.version - update.base_version)
-        contribution = a * update.delta
-        self.total = contribution if self.total is None else self.total + contribution
+        if self.total is None:
+            self.total = update.delta * a
+        else:
+            self.total.add_(update.delta, alpha=a)  # in place: this runs once per client update
         self.count += 1
         self.weight_sum += a
         if self.buffer_size is not None and self.count >= self.buffer_size:
@@ -126,7 +128,7 @@ class BufferedAggregator(Aggregator):
 
     def state_dict(self):
         return {
-            "total": self.total,
+            "total": None if self.total is None else self.total.clone(),
             "count": self.count,
             "weight_sum": self.weight_sum,
             "server_opt": self.server_opt.state_dict(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -13,5 +14,12 @@ class ClientUpdate:
     base_version: int
     delta: torch.Tensor  # w_base - w_local: points like a gradient
     n_examples: int
-    steps: int  # local steps actually taken (fewer than asked for partial work)
+    steps: int  # local steps actually taken (fewer than planned for partial work)
     loss: float  # mean training loss over the local steps
+    start_loss: float = math.nan  # loss at the downloaded model, on the first minibatch (q-FedAvg's F_k)
+    planned_steps: int | None = None  # steps the client was asked for; None: as many as taken
+
+    @property
+    def work_fraction(self) -> float:
+        """Share of the planned local work done: below 1 for a straggler's partial update."""
+        return 1.0 if not self.planned_steps else min(1.0, self.steps / self.planned_steps)

@@ -19,13 +19,13 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from asyncfl.algorithms.shuffle import minibatches, mix
 from asyncfl.algorithms.trainer import LocalTrainer
 from asyncfl.algorithms.update import ClientUpdate
 from asyncfl.data.federated import FederatedDataset
 from asyncfl.models.flat import FlatModel
 from asyncfl.models.zoo import MLP, LogisticRegression
 from asyncfl.sim.executor import Executor, SequentialExecutor, TrainJob
-from asyncfl.sim.seeding import pcg64_states
 
 
 class NotVectorisable(Exception):
@@ -42,11 +42,13 @@ class _Kernel:
         self.model = model
 
     def split(self, w: torch.Tensor) -> list[torch.Tensor]:
+        """[J, P] stacked flat vectors to per-layer [J, *shape] tensors with their own storage."""
         j = w.shape[0]
         return [t.reshape(j, *s).clone() for t, s in zip(torch.split(w, self.model.sizes, 1), self.model.shapes)]
 
-    def grads(self, ws: list[torch.Tensor], x, y, a) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Per-client gradients of sum_b a[j, b] ce(f(w_j, x[j, b]), y[j, b]) and those losses."""
+    def grads(self, ws: list[torch.Tensor], x, y, a, out=None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per-client gradients of sum_b a[j, b] ce(f(w_j, x[j, b]), y[j, b]) and those losses;
+        `out` optionally holds buffers to write the gradients into."""
         raise NotImplementedError
 
 
@@ -194,29 +196,6 @@ def build_kernel(trainer: LocalTrainer, num_features: int) -> _Kernel:
     return kernel
 
 
-# ---- minibatch order -----------------------------------------------------------------------
-def batch_indices_many(trainer: LocalTrainer, ns: list[int], steps: list[int], seeds: list[int]) -> list[np.ndarray]:
-    """`trainer.batch_indices(n, steps, seed)` for many jobs, bit-identical but ~4x cheaper:
-    generators are seeded from vectorised SeedSequence hashing, and the epochs' permutations
-    come from one `permuted` call, which draws exactly what consecutive `permutation`s draw."""
-    fast = type(trainer).batch_indices is LocalTrainer.batch_indices and all(0 <= s < 2**32 for s in seeds)
-    if not fast:
-        return [trainer.batch_indices(n, s, seed) for n, s, seed in zip(ns, steps, seeds)]
-    bit = np.random.PCG64(0)
-    gen = np.random.Generator(bit)
-    out = []
-    for n, s, state in zip(ns, steps, pcg64_states(np.array(seeds, dtype=np.uint64))):
-        b = trainer.examples_per_step(n)
-        epochs = -(-s * b // n)
-        if epochs < 1:
-            out.append(np.empty((s, b), dtype=np.int64))
-            continue
-        bit.state = state
-        order = gen.permuted(np.tile(np.arange(n), (epochs, 1)), axis=1).ravel()
-        out.append(order[: s * b].reshape(s, b))
-    return out
-
-
 # ---- the executor ---------------------------------------------------------------------------
 class BatchedExecutor(Executor):
     def __init__(self, trainer: LocalTrainer, data: FederatedDataset, memory_mb: float = 512.0,
@@ -229,6 +208,8 @@ class BatchedExecutor(Executor):
         self.gather_seconds = 0.0  # building minibatch indices and stacking start models
         self.passes = 0
         self.sizes = np.fromiter((len(i) for i in data.client_indices), dtype=np.int64, count=data.num_clients)
+        self.flat_index = np.concatenate(data.client_indices)  # client k's examples: offsets[k] onwards
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
         self._act = activation_floats(trainer.model.module, data.num_features)
         self._fwd_eval = vmap(lambda w, x: trainer.model.forward(w, x), in_dims=(0, None))
 
@@ -278,55 +259,86 @@ class BatchedExecutor(Executor):
             for s in range(0, len(group), size):
                 self._train(group[s : s + size])
 
+    def _minibatches(self, jobs: list[TrainJob], ns: np.ndarray, batches: np.ndarray, bs: np.ndarray) -> np.ndarray:
+        """[batches, J, B] indices into data.x of every job's minibatches, zero-padded."""
+        tr = self.trainer
+        if type(tr).batch_indices is LocalTrainer.batch_indices:  # one vectorised call
+            local = minibatches(ns, batches, bs, mix(np.array([job.seed for job in jobs], dtype=np.uint64)))
+        else:  # a trainer with its own order: ask it job by job
+            local = np.zeros((int(batches.max(initial=0)), len(jobs), int(bs.max(initial=0))), dtype=np.int64)
+            for k, job in enumerate(jobs):
+                local[: batches[k], k, : bs[k]] = tr.batch_indices(int(ns[k]), int(batches[k]), job.seed)
+        clients = np.array([job.client for job in jobs])
+        return self.flat_index[self.offsets[clients][None, :, None] + local]
+
     @torch.no_grad()
     def _train(self, jobs: list[TrainJob]) -> None:
         t0 = time.perf_counter()
-        tr, data = self.trainer, self.data
+        tr, data, model = self.trainer, self.data, self.trainer.model
+        # a pool shares few start models: order jobs by it, so each is one broadcast slice
+        jobs = sorted(jobs, key=lambda job: (job.base_version, id(job.base_w)))
+        segments: list[tuple[int, int, list[torch.Tensor]]] = []
+        for k, job in enumerate(jobs):
+            if segments and job.base_w is jobs[k - 1].base_w:
+                segments[-1] = (segments[-1][0], k + 1, segments[-1][2])
+            else:
+                segments.append((k, k + 1, list(model.unflatten(job.base_w).values())))
         j = len(jobs)
         steps = np.array([job.steps for job in jobs])
         ns = self.sizes[[job.client for job in jobs]]
         bs = np.minimum(tr.batch_size, ns)
-        s_max, b_max = int(steps.max(initial=0)), int(bs.max())
-        orders = batch_indices_many(tr, ns.tolist(), steps.tolist(), [job.seed for job in jobs])
-        locals_ = [data.client_indices[job.client][o] for job, o in zip(jobs, orders)]
-        if (steps == s_max).all() and (bs == b_max).all():
-            gidx = np.stack(locals_, 1)  # [S, J, B]
-        else:
-            gidx = np.zeros((s_max, j, b_max), dtype=np.int64)  # padding: example 0, weight 0
-            for k, local in enumerate(locals_):
-                gidx[: steps[k], k, : bs[k]] = local
-        gidx_t = torch.from_numpy(gidx)
+        gidx_t = torch.from_numpy(self._minibatches(jobs, ns, steps * tr.batches_per_step, bs))
+        s_max, b_max = int(steps.max(initial=0)), gidx_t.shape[2]
         weight = torch.from_numpy(np.where(np.arange(b_max) < bs[:, None], 1.0 / bs[:, None], 0.0)).float()
-        h_range = np.arange(s_max)
-        active = torch.from_numpy(h_range[:, None] < steps[None, :])  # [S, J]
+        active = torch.from_numpy(np.arange(s_max)[:, None] < steps[None, :])  # [S, J]
         lr_mask = active.float() * tr.lr
-        w0 = torch.stack([job.base_w for job in jobs])
+        ws = [torch.empty(j, *shape) for shape in model.shapes]
+        for a, b, base in segments:
+            for w, w0 in zip(ws, base):
+                w[a:b] = w0
         t1 = time.perf_counter()
-        kernel = self.kernel
-        ws = kernel.split(w0)
-        base = kernel.split(w0) if tr.prox_mu else None
-        losses = torch.zeros(j)
+        losses, start_losses = torch.zeros(j), torch.zeros(j)
         mu = tr.prox_mu
         gbuf = [torch.empty_like(w) for w in ws]
         xbuf = torch.empty(j * b_max, data.x.shape[1], dtype=data.x.dtype)
-        for h in range(s_max):
-            gi = gidx_t[h].view(-1)
+
+        def grads(params, batch, out=None):
+            gi = gidx_t[batch].view(-1)
             xb = torch.index_select(data.x, 0, gi, out=xbuf).view(j, b_max, -1)
-            g, per = kernel.grads(ws, xb, data.y[gi].view(j, b_max), weight, out=gbuf)
+            return self.kernel.grads(params, xb, data.y[gi].view(j, b_max), weight, out=out)
+
+        k = tr.batches_per_step
+        for h in range(s_max):
+            g, per = grads(ws, h * k, out=gbuf)
+            if h == 0:
+                start_losses = per.clone()
+            if tr.meta:  # Per-FedAvg: the gradient after one inner step, maybe Hessian-corrected
+                g, per = grads([w - tr.meta_lr * gw for w, gw in zip(ws, g)], h * k + 1)
+                if tr.meta == "hf":
+                    d = tr.meta_delta
+                    g_plus, _ = grads([w + d * gw for w, gw in zip(ws, g)], h * k + 2)
+                    g_minus, _ = grads([w - d * gw for w, gw in zip(ws, g)], h * k + 2)
+                    g = [gw - tr.meta_lr / (2 * d) * (p - m) for gw, p, m in zip(g, g_plus, g_minus)]
             lm = lr_mask[h]
             for i, (w, gw) in enumerate(zip(ws, g)):
-                if mu:
-                    gw = gw.add_(w - base[i], alpha=mu) if gw is gbuf[i] else gw + mu * (w - base[i])
+                if mu:  # proximal pull towards each client's own start model
+                    for a, b, base in segments:
+                        gw[a:b].add_(w[a:b] - base[i], alpha=mu)
                 w.addcmul_(lm.view(-1, *[1] * (w.dim() - 1)), gw, value=-1.0)
             losses += torch.where(active[h], per, 0.0)
-        w_end = torch.cat([w.reshape(j, -1) for w in ws], 1)
-        deltas = w0 - w_end
+        for a, b, base in segments:  # w becomes the delta w0 - w, in place
+            for w, w0 in zip(ws, base):
+                w[a:b].neg_().add_(w0)
         t2 = time.perf_counter()
+        flat = [w.reshape(j, -1) for w in ws]
         loss_mean = (losses / torch.from_numpy(np.maximum(steps, 1))).tolist()
-        rows = [d.clone() for d in deltas]  # own storage: a straggler must not pin the whole pass
-        for job, d, n, s, loss in zip(jobs, rows, ns.tolist(), steps.tolist(), loss_mean):
-            self.done[job.job_id] = (job, ClientUpdate(client_id=job.client, base_version=job.base_version,
-                                                       delta=d, n_examples=n, steps=s, loss=loss))
+        planned = [tr.num_steps(n) for n in ns.tolist()] if tr.local_steps is None else [tr.local_steps] * j
+        for k, (job, n, s, loss, first, p) in enumerate(
+                zip(jobs, ns.tolist(), steps.tolist(), loss_mean, start_losses.tolist(), planned)):
+            delta = torch.cat([f[k] for f in flat])  # own storage: a straggler must not pin the pass
+            self.done[job.job_id] = (job, ClientUpdate(
+                client_id=job.client, base_version=job.base_version, delta=delta, n_examples=n, steps=s,
+                loss=loss, start_loss=first, planned_steps=p))
         self.trained += j
         self.passes += 1
         self.gather_seconds += t1 - t0 + time.perf_counter() - t2
