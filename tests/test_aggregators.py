@@ -108,3 +108,82 @@ def test_aggregator_state_round_trips():
         agg.submit(s, upd([3.0, 3.0]), s.w)
         agg.submit(s, upd([2.0, 1.0]), s.w)
         assert torch.allclose(s.w, torch.tensor([-2.0, -2.0], dtype=torch.float64))
+
+
+def test_clipping_bounds_each_updates_norm_before_weighting():
+    agg = aggregators.fedbuff(server_opt.SGD(lr=1.0), buffer_size=2, staleness=staleness.constant(), clip_norm=1.0)
+    state = ServerState(w=torch.zeros(2, dtype=torch.float64), version=0)
+    base = torch.zeros(2, dtype=torch.float64)
+    agg.submit(state, upd([3.0, 4.0]), base)  # norm 5: scaled to [0.6, 0.8]
+    agg.submit(state, upd([0.5, 0.0]), base)  # within the bound: unchanged
+    assert torch.allclose(state.w, -torch.tensor([1.1, 0.8], dtype=torch.float64) / 2)
+
+
+def test_fedavg_weighs_partial_work_by_the_share_of_steps_done():
+    agg = aggregators.fedavg(server_opt.SGD(lr=1.0))
+    state = ServerState(w=torch.zeros(1, dtype=torch.float64), version=0)
+    base = torch.zeros(1, dtype=torch.float64)
+    full, partial = upd([1.0], n=10), upd([4.0], n=10)
+    full.steps = full.planned_steps = 10
+    partial.steps, partial.planned_steps = 5, 10  # a straggler stopped half way: weight 10 * 0.5
+    agg.submit(state, full, base)
+    agg.submit(state, partial, base)
+    agg.flush(state)
+    assert state.w.item() == pytest.approx(-(10 * 1.0 + 5 * 4.0) / 15)
+
+
+@pytest.mark.parametrize("rule, expected", [
+    ("median", [1.5, -1.0]),  # even count: mean of the middle two of (-100, 1, 2, 3), (-2, -1, -1, 100)
+    ("trimmed_mean", [1.5, -1.0]),  # 4 updates, trim 0.25: one dropped from each end
+])
+def test_robust_rules_ignore_the_outlier(rule, expected):
+    agg = aggregators.RobustAggregator(server_opt.SGD(lr=1.0), rule, trim_fraction=0.25)
+    state = ServerState(w=torch.zeros(2, dtype=torch.float64), version=0)
+    base = torch.zeros(2, dtype=torch.float64)
+    for d in ([1.0, -1.0], [2.0, -2.0], [3.0, -1.0], [-100.0, 100.0]):
+        assert agg.submit(state, upd(d), base) == Verdict.BUFFERED
+    assert agg.flush(state) and state.version == 1
+    assert torch.allclose(state.w, -torch.tensor(expected, dtype=torch.float64))
+
+
+def test_median_of_odd_count_is_the_middle_value():
+    agg = aggregators.RobustAggregator(server_opt.SGD(lr=1.0), "median")
+    state = ServerState(w=torch.zeros(1, dtype=torch.float64), version=0)
+    for d in (5.0, -7.0, 1.0):
+        agg.submit(state, upd([d]), torch.zeros(1, dtype=torch.float64))
+    agg.flush(state)
+    assert state.w.item() == pytest.approx(-1.0)
+
+
+def test_qfedavg_step_matches_hand_computation():
+    # q = 1, L = 2: dw_k = 2 delta_k; numerator F_k dw_k; denominator q |dw_k|^2 + L F_k
+    agg = aggregators.QFedAvg(q=1.0, lipschitz=2.0)
+    state = ServerState(w=torch.tensor([1.0, 1.0], dtype=torch.float64), version=0)
+    base = state.w.clone()
+    a, b = upd([1.0, 0.0]), upd([0.0, 0.5])
+    a.start_loss, b.start_loss = 0.5, 2.0
+    agg.submit(state, a, base)
+    agg.submit(state, b, base)
+    agg.flush(state)
+    num = 0.5 * torch.tensor([2.0, 0.0]) + 2.0 * torch.tensor([0.0, 1.0])
+    den = (4.0 + 2 * 0.5) + (1.0 + 2 * 2.0)
+    assert torch.allclose(state.w, torch.tensor([1.0, 1.0]).double() - num.double() / den)
+
+
+def test_qfedavg_with_q_zero_is_the_plain_mean():
+    agg = aggregators.QFedAvg(q=0.0, lipschitz=10.0)
+    state = ServerState(w=torch.zeros(1, dtype=torch.float64), version=0)
+    for d, f in ((1.0, 0.1), (3.0, 5.0)):
+        u = upd([d])
+        u.start_loss = f
+        agg.submit(state, u, torch.zeros(1, dtype=torch.float64))
+    agg.flush(state)
+    assert state.w.item() == pytest.approx(-2.0)
+
+
+def test_qfedavg_rejects_an_update_without_its_start_loss():
+    agg = aggregators.QFedAvg(q=1.0, lipschitz=1.0)
+    state = ServerState(w=torch.zeros(1, dtype=torch.float64), version=0)
+    with pytest.raises(ValueError, match="loss at the downloaded model"):
+        agg.submit(state, upd([1.0]), torch.zeros(1, dtype=torch.float64))
+    assert agg.pending == 0 and state.version == 0

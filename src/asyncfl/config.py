@@ -42,6 +42,14 @@ class Availability(Strict):
     on_fraction: float = Field(default=1.0, gt=0, le=1)
 
 
+class AttackConfig(Strict):
+    """Untrusted clients: a fixed random `fraction` of devices corrupt every update they send."""
+
+    fraction: float = Field(default=0.0, ge=0, lt=1)
+    kind: Literal["scale", "sign_flip"] = "sign_flip"
+    factor: float = Field(default=10.0, gt=0, description="scale: delta x factor; sign_flip: delta x -factor")
+
+
 class PopulationConfig(Strict):
     devices: int = Field(default=100, gt=0)
     compute_per_example: Dist = Dist(kind="lognormal", scale=0.05, sigma=1.0)
@@ -50,6 +58,7 @@ class PopulationConfig(Strict):
     dropout: float = Field(default=0.0, ge=0, lt=1, description="probability a trip never reports")
     availability: Availability = Availability()
     retry_interval: float = Field(default=60.0, gt=0, description="wait when no device is eligible")
+    attack: AttackConfig = AttackConfig()
 
 
 class PartitionConfig(Strict):
@@ -102,15 +111,37 @@ class StalenessConfig(Strict):
     b: float = Field(default=4.0, ge=0)
 
 
-class FedAvgConfig(Strict):
-    name: Literal["fedavg"]
+class RoundAggregation(Strict):
+    """How a round's (or buffer's) updates combine: the weighted mean, or a robust rule."""
+
     server_opt: ServerOptConfig = ServerOptConfig()
+    aggregation: Literal["mean", "median", "trimmed_mean"] = "mean"
+    trim_fraction: float = Field(default=0.1, ge=0, lt=0.5, description="trimmed_mean: cut from each end")
+    clip_norm: float | None = Field(default=None, gt=0, description="clip each update's L2 norm first")
 
 
-class FedProxConfig(Strict):
+class FedAvgConfig(RoundAggregation):
+    name: Literal["fedavg"]
+
+
+class FedProxConfig(RoundAggregation):
     name: Literal["fedprox"]
     mu: float = Field(default=0.01, ge=0, description="proximal coefficient")
-    server_opt: ServerOptConfig = ServerOptConfig()
+
+
+class PerFedAvgConfig(RoundAggregation):
+    name: Literal["perfedavg"]
+    variant: Literal["fo", "hf"] = Field(default="fo", description="first order, or Hessian-free")
+    meta_lr: float = Field(default=0.01, gt=0, description="alpha: the personalisation step size")
+    meta_delta: float = Field(default=1e-3, gt=0, description="hf: finite-difference step")
+
+
+class QFedAvgConfig(Strict):
+    name: Literal["qfedavg"]
+    q: float = Field(default=1.0, ge=0, description="fairness: 0 is FedAvg-like")
+    lipschitz: float | None = Field(default=None, gt=0, description="L; default 1 / trainer.lr")
+    buffer_size: int | None = Field(default=None, gt=0, description="async: step every K updates")
+    max_staleness: int | None = Field(default=None, ge=0)
 
 
 class FedAsyncConfig(Strict):
@@ -129,16 +160,20 @@ class FedBuffConfig(Strict):
     normalize: Literal["count", "weight"] = "count"
     max_staleness: int | None = Field(default=None, ge=0)
     server_opt: ServerOptConfig = ServerOptConfig()
+    clip_norm: float | None = Field(default=None, gt=0, description="clip each update's L2 norm first")
 
 
 AlgorithmConfig = Annotated[
-    Union[FedAvgConfig, FedProxConfig, FedAsyncConfig, FedBuffConfig], Field(discriminator="name")
+    Union[FedAvgConfig, FedProxConfig, PerFedAvgConfig, QFedAvgConfig, FedAsyncConfig, FedBuffConfig],
+    Field(discriminator="name"),
 ]
 
 # Which scheduling modes each algorithm makes sense in; the first is the default.
 VALID_MODES: dict[str, tuple[str, ...]] = {
     "fedavg": ("sync",),
     "fedprox": ("sync",),
+    "perfedavg": ("sync",),
+    "qfedavg": ("sync", "async"),
     "fedasync": ("async",),
     "fedbuff": ("async", "sync"),
 }
@@ -170,6 +205,9 @@ class RunSpec(Strict):
             raise ValueError("over_selection and round_timeout apply to sync mode only")
         if self.scheduler.straggler == "partial" and self.scheduler.round_timeout is None:
             raise ValueError("straggler 'partial' needs a round_timeout")
+        a = self.algorithm
+        if a.name == "qfedavg" and self.scheduler.mode == "async" and a.buffer_size is None:
+            raise ValueError("qfedavg in async mode needs algorithm.buffer_size (updates per server step)")
         return self
 
 

@@ -56,14 +56,29 @@ def build_staleness(c: StalenessConfig) -> staleness.StalenessFn:
     return staleness.make(c.kind, c.a, c.b)
 
 
-def build_aggregator(spec: RunSpec) -> aggregators.Aggregator:
+def build_aggregator(spec: RunSpec, trainer_lr: float | None = None) -> aggregators.Aggregator:
+    """`trainer_lr` sets q-FedAvg's default L = 1 / lr."""
     a = spec.algorithm
-    if a.name in ("fedavg", "fedprox"):
-        return aggregators.fedavg(build_server_opt(a.server_opt))
+    if a.name in ("fedavg", "fedprox", "perfedavg"):
+        if a.aggregation != "mean":
+            return aggregators.RobustAggregator(build_server_opt(a.server_opt), a.aggregation, a.trim_fraction,
+                                                a.clip_norm)
+        return aggregators.fedavg(build_server_opt(a.server_opt), a.clip_norm)
+    if a.name == "qfedavg":
+        if a.lipschitz is None and trainer_lr is None:
+            raise ConfigError("qfedavg: set algorithm.lipschitz (no trainer learning rate to derive it from)")
+        return aggregators.QFedAvg(a.q, a.lipschitz or 1.0 / trainer_lr, a.buffer_size, a.max_staleness)
     if a.name == "fedasync":
         return aggregators.FedAsync(a.alpha, build_staleness(a.staleness), a.max_staleness)
     return aggregators.fedbuff(build_server_opt(a.server_opt), a.buffer_size, build_staleness(a.staleness),
-                               a.example_weight, a.normalize, a.max_staleness)
+                               a.example_weight, a.normalize, a.max_staleness, a.clip_norm)
+
+
+def build_trainer(cfg: ExperimentConfig, spec: RunSpec, model: FlatModel) -> LocalTrainer:
+    """The local trainer a run uses: the shared SGD, with the algorithm's client-side terms."""
+    t, a = cfg.trainer, spec.algorithm
+    meta = {"meta": a.variant, "meta_lr": a.meta_lr, "meta_delta": a.meta_delta} if a.name == "perfedavg" else {}
+    return LocalTrainer(model, t.lr, t.batch_size, t.local_steps, t.local_epochs, proximal_coefficient(spec), **meta)
 
 
 def proximal_coefficient(spec: RunSpec) -> float:
@@ -75,12 +90,11 @@ def build_simulation(cfg: ExperimentConfig, spec: RunSpec, data: FederatedDatase
                      progress=None) -> Simulation:
     data = data or build_data(cfg)
     model = build_flat_model(cfg, data)
-    t = cfg.trainer
-    trainer = LocalTrainer(model, t.lr, t.batch_size, t.local_steps, t.local_epochs, proximal_coefficient(spec))
+    trainer = build_trainer(cfg, spec, model)
     return Simulation(
         model=model, data=data, trainer=trainer,
         executor=make_executor(cfg.executor, trainer, data, cfg.executor_memory_mb),
-        aggregator=build_aggregator(spec), policy=build_policy(spec.scheduler), population=cfg.population,
+        aggregator=build_aggregator(spec, cfg.trainer.lr), policy=build_policy(spec.scheduler), population=cfg.population,
         eval_cfg=cfg.eval, stop=cfg.stop, target_accuracy=cfg.target_accuracy, seed=cfg.seed,
         w0=model.initial_weights(), progress=progress,
     )

@@ -66,6 +66,14 @@ class Aggregator(ABC):
         pass
 
 
+def clip_factor(delta: torch.Tensor, clip_norm: float | None) -> float:
+    """Scale that bounds an update's L2 norm by clip_norm: one client's influence is bounded."""
+    if clip_norm is None:
+        return 1.0
+    norm = float(torch.linalg.vector_norm(delta))
+    return 1.0 if norm <= clip_norm else clip_norm / norm
+
+
 class BufferedAggregator(Aggregator):
     """Weighted sum of deltas; the server optimizer steps with the normalised sum.
 
@@ -81,6 +89,7 @@ class BufferedAggregator(Aggregator):
         normalize: str = "count",
         buffer_size: int | None = None,
         max_staleness: int | None = None,
+        clip_norm: float | None = None,
     ):
         super().__init__(max_staleness)
         if normalize not in ("count", "weight"):
@@ -89,6 +98,7 @@ class BufferedAggregator(Aggregator):
         self.weight = weight
         self.normalize = normalize
         self.buffer_size = buffer_size
+        self.clip_norm = clip_norm
         self._reset()
 
     def _reset(self) -> None:
@@ -103,7 +113,7 @@ class BufferedAggregator(Aggregator):
     def submit(self, state, update, base_w):
         if self.too_stale(state, update):
             return Verdict.DISCARDED
-        a = self.weight(update, state.version - update.base_version)
+        a = self.weight(update, state.version - update.base_version) * clip_factor(update.delta, self.clip_norm)
         if self.total is None:
             self.total = update.delta * a
         else:
@@ -141,9 +151,11 @@ class BufferedAggregator(Aggregator):
         self.server_opt.load_state_dict(state["server_opt"])
 
 
-def fedavg(server_opt: ServerOptimizer) -> BufferedAggregator:
-    """Example-weighted average of a round's updates: p_k = n_k / sum n."""
-    return BufferedAggregator(server_opt, lambda u, d: float(u.n_examples), normalize="weight")
+def fedavg(server_opt: ServerOptimizer, clip_norm: float | None = None) -> BufferedAggregator:
+    """Example-weighted average of a round's updates, p_k = n_k w_k / sum n w, where w_k is the
+    share of its planned steps a client did: a straggler's partial work counts for what it is."""
+    return BufferedAggregator(server_opt, lambda u, d: u.n_examples * u.work_fraction, normalize="weight",
+                              clip_norm=clip_norm)
 
 
 def fedbuff(
@@ -153,6 +165,7 @@ def fedbuff(
     example_weight: str = "uniform",
     normalize: str = "count",
     max_staleness: int | None = None,
+    clip_norm: float | None = None,
 ) -> BufferedAggregator:
     e = EXAMPLE_WEIGHTS[example_weight]
     return BufferedAggregator(
@@ -161,6 +174,7 @@ def fedbuff(
         normalize=normalize,
         buffer_size=buffer_size,
         max_staleness=max_staleness,
+        clip_norm=clip_norm,
     )
 
 
@@ -185,3 +199,112 @@ class FedAsync(Aggregator):
         state.w = (1 - a) * state.w + a * x_new
         state.version += 1
         return Verdict.STEPPED
+
+
+class RobustAggregator(Aggregator):
+    """Byzantine-robust round aggregation: the coordinate-wise median or trimmed mean of the
+    round's (optionally clipped) deltas replaces the weighted mean, so a minority of clients
+    sending scaled or sign-flipped updates cannot drag the model (Yin et al. 2018). It has to
+    hold every delta of the round, so it suits rounds of modest size."""
+
+    RULES = ("median", "trimmed_mean")
+
+    def __init__(self, server_opt: ServerOptimizer, rule: str, trim_fraction: float = 0.1,
+                 clip_norm: float | None = None, max_staleness: int | None = None):
+        super().__init__(max_staleness)
+        if rule not in self.RULES:
+            raise ValueError(f"robust rule must be one of {self.RULES}, got {rule!r}")
+        if not 0 <= trim_fraction < 0.5:
+            raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
+        self.server_opt, self.rule, self.trim_fraction, self.clip_norm = server_opt, rule, trim_fraction, clip_norm
+        self.deltas: list[torch.Tensor] = []
+
+    @property
+    def pending(self) -> int:
+        return len(self.deltas)
+
+    def submit(self, state, update, base_w):
+        if self.too_stale(state, update):
+            return Verdict.DISCARDED
+        self.deltas.append(update.delta * clip_factor(update.delta, self.clip_norm))
+        return Verdict.BUFFERED
+
+    def combine(self, deltas: torch.Tensor) -> torch.Tensor:
+        ordered = torch.sort(deltas, dim=0).values
+        m = len(deltas)
+        if self.rule == "median":  # the mean of the two middle values when m is even
+            return ordered[(m - 1) // 2 : m // 2 + 1].mean(0)
+        cut = math.floor(self.trim_fraction * m)
+        return ordered[cut : m - cut].mean(0)
+
+    def flush(self, state):
+        if not self.deltas:
+            return False
+        state.w = self.server_opt.step(state.w, self.combine(torch.stack(self.deltas)))
+        state.version += 1
+        self.deltas = []
+        return True
+
+    def state_dict(self):
+        return {"deltas": [d.clone() for d in self.deltas], "server_opt": self.server_opt.state_dict()}
+
+    def load_state_dict(self, state):
+        self.deltas = [d.clone() for d in state["deltas"]]
+        self.server_opt.load_state_dict(state["server_opt"])
+
+
+class QFedAvg(Aggregator):
+    """q-FedAvg (Li et al. 2020, q-FFL): clients with a higher loss F_k at the downloaded model
+    weigh more, q = 0 being FedAvg-like and larger q fairer. With dw_k = L delta_k (L = 1/lr):
+    w <- w - sum_k F_k^q dw_k / sum_k (q F_k^(q-1) |dw_k|^2 + L F_k^q), at the round barrier, or
+    every `buffer_size` updates when run asynchronously."""
+
+    def __init__(self, q: float, lipschitz: float, buffer_size: int | None = None,
+                 max_staleness: int | None = None):
+        super().__init__(max_staleness)
+        if q < 0 or lipschitz <= 0:
+            raise ValueError(f"q-FedAvg needs q >= 0 and L > 0, got q={q}, L={lipschitz}")
+        self.q, self.lipschitz, self.buffer_size = q, lipschitz, buffer_size
+        self._reset()
+
+    def _reset(self) -> None:
+        self.numerator: torch.Tensor | None = None
+        self.denominator = 0.0
+        self.count = 0
+
+    @property
+    def pending(self) -> int:
+        return self.count
+
+    def submit(self, state, update, base_w):
+        if self.too_stale(state, update):
+            return Verdict.DISCARDED
+        f = update.start_loss
+        if not math.isfinite(f) or f < 0:
+            raise ValueError(f"q-FedAvg needs the client's loss at the downloaded model, got {f}")
+        f = max(f, 1e-10)  # F^(q-1) at F = 0 would divide by zero
+        dw = self.lipschitz * update.delta
+        part = f**self.q * dw
+        self.numerator = part if self.numerator is None else self.numerator.add_(part)
+        self.denominator += self.q * f ** (self.q - 1) * float(dw.pow(2).sum()) + self.lipschitz * f**self.q
+        self.count += 1
+        if self.buffer_size is not None and self.count >= self.buffer_size:
+            self.flush(state)
+            return Verdict.STEPPED
+        return Verdict.BUFFERED
+
+    def flush(self, state):
+        if self.count == 0:
+            return False
+        state.w = state.w - self.numerator / self.denominator
+        state.version += 1
+        self._reset()
+        return True
+
+    def state_dict(self):
+        return {"numerator": None if self.numerator is None else self.numerator.clone(),
+                "denominator": self.denominator, "count": self.count}
+
+    def load_state_dict(self, state):
+        self.numerator = None if state["numerator"] is None else state["numerator"].clone()
+        self.denominator, self.count = state["denominator"], state["count"]

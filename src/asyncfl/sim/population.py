@@ -30,6 +30,9 @@ class Population:
         self.on_fraction = cfg.availability.on_fraction
         self.phase = rng.random(n).astype(np.float32) if self.on_fraction < 1 else None
         self.busy = np.zeros(n, dtype=bool)
+        a = cfg.attack  # drawn last, so a run without attackers keeps every other draw
+        self.malicious = rng.random(n) < a.fraction if a.fraction else None
+        self.attack_multiplier = a.factor if a.kind == "scale" else -a.factor
         self._stream: list[int] = []  # pre-drawn uniform device ids for small picks
 
     def available(self, ids: np.ndarray, t: float) -> np.ndarray:

@@ -141,7 +141,7 @@ class Simulation:
             self.metrics.bytes_up += self.model_bytes
             partial.append(trip)
         # all steps are set before any result is asked for, so a batched executor trains them in one pass
-        return [(trip, self.executor.result(trip.trip_id)) for trip in partial]
+        return [(trip, self._update_of(trip)) for trip in partial]
 
     def set_timer(self, delay: float, payload: Any) -> None:
         self._push(self.clock + delay, TIMER, payload)
@@ -186,6 +186,14 @@ class Simulation:
             self._seed_base, off = trip_id, 0
             self._seed_block = mix(self.seed, np.arange(trip_id, trip_id + 4096)).tolist()
         return self._seed_block[off]
+
+    def _update_of(self, trip: Trip) -> ClientUpdate:
+        """The update as the device sends it: an attacker corrupts what it trained."""
+        update = self.executor.result(trip.trip_id)
+        pop = self.population
+        if pop.malicious is not None and pop.malicious[trip.device]:
+            update.delta = update.delta * pop.attack_multiplier
+        return update
 
     def _end_trip(self, trip_id: int) -> Trip:
         trip = self.trips.pop(trip_id)
@@ -256,7 +264,7 @@ class Simulation:
                 else:
                     self.metrics.completed += 1
                     self.metrics.bytes_up += self.model_bytes
-                    self.policy.on_report(self, trip, self.executor.result(payload))
+                    self.policy.on_report(self, trip, self._update_of(trip))
         if self.metrics.rows[-1]["virtual_time"] < self.clock or self.metrics.rows[-1]["version"] != self.state.version:
             self._evaluate()
         self._score_evaluations()
