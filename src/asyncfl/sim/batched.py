@@ -140,7 +140,7 @@ def _chain_ops(module: nn.Module) -> list[str] | None:
     return ops if names == expected else None
 
 
-def activation_floats(module: nn.Module, num_features: int) -> int:
+def activation_floats(module: nn.Module, sample_x: torch.Tensor) -> int:
     """Floats of activation produced per example, measured with forward hooks."""
     total = 0
 
@@ -152,14 +152,14 @@ def activation_floats(module: nn.Module, num_features: int) -> int:
     hs = [m.register_forward_hook(hook) for m in module.modules() if not list(m.children())]
     try:
         with torch.no_grad():
-            module(torch.zeros(2, num_features))
+            module(sample_x[:2])
     finally:
         for h in hs:
             h.remove()
     return max(total, 1)
 
 
-def build_kernel(trainer: LocalTrainer, num_features: int) -> _Kernel:
+def build_kernel(trainer: LocalTrainer, sample_x: torch.Tensor) -> _Kernel:
     """Pick a kernel and prove it on a tiny probe against the sequential trainer; raises
     NotVectorisable with the reason when the model cannot be batched faithfully."""
     model = trainer.model
@@ -172,7 +172,7 @@ def build_kernel(trainer: LocalTrainer, num_features: int) -> _Kernel:
     j, b = 2, 3
     w0 = model.initial_weights()
     ws = torch.stack([w0, w0 + 0.01 * torch.randn(w0.shape, generator=gen)])
-    x = torch.rand(j, b, num_features, generator=gen)
+    x = sample_x[torch.randint(0, len(sample_x), (j, b), generator=gen)]  # real inputs: floats or token ids
     y = torch.randint(0, 2, (j, b), generator=gen)
     a = torch.full((j, b), 1.0 / b)
     try:
@@ -201,16 +201,21 @@ class BatchedExecutor(Executor):
     def __init__(self, trainer: LocalTrainer, data: FederatedDataset, memory_mb: float = 512.0,
                  kernel: _Kernel | None = None):
         super().__init__(trainer, data)
-        self.kernel = kernel or build_kernel(trainer, data.num_features)
+        sample_x = data.x_test[:8]
+        self.kernel = kernel or build_kernel(trainer, sample_x)
         self.done: dict[int, tuple[TrainJob, ClientUpdate]] = {}
         self.memory_mb = memory_mb
         self.train_seconds = 0.0  # inside the vectorised passes
         self.gather_seconds = 0.0  # building minibatch indices and stacking start models
         self.passes = 0
-        self.sizes = np.fromiter((len(i) for i in data.client_indices), dtype=np.int64, count=data.num_clients)
-        self.flat_index = np.concatenate(data.client_indices)  # client k's examples: offsets[k] onwards
-        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
-        self._act = activation_floats(trainer.model.module, data.num_features)
+        self.sizes = np.asarray(data.client_sizes(), dtype=np.int64)
+        # stored data: client k's examples are flat_index[offsets[k]:]; generated data (no
+        # client_indices) is fetched per pass for the clients in it
+        self.stored = hasattr(data, "client_indices")
+        if self.stored:
+            self.flat_index = np.concatenate(data.client_indices)
+            self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
+        self._act = activation_floats(trainer.model.module, sample_x)
         self._fwd_eval = vmap(lambda w, x: trainer.model.forward(w, x), in_dims=(0, None))
 
     # pool bookkeeping
@@ -259,8 +264,20 @@ class BatchedExecutor(Executor):
             for s in range(0, len(group), size):
                 self._train(group[s : s + size])
 
-    def _minibatches(self, jobs: list[TrainJob], ns: np.ndarray, batches: np.ndarray, bs: np.ndarray) -> np.ndarray:
-        """[batches, J, B] indices into data.x of every job's minibatches, zero-padded."""
+    def _examples(self, jobs: list[TrainJob]) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+        """(x, y, index, offsets): the examples a pass reads, and where each job's client starts."""
+        clients = np.array([job.client for job in jobs])
+        if self.stored:
+            return self.data.x, self.data.y, self.flat_index, self.offsets[clients]
+        unique, where = np.unique(clients, return_inverse=True)
+        parts = [self.data.client_data(int(c)) for c in unique]
+        starts = np.concatenate([[0], np.cumsum([len(y) for _, y in parts])[:-1]])
+        x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return x, y, np.arange(len(y)), starts[where]
+
+    def _minibatches(self, jobs: list[TrainJob], ns: np.ndarray, batches: np.ndarray, bs: np.ndarray,
+                     index: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """[batches, J, B] indices into the pass's examples of every job's minibatches, zero-padded."""
         tr = self.trainer
         if type(tr).batch_indices is LocalTrainer.batch_indices:  # one vectorised call
             local = minibatches(ns, batches, bs, mix(np.array([job.seed for job in jobs], dtype=np.uint64)))
@@ -268,8 +285,7 @@ class BatchedExecutor(Executor):
             local = np.zeros((int(batches.max(initial=0)), len(jobs), int(bs.max(initial=0))), dtype=np.int64)
             for k, job in enumerate(jobs):
                 local[: batches[k], k, : bs[k]] = tr.batch_indices(int(ns[k]), int(batches[k]), job.seed)
-        clients = np.array([job.client for job in jobs])
-        return self.flat_index[self.offsets[clients][None, :, None] + local]
+        return index[offsets[None, :, None] + local]
 
     @torch.no_grad()
     def _train(self, jobs: list[TrainJob]) -> None:
@@ -287,7 +303,8 @@ class BatchedExecutor(Executor):
         steps = np.array([job.steps for job in jobs])
         ns = self.sizes[[job.client for job in jobs]]
         bs = np.minimum(tr.batch_size, ns)
-        gidx_t = torch.from_numpy(self._minibatches(jobs, ns, steps * tr.batches_per_step, bs))
+        x_all, y_all, index, offsets = self._examples(jobs)
+        gidx_t = torch.from_numpy(self._minibatches(jobs, ns, steps * tr.batches_per_step, bs, index, offsets))
         s_max, b_max = int(steps.max(initial=0)), gidx_t.shape[2]
         weight = torch.from_numpy(np.where(np.arange(b_max) < bs[:, None], 1.0 / bs[:, None], 0.0)).float()
         active = torch.from_numpy(np.arange(s_max)[:, None] < steps[None, :])  # [S, J]
@@ -300,12 +317,12 @@ class BatchedExecutor(Executor):
         losses, start_losses = torch.zeros(j), torch.zeros(j)
         mu = tr.prox_mu
         gbuf = [torch.empty_like(w) for w in ws]
-        xbuf = torch.empty(j * b_max, data.x.shape[1], dtype=data.x.dtype)
+        xbuf = torch.empty(j * b_max, x_all.shape[1], dtype=x_all.dtype)
 
         def grads(params, batch, out=None):
             gi = gidx_t[batch].view(-1)
-            xb = torch.index_select(data.x, 0, gi, out=xbuf).view(j, b_max, -1)
-            return self.kernel.grads(params, xb, data.y[gi].view(j, b_max), weight, out=out)
+            xb = torch.index_select(x_all, 0, gi, out=xbuf).view(j, b_max, -1)
+            return self.kernel.grads(params, xb, y_all[gi].view(j, b_max), weight, out=out)
 
         k = tr.batches_per_step
         for h in range(s_max):
