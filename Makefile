@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test test-slow bench clean data browser
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -14,11 +14,21 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/asyncfl compare --preset quickstart --out runs/quickstart
 
-test: install
+test: install browser
 	$(PY) -m pytest -q -m "not slow"
 
-test-slow: install
+# Debian's Chromium, for the test that opens the server's dashboard headless
+browser:
+	@command -v chromium >/dev/null || ($(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium)
+
+test-slow: install browser
 	$(PY) -m pytest -q -m slow
+
+# Fashion-MNIST (60k + 10k images) from Debian's package, where it is missing
+FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+data:
+	test -e $(FASHION) || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist)
 
 clean:
 	rm -rf runs .pytest_cache

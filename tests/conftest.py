@@ -30,3 +30,11 @@ def small_config(**overrides) -> config.ExperimentConfig:
 @pytest.fixture
 def small():
     return small_config
+
+
+def pytest_configure(config):
+    # one intra-op thread: on a shared 2-core machine, OpenMP threads waiting for each other
+    # on small ops slow runs down by an order of magnitude
+    import torch
+
+    torch.set_num_threads(1)

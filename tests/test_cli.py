@@ -24,8 +24,10 @@ def test_simulate_writes_the_output_contract(tmp_path, capsys):
     assert float(rows[-1]["virtual_time"]) == 120 and int(rows[-1]["version"]) == run["server_steps"]
     resolved = (out / "config.yaml").read_text()
     assert "devices: 60" in resolved and "seed: 5" in resolved
-    for png in ("accuracy_vs_time.png", "accuracy_vs_trips.png", "staleness.png"):
+    for png in ("accuracy_vs_time.png", "accuracy_vs_trips.png", "staleness.png", "client_sizes.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    sizes = summary["data"]  # the imbalance report: quickstart's Dirichlet partition of digits
+    assert sizes["clients"] == 60 and sizes["min"] >= 1 and sizes["max"] > sizes["median"] and 0 < sizes["gini"] < 1
     assert "fedbuff" in capsys.readouterr().out
 
 

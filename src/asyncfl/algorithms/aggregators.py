@@ -59,6 +59,10 @@ class Aggregator(ABC):
     def pending(self) -> int:
         return 0
 
+    def privacy_report(self) -> dict | None:
+        """Epsilon and DP settings for a differentially private aggregator; None otherwise."""
+        return None
+
     def state_dict(self) -> dict:
         return {}
 

@@ -39,7 +39,7 @@ class SmallCNN(nn.Module):
         self.channels, self.side = channels, _square_side(in_features, channels, "cnn")
         self.conv1 = nn.Conv2d(channels, width, 3, padding=1)
         self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
-        pooled = side // 2
+        pooled = self.side // 2
         self.fc = nn.Linear(2 * width * pooled * pooled, num_classes)
 
     def forward(self, x):
@@ -112,13 +112,30 @@ class CharGRU(nn.Module):
 
     def forward(self, x):
         gates_x = self.inp(self.embed(x.long()))  # [B, T, 3H], all steps at once
-        h = torch.zeros(x.shape[0], self.hidden, dtype=gates_x.dtype)
-        for t in range(x.shape[1]):
-            rx, zx, nx = gates_x[:, t].chunk(3, -1)
-            rh, zh, nh = self.rec(h).chunk(3, -1)
+        return self.head(self._recur(gates_x, lambda h: self.rec(h)))
+
+    def _recur(self, gates_x: torch.Tensor, rec) -> torch.Tensor:
+        """The GRU over time; gates_x is [..., T, 3H], rec maps a state [..., H] to [..., 3H]."""
+        h = gates_x.new_zeros(*gates_x.shape[:-2], self.hidden)
+        for t in range(gates_x.shape[-2]):
+            rx, zx, nx = gates_x[..., t, :].chunk(3, -1)
+            rh, zh, nh = rec(h).chunk(3, -1)
             r, z = torch.sigmoid(rx + rh), torch.sigmoid(zx + zh)
             h = (1 - z) * torch.tanh(nx + r * nh) + z * h
-        return self.head(h)
+        return h
+
+    def stacked_forward(self, p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The same model for J clients at once, each with its own parameters p[name][j]: batched
+        matmuls instead of vmap, whose per-op cost dominates over 80 time steps."""
+        j, b, t = x.shape
+        vocab = p["embed.weight"].shape[1]
+        rows = x.long() + (torch.arange(j) * vocab).view(j, 1, 1)
+        e = p["embed.weight"].reshape(j * vocab, -1)[rows]  # [J, B, T, E]
+        gates_x = torch.baddbmm(p["inp.bias"].unsqueeze(1), e.reshape(j, b * t, -1),
+                                p["inp.weight"].transpose(1, 2)).view(j, b, t, -1)
+        w_rec, b_rec = p["rec.weight"].transpose(1, 2), p["rec.bias"].unsqueeze(1)
+        h = self._recur(gates_x, lambda h: torch.baddbmm(b_rec, h, w_rec))
+        return torch.baddbmm(p["head.bias"].unsqueeze(1), h, p["head.weight"].transpose(1, 2))
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {

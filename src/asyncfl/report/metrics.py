@@ -15,6 +15,7 @@ COLUMNS = [
     "trips_discarded", "trips_cancelled", "bytes_down", "bytes_up", "test_accuracy",
     "test_loss", "wall_time",
 ]
+OPTIONAL_COLUMNS = ["epsilon"]  # written when some row has it (differentially private runs)
 
 
 class Metrics:
@@ -25,6 +26,7 @@ class Metrics:
         self.rows: list[dict] = []
         self.wall_seconds = self.virtual_time = 0.0
         self.server_steps = self.client_updates = 0
+        self.extra: dict = {}  # further summary fields set by the runtime (codecs, privacy)
 
     def on_verdict(self, verdict: Verdict, staleness: int) -> None:
         if verdict == Verdict.DISCARDED:
@@ -75,11 +77,13 @@ class Metrics:
             "bytes_up": self.bytes_up,
             "mean_staleness": sum(k * v for k, v in self.staleness.items()) / total if total else None,
             "p99_staleness": self.staleness_quantile(0.99),
+            **self.extra,
         }
 
     def write_csv(self, path: Path) -> None:
         with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            extra = [c for c in OPTIONAL_COLUMNS if any(c in r for r in self.rows)]
+            writer = csv.DictWriter(f, fieldnames=COLUMNS + extra)
             writer.writeheader()
             writer.writerows(self.rows)
 

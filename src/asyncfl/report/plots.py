@@ -45,4 +45,20 @@ def write_plots(results: dict[str, Metrics], target: float, out: Path, title: st
     fig.tight_layout()
     fig.savefig(paths[2], dpi=120)
     plt.close(fig)
+    private = {name: m for name, m in results.items() if any(r.get("epsilon") is not None for r in m.rows)}
+    if private:
+        paths.append(out / "epsilon_vs_time.png")
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, m in private.items():
+            rows = [r for r in m.rows if r.get("epsilon") is not None]
+            ax.plot([r["virtual_time"] for r in rows], [r["epsilon"] for r in rows], label=name, lw=1.6)
+        delta = next((m.extra.get("delta") for m in private.values() if m.extra.get("delta")), None)
+        ax.set_xlabel("virtual time (s)")
+        ax.set_ylabel("epsilon" + (f" (delta {delta:g})" if delta else ""))
+        ax.set_title(f"{title}: privacy spent (RDP accountant)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
     return paths

@@ -21,13 +21,22 @@ def _bytes(v) -> str:
 
 def summary_table(summary: dict) -> Table:
     t = Table(title=f"{summary['preset']}: target accuracy {summary['target_accuracy']:g}")
-    for col in ("run", "mode", "C", "final acc", "time to target (s)", "trips to target",
-                "bytes to target", "server steps", "mean staleness", "wall (s)"):
-        t.add_column(col, justify="left" if col in ("run", "mode") else "right")
+    # codec and epsilon columns only when some run compresses or is differentially private
+    codec = any(r.get("codec") is not None for r in summary["runs"])
+    eps = any(r.get("epsilon") is not None for r in summary["runs"])
+    cols = ["run", "mode", "C"] + (["codec"] if codec else []) + [
+        "final acc", "time to target (s)", "trips to target", "bytes to target", "server steps",
+        "mean staleness"] + (["epsilon"] if eps else []) + ["wall (s)"]
+    for col in cols:
+        t.add_column(col, justify="left" if col in ("run", "mode", "codec") else "right")
     for r in summary["runs"]:
-        t.add_row(
-            r["name"], r["mode"], str(r["concurrency"]), f"{r['final_accuracy']:.3f}",
-            _fmt(r["time_to_target"], ".0f"), _fmt(r["trips_to_target"], "d"), _bytes(r["bytes_to_target"]),
-            str(r["server_steps"]), _fmt(r["mean_staleness"], ".1f"), f"{r['wall_seconds']:.1f}",
-        )
+        cells = [r["name"], r["mode"], str(r["concurrency"])]
+        if codec:
+            cells.append((r.get("codec") or "dense") + (" +EF" if r.get("error_feedback") else ""))
+        cells += [f"{r['final_accuracy']:.3f}", _fmt(r["time_to_target"], ".0f"), _fmt(r["trips_to_target"], "d"),
+                  _bytes(r["bytes_to_target"]), str(r["server_steps"]), _fmt(r["mean_staleness"], ".1f")]
+        if eps:
+            cells.append(_fmt(r.get("epsilon"), ".2f"))
+        cells.append(f"{r['wall_seconds']:.1f}")
+        t.add_row(*cells)
     return t

@@ -74,6 +74,26 @@ class _FuncKernel(_Kernel):
             return list(torch.autograd.grad(per.sum(), leaves)), per.detach()
 
 
+class _StackedKernel(_Kernel):
+    """Modules that provide `stacked_forward(params, x)` (J clients' parameters as [J, ...]
+    tensors, x as [J, B, ...]): plain autograd over the stacked parameters, no vmap. The
+    contract: examples are independent (no batch statistics), so zero-weight padding is inert."""
+
+    mixes_examples = False
+
+    def __init__(self, model: FlatModel):
+        super().__init__(model)
+        self.names = model.names
+
+    def grads(self, ws, x, y, a, out=None):
+        with torch.enable_grad():
+            leaves = [w.detach().requires_grad_(True) for w in ws]
+            logits = self.model.module.stacked_forward(dict(zip(self.names, leaves)), x)
+            ce = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(a)
+            per = (ce * a).sum(1)
+            return list(torch.autograd.grad(per.sum(), leaves)), per.detach()
+
+
 class _ChainKernel(_Kernel):
     """Linear/ReLU chains (logreg, MLP) with hand-written batched matmuls: about twice as fast
     as the generic path because nothing is traced per step."""
@@ -167,7 +187,12 @@ def build_kernel(trainer: LocalTrainer, sample_x: torch.Tensor) -> _Kernel:
     if buffers:
         raise NotVectorisable(f"model has buffers ({', '.join(buffers[:3])}), e.g. running statistics")
     ops = _chain_ops(model.module)
-    kernel: _Kernel = _ChainKernel(model, ops) if ops else _FuncKernel(model)
+    if ops:
+        kernel: _Kernel = _ChainKernel(model, ops)
+    elif hasattr(model.module, "stacked_forward"):
+        kernel = _StackedKernel(model)
+    else:
+        kernel = _FuncKernel(model)
     gen = torch.Generator().manual_seed(0)
     j, b = 2, 3
     w0 = model.initial_weights()

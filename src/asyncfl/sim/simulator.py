@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from asyncfl.algorithms.aggregators import Aggregator, ServerState, Verdict
+from asyncfl.compression import Codec, ErrorFeedback
 from asyncfl.algorithms.shuffle import mix
 from asyncfl.algorithms.trainer import LocalTrainer
 from asyncfl.algorithms.update import ClientUpdate
@@ -43,6 +44,7 @@ class Trip:
     download_end: float
     step_time: float  # virtual seconds per local step on this device
     steps: int
+    seed: int = 0  # the trip's training seed; the upload codec's randomness derives from it
 
 
 def payload_bytes(w: torch.Tensor) -> int:
@@ -67,6 +69,9 @@ class Simulation:
         seed: int,
         w0: torch.Tensor,
         progress: Callable[[float], None] | None = None,
+        upload_codec: Codec | None = None,
+        download_codec: Codec | None = None,
+        error_feedback: bool = False,
     ):
         self.model, self.data, self.trainer = model, data, trainer
         self.executor, self.aggregator, self.policy = executor, aggregator, policy
@@ -79,7 +84,16 @@ class Simulation:
         self.dropout = population.dropout
         self.retry_interval = population.retry_interval
         self.state = ServerState(w=w0.clone(), version=0)
+        self.client_sizes = np.asarray(data.client_sizes())
         self.model_bytes = payload_bytes(w0)
+        # compression: every transfer is charged its encoded payload's exact length (bytes_for is
+        # exact and data independent, so trip timing can use it before encoding); without codecs,
+        # dense float32 (model_bytes) both ways
+        self.upload_codec, self.download_codec = upload_codec, download_codec
+        self.upload_bytes = upload_codec.bytes_for(w0.numel()) if upload_codec else self.model_bytes
+        self.download_bytes = download_codec.bytes_for(w0.numel()) if download_codec else self.model_bytes
+        self.error_feedback = ErrorFeedback(upload_codec) if error_feedback and upload_codec else None
+        self._broadcast: tuple[int, torch.Tensor] | None = None  # (version, model as a lossy download decodes)
         self.clock = 0.0
         self.heap: list[tuple[float, int, int, Any]] = []
         self.seq = itertools.count()
@@ -138,7 +152,6 @@ class Simulation:
             self._end_trip(trip_id)
             self.executor.set_steps(trip_id, steps)
             self.metrics.completed += 1
-            self.metrics.bytes_up += self.model_bytes
             partial.append(trip)
         # all steps are set before any result is asked for, so a batched executor trains them in one pass
         return [(trip, self._update_of(trip)) for trip in partial]
@@ -159,18 +172,18 @@ class Simulation:
         pop = self.population
         trip_id = next(self.trip_ids)
         client = device % self.data.num_clients
-        n = len(self.data.client_indices[client])
+        n = int(self.client_sizes[client])
         steps = self.trainer.num_steps(n)
         step_time = float(pop.compute_per_example[device]) * self.trainer.examples_per_step(n)
-        download = self.model_bytes / float(pop.download_bandwidth[device])
-        upload = self.model_bytes / float(pop.upload_bandwidth[device])
-        trip = Trip(trip_id, device, client, self.state.version, self.state.w, self.clock,
+        download = self.download_bytes / float(pop.download_bandwidth[device])
+        upload = self.upload_bytes / float(pop.upload_bandwidth[device])
+        trip = Trip(trip_id, device, client, self.state.version, self._downloaded_model(), self.clock,
                     self.clock + download, step_time, steps)
         self.trips[trip_id] = trip
         pop.busy[device] = True
         self.metrics.started += 1
-        self.metrics.bytes_down += self.model_bytes
-        seed = self._trip_seed(trip_id)
+        self.metrics.bytes_down += self.download_bytes
+        seed = trip.seed = self._trip_seed(trip_id)
         duration = download + steps * step_time + upload
         drops = bool(self.dropout) and self.drop_rng.random() < self.dropout
         self.executor.submit(TrainJob(trip_id, client, trip.base_version, trip.base_w, seed, steps, not drops))
@@ -188,12 +201,40 @@ class Simulation:
         return self._seed_block[off]
 
     def _update_of(self, trip: Trip) -> ClientUpdate:
-        """The update as the device sends it: an attacker corrupts what it trained."""
+        """The update as the device sends it: an attacker corrupts what it trained; then it is
+        encoded (with the device's error feedback), counted, and decoded as the server sees it."""
         update = self.executor.result(trip.trip_id)
         pop = self.population
         if pop.malicious is not None and pop.malicious[trip.device]:
             update.delta = update.delta * pop.attack_multiplier
+        if self.upload_codec is None:
+            self.metrics.bytes_up += self.upload_bytes
+            return update
+        gen = torch.Generator().manual_seed((trip.seed ^ 0xC0DEC) & (2**63 - 1))
+        if self.error_feedback is not None:
+            payload, decoded = self.error_feedback.encode(trip.device, update.delta, gen)
+        else:
+            payload = self.upload_codec.encode(update.delta, gen)
+            decoded = self.upload_codec.decode(payload, update.delta.numel())
+        if len(payload) != self.upload_bytes:  # the trip was timed with upload_bytes
+            raise RuntimeError(f"{self.upload_codec.spec}: payload of {len(payload)} bytes, charged {self.upload_bytes}")
+        self.metrics.bytes_up += len(payload)
+        update.delta = decoded
         return update
+
+    def _downloaded_model(self) -> torch.Tensor:
+        """The model a device starts from: the server's, or what a lossy download codec makes of
+        it (encoded once per version, as a server would broadcast it)."""
+        codec = self.download_codec
+        if codec is None or codec.lossless:
+            return self.state.w
+        if self._broadcast is None or self._broadcast[0] != self.state.version:
+            gen = torch.Generator().manual_seed(int(mix(self.seed, self.state.version, 0xD0)[0]) & (2**63 - 1))
+            payload = codec.encode(self.state.w, gen)
+            if len(payload) != self.download_bytes:
+                raise RuntimeError(f"{codec.spec}: payload of {len(payload)} bytes, charged {self.download_bytes}")
+            self._broadcast = (self.state.version, codec.decode(payload, self.state.w.numel()))
+        return self._broadcast[1]
 
     def _end_trip(self, trip_id: int) -> Trip:
         trip = self.trips.pop(trip_id)
@@ -212,6 +253,9 @@ class Simulation:
         modified in place, so holding a version's tensor is a snapshot."""
         self.last_eval_version = self.state.version
         self.metrics.record(self.clock, self.state.version, math.nan, math.nan, time.perf_counter() - self._wall0)
+        privacy = self.aggregator.privacy_report()
+        if privacy is not None and privacy["epsilon"] is not None:
+            self.metrics.rows[-1]["epsilon"] = privacy["epsilon"]
         self._eval_queue.append((self.metrics.rows[-1], self.state.w))
         if self.stop.at_target or len(self._eval_queue) >= self.eval_batch:
             self._score_evaluations()
@@ -263,7 +307,6 @@ class Simulation:
                     self.policy.on_lost(self, trip)
                 else:
                     self.metrics.completed += 1
-                    self.metrics.bytes_up += self.model_bytes
                     self.policy.on_report(self, trip, self._update_of(trip))
         if self.metrics.rows[-1]["virtual_time"] < self.clock or self.metrics.rows[-1]["version"] != self.state.version:
             self._evaluate()
@@ -272,4 +315,21 @@ class Simulation:
         self.metrics.virtual_time = self.clock
         self.metrics.server_steps = self.state.version
         self.metrics.client_updates = self.executor.trained
+        self.metrics.extra.update(self._transport_summary())
         return self.metrics
+
+    def _transport_summary(self) -> dict:
+        """Summary fields for codecs and privacy (epsilon null without DP noise)."""
+        up, down = self.upload_codec, self.download_codec
+        out = {
+            "codec": up.spec if up else None,
+            "codec_download": down.spec if down else None,
+            "error_feedback": self.error_feedback is not None,
+            "upload_payload_bytes": self.upload_bytes,
+            "download_payload_bytes": self.download_bytes,
+            "epsilon": None,
+        }
+        privacy = self.aggregator.privacy_report()
+        if privacy is not None:
+            out.update(privacy)
+        return out

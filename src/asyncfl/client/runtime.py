@@ -1,0 +1,188 @@
+"""The client runtime (SPEC §6): check in when eligible, download the leased model version,
+train with the same LocalTrainer the simulator uses, upload the update with its base version,
+an idempotency key and the example count, repeat.
+
+An upload is re-sent with the same bytes and key until the server answers, so a server
+restart mid-trip costs time, never a double count: the server answers a re-send with the
+first result.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import time
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+import numpy as np
+import torch
+
+from asyncfl.client.http import GaveUp, ServerApi
+from asyncfl.config import validate
+from asyncfl.experiment import build_data, build_flat_model, build_trainer
+from asyncfl.server import wire
+
+
+class ClientError(RuntimeError):
+    """A problem retrying cannot fix (bad token, bad data spec, incompatible server)."""
+
+
+def load_data(spec: str, cfg, num_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`DATASET:client=K` (partition K of the task's own split of its dataset, e.g.
+    digits:client=3) or a path to an .npz with arrays `x` [n, features] and `y` [n] (integer
+    labels): the user's own data."""
+    name, sep, rest = spec.partition(":")
+    if sep and not Path(spec).is_file():
+        key, _, value = rest.partition("=")
+        if name != cfg.data.dataset:
+            raise ClientError(f"--data {spec!r}: this task trains on {cfg.data.dataset!r}")
+        if key != "client" or not value.isdigit():
+            raise ClientError(f"--data {spec!r}: expected {cfg.data.dataset}:client=K")
+        data = build_data(cfg)
+        k = int(value)
+        if k >= data.num_clients:
+            raise ClientError(f"--data {spec!r}: the task has {data.num_clients} partitions (0..{data.num_clients - 1})")
+        return data.client_data(k)
+    path = Path(spec)
+    if not path.is_file():
+        raise ClientError(f"--data {spec!r}: not DATASET:client=K and no such file")
+    with np.load(path) as z:
+        if "x" not in z or "y" not in z:
+            raise ClientError(f"{path}: an .npz with arrays 'x' and 'y' is expected, found {sorted(z.files)}")
+        x, y = np.asarray(z["x"], dtype=np.float32), np.asarray(z["y"]).astype(np.int64)
+    x = x.reshape(len(x), -1)
+    if x.shape[1] != num_features or len(x) != len(y) or len(y) == 0:
+        raise ClientError(f"{path}: x must be [n, {num_features}] and y [n] with n > 0; got {x.shape}, {y.shape}")
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def load_hook(path: str | None) -> Callable[[], bool]:
+    """The eligibility hook, `module:function` returning True when the device may train
+    (idle, charging, unmetered network...). Default: always eligible."""
+    if not path:
+        return lambda: True
+    mod, _, fn = path.partition(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
+class ClientRuntime:
+    def __init__(self, api: ServerApi, data: str, eligible: Callable[[], bool] | None = None,
+                 ack_log: str | Path | None = None, max_trips: int | None = None, idle_wait: float = 5.0,
+                 log: Callable[[str], None] = lambda s: None):
+        self.api, self.data_spec = api, data
+        self.eligible = eligible or (lambda: True)
+        self.ack_log = Path(ack_log) if ack_log else None
+        self.max_trips, self.idle_wait, self.log = max_trips, idle_wait, log
+        self.stats = {"trips": 0, "accepted": 0, "discarded": 0, "lost": 0, "rejected": 0}
+        self.sec_per_step: float | None = None
+
+    # ---- set-up ----------------------------------------------------------------------
+    def _json(self, resp) -> dict:
+        try:
+            return resp.json()
+        except ValueError:
+            return {"error": "http", "detail": resp.text[:200]}
+
+    def _fatal(self, resp) -> None:
+        if resp.status_code in (401, 403):
+            body = self._json(resp)
+            raise ClientError(f"server refused the token ({resp.status_code} {body.get('error')}: {body.get('detail')})")
+
+    def setup(self) -> None:
+        resp = self.api.request("GET", "/v1/task")
+        self._fatal(resp)
+        if resp.status_code != 200:
+            raise ClientError(f"GET /v1/task: {resp.status_code} {resp.text[:200]}")
+        task = resp.json()
+        cfg = validate(task["config"])
+        self.x, self.y = load_data(self.data_spec, cfg, task["num_features"])
+        # what build_flat_model reads of a dataset; the local data stands in for the test split
+        shape = SimpleNamespace(num_features=task["num_features"], num_classes=task["num_classes"], x=self.x,
+                                x_test=self.x)
+        self.model = build_flat_model(cfg, shape)
+        self.trainer = build_trainer(cfg, cfg.runs[0], self.model)  # the simulator's trainer, same settings
+        if [list(s) for s in self.model.shapes] != [x["shape"] for x in task["tensors"]]:
+            raise ClientError("the model built from the task config does not match the server's tensors")
+
+    # ---- one trip --------------------------------------------------------------------
+    def trip(self) -> str:
+        """Check in and, when assigned, train and upload once. Returns the check-in action."""
+        resp = self.api.request("POST", "/v1/checkin", json={"eligible": True})
+        self._fatal(resp)
+        if resp.status_code != 200:
+            raise ClientError(f"check-in: {resp.status_code} {resp.text[:200]}")
+        task = resp.json()
+        if task["action"] != "train":
+            if task["action"] == "retry":
+                time.sleep(task["retry_after"])
+            return task["action"]
+        resp = self.api.request("GET", task["model_url"])
+        self._fatal(resp)
+        if resp.status_code != 200:
+            self.log(f"download failed: {resp.status_code} {resp.text[:200]}")
+            self.stats["lost"] += 1
+            return "train"
+        try:
+            frame = wire.decode(resp.content, wire.ModelHeader)
+        except wire.WireError as err:
+            self.log(f"unreadable model download: {err}")
+            self.stats["lost"] += 1
+            return "train"
+        if frame.header.version != task["base_version"]:
+            raise ClientError(f"asked for version {task['base_version']}, got {frame.header.version}")
+        w0 = wire.join_flat(frame.arrays)
+        steps = self._step_budget(task.get("round_deadline_in"))
+        t0 = time.perf_counter()
+        update = self.trainer.train(w0, self.x, self.y, seed=task["seed"], base_version=task["base_version"],
+                                    steps=steps)
+        self.sec_per_step = (time.perf_counter() - t0) / max(1, update.steps)
+        self.stats["trips"] += 1
+        key = uuid.uuid4().hex
+        body = wire.encode_update(lease_id=task["lease_id"], base_version=update.base_version, idempotency_key=key,
+                                  n_examples=update.n_examples, steps=update.steps, planned_steps=update.planned_steps,
+                                  loss=update.loss, start_loss=update.start_loss, delta=update.delta,
+                                  names=self.model.names, shapes=self.model.shapes)
+        resp = self.api.request("POST", "/v1/update", content=body,
+                                headers={"Content-Type": "application/vnd.asyncfl.frame"})
+        self._fatal(resp)
+        answer = self._json(resp)
+        if resp.status_code == 200:
+            self.stats["accepted"] += 1
+        elif answer.get("error") == "stale":
+            self.stats["discarded"] += 1
+        elif answer.get("error", "").startswith("lease") or answer.get("error") == "no_lease":
+            self.stats["lost"] += 1
+        else:
+            self.stats["rejected"] += 1
+            self.log(f"upload rejected: {resp.status_code} {answer}")
+        if self.ack_log is not None:
+            with open(self.ack_log, "a") as f:
+                f.write(json.dumps({**answer, "key": key, "lease": task["lease_id"], "http": resp.status_code}) + "\n")
+        return "train"
+
+    def _step_budget(self, deadline_in: float | None) -> int | None:
+        """With a round deadline (sync, partial stragglers) take only the steps that fit:
+        the server cannot pull partial work, so the client sends it in time."""
+        if deadline_in is None or self.sec_per_step is None:
+            return None
+        full = self.trainer.num_steps(len(self.y))
+        fit = math.floor(0.8 * deadline_in / max(self.sec_per_step, 1e-6))
+        return max(1, min(full, fit))
+
+    def run(self) -> dict:
+        self.setup()
+        while self.max_trips is None or self.stats["trips"] < self.max_trips:
+            if not self.eligible():
+                time.sleep(self.idle_wait)
+                continue
+            try:
+                if self.trip() == "stop":
+                    break
+            except GaveUp as err:
+                self.log(f"server unreachable: {err}")
+                time.sleep(self.api.backoff.cap)
+        return self.stats

@@ -1,0 +1,187 @@
+"""The aggregator role: validates an update, folds it in with the configured algorithm (the
+very aggregator object the simulator uses), steps and versions the model, and writes its part
+of the durable state. It knows nothing of HTTP or leases."""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from asyncfl.algorithms.aggregators import Aggregator, ServerState, Verdict
+from asyncfl.algorithms.update import ClientUpdate
+from asyncfl.server import wire
+from asyncfl.server.errors import ApiError
+from asyncfl.server.store import Store, tensor_bytes, tensor_load
+
+
+@dataclass
+class Checked:
+    """An upload that passed every check that does not depend on run state."""
+
+    header: wire.UpdateHeader
+    delta: torch.Tensor
+    norm: float
+
+
+@dataclass
+class Fold:
+    """What one submit did, for the update log."""
+
+    seq: int
+    staleness: int
+    verdict: Verdict | None = None
+    version_after: int = 0
+
+
+@dataclass
+class _Dirty:
+    state: bool = False
+    new_versions: list[tuple[int, float, list[int]]] = field(default_factory=list)
+
+
+class AggregationRole:
+    def __init__(self, aggregator: Aggregator, w0: torch.Tensor, names: list[str],
+                 shapes: list[tuple[int, ...]], max_norm: float | None, keep_versions: int):
+        self.aggregator = aggregator
+        self.names, self.shapes = list(names), [tuple(s) for s in shapes]
+        self.max_norm = max_norm
+        self.keep_versions = keep_versions
+        self.state = ServerState(w=w0.clone(), version=0)
+        self.models: dict[int, torch.Tensor] = {0: self.state.w}
+        self.pending_seqs: list[int] = []  # accepted updates folded into the buffer, not yet in a version
+        self.current: Fold | None = None
+        self.counts = {v.value: 0 for v in Verdict}
+        self._dirty = _Dirty(state=True, new_versions=[(0, time.time(), [])])
+
+    # ---- validation (pure) ------------------------------------------------------------
+    def check(self, body: bytes) -> Checked:
+        try:
+            frame = wire.decode(body, wire.UpdateHeader)
+        except wire.WireError as err:
+            raise ApiError(err.status, err.code, str(err)) from None
+        arrays = frame.arrays
+        if len(arrays) != len(self.shapes):
+            raise ApiError(422, "bad_tensor_count", f"update has {len(arrays)} tensors, the model has {len(self.shapes)}")
+        for i, (spec, name, shape) in enumerate(zip(frame.header.tensors, self.names, self.shapes)):
+            if spec.dtype != "float32":
+                raise ApiError(422, "bad_dtype", f"tensor {i} ({spec.name!r}) has dtype {spec.dtype}; expected float32")
+            if spec.name != name:
+                raise ApiError(422, "bad_tensor_name", f"tensor {i} is named {spec.name!r}; expected {name!r}")
+            if tuple(spec.shape) != shape:
+                raise ApiError(422, "bad_shape", f"tensor {i} ({name!r}) has shape {list(spec.shape)}; "
+                               f"expected {list(shape)}")
+        delta = wire.join_flat(arrays)
+        norm = float(torch.linalg.vector_norm(delta))  # finite unless a value is NaN/Inf (or overflows)
+        if not math.isfinite(norm):
+            bad = int((~torch.isfinite(delta)).sum())
+            if bad:
+                raise ApiError(422, "non_finite", f"update contains {bad} NaN or Inf values")
+            norm = float(torch.linalg.vector_norm(delta.double()))
+        if self.max_norm is not None and norm > self.max_norm:
+            raise ApiError(422, "norm_too_large", f"update L2 norm {norm:.4g} exceeds the bound {self.max_norm:g}")
+        return Checked(frame.header, delta, norm)
+
+    # ---- folding ----------------------------------------------------------------------
+    def base_weights(self, version: int) -> torch.Tensor | None:
+        return self.models.get(version)
+
+    def fold(self, update: ClientUpdate) -> Verdict:
+        """Runtime.submit's body: the shared aggregator decides; we version and log."""
+        base_w = self.models.get(update.base_version)
+        if base_w is None:  # only FedAsync reads base_w; the lease kept it unless the run state was lost
+            base_w = self.state.w
+        verdict = self.aggregator.submit(self.state, update, base_w)
+        self.counts[verdict.value] += 1
+        if self.current is not None:
+            self.current.verdict = verdict
+        if verdict != Verdict.DISCARDED:
+            self._dirty.state = True
+            if self.current is not None:
+                self.pending_seqs.append(self.current.seq)
+        if verdict == Verdict.STEPPED:
+            self._stepped()
+        if self.current is not None:
+            self.current.version_after = self.state.version
+        return verdict
+
+    def flush(self) -> bool:
+        stepped = self.aggregator.flush(self.state)
+        self._dirty.state = True
+        if stepped:
+            self._stepped()
+        return stepped
+
+    def _stepped(self) -> None:
+        v = self.state.version
+        self.models[v] = self.state.w
+        self._dirty.new_versions.append((v, time.time(), self.pending_seqs))
+        self.pending_seqs = []
+
+    def prune(self, needed: set[int]) -> None:
+        keep = needed | {v for v in self.models if v > self.state.version - self.keep_versions}
+        for v in [v for v in self.models if v not in keep]:
+            del self.models[v]
+
+    # ---- durability -------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        """Under the state lock: everything this role changed since the last snapshot, as
+        bytes, so the slow disk writes can run while other updates fold in."""
+        d, self._dirty = self._dirty, _Dirty()
+        return {
+            "versions": [(v, t, seqs, tensor_bytes(self.models.get(v, self.state.w))) for v, t, seqs in d.new_versions],
+            "kept": sorted(self.models) if d.new_versions else None,
+            "state": tensor_bytes(self.aggregator.state_dict()) if d.state else None,
+            "version": self.state.version,
+        }
+
+    @staticmethod
+    def persist(snap: dict, db: sqlite3.Connection, store: Store, new_files: list[str]) -> list[str]:
+        """Inside the commit's transaction: tensor files first, then the rows pointing to them.
+        Model versions get files of their own; the aggregator's running state alternates
+        between two slots, always overwriting the one the last commit does not point to.
+        Returns the files the commit makes obsolete."""
+        files = store.write_files([("model", data) for *_, data in snap["versions"]])
+        new_files.extend(name for name, _ in files)
+        for (v, t, seqs, _), (name, crc) in zip(snap["versions"], files):
+            db.execute("INSERT INTO models(version, file, crc) VALUES(?, ?, ?)", (v, name, crc))
+            db.execute("INSERT INTO versions(version, created_at, updates) VALUES(?, ?, ?)", (v, t, json.dumps(seqs)))
+            if seqs:
+                db.executemany("UPDATE updates SET applied_version=? WHERE seq=?", [(v, s) for s in seqs])
+        obsolete = []
+        if snap["kept"] is not None:
+            marks = ",".join("?" * len(snap["kept"]))
+            obsolete = [f for (f,) in db.execute(f"SELECT file FROM models WHERE version NOT IN ({marks})", snap["kept"])]
+            db.execute(f"DELETE FROM models WHERE version NOT IN ({marks})", snap["kept"])
+        if snap["state"] is not None:
+            current = db.execute("SELECT file FROM blobs WHERE name='aggregator'").fetchall()
+            slot = "slot-b.bin" if current and current[0][0] == "slot-a.bin" else "slot-a.bin"
+            name, crc = store.write_slot(slot, snap["state"])
+            Store.put_meta(db, "version", snap["version"])
+            db.execute("INSERT OR REPLACE INTO blobs(name, file, crc) VALUES('aggregator', ?, ?)", (name, crc))
+        return obsolete
+
+    def restore(self, store: Store) -> None:
+        self.state.version = store.get_meta("version")
+        self.models = {v: tensor_load(store.read_file(f, crc)) for v, f, crc in
+                       store.query("SELECT version, file, crc FROM models")}
+        self.state.w = self.models[self.state.version]
+        (name, crc) = store.query("SELECT file, crc FROM blobs WHERE name='aggregator'")[0]
+        self.aggregator.load_state_dict(tensor_load(store.read_file(name, crc)))
+        self.pending_seqs = [s for (s,) in store.query(
+            "SELECT seq FROM updates WHERE applied_version IS NULL AND verdict IN ('buffered', 'stepped') "
+            "ORDER BY seq")]
+        for verdict, n in store.query("SELECT verdict, count(*) FROM updates GROUP BY verdict"):
+            if verdict in self.counts:
+                self.counts[verdict] = n
+        self._dirty = _Dirty()
+        store.sweep()
+
+    def model_frame(self, version: int) -> bytes:
+        w = self.models[version]
+        return wire.encode_model(version, w, self.names, self.shapes)
+

@@ -1,0 +1,134 @@
+"""HTTP surface of the server (FastAPI). Handlers only translate between HTTP and the roles in
+service.py; every error leaves as JSON {"error": code, "detail": message} with a 4xx status.
+
+Endpoints: POST /v1/checkin, GET /v1/task, GET /v1/model/{version}, POST /v1/update (binary
+frame, see wire.py), GET /status, GET /metrics, GET /v1/history, GET /healthz, GET / (dashboard).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from asyncfl.server.dashboard import PAGE
+from asyncfl.server.errors import ApiError
+from asyncfl.server.service import FLServer
+
+log = logging.getLogger("asyncfl.server")
+CHECKIN_LIMIT = 16 * 1024
+FRAME_TYPE = "application/vnd.asyncfl.frame"
+
+
+async def read_limited(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed `limit` (from
+    Content-Length before reading anything, or while streaming a chunked body)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ApiError(400, "malformed", f"Content-Length {declared[:40]!r} is not a byte count")
+        if int(declared) > limit:
+            raise ApiError(413, "too_large", f"body of {int(declared)} bytes exceeds the limit of {limit} bytes")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise ApiError(413, "too_large", f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(server: FLServer, background: bool = True) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if background:
+            server.start_background()
+        yield
+        server.close()
+
+    app = FastAPI(title="asyncfl server", version="1", lifespan=lifespan)
+    app.state.server = server
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, err: ApiError):
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, err: RequestValidationError):
+        e = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
+        loc = ".".join(str(p) for p in e.get("loc", ()))
+        server.reject(ApiError(400, "malformed", ""))
+        return JSONResponse({"error": "malformed", "detail": f"{loc}: {e.get('msg')}"}, status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
+        return JSONResponse({"error": code, "detail": str(err.detail)}, status_code=err.status_code,
+                            headers=getattr(err, "headers", None))
+
+    @app.post("/v1/checkin")
+    async def checkin(request: Request):
+        client = server.authenticate(request.headers.get("authorization"))
+        raw = await read_limited(request, CHECKIN_LIMIT)
+        eligible = True
+        if raw.strip():
+            try:
+                body = json.loads(raw)
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                server.reject(ApiError(400, "malformed", ""))
+                raise ApiError(400, "malformed", f"check-in body is not JSON: {err}") from None
+            if not isinstance(body, dict) or not isinstance(body.get("eligible", True), bool):
+                server.reject(ApiError(400, "malformed", ""))
+                raise ApiError(400, "malformed", "check-in body must be an object like {\"eligible\": true}")
+            eligible = body.get("eligible", True)
+        return await run_in_threadpool(server.checkin, client, eligible)
+
+    @app.get("/v1/task")
+    async def task(request: Request):
+        server.authenticate(request.headers.get("authorization"))
+        return server.task_info()
+
+    @app.get("/v1/model/{version}")
+    async def model(version: int, request: Request):
+        server.authenticate(request.headers.get("authorization"))
+        frame = await run_in_threadpool(server.model_frame, version)
+        return Response(frame, media_type=FRAME_TYPE)
+
+    @app.post("/v1/update")
+    async def update(request: Request):
+        client = server.authenticate(request.headers.get("authorization"))
+        try:
+            body = await read_limited(request, server.settings.max_body_bytes)
+        except ApiError as err:
+            server.reject(err)
+            raise
+        status, answer = await run_in_threadpool(server.upload, client, body)
+        return JSONResponse(answer, status_code=status)
+
+    @app.get("/status")
+    async def status():
+        return server.status()
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(server.metrics_text(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/history")
+    async def history(since: int = 0):
+        return server.history(since)
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"ok": True}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def dashboard():
+        return HTMLResponse(PAGE)
+
+    return app

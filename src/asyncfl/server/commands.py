@@ -1,0 +1,52 @@
+"""The `serve` and `token` commands (imported by cli.py only when they run, so the simulator's
+commands do not load the web stack)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from asyncfl.config import ConfigError
+
+
+def serve(args) -> int:
+    import torch
+    import uvicorn
+
+    from asyncfl.server.app import create_app
+    from asyncfl.server.service import FLServer
+    from asyncfl.server.settings import load_serve_config
+
+    torch.set_num_threads(1)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg, settings = load_serve_config(args.config, args.overrides, args.server_config, args.seed)
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        raise ConfigError("give both --ssl-certfile and --ssl-keyfile for TLS")
+    server = FLServer(cfg, settings, args.state_dir, args.run)
+    scheme = "https" if args.ssl_certfile else "http"
+    print(f"asyncfl server: task {server.task!r}, version {server.aggregation.state.version}, "
+          f"{scheme}://{args.host}:{args.port}/", flush=True)
+    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level,
+                ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, access_log=False)
+    return 0
+
+
+def token(args) -> int:
+    from asyncfl.server.auth import new_token
+    from asyncfl.server.store import Store
+
+    store = Store(args.state_dir)
+    try:
+        if args.token_command == "create":
+            tok = new_token()
+            store.create_token(tok, args.client, args.task)
+            print(tok)
+        elif args.token_command == "list":
+            for client, task, created, revoked in store.list_tokens():
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created))
+                print(f"{client}\t{task}\t{when}\t{'revoked' if revoked else 'active'}")
+        else:
+            print(f"revoked {store.revoke_client(args.client)} token(s) of {args.client}")
+    finally:
+        store.close()
+    return 0

@@ -1,0 +1,208 @@
+"""The coordinator role: task configuration, the concurrency limit, leases and timers.
+
+It implements the scheduling policies' `Runtime` protocol over wall-clock time, so the same
+AsyncPolicy / SyncPolicy objects the simulator drives decide here when slots open, when a round
+closes and what happens to stragglers. A slot opened by `request_clients` becomes a *lease*
+when a client checks in; the lease ends with an upload, an expiry (the client vanished: the
+policy sees `on_lost` and frees the slot) or a cancellation (the round closed without it).
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from asyncfl.algorithms.aggregators import Verdict
+from asyncfl.algorithms.update import ClientUpdate
+from asyncfl.server.aggregation import AggregationRole
+from asyncfl.server.errors import ApiError
+from asyncfl.server.store import Store
+
+ACTIVE, DONE, EXPIRED, CANCELLED = "active", "done", "expired", "cancelled"
+
+
+@dataclass
+class Lease:
+    """One client trip: the model version it started from, its training seed, its deadline."""
+
+    lease_id: str
+    client: str
+    base_version: int
+    seed: int
+    issued_at: float
+    expires_at: float
+    state: str = ACTIVE
+
+
+def _plain(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _unplain(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v
+
+
+class Coordinator:
+    def __init__(self, policy: Any, aggregation: AggregationRole, lease_timeout: float, seed: int,
+                 clock: Callable[[], float] = time.time):
+        self.policy, self.aggregation = policy, aggregation
+        self.lease_timeout, self.seed, self.clock = lease_timeout, seed, clock
+        self.leases: dict[str, Lease] = {}  # active only
+        self.by_client: dict[str, str] = {}
+        self.open_slots = 0
+        self.timers: list[tuple[float, int, Any]] = []
+        self._timer_seq = itertools.count()
+        self.issued = 0
+        self.ended = {DONE: 0, EXPIRED: 0, CANCELLED: 0}
+        self._dirty: dict[str, Lease] = {}
+        self.recent: collections.OrderedDict[str, Lease] = collections.OrderedDict()  # ended leases
+
+    # ---- Runtime protocol -------------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        return len(self.leases) + self.open_slots
+
+    def request_clients(self, n: int) -> int:
+        """Open n slots; check-ins claim them. Never fewer than asked, so no WAKE is needed."""
+        n = max(0, n)
+        self.open_slots += n
+        return n
+
+    def submit(self, trip: Lease, update: ClientUpdate) -> Verdict:
+        return self.aggregation.fold(update)
+
+    def flush(self) -> bool:
+        return self.aggregation.flush()
+
+    def cancel_in_flight(self) -> None:
+        for lease in list(self.leases.values()):
+            self._end(lease, CANCELLED)
+        self.open_slots = 0
+
+    def collect_partial(self) -> list[tuple[Lease, ClientUpdate]]:
+        """A server cannot pull work from devices: clients are told the round deadline at
+        check-in and send the steps they managed before it (see client runtime)."""
+        return []
+
+    def set_timer(self, delay: float, payload: Any) -> None:
+        heapq.heappush(self.timers, (self.clock() + delay, next(self._timer_seq), payload))
+
+    # ---- leases -----------------------------------------------------------------------
+    def claim(self, client: str) -> Lease | None:
+        """The client's live lease, or a new one on a free slot, or None (not needed now)."""
+        held = self.by_client.get(client)
+        if held is not None:
+            return self.leases[held]
+        if self.open_slots <= 0:
+            return None
+        self.open_slots -= 1
+        self.issued += 1
+        now = self.clock()
+        seed = int(np.random.SeedSequence([self.seed, self.issued]).generate_state(1)[0])
+        lease = Lease(f"L{self.issued}-{secrets.token_hex(6)}", client, self.aggregation.state.version, seed,
+                      now, now + self.lease_timeout)
+        self.leases[lease.lease_id] = lease
+        self.by_client[client] = lease.lease_id
+        self._dirty[lease.lease_id] = lease
+        return lease
+
+    def round_deadline(self) -> float | None:
+        due = [t for t, _, p in self.timers if isinstance(p, tuple) and p and p[0] == "deadline"]
+        return min(due) - self.clock() if due else None
+
+    def active_lease(self, lease_id: str, client: str, store: Store) -> Lease:
+        """The live lease an upload answers, or 409 naming why there is none (the lease rule)."""
+        lease = self.leases.get(lease_id) or self.recent.get(lease_id)
+        if lease is not None and lease.client == client:
+            if lease.state == ACTIVE:
+                return lease
+            state = lease.state
+        else:
+            rows = [] if lease is not None else store.query("SELECT client, state FROM leases WHERE lease_id=?",
+                                                            (lease_id,))
+            if not rows or rows[0][0] != client:
+                raise ApiError(409, "no_lease", f"lease {lease_id!r} was not issued to client {client!r}; "
+                               "check in first")
+            state = rows[0][1]
+        reason = {EXPIRED: ("lease_expired", "lease expired before the upload arrived; the slot went to "
+                            "another client and the update is not counted"),
+                  CANCELLED: ("lease_cancelled", "the round this lease belonged to has closed; the update "
+                              "is not counted"),
+                  DONE: ("lease_used", "this lease already delivered an update (re-send with the same "
+                         "idempotency key to get its result)")}.get(state, ("no_lease", f"lease state {state}"))
+        raise ApiError(409, *reason)
+
+    def report(self, lease: Lease, update: ClientUpdate) -> None:
+        """An upload against a live lease: the trip ends, the policy folds it in."""
+        self._end(lease, DONE)
+        self.policy.on_report(self, lease, update)
+
+    def _end(self, lease: Lease, state: str) -> None:
+        lease.state = state
+        self.leases.pop(lease.lease_id, None)
+        if self.by_client.get(lease.client) == lease.lease_id:
+            del self.by_client[lease.client]
+        self.ended[state] += 1
+        self._dirty[lease.lease_id] = lease
+        self.recent[lease.lease_id] = lease
+        if len(self.recent) > 10_000:
+            self.recent.popitem(last=False)
+
+    def tick(self) -> bool:
+        """Expire vanished clients' leases and fire due timers; True if anything changed."""
+        now, changed = self.clock(), False
+        for lease in [l for l in self.leases.values() if l.expires_at <= now]:
+            if lease.state == ACTIVE and lease.lease_id in self.leases:
+                self._end(lease, EXPIRED)
+                self.policy.on_lost(self, lease)
+                changed = True
+        while self.timers and self.timers[0][0] <= now:
+            _, _, payload = heapq.heappop(self.timers)
+            self.policy.on_timer(self, payload)
+            changed = True
+        return changed
+
+    def needed_versions(self) -> set[int]:
+        return {l.base_version for l in self.leases.values()} | {self.aggregation.state.version}
+
+    # ---- durability -------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        """Under the state lock: changed leases and the policy's state, as plain data."""
+        leases = [(l.lease_id, l.client, l.base_version, l.seed, l.issued_at, l.expires_at, l.state)
+                  for l in self._dirty.values()]
+        self._dirty = {}
+        policy_vars = {k: _plain(v) for k, v in vars(self.policy).items()
+                       if isinstance(v, (int, float, bool, str, type(None), tuple))}
+        return {"leases": leases, "meta": {
+            "open_slots": self.open_slots, "issued": self.issued, "ended": dict(self.ended),
+            "timers": [[t, _plain(p)] for t, _, p in sorted(self.timers)], "policy": policy_vars}}
+
+    @staticmethod
+    def persist(snap: dict, db: sqlite3.Connection) -> None:
+        db.executemany("INSERT OR REPLACE INTO leases(lease_id, client, base_version, seed, issued_at, expires_at, "
+                       "state) VALUES(?, ?, ?, ?, ?, ?, ?)", snap["leases"])
+        Store.put_meta(db, "coordinator", snap["meta"])
+
+    def restore(self, store: Store) -> None:
+        saved = store.get_meta("coordinator")
+        self.open_slots, self.issued, self.ended = saved["open_slots"], saved["issued"], saved["ended"]
+        self.timers = [(t, next(self._timer_seq), _unplain(p)) for t, p in saved["timers"]]
+        heapq.heapify(self.timers)
+        for k, v in saved["policy"].items():
+            if hasattr(self.policy, k):
+                setattr(self.policy, k, _unplain(v))
+        self.leases, self.by_client, self.recent = {}, {}, collections.OrderedDict()
+        for row in store.query("SELECT lease_id, client, base_version, seed, issued_at, expires_at, state "
+                               "FROM leases WHERE state=?", (ACTIVE,)):
+            lease = Lease(*row)
+            self.leases[lease.lease_id] = lease
+            self.by_client[lease.client] = lease.lease_id
+        self._dirty = {}

@@ -1,0 +1,56 @@
+"""Counters for /status and Prometheus text for /metrics, computed from the roles' state."""
+
+from __future__ import annotations
+
+import math
+
+
+def _esc(v: str) -> str:
+    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _num(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "NaN"
+    if isinstance(v, float) and math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    return repr(float(v))
+
+
+def prometheus(status: dict, upload_latency: list[float]) -> str:
+    """Prometheus text exposition (version 0.0.4) of a /status snapshot."""
+    out: list[str] = []
+
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[dict, float]]) -> None:
+        out.append(f"# HELP asyncfl_{name} {help_}")
+        out.append(f"# TYPE asyncfl_{name} {kind}")
+        for labels, value in samples:
+            lab = ",".join(f'{k}="{_esc(str(v))}"' for k, v in labels.items())
+            val = _num(value)
+            out.append(f"asyncfl_{name}{{{lab}}} {val}" if lab else f"asyncfl_{name} {val}")
+
+    metric("model_version", "gauge", "Server model version (server steps).", [({}, status["version"])])
+    metric("buffer_fill", "gauge", "Updates in the aggregation buffer.", [({}, status["buffer"]["fill"])])
+    metric("leases_active", "gauge", "Clients holding a lease.", [({}, status["leases"]["active"])])
+    metric("slots_open", "gauge", "Slots open for check-in.", [({}, status["leases"]["open_slots"])])
+    metric("concurrency_limit", "gauge", "Configured concurrency (async) or cohort (sync).",
+           [({}, status["concurrency"])])
+    metric("leases_total", "counter", "Leases by outcome.",
+           [({"outcome": k}, v) for k, v in sorted(status["leases"]["ended"].items())]
+           + [({"outcome": "issued"}, status["leases"]["issued"])])
+    metric("updates_total", "counter", "Updates folded by verdict.",
+           [({"verdict": k}, v) for k, v in sorted(status["updates"].items())])
+    metric("rejected_total", "counter", "Requests rejected, by reason.",
+           [({"reason": k}, v) for k, v in sorted(status["rejected"].items())])
+    ev = status.get("last_eval") or {}
+    metric("test_accuracy", "gauge", "Test accuracy at the last evaluation.", [({}, ev.get("accuracy", math.nan))])
+    metric("test_loss", "gauge", "Test loss at the last evaluation.", [({}, ev.get("loss", math.nan))])
+    lat = sorted(upload_latency)
+    qs = [({"quantile": q}, lat[min(len(lat) - 1, int(q * len(lat)))] if lat else math.nan) for q in (0.5, 0.9, 0.99)]
+    out.append("# HELP asyncfl_upload_seconds Upload handling time over recent uploads.")
+    out.append("# TYPE asyncfl_upload_seconds summary")
+    for labels, value in qs:
+        out.append(f'asyncfl_upload_seconds{{quantile="{labels["quantile"]}"}} {_num(value)}')
+    out.append(f"asyncfl_upload_seconds_sum {_num(sum(lat))}")
+    out.append(f"asyncfl_upload_seconds_count {len(lat)}")
+    return "\n".join(out) + "\n"
