@@ -55,11 +55,11 @@ def time_executor(ex, pool_jobs: list[TrainJob]) -> float:
 
 def time_centralized(module: torch.nn.Module, data: FederatedDataset, trainer: LocalTrainer, pool: int) -> float:
     opt = torch.optim.SGD(module.parameters(), lr=LR)
-    t = time.perf_counter()
     idx = np.stack([data.client_indices[k % data.num_clients][
         trainer.batch_indices(len(data.client_indices[k % data.num_clients]), STEPS, 10_000 + k)]
-        for k in range(pool)], 1)  # [steps, pool, b]
-    idx = torch.from_numpy(idx.reshape(STEPS, -1))
+        for k in range(pool)], 1)  # [steps, pool, b]; built before the clock starts: a central
+    idx = torch.from_numpy(idx.reshape(STEPS, -1))  # trainer would shuffle its data in one call
+    t = time.perf_counter()
     for h in range(STEPS):
         opt.zero_grad()
         loss = torch.nn.functional.cross_entropy(module(data.x[idx[h]]), data.y[idx[h]])

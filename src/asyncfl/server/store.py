@@ -159,27 +159,35 @@ class Store:
             self.db.execute("COMMIT")
 
     # ---- immutable tensor files ------------------------------------------------------------
+    @staticmethod
+    def _write_durably(path: Path, data: bytes, flags: int) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | flags, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _fsync_dir(self) -> None:
+        """Makes new directory entries (new files) durable."""
+        fd = os.open(self.files, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def write_files(self, items: list[tuple[str, bytes]]) -> list[tuple[str, int]]:
         """Write each (kind, data) to a new file, fsync them and the directory; (name, crc32)."""
         out = []
         for kind, data in items:
             self._file_seq += 1
             name = f"{kind}-{time.time_ns()}-{self._file_seq}.bin"
-            fd = os.open(self.files / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            self._write_durably(self.files / name, data, os.O_EXCL)
             out.append((name, zlib.crc32(data)))
         if items:
-            fd = os.open(self.files, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            self._fsync_dir()
         return out
 
     def write_slot(self, name: str, data: bytes) -> tuple[str, int]:
@@ -188,20 +196,9 @@ class Store:
         (except the first time) and nothing to delete afterwards."""
         path = self.files / name
         existed = path.exists()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        self._write_durably(path, data, os.O_TRUNC)
         if not existed:
-            dfd = os.open(self.files, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            self._fsync_dir()
         return name, zlib.crc32(data)
 
     def read_file(self, name: str, crc: int) -> bytes:
