@@ -15,6 +15,8 @@ import resource
 import time
 from functools import wraps
 
+import torch
+
 from asyncfl import config
 from asyncfl.experiment import build_simulation
 
@@ -89,6 +91,7 @@ def run(devices: int, concurrency: int, trips: int, memory_mb: float) -> dict:
         "devices": devices,
         "concurrency": concurrency,
         "executor": type(ex).__name__,
+        "torch_threads": torch.get_num_threads(),
         "trips_started": m.started,
         "client_updates": m.completed,  # updates delivered to the aggregator
         "client_updates_trained": ex.trained,  # includes pooled work still in flight at the stop
@@ -115,7 +118,11 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=10_000)
     ap.add_argument("--trips", type=int, default=30_000, help="stop after this many trips started")
     ap.add_argument("--memory-mb", type=float, default=512.0, help="batched executor budget per pass")
+    ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice); 1 is "
+                    "steadier on a shared machine, where waiting OpenMP threads slow small ops down")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     r = run(args.devices, args.concurrency, args.trips, args.memory_mb)
     if args.json:
         print(json.dumps(r, indent=2))
@@ -124,7 +131,8 @@ def main() -> None:
     from rich.table import Table
 
     con = Console(width=max(Console().width, 100))
-    t = Table(title=f"{r['devices']:,} devices, concurrency {r['concurrency']:,}, {r['executor']}")
+    t = Table(title=f"{r['devices']:,} devices, concurrency {r['concurrency']:,}, {r['executor']}, "
+                    f"{r['torch_threads']} torch threads")
     t.add_column("figure")
     t.add_column("value", justify="right")
     for k, fmt in [("trips_started", ",d"), ("client_updates", ",d"), ("client_updates_trained", ",d"),

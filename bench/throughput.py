@@ -99,7 +99,11 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=256, help="clients trained per batched pass (>= 200)")
     ap.add_argument("--models", default="mlp,cnn")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice); 1 is "
+                    "steadier on a shared machine, where waiting OpenMP threads slow small ops down")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = [measure(m, args.pool, min(args.pool, 48), args.repeats if m == "mlp" else min(args.repeats, 3))
             for m in args.models.split(",")]
     if args.json:

@@ -177,3 +177,23 @@ def test_unvectorisable_models_fall_back_with_a_notice(data):
 
     assert isinstance(make_executor("batched", mlp_trainer(data, local_steps=2), data, notify=notices.append),
                       BatchedExecutor)
+
+
+def test_waiting_updates_stop_sharing_their_pass_tensor(data):
+    """Rows of a pass share one tensor until three quarters are taken; the stragglers then get
+    their own storage, so they do not keep the whole pass alive, and keep their values."""
+    tr = mlp_trainer(data, local_steps=2)
+    w0 = tr.model.initial_weights()
+    jobs = [TrainJob(k, k, 0, w0, 40 + k, 2) for k in range(20)]
+    seq, bat = both(tr, data, jobs, memory_mb=512.0)
+    first = bat.result(0)
+    assert bat.passes == 1
+    shared = {bat.done[k][1].delta.untyped_storage().data_ptr() for k in range(1, 20)}
+    assert shared == {first.delta.untyped_storage().data_ptr()}
+    for k in range(1, 16):
+        assert_same(bat.result(k), seq.result(k))
+    own = [bat.done[k][1].delta.untyped_storage().data_ptr() for k in range(16, 20)]
+    assert len(set(own) | shared) == 5  # four separate storages, none the pass's
+    for k in range(16, 20):
+        assert_same(bat.result(k), seq.result(k))
+    assert not bat._slabs and not bat._slab_of

@@ -229,6 +229,8 @@ class BatchedExecutor(Executor):
         sample_x = data.x_test[:8]
         self.kernel = kernel or build_kernel(trainer, sample_x)
         self.done: dict[int, tuple[TrainJob, ClientUpdate]] = {}
+        self._slabs: dict[int, tuple[set[int], int]] = {}  # pass -> (its jobs still in done, size)
+        self._slab_of: dict[int, int] = {}  # job -> pass whose tensor holds its delta
         self.memory_mb = memory_mb
         self.train_seconds = 0.0  # inside the vectorised passes
         self.gather_seconds = 0.0  # building minibatch indices and stacking start models
@@ -244,9 +246,27 @@ class BatchedExecutor(Executor):
         self._fwd_eval = vmap(lambda w, x: trainer.model.forward(w, x), in_dims=(0, None))
 
     # pool bookkeeping
+    def _take(self, job_id: int) -> tuple[TrainJob, ClientUpdate]:
+        """Remove a trained job. Its delta is a row of its pass's tensor; once fewer than a quarter
+        of a pass's rows wait, they get their own storage, so stragglers pin at most 4x their
+        size while the pass did not pay one copy per row."""
+        entry = self.done.pop(job_id)
+        slab = self._slab_of.pop(job_id, None)
+        if slab is not None:
+            waiting, size = self._slabs[slab]
+            waiting.discard(job_id)
+            if 4 * len(waiting) < size:
+                for other in waiting:
+                    upd = self.done[other][1]
+                    upd.delta = upd.delta.clone()
+                    del self._slab_of[other]
+                del self._slabs[slab]
+        return entry
+
     def cancel(self, job_id):
         self.pending.pop(job_id, None)
-        self.done.pop(job_id, None)
+        if job_id in self.done:
+            self._take(job_id)
 
     def set_steps(self, job_id, steps):
         if job_id in self.pending:
@@ -254,14 +274,14 @@ class BatchedExecutor(Executor):
             return
         job, upd = self.done[job_id]
         if upd.steps != steps:  # trained ahead with more steps: train it again, shorter
-            del self.done[job_id]
+            self._take(job_id)
             job.steps = steps
             self.pending[job_id] = job
 
     def result(self, job_id):
         if job_id not in self.done:
             self.run_pool(first=job_id)
-        return self.done.pop(job_id)[1]
+        return self._take(job_id)[1]
 
     def chunk_size(self) -> int:
         """Clients per pass so that one pass stays within `memory_mb`."""
@@ -368,16 +388,19 @@ class BatchedExecutor(Executor):
                         gw[a:b].add_(w[a:b] - base[i], alpha=mu)
                 w.addcmul_(lm.view(-1, *[1] * (w.dim() - 1)), gw, value=-1.0)
             losses += torch.where(active[h], per, 0.0)
-        for a, b, base in segments:  # w becomes the delta w0 - w, in place
-            for w, w0 in zip(ws, base):
-                w[a:b].neg_().add_(w0)
         t2 = time.perf_counter()
-        flat = [w.reshape(j, -1) for w in ws]
+        deltas = torch.empty(j, model.numel)  # w0 - w, written layer by layer into the rows
+        for i, (d, w, shape) in enumerate(zip(torch.split(deltas, model.sizes, 1), ws, model.shapes)):
+            d = d.view(j, *shape)
+            for a, b, base in segments:
+                torch.sub(base[i], w[a:b], out=d[a:b])
+        rows = deltas.unbind(0)  # views: see _take
+        self._slabs[self.passes] = ({job.job_id for job in jobs}, j)
+        self._slab_of.update((job.job_id, self.passes) for job in jobs)
         loss_mean = (losses / torch.from_numpy(np.maximum(steps, 1))).tolist()
         planned = [tr.num_steps(n) for n in ns.tolist()] if tr.local_steps is None else [tr.local_steps] * j
-        for k, (job, n, s, loss, first, p) in enumerate(
-                zip(jobs, ns.tolist(), steps.tolist(), loss_mean, start_losses.tolist(), planned)):
-            delta = torch.cat([f[k] for f in flat])  # own storage: a straggler must not pin the pass
+        for job, delta, n, s, loss, first, p in zip(
+                jobs, rows, ns.tolist(), steps.tolist(), loss_mean, start_losses.tolist(), planned):
             self.done[job.job_id] = (job, ClientUpdate(
                 client_id=job.client, base_version=job.base_version, delta=delta, n_examples=n, steps=s,
                 loss=loss, start_loss=first, planned_steps=p))

@@ -17,7 +17,7 @@ from asyncfl.algorithms.update import ClientUpdate
 from asyncfl.data.federated import FederatedDataset
 
 
-@dataclass
+@dataclass(slots=True)
 class TrainJob:
     job_id: int
     client: int  # index of the client's data partition

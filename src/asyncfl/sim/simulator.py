@@ -33,7 +33,7 @@ from asyncfl.sim.population import Population
 FINISH, DROP, TIMER, EVAL, END = range(5)
 
 
-@dataclass
+@dataclass(slots=True)
 class Trip:
     trip_id: int
     device: int
@@ -177,13 +177,13 @@ class Simulation:
         step_time = float(pop.compute_per_example[device]) * self.trainer.examples_per_step(n)
         download = self.download_bytes / float(pop.download_bandwidth[device])
         upload = self.upload_bytes / float(pop.upload_bandwidth[device])
+        seed = self._trip_seed(trip_id)
         trip = Trip(trip_id, device, client, self.state.version, self._downloaded_model(), self.clock,
-                    self.clock + download, step_time, steps)
+                    self.clock + download, step_time, steps, seed)
         self.trips[trip_id] = trip
         pop.busy[device] = True
         self.metrics.started += 1
         self.metrics.bytes_down += self.download_bytes
-        seed = trip.seed = self._trip_seed(trip_id)
         duration = download + steps * step_time + upload
         drops = bool(self.dropout) and self.drop_rng.random() < self.dropout
         self.executor.submit(TrainJob(trip_id, client, trip.base_version, trip.base_w, seed, steps, not drops))
