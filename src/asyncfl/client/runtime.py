@@ -2,6 +2,13 @@
 train with the same LocalTrainer the simulator uses, upload the update with its base version,
 an idempotency key and the example count, repeat.
 
+With a run's `compression:` section the client encodes its delta with the upload codec (the
+same `asyncfl.compression` objects the simulator uses; stochastic rounding seeded from the
+lease's seed) and, with `error_feedback`, keeps what the codec dropped and adds it to its next
+update. The residual advances only when the server accepted the update: an upload that did not
+count (lost lease, stale, rejected) leaves the residual as it was before that trip. A lossy
+download codec's model frames are decoded here (validated like uploads on the server).
+
 An upload is re-sent with the same bytes and key until the server answers, so a server
 restart mid-trip costs time, never a double count: the server answers a re-send with the
 first result.
@@ -22,6 +29,7 @@ import numpy as np
 import torch
 
 from asyncfl.client.http import GaveUp, ServerApi
+from asyncfl.compression import ErrorFeedback, Raw, parse_codec
 from asyncfl.config import validate
 from asyncfl.experiment import build_data, build_flat_model, build_trainer
 from asyncfl.server import wire
@@ -79,6 +87,11 @@ class ClientRuntime:
         self.max_trips, self.idle_wait, self.log = max_trips, idle_wait, log
         self.stats = {"trips": 0, "accepted": 0, "discarded": 0, "lost": 0, "rejected": 0}
         self.sec_per_step: float | None = None
+        self.upload_codec = None  # set by setup() from the task's compression section
+        self.upload_spec = "none"
+        self.error_feedback: ErrorFeedback | None = None
+        self.model_codecs = None  # decoders for model frames (None: raw only)
+        self.upload_payload_bytes: list[int] = []  # payload length of each upload sent
 
     # ---- set-up ----------------------------------------------------------------------
     def _json(self, resp) -> dict:
@@ -107,6 +120,16 @@ class ClientRuntime:
         self.trainer = build_trainer(cfg, cfg.runs[0], self.model)  # the simulator's trainer, same settings
         if [list(s) for s in self.model.shapes] != [x["shape"] for x in task["tensors"]]:
             raise ClientError("the model built from the task config does not match the server's tensors")
+        comp = cfg.runs[0].compression
+        if comp is not None:
+            codec = parse_codec(comp.upload)
+            if not isinstance(codec, Raw):
+                self.upload_codec, self.upload_spec = codec, comp.upload
+                self.error_feedback = ErrorFeedback(codec) if comp.error_feedback else None
+            down = parse_codec(comp.download)
+            if not down.lossless:
+                raw = {name: pair[1] for name, pair in wire.CODECS.items()}
+                self.model_codecs = raw | {down.spec: wire.compressed_decoder(down)}
 
     # ---- one trip --------------------------------------------------------------------
     def trip(self) -> str:
@@ -127,7 +150,7 @@ class ClientRuntime:
             self.stats["lost"] += 1
             return "train"
         try:
-            frame = wire.decode(resp.content, wire.ModelHeader)
+            frame = wire.decode(resp.content, wire.ModelHeader, self.model_codecs)
         except wire.WireError as err:
             self.log(f"unreadable model download: {err}")
             self.stats["lost"] += 1
@@ -142,15 +165,20 @@ class ClientRuntime:
         self.sec_per_step = (time.perf_counter() - t0) / max(1, update.steps)
         self.stats["trips"] += 1
         key = uuid.uuid4().hex
+        payload, residual = self._encode(update.delta, task["seed"])
         body = wire.encode_update(lease_id=task["lease_id"], base_version=update.base_version, idempotency_key=key,
                                   n_examples=update.n_examples, steps=update.steps, planned_steps=update.planned_steps,
                                   loss=update.loss, start_loss=update.start_loss, delta=update.delta,
-                                  names=self.model.names, shapes=self.model.shapes)
+                                  names=self.model.names, shapes=self.model.shapes, payload=payload,
+                                  codec=self.upload_spec)
+        self.upload_payload_bytes.append(wire.payload_length(body))
         resp = self.api.request("POST", "/v1/update", content=body,
                                 headers={"Content-Type": "application/vnd.asyncfl.frame"})
         self._fatal(resp)
         answer = self._json(resp)
         if resp.status_code == 200:
+            if residual is not None:  # the server counted what it decoded: keep what it dropped
+                self.error_feedback.record("self", *residual)
             self.stats["accepted"] += 1
         elif answer.get("error") == "stale":
             self.stats["discarded"] += 1
@@ -163,6 +191,18 @@ class ClientRuntime:
             with open(self.ack_log, "a") as f:
                 f.write(json.dumps({**answer, "key": key, "lease": task["lease_id"], "http": resp.status_code}) + "\n")
         return "train"
+
+    def _encode(self, delta: torch.Tensor, seed: int) -> tuple[bytes | None, tuple | None]:
+        """The upload codec's payload for `delta` (None without compression) and, with error
+        feedback, (compensated, decoded) to record once the server has accepted it."""
+        if self.upload_codec is None:
+            return None, None
+        gen = torch.Generator().manual_seed((int(seed) ^ 0xC0DEC) & (2**63 - 1))  # as the simulator seeds it
+        if self.error_feedback is None:
+            return self.upload_codec.encode(delta, gen), None
+        v = self.error_feedback.compensate("self", delta)
+        payload = self.upload_codec.encode(v, gen)
+        return payload, (v, self.upload_codec.decode(payload, v.numel()))
 
     def _step_budget(self, deadline_in: float | None) -> int | None:
         """With a round deadline (sync, partial stragglers) take only the steps that fit:

@@ -14,6 +14,7 @@ import torch
 
 from asyncfl.algorithms.aggregators import Aggregator, ServerState, Verdict
 from asyncfl.algorithms.update import ClientUpdate
+from asyncfl.compression import Codec, Raw
 from asyncfl.server import wire
 from asyncfl.server.errors import ApiError
 from asyncfl.server.store import Store, tensor_bytes, tensor_load
@@ -26,6 +27,7 @@ class Checked:
     header: wire.UpdateHeader
     delta: torch.Tensor
     norm: float
+    payload_bytes: int = 0  # the frame's payload as received (encoded bytes with compression)
 
 
 @dataclass
@@ -46,7 +48,11 @@ class _Dirty:
 
 class AggregationRole:
     def __init__(self, aggregator: Aggregator, w0: torch.Tensor, names: list[str],
-                 shapes: list[tuple[int, ...]], max_norm: float | None, keep_versions: int):
+                 shapes: list[tuple[int, ...]], max_norm: float | None, keep_versions: int,
+                 upload_codec: Codec | None = None, upload_spec: str | None = None):
+        """`upload_codec` (the run's compression.upload, None or lossless raw = plain frames):
+        the only codec uploads may use; `upload_spec` is how the config spells it (accepted
+        besides the canonical spec)."""
         self.aggregator = aggregator
         self.names, self.shapes = list(names), [tuple(s) for s in shapes]
         self.max_norm = max_norm
@@ -57,24 +63,23 @@ class AggregationRole:
         self.current: Fold | None = None
         self.counts = {v.value: 0 for v in Verdict}
         self._dirty = _Dirty(state=True, new_versions=[(0, time.time(), [])])
+        self.upload_codec = None if upload_codec is None or isinstance(upload_codec, Raw) else upload_codec
+        self.codecs, self.expected_codec = None, None  # None: wire.CODECS, i.e. raw frames only
+        if self.upload_codec is not None:
+            decoder = wire.compressed_decoder(self.upload_codec, self._check_specs)
+            self.expected_codec = upload_spec or self.upload_codec.spec
+            self.codecs = {self.upload_codec.spec: decoder, self.expected_codec: decoder}
 
     # ---- validation (pure) ------------------------------------------------------------
     def check(self, body: bytes) -> Checked:
         try:
-            frame = wire.decode(body, wire.UpdateHeader)
+            frame = wire.decode(body, wire.UpdateHeader, self.codecs, self.expected_codec)
         except wire.WireError as err:
             raise ApiError(err.status, err.code, str(err)) from None
         arrays = frame.arrays
         if len(arrays) != len(self.shapes):
             raise ApiError(422, "bad_tensor_count", f"update has {len(arrays)} tensors, the model has {len(self.shapes)}")
-        for i, (spec, name, shape) in enumerate(zip(frame.header.tensors, self.names, self.shapes)):
-            if spec.dtype != "float32":
-                raise ApiError(422, "bad_dtype", f"tensor {i} ({spec.name!r}) has dtype {spec.dtype}; expected float32")
-            if spec.name != name:
-                raise ApiError(422, "bad_tensor_name", f"tensor {i} is named {spec.name!r}; expected {name!r}")
-            if tuple(spec.shape) != shape:
-                raise ApiError(422, "bad_shape", f"tensor {i} ({name!r}) has shape {list(spec.shape)}; "
-                               f"expected {list(shape)}")
+        self._check_specs(frame.header.tensors)
         delta = wire.join_flat(arrays)
         norm = float(torch.linalg.vector_norm(delta))  # finite unless a value is NaN/Inf (or overflows)
         if not math.isfinite(norm):
@@ -84,7 +89,20 @@ class AggregationRole:
             norm = float(torch.linalg.vector_norm(delta.double()))
         if self.max_norm is not None and norm > self.max_norm:
             raise ApiError(422, "norm_too_large", f"update L2 norm {norm:.4g} exceeds the bound {self.max_norm:g}")
-        return Checked(frame.header, delta, norm)
+        return Checked(frame.header, delta, norm, wire.payload_length(body))
+
+    def _check_specs(self, specs: list[wire.TensorSpec]) -> None:
+        """The header's tensors must be the model's (count, float32, names, shapes)."""
+        if len(specs) != len(self.shapes):
+            raise ApiError(422, "bad_tensor_count", f"update has {len(specs)} tensors, the model has {len(self.shapes)}")
+        for i, (spec, name, shape) in enumerate(zip(specs, self.names, self.shapes)):
+            if spec.dtype != "float32":
+                raise ApiError(422, "bad_dtype", f"tensor {i} ({spec.name!r}) has dtype {spec.dtype}; expected float32")
+            if spec.name != name:
+                raise ApiError(422, "bad_tensor_name", f"tensor {i} is named {spec.name!r}; expected {name!r}")
+            if tuple(spec.shape) != shape:
+                raise ApiError(422, "bad_shape", f"tensor {i} ({name!r}) has shape {list(spec.shape)}; "
+                               f"expected {list(shape)}")
 
     # ---- folding ----------------------------------------------------------------------
     def base_weights(self, version: int) -> torch.Tensor | None:

@@ -21,8 +21,13 @@ import time
 import zlib
 from pathlib import Path
 
+import torch
+
 from asyncfl.algorithms.aggregators import Verdict
+from asyncfl.algorithms.private import PrivateAggregator
+from asyncfl.algorithms.shuffle import mix
 from asyncfl.algorithms.update import ClientUpdate
+from asyncfl.compression import parse_codec
 from asyncfl.config import ConfigError, ExperimentConfig
 from asyncfl.experiment import build_aggregator, build_data, build_flat_model, num_users, proximal_coefficient
 from asyncfl.scheduling import build_policy
@@ -37,6 +42,10 @@ from asyncfl.server.store import Store, atomic_write
 
 log = logging.getLogger("asyncfl.server")
 PROTOCOL = 1
+# bytes over the wire: update bodies read (any outcome), codec payloads of the updates that passed
+# validation (what the upload codec produced; frame header excluded), model frames served
+TRAFFIC = {"upload_body_bytes": 0, "upload_payload_bytes": 0, "uploads_decoded": 0, "download_bytes": 0,
+           "downloads": 0}
 
 
 def fingerprint(cfg: ExperimentConfig, run: str, task: str) -> str:
@@ -52,13 +61,27 @@ class FLServer:
         self.cfg, self.settings = cfg, settings
         self.spec = cfg.run(run)
         self.task = settings.task or self.spec.name
+        privacy = self.spec.privacy
+        if privacy is not None and privacy.noise_multiplier > 0 and privacy.sample_rate is None:
+            raise ConfigError(
+                f"run {self.spec.name!r}: privacy.sample_rate is required by `asyncfl serve`: the server cannot know how "
+                "many users will take part, so it cannot derive the rate epsilon is accounted at; set it to the "
+                "expected share of all users contributing to one server step (e.g. buffer_size / users)")
         self.data = build_data(cfg)
         self.model = build_flat_model(cfg, self.data)
+        comp = self.spec.compression
+        self.upload_codec = parse_codec(comp.upload) if comp is not None else None
+        download = parse_codec(comp.download) if comp is not None else None
+        self.download_codec = download if download is not None and not download.lossless else None
         self.store = Store(state_dir)
         self.lock = threading.RLock()
         aggregator = build_aggregator(self.spec, cfg.trainer.lr, num_users=num_users(cfg, self.data), seed=cfg.seed)
         self.aggregation = AggregationRole(aggregator, self.model.initial_weights(), self.model.names,
-                                           self.model.shapes, settings.max_update_norm, settings.keep_versions)
+                                           self.model.shapes, settings.max_update_norm, settings.keep_versions,
+                                           self.upload_codec, comp.upload if comp is not None else None)
+        self.private = aggregator if isinstance(aggregator, PrivateAggregator) else None
+        self._epsilon: tuple[int, float | None] | None = None  # (noisy steps, epsilon) cache
+        self.traffic = dict(TRAFFIC)
         self.policy = build_policy(self.spec.scheduler)
         self.coordinator = Coordinator(self.policy, self.aggregation, settings.lease_timeout, cfg.seed)
         self.selector = Selector(self.coordinator, settings.retry_after, lambda: self.done)
@@ -100,6 +123,7 @@ class FLServer:
         self.aggregation.restore(self.store)
         self.coordinator.restore(self.store)
         self.rejected = collections.Counter(self.store.get_meta("rejected", {}))
+        self.traffic = TRAFFIC | self.store.get_meta("traffic", {})
         self.reached_target = bool(self.store.get_meta("reached_target", False))
         self.evals = [dict(zip(("id", "t", "version", "accuracy", "loss"), r)) for r in
                       self.store.query("SELECT id, t, version, accuracy, loss FROM evals ORDER BY id")]
@@ -119,7 +143,7 @@ class FLServer:
                 self.aggregation.prune(self.coordinator.needed_versions())
                 rows, self._rows = self._rows, []
                 agg, coord = self.aggregation.snapshot(), self.coordinator.snapshot()
-                rejected, initial = dict(self.rejected), self._initial
+                rejected, initial, traffic = dict(self.rejected), self._initial, dict(self.traffic)
                 target, self._epoch = self._epoch, self._epoch + 1
             new_files: list[str] = []
             try:
@@ -130,6 +154,7 @@ class FLServer:
                     obsolete = AggregationRole.persist(agg, db, self.store, new_files)
                     Coordinator.persist(coord, db)
                     Store.put_meta(db, "rejected", rejected)
+                    Store.put_meta(db, "traffic", traffic)
                     if initial is not None:
                         Store.put_meta(db, "fingerprint", initial)
             except Exception:
@@ -190,29 +215,43 @@ class FLServer:
             "num_classes": self.data.num_classes,
             "prox_mu": proximal_coefficient(self.spec),
             "tensors": [{"name": n, "shape": list(s)} for n, s in zip(self.model.names, self.model.shapes)],
-            "codecs": ["none"],
+            "codecs": [self.aggregation.expected_codec or "none"],
+            "download_codec": self.download_codec.spec if self.download_codec is not None else "none",
             "max_body_bytes": self.settings.max_body_bytes,
         }
 
     def model_frame(self, version: int) -> bytes:
+        """A version's frame, built once: raw float32, or with a lossy download codec its
+        payload, stochastic rounding seeded from (experiment seed, version) as in the simulator."""
         with self.lock:
             frame = self._frames.get(version)
-            if frame is not None:
-                return frame
-            if version not in self.aggregation.models:
-                raise ApiError(404, "version_unavailable", f"model version {version} is not available; "
-                               f"current version is {self.aggregation.state.version}")
-            w = self.aggregation.models[version]
-        frame = wire.encode_model(version, w, self.model.names, self.model.shapes)
+            if frame is None:
+                if version not in self.aggregation.models:
+                    raise ApiError(404, "version_unavailable", f"model version {version} is not available; "
+                                   f"current version is {self.aggregation.state.version}")
+                w = self.aggregation.models[version]
+        if frame is None:
+            gen = None
+            if self.download_codec is not None:
+                gen = torch.Generator().manual_seed(int(mix(self.cfg.seed, version, 0xD0)[0]) & (2**63 - 1))
+            frame = wire.encode_model(version, w, self.model.names, self.model.shapes, self.download_codec, gen)
+            with self.lock:
+                if len(self._frames) > 4:
+                    self._frames.pop(min(self._frames))
+                self._frames[version] = frame
         with self.lock:
-            if len(self._frames) > 4:
-                self._frames.pop(min(self._frames))
-            self._frames[version] = frame
+            self.traffic["download_bytes"] += len(frame)
+            self.traffic["downloads"] += 1
         return frame
+
+    def count_upload_body(self, n: int) -> None:
+        with self.lock:
+            self.traffic["upload_body_bytes"] += n
 
     def upload(self, client: str, body: bytes) -> tuple[int, dict]:
         """Validate, fold, persist, answer; (status, body). Raises ApiError for bad input."""
         t0 = time.perf_counter()
+        self.count_upload_body(len(body))
         try:
             checked = self.aggregation.check(body)  # no lock: pure, the expensive part
             h = checked.header
@@ -274,6 +313,8 @@ class FLServer:
                            fold.staleness, h.n_examples, h.steps, loss, checked.norm,
                            verdict.value if verdict else "none", time.time(), status, json.dumps(answer)))
         self._next_seq += 1
+        self.traffic["upload_payload_bytes"] += checked.payload_bytes
+        self.traffic["uploads_decoded"] += 1
         self._inflight[(client, h.idempotency_key)] = (status, answer, self._epoch)
         if len(self._inflight) > 10_000:  # recent answers; older ones are found in the update log
             self._inflight.pop(next(iter(self._inflight)))
@@ -351,9 +392,33 @@ class FLServer:
                 "reached_target": self.reached_target, "done": self.done,
                 "uptime_s": round(time.time() - self.started, 3),
             }
+            answer["compression"] = self._compression_status()
+            answer["privacy"] = self._privacy_status()
             if self.policy.mode == "sync":
                 answer["round"] = {"number": self.policy.round, "open": self.policy.open, "arrived": self.policy.arrived}
             return answer
+
+    def _compression_status(self) -> dict:
+        t = self.traffic
+        return {"upload_codec": self.aggregation.expected_codec or "none",
+                "download_codec": self.download_codec.spec if self.download_codec is not None else "none",
+                "error_feedback": bool(self.spec.compression and self.spec.compression.error_feedback),
+                "bytes": dict(t),
+                "upload_payload_bytes_per_update": (t["upload_payload_bytes"] / t["uploads_decoded"]
+                                                    if t["uploads_decoded"] else None)}
+
+    def _privacy_status(self) -> dict | None:
+        """The DP aggregator's report; epsilon is recomputed only when a noisy step was taken."""
+        if self.private is None:
+            return None
+        p = self.private
+        steps = p.noisy_steps
+        if self._epsilon is None or self._epsilon[0] != steps:
+            self._epsilon = (steps, p.epsilon())
+        # the fields of PrivateAggregator.privacy_report(), with the cached epsilon
+        return {"epsilon": self._epsilon[1], "delta": p.delta, "noise_multiplier": p.noise_multiplier,
+                "clip_norm": p.clip_norm, "sample_rate": p.sample_rate, "privacy_steps": steps,
+                "noise_std_per_step": p.sum_noise_multiplier * p.clip_norm * p.max_weight / p.denominator}
 
     def metrics_text(self) -> str:
         return observability.prometheus(self.status(), list(self.latency))

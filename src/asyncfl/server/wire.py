@@ -5,6 +5,12 @@ lists the tensors (name, shape, dtype) and names the codec that produced the pay
 codec `none` the payload is the tensors' raw little-endian bytes, back to back. Floats never
 travel as JSON. A compression codec plugs in by registering an encoder/decoder pair in
 `CODECS`; the header already carries its name, so old and new peers can tell each other apart.
+
+Compressed frames (a run's `compression:` section): the header's `codec` is an
+`asyncfl.compression` spec (e.g. ``int8``, ``topk:0.1+int8``), its tensors still name the
+decoded float32 tensors, and the payload is that codec's self-describing bytes for the flat
+concatenation of the tensors (`compressed_frame`, `compressed_decoder`). Which codecs a peer
+accepts is the caller's choice (`decode(..., codecs=...)`); `CODECS` is the default.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ class TensorSpec(BaseModel):
 
 class _Header(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    codec: str = Field(default="none", max_length=32)
+    codec: str = Field(default="none", max_length=64)
     tensors: list[TensorSpec] = Field(max_length=4096)
 
 
@@ -118,8 +124,11 @@ def encode(header: dict, arrays: list[np.ndarray], codec: str = "none") -> bytes
     return MAGIC + struct.pack("<I", len(raw)) + raw + CODECS[codec][0](arrays)
 
 
-def decode(body: bytes, header_model: type[_Header]) -> Frame:
-    """Parse and check a frame's structure; raises WireError naming what is wrong."""
+def decode(body: bytes, header_model: type[_Header], codecs: dict[str, Decoder] | None = None,
+           expected: str | None = None) -> Frame:
+    """Parse and check a frame's structure; raises WireError naming what is wrong. `codecs`
+    maps the codec names this peer accepts to their decoders (default: `CODECS`); `expected`
+    is what an unsupported codec's error names as the one to use."""
     view = memoryview(body)
     if len(view) < 8 or bytes(view[:4]) != MAGIC:
         raise WireError("body is not an asyncfl frame (expected magic b'AFL1' and a header length)")
@@ -140,11 +149,66 @@ def decode(body: bytes, header_model: type[_Header]) -> Frame:
         e = err.errors()[0]
         loc = ".".join(str(p) for p in e["loc"]) or "(header)"
         raise WireError(f"frame header field {loc}: {e['msg']}") from None
-    if header.codec not in CODECS:
-        raise WireError(f"unsupported codec {header.codec!r}; this server accepts {sorted(CODECS)}", 422,
-                        "unsupported_codec")
-    arrays = CODECS[header.codec][1](view[8 + hlen :], header.tensors)
+    accepted = {name: pair[1] for name, pair in CODECS.items()} if codecs is None else codecs
+    if header.codec not in accepted:
+        wanted = f"expects codec {expected!r}" if expected else f"accepts {sorted(accepted)}"
+        raise WireError(f"unsupported codec {header.codec!r}; this server {wanted}", 422, "unsupported_codec")
+    arrays = accepted[header.codec](view[8 + hlen :], header.tensors)
     return Frame(header, arrays)
+
+
+def _numels(specs: list[TensorSpec]) -> list[int]:
+    """Element counts of float32 tensors, checking dtype and shape as the raw decoder does."""
+    out = []
+    for i, s in enumerate(specs):
+        if s.dtype != "float32":
+            raise WireError(f"tensor {i} ({s.name!r}) has dtype {s.dtype}; a compressed frame holds float32",
+                            422, "bad_dtype")
+        if any(d < 0 for d in s.shape):
+            raise WireError(f"tensor {i} ({s.name!r}): negative dimension in shape {s.shape}", 422, "bad_shape")
+        out.append(int(np.prod(s.shape, dtype=np.int64)))
+    return out
+
+
+def compressed_decoder(codec, check_specs: Callable[[list[TensorSpec]], None] | None = None) -> Decoder:
+    """Decoder for frames whose payload is `codec`'s encoding of the flat float32 vector.
+    `check_specs` runs on the header's tensors before any payload byte is decoded (the payload's
+    own element count must then match them), so a small payload can never make the reader
+    allocate a vector larger than the model. Payload problems (truncation, trailing bytes, a
+    payload from another codec or with other parameters, bad scales or indices) are 422
+    `bad_payload`, naming the problem."""
+    from asyncfl.compression import decode as decode_payload
+
+    def dec(payload: memoryview, specs: list[TensorSpec]) -> list[np.ndarray]:
+        if check_specs is not None:
+            check_specs(specs)
+        numels = _numels(specs)
+        try:
+            flat = decode_payload(payload, sum(numels), expect=codec)
+        except ValueError as err:
+            raise WireError(f"{codec.spec} payload of {len(payload)} bytes cannot be decoded: {err}", 422,
+                            "bad_payload") from None
+        out, pos, arr = [], 0, flat.numpy()
+        for s, n in zip(specs, numels):
+            out.append(arr[pos : pos + n].reshape(s.shape))
+            pos += n
+        return out
+
+    return dec
+
+
+def payload_length(body: bytes) -> int:
+    """Bytes of a well-formed frame's payload (what follows the JSON header)."""
+    (hlen,) = struct.unpack("<I", body[4:8])
+    return len(body) - 8 - hlen
+
+
+def compressed_frame(header: dict, specs: list[tuple[str, tuple[int, ...]]], payload: bytes, codec: str) -> bytes:
+    """Frame an already encoded payload (`asyncfl.compression`) under `header`; `specs` are the
+    decoded float32 tensors' (name, shape) and `codec` the spec the receiver expects."""
+    head = dict(header, codec=codec, tensors=[{"name": n, "shape": list(s), "dtype": "float32"} for n, s in specs])
+    raw = json.dumps(head, separators=(",", ":")).encode()
+    return MAGIC + struct.pack("<I", len(raw)) + raw + payload
 
 
 def split_flat(w: torch.Tensor, names: list[str], shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
@@ -166,8 +230,14 @@ def join_flat(arrays: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(flat)
 
 
-def encode_model(version: int, w: torch.Tensor, names: list[str], shapes: list[tuple[int, ...]]) -> bytes:
-    return encode({"kind": "model", "version": version, "names": list(names)}, split_flat(w, names, shapes))
+def encode_model(version: int, w: torch.Tensor, names: list[str], shapes: list[tuple[int, ...]],
+                 codec=None, generator=None) -> bytes:
+    """A model frame: raw float32, or with `codec` (an `asyncfl.compression.Codec`, lossy
+    downloads) its payload for the flat weights, header codec = `codec.spec`."""
+    if codec is None:
+        return encode({"kind": "model", "version": version, "names": list(names)}, split_flat(w, names, shapes))
+    return compressed_frame({"kind": "model", "version": version}, list(zip(names, shapes)),
+                            codec.encode(w.detach().to(torch.float32).reshape(-1), generator), codec.spec)
 
 
 def _finite_or_none(x: float | None) -> float | None:
@@ -176,9 +246,16 @@ def _finite_or_none(x: float | None) -> float | None:
 
 def encode_update(*, lease_id: str, base_version: int, idempotency_key: str, n_examples: int, steps: int,
                   loss: float | None, delta: torch.Tensor, names: list[str], shapes: list[tuple[int, ...]],
-                  start_loss: float | None = None, planned_steps: int | None = None) -> bytes:
-    return encode({"kind": "update", "lease_id": lease_id, "base_version": base_version,
-                   "idempotency_key": idempotency_key, "n_examples": n_examples, "steps": steps,
-                   "planned_steps": planned_steps, "loss": _finite_or_none(loss),
-                   "start_loss": _finite_or_none(start_loss), "names": list(names)}, split_flat(delta, names, shapes))
+                  start_loss: float | None = None, planned_steps: int | None = None,
+                  payload: bytes | None = None, codec: str = "none") -> bytes:
+    """An update frame. With `codec` other than none, `payload` is the delta already encoded by
+    that codec (the client's error feedback needs the payload, so it encodes itself)."""
+    header = {"kind": "update", "lease_id": lease_id, "base_version": base_version,
+              "idempotency_key": idempotency_key, "n_examples": n_examples, "steps": steps,
+              "planned_steps": planned_steps, "loss": _finite_or_none(loss), "start_loss": _finite_or_none(start_loss)}
+    if codec == "none":
+        return encode(header | {"names": list(names)}, split_flat(delta, names, shapes))
+    if payload is None:
+        raise ValueError(f"codec {codec!r}: pass the encoded payload")
+    return compressed_frame(header, list(zip(names, shapes)), payload, codec)
 
