@@ -78,7 +78,30 @@ def clip_factor(delta: torch.Tensor, clip_norm: float | None) -> float:
     return 1.0 if norm <= clip_norm else clip_norm / norm
 
 
-class BufferedAggregator(Aggregator):
+class _Buffering(Aggregator):
+    """Accumulates updates; steps at the round barrier (`flush`) or every `buffer_size`."""
+
+    def __init__(self, buffer_size: int | None, max_staleness: int | None):
+        super().__init__(max_staleness)
+        self.buffer_size = buffer_size
+        self._reset()
+
+    def _reset(self) -> None:
+        self.count = 0
+
+    @property
+    def pending(self) -> int:
+        return self.count
+
+    def _added(self, state: ServerState) -> Verdict:
+        self.count += 1
+        if self.buffer_size is not None and self.count >= self.buffer_size:
+            self.flush(state)
+            return Verdict.STEPPED
+        return Verdict.BUFFERED
+
+
+class BufferedAggregator(_Buffering):
     """Weighted sum of deltas; the server optimizer steps with the normalised sum.
 
     FedAvg, FedProx and FedBuff are all this mechanism with different weights, normaliser and
@@ -95,24 +118,18 @@ class BufferedAggregator(Aggregator):
         max_staleness: int | None = None,
         clip_norm: float | None = None,
     ):
-        super().__init__(max_staleness)
         if normalize not in ("count", "weight"):
             raise ValueError(f"normalize must be 'count' or 'weight', got {normalize!r}")
         self.server_opt = server_opt
         self.weight = weight
         self.normalize = normalize
-        self.buffer_size = buffer_size
         self.clip_norm = clip_norm
-        self._reset()
+        super().__init__(buffer_size, max_staleness)
 
     def _reset(self) -> None:
+        super()._reset()
         self.total: torch.Tensor | None = None
-        self.count = 0
         self.weight_sum = 0.0
-
-    @property
-    def pending(self) -> int:
-        return self.count
 
     def submit(self, state, update, base_w):
         if self.too_stale(state, update):
@@ -122,12 +139,8 @@ class BufferedAggregator(Aggregator):
             self.total = update.delta * a
         else:
             self.total.add_(update.delta, alpha=a)  # in place: this runs once per client update
-        self.count += 1
         self.weight_sum += a
-        if self.buffer_size is not None and self.count >= self.buffer_size:
-            self.flush(state)
-            return Verdict.STEPPED
-        return Verdict.BUFFERED
+        return self._added(state)
 
     def flush(self, state):
         if self.count == 0:
@@ -257,7 +270,7 @@ class RobustAggregator(Aggregator):
         self.server_opt.load_state_dict(state["server_opt"])
 
 
-class QFedAvg(Aggregator):
+class QFedAvg(_Buffering):
     """q-FedAvg (Li et al. 2020, q-FFL): clients with a higher loss F_k at the downloaded model
     weigh more, q = 0 being FedAvg-like and larger q fairer. With dw_k = L delta_k (L = 1/lr):
     w <- w - sum_k F_k^q dw_k / sum_k (q F_k^(q-1) |dw_k|^2 + L F_k^q), at the round barrier, or
@@ -265,20 +278,15 @@ class QFedAvg(Aggregator):
 
     def __init__(self, q: float, lipschitz: float, buffer_size: int | None = None,
                  max_staleness: int | None = None):
-        super().__init__(max_staleness)
         if q < 0 or lipschitz <= 0:
             raise ValueError(f"q-FedAvg needs q >= 0 and L > 0, got q={q}, L={lipschitz}")
-        self.q, self.lipschitz, self.buffer_size = q, lipschitz, buffer_size
-        self._reset()
+        self.q, self.lipschitz = q, lipschitz
+        super().__init__(buffer_size, max_staleness)
 
     def _reset(self) -> None:
+        super()._reset()
         self.numerator: torch.Tensor | None = None
         self.denominator = 0.0
-        self.count = 0
-
-    @property
-    def pending(self) -> int:
-        return self.count
 
     def submit(self, state, update, base_w):
         if self.too_stale(state, update):
@@ -291,11 +299,7 @@ class QFedAvg(Aggregator):
         part = f**self.q * dw
         self.numerator = part if self.numerator is None else self.numerator.add_(part)
         self.denominator += self.q * f ** (self.q - 1) * float(dw.pow(2).sum()) + self.lipschitz * f**self.q
-        self.count += 1
-        if self.buffer_size is not None and self.count >= self.buffer_size:
-            self.flush(state)
-            return Verdict.STEPPED
-        return Verdict.BUFFERED
+        return self._added(state)
 
     def flush(self, state):
         if self.count == 0:

@@ -31,31 +31,26 @@ import numpy as np
 # on first use: clipping and noise need none of it.
 
 
+def _real(value: float, name: str, ok, interval: str) -> float:
+    """`value` as a float, or a ValueError naming the parameter and its valid interval."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    v = float(value)
+    if not (math.isfinite(v) and ok(v)):
+        raise ValueError(f"{name} must be {interval}, got {value}")
+    return v
+
+
 def _check_sigma(noise_multiplier: float) -> float:
-    if isinstance(noise_multiplier, bool) or not isinstance(noise_multiplier, numbers.Real):
-        raise ValueError(f"noise multiplier must be a number, got {noise_multiplier!r}")
-    sigma = float(noise_multiplier)
-    if not (math.isfinite(sigma) and sigma > 0):
-        raise ValueError(f"noise multiplier must be > 0 and finite, got {noise_multiplier}")
-    return sigma
+    return _real(noise_multiplier, "noise multiplier", lambda v: v > 0, "> 0 and finite")
 
 
 def _check_rate(sample_rate: float) -> float:
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Real):
-        raise ValueError(f"sample rate must be a number, got {sample_rate!r}")
-    q = float(sample_rate)
-    if not 0.0 < q <= 1.0:
-        raise ValueError(f"sample rate must be in (0, 1], got {sample_rate}")
-    return q
+    return _real(sample_rate, "sample rate", lambda v: 0.0 < v <= 1.0, "in (0, 1]")
 
 
 def _check_delta(delta: float) -> float:
-    if isinstance(delta, bool) or not isinstance(delta, numbers.Real):
-        raise ValueError(f"delta must be a number, got {delta!r}")
-    d = float(delta)
-    if not 0.0 < d < 1.0:
-        raise ValueError(f"delta must be in (0, 1), got {delta}")
-    return d
+    return _real(delta, "delta", lambda v: 0.0 < v < 1.0, "in (0, 1)")
 
 
 def _check_steps(steps: int, name: str = "steps") -> int:
