@@ -85,6 +85,7 @@ class Simulation:
         self.retry_interval = population.retry_interval
         self.state = ServerState(w=w0.clone(), version=0)
         self.client_sizes = np.asarray(data.client_sizes())
+        self._work: dict[int, tuple[int, int]] = {}
         self.model_bytes = payload_bytes(w0)
         # compression: every transfer is charged its encoded payload's exact length (bytes_for is
         # exact and data independent, so trip timing can use it before encoding); without codecs,
@@ -116,9 +117,9 @@ class Simulation:
         return len(self.trips)
 
     def request_clients(self, n: int) -> int:
-        devices = self.population.pick(n, self.clock, self.select_rng) if n > 0 else []
+        devices = self.population.pick(n, self.clock, self.select_rng).tolist() if n > 0 else []
         for d in devices:
-            self._start_trip(int(d))
+            self._start_trip(d)
         if len(devices) < n:
             self._wake_later()
         return len(devices)
@@ -172,9 +173,12 @@ class Simulation:
         pop = self.population
         trip_id = next(self.trip_ids)
         client = device % self.data.num_clients
-        n = int(self.client_sizes[client])
-        steps = self.trainer.num_steps(n)
-        step_time = float(pop.compute_per_example[device]) * self.trainer.examples_per_step(n)
+        work = self._work.get(client)
+        if work is None:  # (steps, gradient examples per step), fixed per client
+            n = int(self.client_sizes[client])
+            work = self._work[client] = (self.trainer.num_steps(n), self.trainer.examples_per_step(n))
+        steps, per_step = work
+        step_time = float(pop.compute_per_example[device]) * per_step
         download = self.download_bytes / float(pop.download_bandwidth[device])
         upload = self.upload_bytes / float(pop.upload_bandwidth[device])
         seed = self._trip_seed(trip_id)
