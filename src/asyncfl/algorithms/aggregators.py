@@ -18,6 +18,7 @@ import torch
 from asyncfl.algorithms.server_opt import ServerOptimizer
 from asyncfl.algorithms.staleness import StalenessFn
 from asyncfl.algorithms.update import ClientUpdate
+from asyncfl.privacy.dp import clip
 
 
 @dataclass
@@ -70,15 +71,12 @@ class Aggregator(ABC):
         pass
 
 
-def clip_factor(delta: torch.Tensor, clip_norm: float | None) -> float:
-    """Scale that bounds an update's L2 norm by clip_norm: one client's influence is bounded."""
-    if clip_norm is None:
-        return 1.0
-    norm = float(torch.linalg.vector_norm(delta))
-    return 1.0 if norm <= clip_norm else clip_norm / norm
+def clipped(delta: torch.Tensor, clip_norm: float | None) -> torch.Tensor:
+    """The update with its L2 norm bounded by clip_norm (one client's influence is bounded)."""
+    return delta if clip_norm is None else clip(delta, clip_norm)[0]
 
 
-class _Buffering(Aggregator):
+class BufferingAggregator(Aggregator):
     """Accumulates updates; steps at the round barrier (`flush`) or every `buffer_size`."""
 
     def __init__(self, buffer_size: int | None, max_staleness: int | None):
@@ -101,7 +99,7 @@ class _Buffering(Aggregator):
         return Verdict.BUFFERED
 
 
-class BufferedAggregator(_Buffering):
+class BufferedAggregator(BufferingAggregator):
     """Weighted sum of deltas; the server optimizer steps with the normalised sum.
 
     FedAvg, FedProx and FedBuff are all this mechanism with different weights, normaliser and
@@ -134,11 +132,12 @@ class BufferedAggregator(_Buffering):
     def submit(self, state, update, base_w):
         if self.too_stale(state, update):
             return Verdict.DISCARDED
-        a = self.weight(update, state.version - update.base_version) * clip_factor(update.delta, self.clip_norm)
+        a = self.weight(update, state.version - update.base_version)
+        delta = clipped(update.delta, self.clip_norm)
         if self.total is None:
-            self.total = update.delta * a
+            self.total = delta * a
         else:
-            self.total.add_(update.delta, alpha=a)  # in place: this runs once per client update
+            self.total.add_(delta, alpha=a)  # in place: this runs once per client update
         self.weight_sum += a
         return self._added(state)
 
@@ -243,7 +242,7 @@ class RobustAggregator(Aggregator):
     def submit(self, state, update, base_w):
         if self.too_stale(state, update):
             return Verdict.DISCARDED
-        self.deltas.append(update.delta * clip_factor(update.delta, self.clip_norm))
+        self.deltas.append(clipped(update.delta, self.clip_norm))
         return Verdict.BUFFERED
 
     def combine(self, deltas: torch.Tensor) -> torch.Tensor:
@@ -270,7 +269,7 @@ class RobustAggregator(Aggregator):
         self.server_opt.load_state_dict(state["server_opt"])
 
 
-class QFedAvg(_Buffering):
+class QFedAvg(BufferingAggregator):
     """q-FedAvg (Li et al. 2020, q-FFL): clients with a higher loss F_k at the downloaded model
     weigh more, q = 0 being FedAvg-like and larger q fairer. With dw_k = L delta_k (L = 1/lr):
     w <- w - sum_k F_k^q dw_k / sum_k (q F_k^(q-1) |dw_k|^2 + L F_k^q), at the round barrier, or

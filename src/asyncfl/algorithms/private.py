@@ -32,13 +32,13 @@ from typing import Callable
 
 import torch
 
-from asyncfl.algorithms.aggregators import Aggregator, ServerState, Verdict
+from asyncfl.algorithms.aggregators import BufferingAggregator, ServerState, Verdict
 from asyncfl.algorithms.server_opt import ServerOptimizer
 from asyncfl.algorithms.update import ClientUpdate
 from asyncfl.privacy import Accountant, AdaptiveClipping, add_gaussian_noise, clip, update_noise_multiplier
 
 
-class PrivateAggregator(Aggregator):
+class PrivateAggregator(BufferingAggregator):
     """Clip each update, noise each aggregate's sum, divide by a fixed denominator, account.
 
     `weight(update, staleness)` must stay within [0, max_weight]; `buffer_size` None means the
@@ -62,7 +62,7 @@ class PrivateAggregator(Aggregator):
         delta: float = 1e-5,
         seed: int = 0,
     ):
-        super().__init__(max_staleness)
+        super().__init__(buffer_size, max_staleness)
         if not (math.isfinite(denominator) and denominator > 0):
             raise ValueError(f"denominator must be a positive number, got {denominator}")
         if noise_multiplier < 0 or not math.isfinite(noise_multiplier):
@@ -75,7 +75,6 @@ class PrivateAggregator(Aggregator):
         self.noise_multiplier = float(noise_multiplier)
         self.denominator = float(denominator)
         self.sample_rate = float(sample_rate)
-        self.buffer_size = buffer_size
         self.max_weight = float(max_weight)
         self.adaptive = adaptive
         if adaptive is not None:
@@ -89,17 +88,12 @@ class PrivateAggregator(Aggregator):
         self.generator = torch.Generator().manual_seed(int(seed) & (2**63 - 1))
         self.delta = float(delta)
         self.noisy_steps = 0
-        self._reset()
 
     def _reset(self) -> None:
+        super()._reset()
         self.total: torch.Tensor | None = None
-        self.count = 0
         self.users: set[int] = set()
         self.norms: list[float] = []
-
-    @property
-    def pending(self) -> int:
-        return self.count
 
     def submit(self, state: ServerState, update: ClientUpdate, base_w: torch.Tensor) -> Verdict:
         if self.too_stale(state, update) or update.client_id in self.users:
@@ -112,13 +106,9 @@ class PrivateAggregator(Aggregator):
             self.total = clipped.to(torch.float32) * a  # a new tensor: never alias the client's delta
         else:
             self.total.add_(clipped, alpha=a)
-        self.count += 1
         self.users.add(update.client_id)
         self.norms.append(norm)
-        if self.buffer_size is not None and self.count >= self.buffer_size:
-            self.flush(state)
-            return Verdict.STEPPED
-        return Verdict.BUFFERED
+        return self._added(state)
 
     def flush(self, state: ServerState) -> bool:
         if self.count == 0:
