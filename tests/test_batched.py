@@ -121,6 +121,9 @@ def test_batched_evaluation_equals_sequential(data):
 
 
 def test_whole_run_same_accuracy_curve(small):
+    """Same trips, versions and models to float tolerance. Accuracy is a step function of the
+    model, so a test example whose top two logits are closer than the float noise may go either
+    way: every accuracy difference must be such near ties, in the very snapshots evaluated."""
     runs = [
         {"name": "fedbuff", "algorithm": {"name": "fedbuff", "buffer_size": 4}, "scheduler": {"concurrency": 10}},
         {"name": "fedprox", "algorithm": {"name": "fedprox", "mu": 0.05},
@@ -132,12 +135,21 @@ def test_whole_run_same_accuracy_curve(small):
             cfg = small(seed=2, runs=runs, executor=ex, sets=["population.dropout=0.1", "stop.max_time=150"])
             sim = build_simulation(cfg, cfg.run(run))
             assert type(sim.executor).__name__ == {"sequential": "SequentialExecutor", "batched": "BatchedExecutor"}[ex]
+            snapshots = []
+            evaluate = sim.executor.evaluate_many
+            sim.executor.evaluate_many = lambda ws, x, y: snapshots.extend(ws) or evaluate(ws, x, y)
             m = sim.run()
             curves.append((m, [(r["virtual_time"], r["version"], r["trips_completed"]) for r in m.rows],
-                           np.array([r["test_accuracy"] for r in m.rows])))
-        (m1, k1, a1), (m2, k2, a2) = curves
+                           np.array([r["test_accuracy"] for r in m.rows]), snapshots, sim))
+        (m1, k1, a1, s1, sim), (m2, k2, a2, s2, _) = curves
         assert k1 == k2 and m1.completed == m2.completed and m1.server_steps == m2.server_steps
-        assert np.abs(a1 - a2).max() <= 1e-4
+        assert len(s1) == len(s2) == len(a1)
+        x, y = sim.data.x_test, sim.data.y_test
+        for w1, w2, acc1, acc2 in zip(s1, s2, a1, a2):
+            assert torch.allclose(w1, w2, atol=1e-5, rtol=1e-4)
+            margins = [(t := sim.model.forward(w, x).topk(2, dim=1).values)[:, 0] - t[:, 1] for w in (w1, w2)]
+            near_ties = (margins[0] < 1e-4) | (margins[1] < 1e-4)
+            assert round(abs(acc1 - acc2) * len(y)) <= int(near_ties.sum())
         assert a1[-1] > a1[0]
 
 
@@ -188,12 +200,15 @@ def test_waiting_updates_stop_sharing_their_pass_tensor(data):
     seq, bat = both(tr, data, jobs, memory_mb=512.0)
     first = bat.result(0)
     assert bat.passes == 1
-    shared = {bat.done[k][1].delta.untyped_storage().data_ptr() for k in range(1, 20)}
-    assert shared == {first.delta.untyped_storage().data_ptr()}
+    pass_storage = first.delta.untyped_storage().data_ptr()
+    (deltas, waiting, _), = bat._slabs.values()
+    assert deltas.untyped_storage().data_ptr() == pass_storage and waiting == set(range(1, 20))
     for k in range(1, 16):
-        assert_same(bat.result(k), seq.result(k))
+        got = bat.result(k)
+        assert got.delta.untyped_storage().data_ptr() == pass_storage
+        assert_same(got, seq.result(k))
     own = [bat.done[k][1].delta.untyped_storage().data_ptr() for k in range(16, 20)]
-    assert len(set(own) | shared) == 5  # four separate storages, none the pass's
+    assert len(set(own) | {pass_storage}) == 5  # four separate storages, none the pass's
     for k in range(16, 20):
         assert_same(bat.result(k), seq.result(k))
-    assert not bat._slabs and not bat._slab_of
+    assert not bat._slabs and not bat._row_of

@@ -54,10 +54,13 @@ def minibatches(ns, steps, bs, seeds) -> np.ndarray:
         epoch_keys = mix(seeds[sel, None, None], np.arange(e_max)[None, :, None])
         keys = _fmix(epoch_keys ^ (np.arange(n_max, dtype=np.uint64) * _GOLDEN)[None, None, :])
         keys[np.broadcast_to(np.arange(n_max) >= n[:, None, None], keys.shape)] = np.uint64(_MASK64)
-        perm = np.argsort(keys, axis=2, kind="stable").ravel()  # [clients, epochs, n_max], flat
-        valid = (h < s[None, :, None]) & (k < bb[None, :, None])
-        t = np.where(valid, h * bb[None, :, None] + k, 0)  # position in the client's stream
-        epoch, pos = np.divmod(t, n[None, :, None])
-        row = (np.arange(len(sel)) * e_max)[None, :, None] + epoch
-        out[:, sel, :] = np.where(valid, np.take(perm, row * n_max + pos), 0)
+        perm = np.argsort(keys, axis=2, kind="stable")  # [clients, epochs, n_max]; padding sorts last
+        stream = perm[np.broadcast_to(np.arange(n_max) < n[:, None, None], perm.shape)]  # each client's epochs, back to back
+        start = np.concatenate([[0], np.cumsum(n * e_max)[:-1]])
+        t = (h * bb[None, :, None] + k) + start[None, :, None]  # step h, slot k: the (h b + k)-th of the stream
+        if (s == s_max).all() and (bb == b_max).all():
+            out[:, sel, :] = stream[t]
+        else:
+            valid = (h < s[None, :, None]) & (k < bb[None, :, None])
+            out[:, sel, :] = np.where(valid, stream[np.where(valid, t, 0)], 0)
     return out

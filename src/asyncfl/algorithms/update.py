@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 
-@dataclass
+@dataclass(slots=True)
 class ClientUpdate:
     client_id: int
     base_version: int

@@ -94,6 +94,18 @@ class _StackedKernel(_Kernel):
             return list(torch.autograd.grad(per.sum(), leaves)), per.detach()
 
 
+class _ModelGradsKernel(_Kernel):
+    """Modules that provide `stacked_grads(params, x, y, a)`: their own batched gradients (e.g. a
+    recurrent net with hand-written backpropagation through time, where autograd's per-op
+    bookkeeping over many time steps dominates). Returns the gradients in parameter order and
+    the per-client losses sum_b a[j, b] ce(...); the probe in `build_kernel` checks them."""
+
+    mixes_examples = False
+
+    def grads(self, ws, x, y, a, out=None):
+        return self.model.module.stacked_grads(dict(zip(self.model.names, ws)), x, y, a)
+
+
 class _ChainKernel(_Kernel):
     """Linear/ReLU chains (logreg, MLP) with hand-written batched matmuls: about twice as fast
     as the generic path because nothing is traced per step."""
@@ -189,6 +201,8 @@ def build_kernel(trainer: LocalTrainer, sample_x: torch.Tensor) -> _Kernel:
     ops = _chain_ops(model.module)
     if ops:
         kernel: _Kernel = _ChainKernel(model, ops)
+    elif hasattr(model.module, "stacked_grads"):
+        kernel = _ModelGradsKernel(model)
     elif hasattr(model.module, "stacked_forward"):
         kernel = _StackedKernel(model)
     else:
@@ -229,8 +243,8 @@ class BatchedExecutor(Executor):
         sample_x = data.x_test[:8]
         self.kernel = kernel or build_kernel(trainer, sample_x)
         self.done: dict[int, tuple[TrainJob, ClientUpdate]] = {}
-        self._slabs: dict[int, tuple[set[int], int]] = {}  # pass -> (its jobs still in done, size)
-        self._slab_of: dict[int, int] = {}  # job -> pass whose tensor holds its delta
+        self._slabs: dict[int, tuple[torch.Tensor, set[int], int]] = {}  # pass -> (deltas, jobs in done, rows)
+        self._row_of: dict[int, tuple[int, int]] = {}  # job -> (pass, row) holding its delta
         self.memory_mb = memory_mb
         self.train_seconds = 0.0  # inside the vectorised passes
         self.gather_seconds = 0.0  # building minibatch indices and stacking start models
@@ -247,21 +261,20 @@ class BatchedExecutor(Executor):
 
     # pool bookkeeping
     def _take(self, job_id: int) -> tuple[TrainJob, ClientUpdate]:
-        """Remove a trained job. Its delta is a row of its pass's tensor; once fewer than a quarter
-        of a pass's rows wait, they get their own storage, so stragglers pin at most 4x their
-        size while the pass did not pay one copy per row."""
-        entry = self.done.pop(job_id)
-        slab = self._slab_of.pop(job_id, None)
-        if slab is not None:
-            waiting, size = self._slabs[slab]
+        """Remove a trained job. Its delta is a row of its pass's tensor, viewed only when taken;
+        once fewer than a quarter of a pass's rows wait, they get their own storage, so
+        stragglers pin at most 4x their size while the pass paid no copy per row."""
+        job, upd = self.done.pop(job_id)
+        where = self._row_of.pop(job_id, None)
+        if where is not None:
+            deltas, waiting, size = self._slabs[where[0]]
+            upd.delta = deltas[where[1]]
             waiting.discard(job_id)
             if 4 * len(waiting) < size:
                 for other in waiting:
-                    upd = self.done[other][1]
-                    upd.delta = upd.delta.clone()
-                    del self._slab_of[other]
-                del self._slabs[slab]
-        return entry
+                    self.done[other][1].delta = deltas[self._row_of.pop(other)[1]].clone()
+                del self._slabs[where[0]]
+        return job, upd
 
     def cancel(self, job_id):
         self.pending.pop(job_id, None)
@@ -338,12 +351,12 @@ class BatchedExecutor(Executor):
         tr, data, model = self.trainer, self.data, self.trainer.model
         # a pool shares few start models: order jobs by it, so each is one broadcast slice
         jobs = sorted(jobs, key=lambda job: (job.base_version, id(job.base_w)))
-        segments: list[tuple[int, int, list[torch.Tensor]]] = []
+        segments: list[tuple[int, int, torch.Tensor]] = []  # (first row, end row, flat start model)
         for k, job in enumerate(jobs):
             if segments and job.base_w is jobs[k - 1].base_w:
                 segments[-1] = (segments[-1][0], k + 1, segments[-1][2])
             else:
-                segments.append((k, k + 1, list(model.unflatten(job.base_w).values())))
+                segments.append((k, k + 1, job.base_w))
         j = len(jobs)
         steps = np.array([job.steps for job in jobs])
         ns = self.sizes[[job.client for job in jobs]]
@@ -354,13 +367,14 @@ class BatchedExecutor(Executor):
         weight = torch.from_numpy(np.where(np.arange(b_max) < bs[:, None], 1.0 / bs[:, None], 0.0)).float()
         active = torch.from_numpy(np.arange(s_max)[:, None] < steps[None, :])  # [S, J]
         lr_mask = active.float() * tr.lr
-        ws = [torch.empty(j, *shape) for shape in model.shapes]
-        for a, b, base in segments:
+        bases = [(a, b, [t.view(shape) for t, shape in zip(torch.split(base, model.sizes), model.shapes)])
+                 for a, b, base in segments]
+        ws = [torch.empty(j, *shape) for shape in model.shapes]  # contiguous layers: faster matmuls
+        for a, b, base in bases:
             for w, w0 in zip(ws, base):
                 w[a:b] = w0
         t1 = time.perf_counter()
         losses, start_losses = torch.zeros(j), torch.zeros(j)
-        mu = tr.prox_mu
         gbuf = [torch.empty_like(w) for w in ws]
         xbuf = torch.empty(j * b_max, x_all.shape[1], dtype=x_all.dtype)
 
@@ -383,27 +397,24 @@ class BatchedExecutor(Executor):
                     g = [gw - tr.meta_lr / (2 * d) * (p - m) for gw, p, m in zip(g, g_plus, g_minus)]
             lm = lr_mask[h]
             for i, (w, gw) in enumerate(zip(ws, g)):
-                if mu:  # proximal pull towards each client's own start model
-                    for a, b, base in segments:
-                        gw[a:b].add_(w[a:b] - base[i], alpha=mu)
+                if tr.prox_mu:  # proximal pull towards each client's own start model
+                    for a, b, base in bases:
+                        gw[a:b].add_(w[a:b] - base[i], alpha=tr.prox_mu)
                 w.addcmul_(lm.view(-1, *[1] * (w.dim() - 1)), gw, value=-1.0)
             losses += torch.where(active[h], per, 0.0)
         t2 = time.perf_counter()
-        deltas = torch.empty(j, model.numel)  # w0 - w, written layer by layer into the rows
-        for i, (d, w, shape) in enumerate(zip(torch.split(deltas, model.sizes, 1), ws, model.shapes)):
+        flat = torch.empty(j, model.numel)  # delta = w0 - w, one row per job (see _take)
+        for i, (d, w, shape) in enumerate(zip(torch.split(flat, model.sizes, 1), ws, model.shapes)):
             d = d.view(j, *shape)
-            for a, b, base in segments:
+            for a, b, base in bases:
                 torch.sub(base[i], w[a:b], out=d[a:b])
-        rows = deltas.unbind(0)  # views: see _take
-        self._slabs[self.passes] = ({job.job_id for job in jobs}, j)
-        self._slab_of.update((job.job_id, self.passes) for job in jobs)
+        self._slabs[self.passes] = (flat, {job.job_id for job in jobs}, j)
+        self._row_of.update((job.job_id, (self.passes, row)) for row, job in enumerate(jobs))
         loss_mean = (losses / torch.from_numpy(np.maximum(steps, 1))).tolist()
         planned = [tr.num_steps(n) for n in ns.tolist()] if tr.local_steps is None else [tr.local_steps] * j
-        for job, delta, n, s, loss, first, p in zip(
-                jobs, rows, ns.tolist(), steps.tolist(), loss_mean, start_losses.tolist(), planned):
-            self.done[job.job_id] = (job, ClientUpdate(
-                client_id=job.client, base_version=job.base_version, delta=delta, n_examples=n, steps=s,
-                loss=loss, start_loss=first, planned_steps=p))
+        for job, n, s, loss, first, p in zip(
+                jobs, ns.tolist(), steps.tolist(), loss_mean, start_losses.tolist(), planned):
+            self.done[job.job_id] = (job, ClientUpdate(job.client, job.base_version, None, n, s, loss, first, p))
         self.trained += j
         self.passes += 1
         self.gather_seconds += t1 - t0 + time.perf_counter() - t2
