@@ -249,6 +249,7 @@ class BatchedExecutor(Executor):
         self.train_seconds = 0.0  # inside the vectorised passes
         self.gather_seconds = 0.0  # building minibatch indices and stacking start models
         self.passes = 0
+        self._scratch: dict[str, torch.Tensor] = {}  # per-pass working memory, reused across passes
         self.sizes = np.asarray(data.client_sizes(), dtype=np.int64)
         # stored data: client k's examples are flat_index[offsets[k]:]; generated data (no
         # client_indices) is fetched per pass for the clients in it
@@ -345,6 +346,20 @@ class BatchedExecutor(Executor):
                 local[: batches[k], k, : bs[k]] = tr.batch_indices(int(ns[k]), int(batches[k]), job.seed)
         return index[offsets[None, :, None] + local]
 
+    def _buffer(self, name: str, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The first `numel` elements of a named scratch buffer that only ever grows: passes reuse
+        pages already mapped instead of faulting in fresh ones (their outputs never live here)."""
+        buf = self._scratch.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = self._scratch[name] = torch.empty(numel, dtype=dtype)
+        return buf[:numel]
+
+    def _layers(self, name: str, j: int) -> list[torch.Tensor]:
+        """Per-layer [j, *shape] tensors, each contiguous, carved from one scratch buffer."""
+        flat = self._buffer(name, j * self.trainer.model.numel)
+        return [t.view(j, *shape) for t, shape in
+                zip(torch.split(flat, [j * n for n in self.trainer.model.sizes]), self.trainer.model.shapes)]
+
     @torch.no_grad()
     def _train(self, jobs: list[TrainJob]) -> None:
         t0 = time.perf_counter()
@@ -369,14 +384,14 @@ class BatchedExecutor(Executor):
         lr_mask = active.float() * tr.lr
         bases = [(a, b, [t.view(shape) for t, shape in zip(torch.split(base, model.sizes), model.shapes)])
                  for a, b, base in segments]
-        ws = [torch.empty(j, *shape) for shape in model.shapes]  # contiguous layers: faster matmuls
+        ws = self._layers("w", j)  # contiguous layers: faster matmuls
         for a, b, base in bases:
             for w, w0 in zip(ws, base):
                 w[a:b] = w0
         t1 = time.perf_counter()
         losses, start_losses = torch.zeros(j), torch.zeros(j)
-        gbuf = [torch.empty_like(w) for w in ws]
-        xbuf = torch.empty(j * b_max, x_all.shape[1], dtype=x_all.dtype)
+        gbuf = self._layers("g", j)
+        xbuf = self._buffer("x", j * b_max * x_all.shape[1], x_all.dtype).view(j * b_max, x_all.shape[1])
 
         def grads(params, batch, out=None):
             gi = gidx_t[batch].view(-1)
