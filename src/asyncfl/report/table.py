@@ -24,9 +24,11 @@ def summary_table(summary: dict) -> Table:
     # codec and epsilon columns only when some run compresses or is differentially private
     codec = any(r.get("codec") is not None for r in summary["runs"])
     eps = any(r.get("epsilon") is not None for r in summary["runs"])
+    spread = any(r.get("client_accuracy") for r in summary["runs"])  # per-device test splits
     cols = ["run", "mode", "C"] + (["codec"] if codec else []) + [
         "final acc", "time to target (s)", "trips to target", "bytes to target", "server steps",
-        "mean staleness"] + (["epsilon"] if eps else []) + ["wall (s)"]
+        "mean staleness"] + (["epsilon"] if eps else []) + (
+        ["device acc mean", "device acc std", "device acc p10"] if spread else []) + ["wall (s)"]
     for col in cols:
         t.add_column(col, justify="left" if col in ("run", "mode", "codec") else "right")
     for r in summary["runs"]:
@@ -37,6 +39,9 @@ def summary_table(summary: dict) -> Table:
                   _bytes(r["bytes_to_target"]), str(r["server_steps"]), _fmt(r["mean_staleness"], ".1f")]
         if eps:
             cells.append(_fmt(r.get("epsilon"), ".2f"))
+        if spread:
+            c = r.get("client_accuracy") or {}
+            cells += [_fmt(c.get(k), ".3f") for k in ("mean", "std", "p10")]
         cells.append(f"{r['wall_seconds']:.1f}")
         t.add_row(*cells)
     return t
