@@ -43,8 +43,10 @@ def minibatches(ns, steps, bs, seeds) -> np.ndarray:
     epochs = -(-steps * bs // ns)
     h = np.arange(s_max)[:, None, None]
     k = np.arange(b_max)[None, None, :]
-    # clients of similar size share one padded sort: padding stays below 2x
-    bucket = np.floor(np.log2(ns)).astype(np.int64)
+    # clients of similar size share one padded sort, so padding stays below 2x; a small pass is
+    # one sort, as per-bucket calls would cost more than the padding
+    small = len(ns) * int(epochs.max()) * int(ns.max()) <= 1 << 16
+    bucket = np.zeros(len(ns), dtype=np.int64) if small else np.floor(np.log2(ns)).astype(np.int64)
     for b in np.unique(bucket):
         sel = np.flatnonzero(bucket == b)
         n, e, s, bb = ns[sel], epochs[sel], steps[sel], bs[sel]
