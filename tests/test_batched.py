@@ -212,3 +212,26 @@ def test_waiting_updates_stop_sharing_their_pass_tensor(data):
     for k in range(16, 20):
         assert_same(bat.result(k), seq.result(k))
     assert not bat._slabs and not bat._row_of
+
+
+def test_a_pass_reuses_delta_memory_only_when_nothing_references_it(data):
+    """Finished passes' delta tensors are recycled, but never while an update handed out still
+    views them: the updates a caller keeps keep their values."""
+    tr = mlp_trainer(data, local_steps=2)
+    w0 = tr.model.initial_weights()
+    bat = BatchedExecutor(tr, data, memory_mb=512.0)
+
+    def one_pass(first_id, base):
+        for k in range(8):
+            bat.submit(TrainJob(first_id + k, k, 0, base, 40 + first_id + k, 2))
+        return [bat.result(first_id + k) for k in range(8)]
+
+    kept = one_pass(0, w0)
+    values = [u.delta.clone() for u in kept]
+    storage = kept[0].delta.untyped_storage().data_ptr()
+    second = one_pass(100, w0 + 0.01)
+    assert second[0].delta.untyped_storage().data_ptr() != storage  # the first pass's rows are still held
+    assert all(torch.equal(u.delta, v) for u, v in zip(kept, values))
+    del kept, values
+    third = one_pass(200, w0 - 0.01)
+    assert third[0].delta.untyped_storage().data_ptr() == storage  # released: recycled

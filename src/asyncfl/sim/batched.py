@@ -235,6 +235,13 @@ def build_kernel(trainer: LocalTrainer, sample_x: torch.Tensor) -> _Kernel:
     return kernel
 
 
+def _storage_users(t: torch.Tensor) -> int:
+    """How many tensors (and storage wrappers) hold t's memory; a large number when torch does
+    not expose the count, so that nothing is reused blindly."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    return count(t.untyped_storage()._cdata) if count is not None else 1 << 30
+
+
 # ---- the executor ---------------------------------------------------------------------------
 class BatchedExecutor(Executor):
     def __init__(self, trainer: LocalTrainer, data: FederatedDataset, memory_mb: float = 512.0,
@@ -250,6 +257,7 @@ class BatchedExecutor(Executor):
         self.gather_seconds = 0.0  # building minibatch indices and stacking start models
         self.passes = 0
         self._scratch: dict[str, torch.Tensor] = {}  # per-pass working memory, reused across passes
+        self._spare: list[torch.Tensor] = []  # delta tensors of finished passes, reusable once unreferenced
         self.sizes = np.asarray(data.client_sizes(), dtype=np.int64)
         # stored data: client k's examples are flat_index[offsets[k]:]; generated data (no
         # client_indices) is fetched per pass for the clients in it
@@ -275,6 +283,7 @@ class BatchedExecutor(Executor):
                 for other in waiting:
                     self.done[other][1].delta = deltas[self._row_of.pop(other)[1]].clone()
                 del self._slabs[where[0]]
+                self._spare = [deltas, *self._spare][:2]
         return job, upd
 
     def cancel(self, job_id):
@@ -354,6 +363,18 @@ class BatchedExecutor(Executor):
             buf = self._scratch[name] = torch.empty(numel, dtype=dtype)
         return buf[:numel]
 
+    def _deltas(self, j: int) -> torch.Tensor:
+        """[j, P] for a pass's deltas, which outlive it: the memory of an earlier pass whose rows
+        nobody references any more (the storage's reference count says so, views included), or
+        fresh memory. Fresh pages cost a fault each, about as much as computing the deltas."""
+        n = j * self.trainer.model.numel
+        for k, spare in enumerate(self._spare):
+            # references: the spare itself, the wrapper made by untyped_storage(); any more is a view
+            if spare.numel() >= n and _storage_users(spare) == 2:
+                del self._spare[k]
+                return spare.view(-1)[:n].view(j, -1)
+        return torch.empty(j, self.trainer.model.numel)
+
     def _layers(self, name: str, j: int) -> list[torch.Tensor]:
         """Per-layer [j, *shape] tensors, each contiguous, carved from one scratch buffer."""
         flat = self._buffer(name, j * self.trainer.model.numel)
@@ -418,7 +439,7 @@ class BatchedExecutor(Executor):
                 w.addcmul_(lm.view(-1, *[1] * (w.dim() - 1)), gw, value=-1.0)
             losses += torch.where(active[h], per, 0.0)
         t2 = time.perf_counter()
-        flat = torch.empty(j, model.numel)  # delta = w0 - w, one row per job (see _take)
+        flat = self._deltas(j)  # delta = w0 - w, one row per job (see _take)
         for i, (d, w, shape) in enumerate(zip(torch.split(flat, model.sizes, 1), ws, model.shapes)):
             d = d.view(j, *shape)
             for a, b, base in bases:
