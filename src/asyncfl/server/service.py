@@ -98,6 +98,7 @@ class FLServer:
         self._commit_lock = threading.Lock()
         self._epoch = 1  # changes made now are durable once epoch `_epoch` is committed
         self._durable = 0
+        self.durable_version = 0  # what /status shows: a step is public once it survives a crash
         self._lost = 0  # epochs up to this one were rolled back by a failed commit
         self._rows: list[tuple] = []
         self._next_seq = 1
@@ -130,6 +131,7 @@ class FLServer:
         self._next_seq = (self.store.query("SELECT max(seq) FROM updates")[0][0] or 0) + 1
         self._frames.clear()
         self._rows, self._inflight = [], {}
+        self.durable_version = self.aggregation.state.version
 
     def _sync(self, epoch: int) -> None:
         """Return once the changes of `epoch` are durable (committing them, and whatever else
@@ -143,6 +145,7 @@ class FLServer:
                 self.aggregation.prune(self.coordinator.needed_versions())
                 rows, self._rows = self._rows, []
                 agg, coord = self.aggregation.snapshot(), self.coordinator.snapshot()
+                version = self.aggregation.state.version
                 rejected, initial, traffic = dict(self.rejected), self._initial, dict(self.traffic)
                 target, self._epoch = self._epoch, self._epoch + 1
             new_files: list[str] = []
@@ -166,6 +169,7 @@ class FLServer:
                 raise self._storage_error() from None
             self._durable = target
             with self.lock:
+                self.durable_version = max(self.durable_version, version)
                 self._initial = None
                 self._obsolete_files += obsolete
 
@@ -380,7 +384,7 @@ class FLServer:
             buffer_size = getattr(agg.aggregator, "buffer_size", None)
             answer = {
                 "task": self.task, "run": self.spec.name, "algorithm": self.spec.algorithm.name,
-                "mode": self.policy.mode, "version": agg.state.version,
+                "mode": self.policy.mode, "version": self.durable_version,
                 "buffer": {"fill": agg.aggregator.pending, "size": buffer_size},
                 "concurrency": self.spec.scheduler.concurrency,
                 "leases": {"active": len(co.leases), "open_slots": co.open_slots, "issued": co.issued,
