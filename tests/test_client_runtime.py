@@ -82,8 +82,7 @@ def in_process_client(h, client, **kw):
 
 
 def test_client_runtime_trains_with_the_shared_trainer_and_honours_eligibility(tmp_path):
-    h = Harness(tmp_path, {"name": "fedbuff", "buffer_size": 2}, {"mode": "async", "concurrency": 2})
-    try:
+    with Harness(tmp_path, {"name": "fedbuff", "buffer_size": 2}, {"mode": "async", "concurrency": 2}) as h:
         answers = iter([False, True, True, True])
         rt = in_process_client(h, "a", eligible=lambda: next(answers, True), max_trips=3, idle_wait=0.01,
                                ack_log=tmp_path / "a.jsonl")
@@ -95,14 +94,11 @@ def test_client_runtime_trains_with_the_shared_trainer_and_honours_eligibility(t
         # the update is exactly what the shared LocalTrainer computes for that lease
         log = h.server.store.query("SELECT base_version, n_examples, steps FROM updates ORDER BY seq")
         assert log[0] == (0, len(rt.y), rt.trainer.num_steps(len(rt.y)))
-    finally:
-        h.close()
 
 
 def test_partial_work_fits_the_round_deadline(tmp_path):
-    h = Harness(tmp_path, {"name": "fedprox", "mu": 0.01},
-                {"mode": "sync", "concurrency": 1, "round_timeout": 5, "straggler": "partial"})
-    try:
+    with Harness(tmp_path, {"name": "fedprox", "mu": 0.01},
+                {"mode": "sync", "concurrency": 1, "round_timeout": 5, "straggler": "partial"}) as h:
         rt = in_process_client(h, "a", max_trips=2)
         rt.setup()
         rt.sec_per_step = 0.5  # a fast device: the full 2 local steps fit in 0.8 * 5 s
@@ -112,8 +108,6 @@ def test_partial_work_fits_the_round_deadline(tmp_path):
         assert rt.trip() == "train"
         (steps,) = h.server.store.query("SELECT steps FROM updates")[0]
         assert steps == 1  # partial work, sent before the round closes
-    finally:
-        h.close()
 
 
 def make_cert(tmp_path):

@@ -76,8 +76,7 @@ def random_delta(n: int, seed: int, scale: float = 0.01) -> torch.Tensor:
 @pytest.mark.parametrize("spec", ["int8", "topk:0.1+int8"])
 def test_compressed_upload_folds_in_exactly_the_decoded_delta(tmp_path, spec):
     ef = spec.startswith("topk")
-    h = CHarness(tmp_path, {"compression": {"upload": spec, "error_feedback": ef}})
-    try:
+    with CHarness(tmp_path, {"compression": {"upload": spec, "error_feedback": ef}}) as h:
         codec = parse_codec(spec)
         n = h.server.model.numel
         w0 = h.weights(0)
@@ -106,23 +105,17 @@ def test_compressed_upload_folds_in_exactly_the_decoded_delta(tmp_path, spec):
         assert s["compression"]["upload_payload_bytes_per_update"] == codec.bytes_for(n)
         task = h.http.get("/v1/task", headers=h.auth("a")).json()
         assert task["codecs"] == [spec]
-    finally:
-        h.close()
 
 
 def test_canonical_spec_is_accepted_too(tmp_path):
-    h = CHarness(tmp_path, {"compression": {"upload": "int8"}})
-    try:
+    with CHarness(tmp_path, {"compression": {"upload": "int8"}}) as h:
         lease = h.checkin("a")
         payload = parse_codec("int8").encode(random_delta(h.server.model.numel, 3), 0)
         assert h.upload("a", h.cframe(lease, payload, "int8:chunk=1024")).status_code == 200
-    finally:
-        h.close()
 
 
 def test_wrong_codec_is_422_naming_the_expected_one_and_changes_nothing(tmp_path):
-    h = CHarness(tmp_path, {"compression": {"upload": "int8"}})
-    try:
+    with CHarness(tmp_path, {"compression": {"upload": "int8"}}) as h:
         n = h.server.model.numel
         lease = h.checkin("a")
         before = h.snapshot()
@@ -139,13 +132,10 @@ def test_wrong_codec_is_422_naming_the_expected_one_and_changes_nothing(tmp_path
         # the lease is still good: a correct upload is accepted afterwards
         ok = parse_codec("int8").encode(random_delta(n, 1), 0)
         assert h.upload("a", h.cframe(lease, ok, "int8")).status_code == 200
-    finally:
-        h.close()
 
 
 def test_truncated_or_inconsistent_payload_is_422_and_changes_nothing(tmp_path):
-    h = CHarness(tmp_path, {"compression": {"upload": "topk:0.1+int8", "error_feedback": True}})
-    try:
+    with CHarness(tmp_path, {"compression": {"upload": "topk:0.1+int8", "error_feedback": True}}) as h:
         n = h.server.model.numel
         codec = parse_codec("topk:0.1+int8")
         good = codec.encode(random_delta(n, 2), 0)
@@ -166,13 +156,10 @@ def test_truncated_or_inconsistent_payload_is_422_and_changes_nothing(tmp_path):
         assert_rejected(h, h.upload("a", body), 422, "bad_shape", "expected")
         unchanged(h, before)
         assert h.http.get("/status").json()["compression"]["bytes"]["uploads_decoded"] == 0
-    finally:
-        h.close()
 
 
 def test_bytes_received_are_the_real_payload_lengths(tmp_path):
-    h = CHarness(tmp_path, {"compression": {"upload": "int8"}})
-    try:
+    with CHarness(tmp_path, {"compression": {"upload": "int8"}}) as h:
         n = h.server.model.numel
         lease = h.checkin("a")
         payload = parse_codec("int8").encode(random_delta(n, 5), 0)
@@ -186,8 +173,6 @@ def test_bytes_received_are_the_real_payload_lengths(tmp_path):
         text = h.http.get("/metrics").text
         assert f'asyncfl_received_bytes_total{{part="payload"}} {float(len(payload))}' in text
         assert 'asyncfl_updates_decoded_total{codec="int8"} 1.0' in text
-    finally:
-        h.close()
 
 
 def test_plain_runs_keep_the_raw_frame_byte_for_byte(tmp_path):
@@ -200,20 +185,16 @@ def test_plain_runs_keep_the_raw_frame_byte_for_byte(tmp_path):
             b'"steps":1,"planned_steps":null,"loss":null,"start_loss":null,"codec":"none",'
             b'"tensors":[{"name":"w","shape":[2,3],"dtype":"float32"}]}')
     assert body == wire.MAGIC + len(head).to_bytes(4, "little") + head + delta.numpy().tobytes()
-    h = CHarness(tmp_path, {"compression": {"upload": "none"}})
-    try:
+    with CHarness(tmp_path, {"compression": {"upload": "none"}}) as h:
         lease = h.checkin("a")
         body = h.frame(lease)
         assert h.upload("a", body).status_code == 200
         b = h.http.get("/status").json()["compression"]
         assert b["upload_codec"] == "none" and b["bytes"]["upload_payload_bytes"] == 4 * h.server.model.numel
-    finally:
-        h.close()
 
 
 def test_lossy_download_is_encoded_once_per_version_and_decoded_by_the_client(tmp_path):
-    h = CHarness(tmp_path, {"compression": {"upload": "int8", "download": "int8"}})
-    try:
+    with CHarness(tmp_path, {"compression": {"upload": "int8", "download": "int8"}}) as h:
         a = h.http.get("/v1/model/0", headers=h.auth("a")).content
         assert a == h.http.get("/v1/model/0", headers=h.auth("b")).content  # same bytes for everyone
         frame = wire.decode(a, wire.ModelHeader, {"int8:chunk=1024": wire.compressed_decoder(parse_codec("int8"))})
@@ -225,16 +206,13 @@ def test_lossy_download_is_encoded_once_per_version_and_decoded_by_the_client(tm
         rt = in_process_client(h, "a", max_trips=1)
         rt.run()
         assert rt.stats["accepted"] == 1
-    finally:
-        h.close()
 
 
 def test_client_runtime_error_feedback_delivers_the_true_sum(tmp_path):
     """topk+int8 with EF through the real client runtime: what the server folded in plus the
     client's residual equals the sum of what the trainer computed (nothing lost, only delayed)."""
-    h = CHarness(tmp_path, {"compression": {"upload": "topk:0.1+int8", "error_feedback": True}},
-                 scheduler={"mode": "async", "concurrency": 1})
-    try:
+    with CHarness(tmp_path, {"compression": {"upload": "topk:0.1+int8", "error_feedback": True}},
+                 scheduler={"mode": "async", "concurrency": 1}) as h:
         rt = in_process_client(h, "a", max_trips=3)
         rt.setup()
         true = []
@@ -256,14 +234,11 @@ def test_client_runtime_error_feedback_delivers_the_true_sum(tmp_path):
         torch.testing.assert_close(moved + residual, torch.stack(true).sum(0), rtol=0, atol=1e-5)
         codec = parse_codec("topk:0.1+int8")
         assert rt.upload_payload_bytes == [codec.bytes_for(h.server.model.numel)] * 3
-    finally:
-        h.close()
 
 
 def test_int8_client_runtime_trains_to_modest_accuracy(tmp_path):
-    h = CHarness(tmp_path, {"compression": {"upload": "int8"}}, algorithm={"name": "fedbuff", "buffer_size": 2},
-                 trainer={"lr": 0.1, "batch_size": 16, "local_steps": 10})
-    try:
+    with CHarness(tmp_path, {"compression": {"upload": "int8"}}, algorithm={"name": "fedbuff", "buffer_size": 2},
+                 trainer={"lr": 0.1, "batch_size": 16, "local_steps": 10}) as h:
         runtimes = [in_process_client(h, c) for c in "abcd"]
         for rt in runtimes:
             rt.setup()
@@ -280,8 +255,6 @@ def test_int8_client_runtime_trains_to_modest_accuracy(tmp_path):
         n = h.server.model.numel
         assert s["rejected"] == {} and s["compression"]["upload_payload_bytes_per_update"] == parse_codec(
             "int8").bytes_for(n) < 4 * n / 3.5
-    finally:
-        h.close()
 
 
 # ---- central DP on the server -------------------------------------------------------------
@@ -304,8 +277,7 @@ def test_dp_server_steps_with_noise_and_reports_epsilon(tmp_path):
     algo = {"name": "fedbuff", "buffer_size": 2}
     models = {}
     for seed in (1, 2):
-        h = CHarness(tmp_path / f"s{seed}", dp_run(seed), algorithm=algo)
-        try:
+        with CHarness(tmp_path / f"s{seed}", dp_run(seed), algorithm=algo) as h:
             dp_uploads(h, range(3))
             s = h.http.get("/status").json()
             assert s["version"] == 3
@@ -316,8 +288,6 @@ def test_dp_server_steps_with_noise_and_reports_epsilon(tmp_path):
             text = h.http.get("/metrics").text
             assert f"asyncfl_privacy_epsilon {p['epsilon']!r}" in text and "asyncfl_privacy_steps_total 3.0" in text
             models[seed] = h.weights(3)
-        finally:
-            h.close()
     diff = models[1] - models[2]
     # different noise seeds, same uploads: the models differ by noise of std ~ sqrt(3 * 2) * sigma C / K
     assert diff.abs().max() > 0.1 and 0.5 < float(diff.std()) / (math.sqrt(6) * 0.25) < 1.5
@@ -327,14 +297,10 @@ def test_dp_state_survives_a_restart(tmp_path):
     """Noise generator, accountant and buffer are persisted with the aggregator's state: a run
     restarted mid-buffer ends exactly where an uninterrupted one does."""
     algo = {"name": "fedbuff", "buffer_size": 2}
-    straight = CHarness(tmp_path / "straight", dp_run(7), algorithm=algo)
-    try:
+    with CHarness(tmp_path / "straight", dp_run(7), algorithm=algo) as straight:
         dp_uploads(straight, range(2))
         want, want_eps = straight.weights(2), straight.http.get("/status").json()["privacy"]["epsilon"]
-    finally:
-        straight.close()
-    h = CHarness(tmp_path / "restarted", dp_run(7), algorithm=algo)
-    try:
+    with CHarness(tmp_path / "restarted", dp_run(7), algorithm=algo) as h:
         dp_uploads(h, range(1))
         lease = h.checkin("a")  # half a buffer, then a restart
         assert h.upload("a", h.frame(lease, delta=random_delta(h.server.model.numel, 10, 0.05))).status_code == 200
@@ -346,8 +312,6 @@ def test_dp_state_survives_a_restart(tmp_path):
         s = h.http.get("/status").json()
         assert s["version"] == 2 and s["privacy"]["epsilon"] == want_eps
         assert torch.equal(h.weights(2), want)
-    finally:
-        h.close()
 
 
 def test_dp_without_sample_rate_is_a_config_error_at_serve_start(tmp_path, capsys):

@@ -54,6 +54,12 @@ class Harness:
     def close(self):
         self.http.__exit__(None, None, None)
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def mint(self, client, task):
         tok = new_token()
         self.server.store.create_token(tok, client, task)
@@ -269,8 +275,7 @@ def test_staleness_above_max_is_409_and_counted_discarded(h):
 
 
 def test_upload_without_lease_or_after_expiry_is_409(tmp_path):
-    h = Harness(tmp_path, lease_timeout=0.3)
-    try:
+    with Harness(tmp_path, lease_timeout=0.3) as h:
         lease = h.checkin("a")
         before = h.snapshot()
         r = h.upload("a", h.frame(lease, lease_id="L999-nothing"))
@@ -286,8 +291,6 @@ def test_upload_without_lease_or_after_expiry_is_409(tmp_path):
         r = h.upload("a", h.frame(lease))
         assert_rejected(h, r, 409, "lease_expired", "lease expired")
         unchanged(h, before)
-    finally:
-        h.close()
 
 
 def test_base_version_must_match_the_lease(h):
@@ -322,16 +325,13 @@ def test_lease_is_single_use(h):
 
 
 def test_rate_limit_is_429_per_client(tmp_path):
-    h = Harness(tmp_path, rate_per_s=1.0, rate_burst=3)
-    try:
+    with Harness(tmp_path, rate_per_s=1.0, rate_burst=3) as h:
         codes = [h.http.post("/v1/checkin", headers=h.auth("a")).status_code for _ in range(5)]
         assert codes[:3] == [200, 200, 200] and codes[3:] == [429, 429]
         r = h.http.post("/v1/checkin", headers=h.auth("a"))
         assert_rejected(h, r, 429, "rate_limited", "exceeds 1 requests/s")
         assert int(r.headers["retry-after"]) >= 1
         assert h.http.post("/v1/checkin", headers=h.auth("b")).status_code == 200  # per client
-    finally:
-        h.close()
 
 
 def test_concurrency_limit_answers_retry(h):
@@ -355,8 +355,7 @@ def test_checkin_body_must_be_json_object(h):
 # ---- sync rounds over the same SyncPolicy ------------------------------------------------------
 
 def test_sync_round_over_selection_closes_at_cohort_and_cancels_the_rest(tmp_path):
-    h = Harness(tmp_path, {"name": "fedavg"}, {"mode": "sync", "concurrency": 2, "over_selection": 0.5})
-    try:
+    with Harness(tmp_path, {"name": "fedavg"}, {"mode": "sync", "concurrency": 2, "over_selection": 0.5}) as h:
         leases = [h.checkin(c) for c in "abc"]
         assert [l["action"] for l in leases] == ["train"] * 3
         assert h.checkin("d")["action"] == "retry"
@@ -367,13 +366,10 @@ def test_sync_round_over_selection_closes_at_cohort_and_cancels_the_rest(tmp_pat
         assert s["round"] == {"number": 2, "open": True, "arrived": 0} and s["leases"]["ended"]["cancelled"] == 1
         assert_rejected(h, h.upload("c", h.frame(leases[2])), 409, "lease_cancelled", "round")
         assert h.checkin("c")["base_version"] == 1
-    finally:
-        h.close()
 
 
 def test_sync_round_timeout_closes_the_round(tmp_path):
-    h = Harness(tmp_path, {"name": "fedavg"}, {"mode": "sync", "concurrency": 2, "round_timeout": 0.3})
-    try:
+    with Harness(tmp_path, {"name": "fedavg"}, {"mode": "sync", "concurrency": 2, "round_timeout": 0.3}) as h:
         a = h.checkin("a")
         assert 0 < a["round_deadline_in"] <= 0.3
         assert h.upload("a", h.frame(a)).status_code == 200
@@ -381,14 +377,11 @@ def test_sync_round_timeout_closes_the_round(tmp_path):
         h.server.tick()
         s = h.http.get("/status").json()
         assert s["version"] == 1 and s["round"]["number"] == 2  # partial cohort flushed at the deadline
-    finally:
-        h.close()
 
 
 def test_fedasync_mixes_with_the_model_the_client_started_from(tmp_path):
-    h = Harness(tmp_path, {"name": "fedasync", "alpha": 0.5, "staleness": {"kind": "polynomial", "a": 1.0}},
-                {"mode": "async", "concurrency": 2})
-    try:
+    with Harness(tmp_path, {"name": "fedasync", "alpha": 0.5, "staleness": {"kind": "polynomial", "a": 1.0}},
+                {"mode": "async", "concurrency": 2}) as h:
         a, b = h.checkin("a"), h.checkin("b")
         w0 = h.server.aggregation.state.w.clone()
         da, db = torch.randn(w0.numel()) * 0.01, torch.randn(w0.numel()) * 0.01
@@ -399,15 +392,12 @@ def test_fedasync_mixes_with_the_model_the_client_started_from(tmp_path):
         alpha = 0.5 * (1 + 1) ** -1.0  # alpha s(d) with polynomial a = 1, d = 1
         expected = (1 - alpha) * w1 + alpha * (w0 - db)  # x_new is built on b's base model, version 0
         assert torch.allclose(h.server.aggregation.state.w, expected, atol=1e-6)
-    finally:
-        h.close()
 
 
 # ---- durability ---------------------------------------------------------------------------------
 
 def test_restart_resumes_version_buffer_and_leases(tmp_path):
-    h = Harness(tmp_path)
-    try:
+    with Harness(tmp_path) as h:
         for c in "abc":  # K = 3: one step
             lease = h.checkin(c)
             assert h.upload(c, h.frame(lease)).status_code == 200
@@ -420,8 +410,6 @@ def test_restart_resumes_version_buffer_and_leases(tmp_path):
         agg = h.server.aggregation.aggregator.state_dict()
         answer_e = h.upload("e", bodies["e"]).json()
         before = h.snapshot()
-    finally:
-        h.close()
     h.open()
     try:
         assert h.snapshot() == before  # version, model bytes, counts, leases, buffer fill
