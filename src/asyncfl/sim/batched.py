@@ -254,7 +254,7 @@ class BatchedExecutor(Executor):
         self._row_of: dict[int, tuple[int, int]] = {}  # job -> (pass, row) holding its delta
         self.memory_mb = memory_mb
         self.train_seconds = 0.0  # inside the vectorised passes
-        self.gather_seconds = 0.0  # building minibatch indices and stacking start models
+        self.gather_seconds = 0.0  # minibatch indices, stacking start models, writing deltas
         self.passes = 0
         self._scratch: dict[str, torch.Tensor] = {}  # per-pass working memory, reused across passes
         self._spare: list[torch.Tensor] = []  # delta tensors of finished passes, reusable once unreferenced
@@ -403,8 +403,7 @@ class BatchedExecutor(Executor):
         weight = torch.from_numpy(np.where(np.arange(b_max) < bs[:, None], 1.0 / bs[:, None], 0.0)).float()
         active = torch.from_numpy(np.arange(s_max)[:, None] < steps[None, :])  # [S, J]
         lr_mask = active.float() * tr.lr
-        bases = [(a, b, [t.view(shape) for t, shape in zip(torch.split(base, model.sizes), model.shapes)])
-                 for a, b, base in segments]
+        bases = [(a, b, list(model.unflatten(base).values())) for a, b, base in segments]
         ws = self._layers("w", j)  # contiguous layers: faster matmuls
         for a, b, base in bases:
             for w, w0 in zip(ws, base):

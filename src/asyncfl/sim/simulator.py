@@ -183,8 +183,7 @@ class Simulation:
         duration = download + steps * step_time + self.upload_bytes / pop.upload_bandwidth.item(device)
         seed, drop_at = self._trip_draws(trip_id)
         clock = self.clock
-        base_w = self.state.w if self.download_codec is None else self._downloaded_model()
-        trip = Trip(trip_id, client, self.state.version, base_w, seed, steps, drop_at is None,
+        trip = Trip(trip_id, client, self.state.version, self._downloaded_model(), seed, steps, drop_at is None,
                     device, clock, clock + download, step_time)
         self.trips[trip_id] = trip
         pop.busy[device] = True
@@ -193,9 +192,9 @@ class Simulation:
         metrics.bytes_down += self.download_bytes
         self.executor.submit(trip)
         if drop_at is None:
-            heapq.heappush(self.heap, (clock + duration, next(self.seq), FINISH, trip_id))
+            self._push(clock + duration, FINISH, trip_id)
         else:
-            heapq.heappush(self.heap, (clock + drop_at * duration, next(self.seq), DROP, trip_id))
+            self._push(clock + drop_at * duration, DROP, trip_id)
 
     def _trip_draws(self, trip_id: int) -> tuple[int, float | None]:
         """(training seed, None or the fraction of its duration after which the trip drops),
