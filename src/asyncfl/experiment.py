@@ -52,12 +52,15 @@ def _load_pool(cfg: ExperimentConfig) -> FederatedDataset | tuple:
 
 def build_data(cfg: ExperimentConfig) -> FederatedDataset | SyntheticFederated:
     d, p = cfg.data, cfg.data.partition
+    if d.seed is not None:  # the data stay fixed while the run's seed varies
+        cfg = cfg.model_copy(update={"seed": d.seed})
     num_clients = d.num_clients or cfg.population.devices
     if d.dataset == "synthetic":
         s = d.synthetic
         synth = SyntheticFederated(num_clients, s.alpha, s.beta, cfg.seed, num_features=s.num_features,
                                    num_classes=s.num_classes, size_median=s.size_median, size_sigma=s.size_sigma,
-                                   max_size=s.max_size, test_size=s.test_size, test_devices=s.test_devices)
+                                   max_size=s.max_size, test_size=s.test_size, test_devices=s.test_devices,
+                                   common_model=s.common_model)
         if d.client_test_fraction == 0:
             return synth  # generated per device on demand
         # per-client test splits need the examples stored: fine for the populations they are used with

@@ -14,6 +14,8 @@ def sample(dist: Dist, n: int, rng: np.random.Generator) -> np.ndarray:
         v = np.abs(dist.scale * rng.standard_normal(n))
     elif dist.kind == "exponential":
         v = rng.exponential(dist.scale, n)
+    elif dist.kind == "pareto":  # scale is the median: x_m = scale / 2^(1/shape)
+        v = dist.scale * 2.0 ** (-1.0 / dist.shape) * (1.0 + rng.pareto(dist.shape, n))
     else:
         v = np.full(n, dist.scale)
     return np.maximum(v, dist.minimum).astype(np.float32)
