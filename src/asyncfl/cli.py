@@ -125,6 +125,15 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config.load(getattr(args, "config", None), args.preset, args.overrides, args.seed,
                           quick=getattr(args, "quick", False))
         runs = [cfg.run(args.run).name] if args.command == "simulate" else None
+        if args.command == "compare" and cfg.study is not None:
+            from asyncfl.study import run_study  # a study: grids, seeds and ratios (asyncfl.study)
+
+            if args.seed is not None:
+                raise config.ConfigError("--seed does not apply to a study: its seeds are study.seeds "
+                                         "(e.g. --set 'study.seeds=[3, 4, 5]')")
+
+            run_study(cfg, args.out, console)
+            return 0
         run_experiment(cfg, args.out, runs, console)
     except config.ConfigError as err:
         console.print(f"[red]error:[/red] {err}", highlight=False)
