@@ -235,3 +235,14 @@ def test_a_pass_reuses_delta_memory_only_when_nothing_references_it(data):
     del kept, values
     third = one_pass(200, w0 - 0.01)
     assert third[0].delta.untyped_storage().data_ptr() == storage  # released: recycled
+
+
+def test_sync_rounds_leave_the_trips_they_will_cancel_untrained(small):
+    """A round closes at its cohort's reports: the over-selected trips due after them are not
+    trained ahead, since the round cancels them (fedavg here: cohort 8, 10 selected)."""
+    cfg = small(executor="batched")
+    sim = build_simulation(cfg, cfg.run("fedavg"))
+    m = sim.run()
+    assert m.server_steps > 5 and m.cancelled >= 2 * (m.server_steps - 1)
+    # every trained update was used, except those of the round open at the stop
+    assert m.completed <= sim.executor.trained <= m.completed + 8

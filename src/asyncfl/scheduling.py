@@ -30,6 +30,10 @@ class Runtime(Protocol):
 
     def cancel_in_flight(self) -> None: ...
 
+    def expect_reports(self, n: int) -> None:
+        """Only the first n reports of the trips now in flight will be used: a runtime that
+        prepares results ahead of time may leave the others until they are asked for."""
+
     def collect_partial(self) -> list[tuple[Any, ClientUpdate]]:
         """Stop every trip in flight; return the partial updates of those that did work."""
 
@@ -85,6 +89,7 @@ class SyncPolicy:
         self.round += 1
         self.open = True
         self.arrived = 0
+        rt.expect_reports(self.cohort)  # the round closes at its cohort: over-selected stragglers get cancelled
         if self.round_timeout is not None:
             rt.set_timer(self.round_timeout, ("deadline", self.round))
 

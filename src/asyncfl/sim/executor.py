@@ -25,7 +25,9 @@ class TrainJob:
     base_w: torch.Tensor
     seed: int
     steps: int  # may be lowered before the result is asked for (partial work)
-    reports: bool = True  # False: the trip is known to drop, train it only if asked
+    # False: its result will most likely never be asked for (the trip drops, or its round closes
+    # before it reports), so a batched executor trains it only if asked
+    reports: bool = True
 
 
 class Executor(ABC):

@@ -42,6 +42,7 @@ class Trip(TrainJob):
     start: float = 0.0
     download_end: float = 0.0
     step_time: float = 0.0  # virtual seconds per local step on this device
+    end: float = 0.0  # when it reports or drops
 
 
 def payload_bytes(w: torch.Tensor) -> int:
@@ -142,6 +143,14 @@ class Simulation:
             self.executor.cancel(trip_id)
             self.metrics.cancelled += 1
 
+    def expect_reports(self, n: int) -> None:
+        """The trips that report after the first n are not trained ahead: a sync round with
+        over-selection cancels them when it closes (a straggler timeout or a discarded update
+        still gets any of them trained, when its result is asked for)."""
+        reporting = sorted((t for t in self.trips.values() if t.reports), key=lambda t: t.end)
+        for trip in reporting[n:]:
+            trip.reports = False
+
     def collect_partial(self) -> list[tuple[Trip, ClientUpdate]]:
         partial = []
         for trip_id, trip in list(self.trips.items()):
@@ -183,18 +192,16 @@ class Simulation:
         duration = download + steps * step_time + self.upload_bytes / pop.upload_bandwidth.item(device)
         seed, drop_at = self._trip_draws(trip_id)
         clock = self.clock
+        end = clock + duration if drop_at is None else clock + drop_at * duration
         trip = Trip(trip_id, client, self.state.version, self._downloaded_model(), seed, steps, drop_at is None,
-                    device, clock, clock + download, step_time)
+                    device, clock, clock + download, step_time, end)
         self.trips[trip_id] = trip
         pop.busy[device] = True
         metrics = self.metrics
         metrics.started += 1
         metrics.bytes_down += self.download_bytes
         self.executor.submit(trip)
-        if drop_at is None:
-            self._push(clock + duration, FINISH, trip_id)
-        else:
-            self._push(clock + drop_at * duration, DROP, trip_id)
+        self._push(end, FINISH if drop_at is None else DROP, trip_id)
 
     def _trip_draws(self, trip_id: int) -> tuple[int, float | None]:
         """(training seed, None or the fraction of its duration after which the trip drops),
