@@ -1,19 +1,29 @@
 import csv
 import json
 
+import pytest
+import torch
+
 from asyncfl.cli import main
 
 CONTRACT = {"name": str, "algorithm": str, "mode": str, "concurrency": int, "final_accuracy": float,
             "server_steps": int, "wall_seconds": float, "seed": int}
 
 
-def test_simulate_writes_the_output_contract(tmp_path, capsys):
+@pytest.fixture
+def keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_simulate_writes_the_output_contract(tmp_path, capsys, keep_threads):
     out = tmp_path / "run"
-    rc = main(["simulate", "--preset", "quickstart", "--run", "fedbuff", "--seed", "5",
+    rc = main(["simulate", "--preset", "quickstart", "--run", "fedbuff", "--seed", "5", "--threads", "1",
                "--set", "stop.max_time=120", "--set", "population.devices=60", "--out", str(out)])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["preset"] == "quickstart" and summary["target_accuracy"] == 0.9
+    assert summary["preset"] == "quickstart" and summary["target_accuracy"] == 0.9 and summary["torch_threads"] == 1
     (run,) = summary["runs"]
     for field, kind in CONTRACT.items():
         assert isinstance(run[field], kind), field
@@ -37,6 +47,12 @@ def test_bad_config_exits_2_with_the_field_named(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().out
     assert "runs.0.scheduler.concurrency" in err
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_threads_below_one_are_refused(tmp_path, capsys, keep_threads):
+    assert main(["compare", "--preset", "quickstart", "--threads", "0", "--out", str(tmp_path)]) == 2
+    assert "--threads must be at least 1, got 0" in capsys.readouterr().out
     assert not (tmp_path / "summary.json").exists()
 
 

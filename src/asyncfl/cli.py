@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
 from asyncfl import config
@@ -24,6 +25,8 @@ def _add_config_args(p: argparse.ArgumentParser, allow_file: bool) -> None:
     p.add_argument("--seed", type=int, help="override the experiment seed")
     p.add_argument("--out", type=Path, required=True, help="results directory")
     p.add_argument("--quick", action="store_true", help="apply the experiment's quick: block (a small variant)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core); 1 is "
+                   "steadier on a shared machine, where waiting threads slow small models down many times")
 
 
 def _add_network_commands(sub) -> None:
@@ -122,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             for name in config.preset_names():
                 console.print(name)
             return 0
+        if getattr(args, "threads", None) is not None:
+            if args.threads < 1:
+                raise config.ConfigError(f"--threads must be at least 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
         cfg = config.load(getattr(args, "config", None), args.preset, args.overrides, args.seed,
                           quick=getattr(args, "quick", False))
         runs = [cfg.run(args.run).name] if args.command == "simulate" else None

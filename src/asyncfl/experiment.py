@@ -277,6 +277,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path, runs: list[str] | None = No
         "preset": cfg.name,
         "target_accuracy": cfg.target_accuracy,
         "seed": cfg.seed,
+        "torch_threads": torch.get_num_threads(),  # wall times depend on it, and the last bits of floats
         "runs": [run_entry(cfg, spec, results[spec.name]) for spec in specs],
         # examples per client: the imbalance every run above trained on
         "data": {"dataset": cfg.data.dataset, "partition": cfg.data.partition.kind,
