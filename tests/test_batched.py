@@ -211,7 +211,7 @@ def test_waiting_updates_stop_sharing_their_pass_tensor(data):
     assert len(set(own) | {pass_storage}) == 5  # four separate storages, none the pass's
     for k in range(16, 20):
         assert_same(bat.result(k), seq.result(k))
-    assert not bat._slabs and not bat._row_of
+    assert not bat._slabs and not bat._slab_of
 
 
 def test_a_pass_reuses_delta_memory_only_when_nothing_references_it(data):

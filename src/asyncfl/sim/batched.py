@@ -251,7 +251,7 @@ class BatchedExecutor(Executor):
         self.kernel = kernel or build_kernel(trainer, sample_x)
         self.done: dict[int, tuple[TrainJob, ClientUpdate]] = {}
         self._slabs: dict[int, tuple[torch.Tensor, set[int], int]] = {}  # pass -> (deltas, jobs in done, rows)
-        self._row_of: dict[int, tuple[int, int]] = {}  # job -> (pass, row) holding its delta
+        self._slab_of: dict[int, int] = {}  # job -> the pass whose tensor holds its delta
         self.memory_mb = memory_mb
         self.train_seconds = 0.0  # inside the vectorised passes
         self.gather_seconds = 0.0  # minibatch indices, stacking start models, writing deltas
@@ -270,19 +270,20 @@ class BatchedExecutor(Executor):
 
     # pool bookkeeping
     def _take(self, job_id: int) -> tuple[TrainJob, ClientUpdate]:
-        """Remove a trained job. Its delta is a row of its pass's tensor, viewed only when taken;
-        once fewer than a quarter of a pass's rows wait, they get their own storage, so
-        stragglers pin at most 4x their size while the pass paid no copy per row."""
+        """Remove a trained job. Its delta is a row of its pass's tensor; once fewer than a
+        quarter of a pass's rows wait, they get their own storage, so stragglers pin at most 4x
+        their size while the pass paid no copy per row."""
         job, upd = self.done.pop(job_id)
-        where = self._row_of.pop(job_id, None)
-        if where is not None:
-            deltas, waiting, size = self._slabs[where[0]]
-            upd.delta = deltas[where[1]]
+        p = self._slab_of.pop(job_id, None)
+        if p is not None:
+            deltas, waiting, size = self._slabs[p]
             waiting.discard(job_id)
             if 4 * len(waiting) < size:
                 for other in waiting:
-                    self.done[other][1].delta = deltas[self._row_of.pop(other)[1]].clone()
-                del self._slabs[where[0]]
+                    held = self.done[other][1]
+                    held.delta = held.delta.clone()
+                    del self._slab_of[other]
+                del self._slabs[p]
                 self._spare = [deltas, *self._spare][:2]
         return job, upd
 
@@ -443,13 +444,15 @@ class BatchedExecutor(Executor):
             d = d.view(j, *shape)
             for a, b, base in bases:
                 torch.sub(base[i], w[a:b], out=d[a:b])
-        self._slabs[self.passes] = (flat, {job.job_id for job in jobs}, j)
-        self._row_of.update((job.job_id, (self.passes, row)) for row, job in enumerate(jobs))
+        ids = [job.job_id for job in jobs]
+        self._slabs[self.passes] = (flat, set(ids), j)
+        self._slab_of.update(dict.fromkeys(ids, self.passes))
         loss_mean = (losses / torch.from_numpy(np.maximum(steps, 1))).tolist()
         planned = [tr.num_steps(n) for n in ns.tolist()] if tr.local_steps is None else [tr.local_steps] * j
-        for job, n, s, loss, first, p in zip(
-                jobs, ns.tolist(), steps.tolist(), loss_mean, start_losses.tolist(), planned):
-            self.done[job.job_id] = (job, ClientUpdate(job.client, job.base_version, None, n, s, loss, first, p))
+        # one pass over the jobs in C: a view per row (unbind), an update per job (map)
+        updates = map(ClientUpdate, [job.client for job in jobs], [job.base_version for job in jobs], flat.unbind(0),
+                      ns.tolist(), steps.tolist(), loss_mean, start_losses.tolist(), planned)
+        self.done.update(zip(ids, zip(jobs, updates)))
         self.trained += j
         self.passes += 1
         self.gather_seconds += t1 - t0 + time.perf_counter() - t2
