@@ -235,6 +235,9 @@ def test_a_pass_reuses_delta_memory_only_when_nothing_references_it(data):
     del kept, values
     third = one_pass(200, w0 - 0.01)
     assert third[0].delta.untyped_storage().data_ptr() == storage  # released: recycled
+    del third
+    fourth = one_pass(300, w0 + 0.02)
+    assert fourth[0].delta.untyped_storage().data_ptr() == storage  # and again: a reused buffer stays reusable
 
 
 def test_sync_rounds_leave_the_trips_they_will_cancel_untrained(small):

@@ -250,7 +250,7 @@ class BatchedExecutor(Executor):
         sample_x = data.x_test[:8]
         self.kernel = kernel or build_kernel(trainer, sample_x)
         self.done: dict[int, tuple[TrainJob, ClientUpdate]] = {}
-        self._slabs: dict[int, tuple[torch.Tensor, set[int], int]] = {}  # pass -> (deltas, jobs in done, rows)
+        self._slabs: dict[int, tuple[torch.Tensor, set[int], int]] = {}  # pass -> (buffer, jobs in done, rows)
         self._slab_of: dict[int, int] = {}  # job -> the pass whose tensor holds its delta
         self.memory_mb = memory_mb
         self.train_seconds = 0.0  # inside the vectorised passes
@@ -276,7 +276,7 @@ class BatchedExecutor(Executor):
         job, upd = self.done.pop(job_id)
         p = self._slab_of.pop(job_id, None)
         if p is not None:
-            deltas, waiting, size = self._slabs[p]
+            buffer, waiting, size = self._slabs[p]
             waiting.discard(job_id)
             if 4 * len(waiting) < size:
                 for other in waiting:
@@ -284,7 +284,7 @@ class BatchedExecutor(Executor):
                     held.delta = held.delta.clone()
                     del self._slab_of[other]
                 del self._slabs[p]
-                self._spare = [deltas, *self._spare][:2]
+                self._spare = [buffer, *self._spare][:3]
         return job, upd
 
     def cancel(self, job_id):
@@ -364,17 +364,22 @@ class BatchedExecutor(Executor):
             buf = self._scratch[name] = torch.empty(numel, dtype=dtype)
         return buf[:numel]
 
-    def _deltas(self, j: int) -> torch.Tensor:
-        """[j, P] for a pass's deltas, which outlive it: the memory of an earlier pass whose rows
-        nobody references any more (the storage's reference count says so, views included), or
-        fresh memory. Fresh pages cost a fault each, about as much as computing the deltas."""
-        n = j * self.trainer.model.numel
-        for k, spare in enumerate(self._spare):
-            # references: the spare itself, the wrapper made by untyped_storage(); any more is a view
-            if spare.numel() >= n and _storage_users(spare) == 2:
-                del self._spare[k]
-                return spare.view(-1)[:n].view(j, -1)
-        return torch.empty(j, self.trainer.model.numel)
+    def _deltas(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(buffer, [j, P] view of it) for a pass's deltas, which outlive the pass: the buffer of
+        an earlier pass whose rows nobody references any more (the storage's reference count
+        says so, views included), or a fresh one with room for a power of two of rows, so that
+        passes of varying size can take it over later. Fresh pages cost a fault each, about as
+        much as computing the deltas."""
+        p = self.trainer.model.numel
+        fits = [k for k, spare in enumerate(self._spare) if spare.numel() >= j * p]
+        for k in sorted(fits, key=lambda k: self._spare[k].numel()):
+            # references: the buffer itself and the wrapper made by untyped_storage(); more are views
+            if _storage_users(self._spare[k]) == 2:
+                buffer = self._spare.pop(k)
+                return buffer, buffer[: j * p].view(j, p)
+        rows = max(j, min(1 << (j - 1).bit_length(), self.chunk_size()))
+        buffer = torch.empty(rows * p)
+        return buffer, buffer[: j * p].view(j, p)
 
     def _layers(self, name: str, j: int) -> list[torch.Tensor]:
         """Per-layer [j, *shape] tensors, each contiguous, carved from one scratch buffer."""
@@ -439,13 +444,13 @@ class BatchedExecutor(Executor):
                 w.addcmul_(lm.view(-1, *[1] * (w.dim() - 1)), gw, value=-1.0)
             losses += torch.where(active[h], per, 0.0)
         t2 = time.perf_counter()
-        flat = self._deltas(j)  # delta = w0 - w, one row per job (see _take)
+        buffer, flat = self._deltas(j)  # delta = w0 - w, one row per job (see _take)
         for i, (d, w, shape) in enumerate(zip(torch.split(flat, model.sizes, 1), ws, model.shapes)):
             d = d.view(j, *shape)
             for a, b, base in bases:
                 torch.sub(base[i], w[a:b], out=d[a:b])
         ids = [job.job_id for job in jobs]
-        self._slabs[self.passes] = (flat, set(ids), j)
+        self._slabs[self.passes] = (buffer, set(ids), j)
         self._slab_of.update(dict.fromkeys(ids, self.passes))
         loss_mean = (losses / torch.from_numpy(np.maximum(steps, 1))).tolist()
         planned = [tr.num_steps(n) for n in ns.tolist()] if tr.local_steps is None else [tr.local_steps] * j
