@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import yaml
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from asyncfl import config
 from asyncfl.config import ConfigError, ExperimentConfig, StudyConfig, StudyMethod
@@ -276,6 +277,11 @@ def run_study(cfg: ExperimentConfig, out: Path, console: Console | None = None) 
     pool = (_Inline() if st.workers == 1 else
             ProcessPoolExecutor(st.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker))
     finals: dict[tuple[str, int, int], dict] = {}
+    # runs done out of all planned (grids count whole: a group's grid finishes as one task)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console, disable=not console.is_terminal)
+    bar = progress.add_task("study runs", total=n_grid + sum(len(g.seeds) for g in groups))
+    progress.start()
     try:
         # largest concurrency first: the longest tasks start first and the pool stays busy
         pending = {pool.submit(tune, g.grid, st.cap_grid_at_best): ("grid", g, None)
@@ -287,6 +293,7 @@ def run_study(cfg: ExperimentConfig, out: Path, console: Console | None = None) 
                 if kind == "grid":
                     g.results = fut.result()
                     g.chosen = choose(g.results)
+                    progress.advance(bar, len(g.grid))
                     for r in g.results:
                         write_run(r, out / "grid" / r["entry"]["name"])
                         console.print("  grid " + _entry_line(r["entry"]), highlight=False)
@@ -300,11 +307,13 @@ def run_study(cfg: ExperimentConfig, out: Path, console: Console | None = None) 
                 else:
                     s, run = seed
                     r = fut.result()
+                    progress.advance(bar)
                     r["entry"].update(stage="seed", method=g.method, params=run.point, grid_index=None)
                     finals[(g.method, g.concurrency, s)] = r
                     write_run(r, out / r["entry"]["name"])
                     console.print("  seed " + _entry_line(r["entry"]), highlight=False)
     finally:
+        progress.stop()
         pool.shutdown(wait=True)
     wall = time.perf_counter() - t0
     return report.write_outputs(cfg, groups, finals, out, wall, peak_rss_mb(), console)
