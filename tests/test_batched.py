@@ -249,3 +249,19 @@ def test_sync_rounds_leave_the_trips_they_will_cancel_untrained(small):
     assert m.server_steps > 5 and m.cancelled >= 2 * (m.server_steps - 1)
     # every trained update was used, except those of the round open at the stop
     assert m.completed <= sim.executor.trained <= m.completed + 8
+
+
+def test_jobs_not_expected_to_report_train_only_when_asked_and_then_together(data):
+    """Jobs marked as not reporting stay out of passes until one is asked for; that pass takes
+    all the others too (when one unexpected result is needed, more usually follow)."""
+    tr = mlp_trainer(data, local_steps=2)
+    w0 = tr.model.initial_weights()
+    seq, bat = both(tr, data, [TrainJob(k, k, 0, w0, 40 + k, 2) for k in range(10)], memory_mb=512.0)
+    for k in range(6, 10):
+        bat.pending[k].reports = False
+    assert_same(bat.result(0), seq.result(0))
+    assert bat.trained == 6 and set(bat.pending) == {6, 7, 8, 9}
+    assert_same(bat.result(8), seq.result(8))
+    assert bat.trained == 10 and bat.passes == 2 and not bat.pending
+    for k in (1, 2, 3, 4, 5, 6, 7, 9):
+        assert_same(bat.result(k), seq.result(k))

@@ -316,7 +316,10 @@ class BatchedExecutor(Executor):
         return max(1, int(self.memory_mb * 2**20 // per_client))
 
     def run_pool(self, first: int | None = None) -> None:
-        jobs = [j for j in self.pending.values() if j.reports or j.job_id == first]
+        if first is None or self.pending[first].reports:
+            jobs = [j for j in self.pending.values() if j.reports or j.job_id == first]
+        else:  # a result nobody expected (a round short of reports, partial work): the others may follow, train all
+            jobs = list(self.pending.values())
         if first is not None:  # the job asked for goes in the first pass
             jobs.sort(key=lambda j: j.job_id != first)
         for j in jobs:
