@@ -254,7 +254,7 @@ class _Inline:
     def submit(self, fn, *args):
         return self._Done(fn, args)
 
-    def shutdown(self, wait=True):
+    def shutdown(self, wait=True, cancel_futures=False):
         pass
 
 
@@ -282,6 +282,7 @@ def run_study(cfg: ExperimentConfig, out: Path, console: Console | None = None) 
                         console=console, disable=not console.is_terminal)
     bar = progress.add_task("study runs", total=n_grid + sum(len(g.seeds) for g in groups))
     progress.start()
+    failed = True
     try:
         # largest concurrency first: the longest tasks start first and the pool stays busy
         pending = {pool.submit(tune, g.grid, st.cap_grid_at_best): ("grid", g, None)
@@ -312,9 +313,11 @@ def run_study(cfg: ExperimentConfig, out: Path, console: Console | None = None) 
                     finals[(g.method, g.concurrency, s)] = r
                     write_run(r, out / r["entry"]["name"])
                     console.print("  seed " + _entry_line(r["entry"]), highlight=False)
+        failed = False
     finally:
         progress.stop()
-        pool.shutdown(wait=True)
+        # after an error, drop the queued runs: they would all run before the error shows
+        pool.shutdown(wait=True, cancel_futures=failed)
     wall = time.perf_counter() - t0
     return report.write_outputs(cfg, groups, finals, out, wall, peak_rss_mb(), console)
 
