@@ -43,7 +43,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from asyncfl import config
 from asyncfl.config import ConfigError, ExperimentConfig, StudyConfig, StudyMethod
 from asyncfl.report import study as report
-from asyncfl.report.metrics import COLUMNS, OPTIONAL_COLUMNS
+from asyncfl.report.metrics import write_rows
 
 
 @dataclass
@@ -389,17 +389,7 @@ def ratios(study: StudyConfig, finals: dict[tuple[str, int, int], dict]) -> list
 def write_run(result: dict, run_dir: Path) -> None:
     """A run's metrics.csv, its resolved single-run config.yaml (rerun it with `asyncfl simulate
     --config`) and its summary entry (entry.json), written as soon as the run ends."""
+    run_dir.mkdir(parents=True, exist_ok=True)
     write_rows(result["rows"], run_dir / "metrics.csv")
     (run_dir / "config.yaml").write_text(yaml.safe_dump(result["config"], sort_keys=False))
     (run_dir / "entry.json").write_text(json.dumps(result["entry"], indent=2))
-
-
-def write_rows(rows: list[dict], path: Path) -> None:
-    import csv
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    extra = [c for c in OPTIONAL_COLUMNS if any(c in r for r in rows)]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS + extra)
-        writer.writeheader()
-        writer.writerows(rows)

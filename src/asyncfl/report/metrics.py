@@ -81,11 +81,16 @@ class Metrics:
         }
 
     def write_csv(self, path: Path) -> None:
-        with open(path, "w", newline="") as f:
-            extra = [c for c in OPTIONAL_COLUMNS if any(c in r for r in self.rows)]
-            writer = csv.DictWriter(f, fieldnames=COLUMNS + extra)
-            writer.writeheader()
-            writer.writerows(self.rows)
+        write_rows(self.rows, path)
 
     def staleness_histogram(self) -> dict[str, int]:
         return {str(k): self.staleness[k] for k in sorted(self.staleness)}
+
+
+def write_rows(rows: list[dict], path: Path) -> None:
+    """Evaluation rows as metrics.csv: the fixed columns, then the optional ones any row has."""
+    with open(path, "w", newline="") as f:
+        extra = [c for c in OPTIONAL_COLUMNS if any(c in r for r in rows)]
+        writer = csv.DictWriter(f, fieldnames=COLUMNS + extra)
+        writer.writeheader()
+        writer.writerows(rows)
