@@ -94,3 +94,23 @@ def test_sync_drop_policy_with_timeout_cancels_stragglers(small):
     m = sim.run()
     assert m.cancelled > 0
     assert all(u.steps == 5 for u in sim.executor.updates)
+
+
+def test_event_queue_pops_by_time_and_ties_in_push_order():
+    import random
+
+    from asyncfl.sim.events import EventQueue
+
+    q, ref = EventQueue(), []
+    rng = random.Random(0)
+    for i in range(2000):  # many exact ties (times on a coarse grid), pushes interleaved with pops
+        t = rng.randrange(50) / 4
+        q.push(t, i % 5, i)
+        ref.append((t, i, i % 5))
+        if i % 3 == 0:
+            ref.sort()
+            want = ref.pop(0)
+            assert q.pop() == (want[0], want[2], want[1])
+    ref.sort()
+    got = [q.pop() for _ in range(len(q))]
+    assert got == [(t, kind, i) for t, i, kind in ref] and len(q) == 0

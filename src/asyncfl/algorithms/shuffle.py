@@ -8,7 +8,6 @@ function for one client, which is what makes batched and sequential training agr
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -16,10 +15,14 @@ _TOP = np.uint64(1 << 63)
 
 
 def _fmix(z: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: a bijection on uint64 with good avalanche."""
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
+    """splitmix64's finaliser: a bijection on uint64 with good avalanche (a new array; the
+    steps after the first work in place, as this runs on every key of every pass)."""
+    z = z ^ (z >> np.uint64(30))
+    z *= np.uint64(0xBF58476D1CE4E5B9)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return z
 
 
 def mix(*words) -> np.ndarray:
@@ -57,17 +60,24 @@ def minibatches(ns, steps, bs, seeds) -> np.ndarray:
             continue
         epoch_keys = mix(seeds[sel, None, None], np.arange(e_max)[None, :, None])
         keys = _fmix(epoch_keys ^ (np.arange(n_max, dtype=np.uint64) * _GOLDEN)[None, None, :])
-        keys[np.broadcast_to(np.arange(n_max) >= n[:, None, None], keys.shape)] = np.uint64(_MASK64)
-        # [clients, epochs, n_max]; padding sorts last. The keys of one epoch are distinct (a
-        # bijection of distinct words), so every sort gives the same order: torch's is the
-        # fastest, on int64 once the top bit is flipped (which maps uint64 order onto int64's)
-        perm = torch.from_numpy((keys ^ _TOP).view(np.int64)).argsort(dim=2).numpy()
-        stream = perm[np.broadcast_to(np.arange(n_max) < n[:, None, None], perm.shape)]  # each client's epochs, back to back
-        start = np.concatenate([[0], np.cumsum(n * e_max)[:-1]])
-        t = (h * bb[None, :, None] + k) + start[None, :, None]  # step h, slot k: the (h b + k)-th of the stream
-        if (s == s_max).all() and (bb == b_max).all():
-            out[:, sel, :] = stream[t]
-        else:
+        # [clients, epochs, n_max]. The keys of one epoch are distinct (a bijection of distinct
+        # words), so every sort gives the same order; flipping the top bit maps uint64 order onto
+        # int64's, and padding gets the largest int64, so it sorts last
+        keys ^= _TOP
+        keys = keys.view(np.int64)
+        if int(n.min()) < n_max:
+            keys[np.broadcast_to(np.arange(n_max) >= n[:, None, None], keys.shape)] = np.iinfo(np.int64).max
+        perm = np.argsort(keys, axis=2).reshape(-1)
+        # step h, slot k takes the q-th example of the client's stream of epochs, q = h b + k:
+        # position q % n of epoch q // n
+        q = h * bb[None, :, None] + k
+        epoch, pos = np.divmod(q, n[None, :, None])
+        flat = (epoch + (np.arange(len(sel)) * e_max)[None, :, None]) * n_max + pos
+        if not ((s == s_max).all() and (bb == b_max).all()):
             valid = (h < s[None, :, None]) & (k < bb[None, :, None])
-            out[:, sel, :] = np.where(valid, stream[np.where(valid, t, 0)], 0)
+            flat = np.where(valid, flat, -1)  # -1: a slot past a client's steps or batch reads index 0
+            perm = np.append(perm, 0)
+        if len(sel) == j:  # a single bucket
+            return perm[flat]
+        out[:, sel, :] = perm[flat]
     return out

@@ -413,10 +413,12 @@ class BatchedExecutor(Executor):
         active = torch.from_numpy(np.arange(s_max)[:, None] < steps[None, :])  # [S, J]
         lr_mask = active.float() * tr.lr
         bases = [(a, b, list(model.unflatten(base).values())) for a, b, base in segments]
-        ws = self._layers("w", j)  # contiguous layers: faster matmuls
-        for a, b, base in bases:
-            for w, w0 in zip(ws, base):
-                w[a:b] = w0
+        # the pass trains in its deltas' buffer, a row per job, and turns each row w into
+        # w0 - w at the end: per-layer views of the rows multiply as fast as contiguous layers
+        buffer, flat = self._deltas(j)
+        for a, b, base in segments:
+            flat[a:b] = base
+        ws = [t.unflatten(1, shape) for t, shape in zip(torch.split(flat, model.sizes, 1), model.shapes)]
         t1 = time.perf_counter()
         losses, start_losses = torch.zeros(j), torch.zeros(j)
         gbuf = self._layers("g", j)
@@ -447,11 +449,8 @@ class BatchedExecutor(Executor):
                 w.addcmul_(lm.view(-1, *[1] * (w.dim() - 1)), gw, value=-1.0)
             losses += torch.where(active[h], per, 0.0)
         t2 = time.perf_counter()
-        buffer, flat = self._deltas(j)  # delta = w0 - w, one row per job (see _take)
-        for i, (d, w, shape) in enumerate(zip(torch.split(flat, model.sizes, 1), ws, model.shapes)):
-            d = d.view(j, *shape)
-            for a, b, base in bases:
-                torch.sub(base[i], w[a:b], out=d[a:b])
+        for a, b, base in segments:  # delta = w0 - w (see _take for the rows' lifetime)
+            torch.sub(base, flat[a:b], out=flat[a:b])
         ids = [job.job_id for job in jobs]
         self._slabs[self.passes] = (buffer, set(ids), j)
         self._slab_of.update(dict.fromkeys(ids, self.passes))

@@ -42,30 +42,35 @@ class Population:
             return np.ones(len(ids), dtype=bool)
         return (t / self.period + self.phase[ids]) % 1.0 < self.on_fraction
 
-    def _pick_few(self, k: int, t: float, rng: np.random.Generator) -> np.ndarray:
+    def _pick_few(self, k: int, t: float, rng: np.random.Generator) -> list[int]:
         """Walk a pre-drawn stream of uniform ids, skipping ineligible ones: an async report asks
         for one device, and a vectorised draw per report would dominate the loop at 10^4 in flight."""
         out: list[int] = []
+        busy, stream = self.busy, self._stream
         for _ in range(16 * k):
-            if not self._stream:
-                self._stream = rng.integers(0, self.size, 4096).tolist()[::-1]
-            d = self._stream.pop()
-            if self.busy[d] or d in out:
+            if not stream:
+                stream = self._stream = rng.integers(0, self.size, 4096).tolist()[::-1]
+            d = stream.pop()
+            if busy[d] or d in out:
                 continue
             if self.phase is not None and (t / self.period + self.phase[d]) % 1.0 >= self.on_fraction:
                 continue
             out.append(d)
             if len(out) == k:
                 break
-        return np.array(out, dtype=np.int64)
+        return out
 
-    def pick(self, k: int, t: float, rng: np.random.Generator) -> np.ndarray:
+    def pick(self, k: int, t: float, rng: np.random.Generator) -> list[int]:
         """Up to k distinct idle, eligible devices, uniformly at random."""
         if k <= 0:
-            return np.empty(0, dtype=np.int64)
-        chosen = self._pick_few(k, t, rng) if k <= 16 else np.empty(0, dtype=np.int64)
-        if len(chosen) == k:
-            return chosen
+            return []
+        if k <= 16:
+            few = self._pick_few(k, t, rng)
+            if len(few) == k:
+                return few
+            chosen = np.array(few, dtype=np.int64)
+        else:
+            chosen = np.empty(0, dtype=np.int64)
         for _ in range(4):  # rejection sampling: cheap when most devices are free
             cand = np.unique(rng.integers(0, self.size, size=2 * (k - len(chosen)) + 8))
             ok = ~self.busy[cand]
@@ -78,9 +83,9 @@ class Population:
             else:
                 chosen = rng.permutation(cand)[:k]
             if len(chosen) == k:
-                return chosen
+                return chosen.tolist()
         free = np.flatnonzero(~self.busy)
         free = free[self.available(free, t)]
         free = np.setdiff1d(free, chosen, assume_unique=True)
         extra = rng.choice(free, size=min(k - len(chosen), len(free)), replace=False)
-        return np.concatenate([chosen, extra]).astype(np.int64)
+        return np.concatenate([chosen, extra]).astype(np.int64).tolist()

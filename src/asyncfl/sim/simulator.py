@@ -8,7 +8,6 @@ hands reports to the policy, which folds them in through the shared aggregator.
 from __future__ import annotations
 
 import gc
-import heapq
 import itertools
 import math
 import time
@@ -28,6 +27,7 @@ from asyncfl.data.federated import FederatedDataset
 from asyncfl.models.flat import FlatModel
 from asyncfl.report.metrics import Metrics
 from asyncfl.scheduling import WAKE, AsyncPolicy, SyncPolicy
+from asyncfl.sim.events import EventQueue
 from asyncfl.sim.executor import Executor, TrainJob
 from asyncfl.sim.population import Population
 
@@ -95,8 +95,7 @@ class Simulation:
         self.error_feedback = ErrorFeedback(upload_codec) if error_feedback and upload_codec else None
         self._broadcast: tuple[int, torch.Tensor] | None = None  # (version, model as a lossy download decodes)
         self.clock = 0.0
-        self.heap: list[tuple[float, int, int, Any]] = []
-        self.seq = itertools.count()
+        self.events = EventQueue()
         self.trip_ids = itertools.count()
         self.trips: dict[int, Trip] = {}
         self.wake_pending = False
@@ -116,7 +115,7 @@ class Simulation:
         return len(self.trips)
 
     def request_clients(self, n: int) -> int:
-        devices = self.population.pick(n, self.clock, self.select_rng).tolist() if n > 0 else []
+        devices = self.population.pick(n, self.clock, self.select_rng)
         for d in devices:
             self._start_trip(d)
         if len(devices) < n:
@@ -165,12 +164,9 @@ class Simulation:
         return [(trip, self._update_of(trip)) for trip in partial]
 
     def set_timer(self, delay: float, payload: Any) -> None:
-        self._push(self.clock + delay, TIMER, payload)
+        self.events.push(self.clock + delay, TIMER, payload)
 
     # ---- trips ------------------------------------------------------------------------
-    def _push(self, t: float, kind: int, payload: Any) -> None:
-        heapq.heappush(self.heap, (t, next(self.seq), kind, payload))
-
     def _wake_later(self) -> None:
         if not self.wake_pending:
             self.wake_pending = True
@@ -201,7 +197,7 @@ class Simulation:
         metrics.started += 1
         metrics.bytes_down += self.download_bytes
         self.executor.submit(trip)
-        self._push(end, FINISH if drop_at is None else DROP, trip_id)
+        self.events.push(end, FINISH if drop_at is None else DROP, trip_id)
 
     def _trip_draws(self, trip_id: int) -> tuple[int, float | None]:
         """(training seed, None or the fraction of its duration after which the trip drops),
@@ -288,11 +284,6 @@ class Simulation:
         self._eval_queue.clear()
         self.eval_seconds += time.perf_counter() - t0
 
-    def _done(self) -> bool:
-        if self.stop.max_trips is not None and self.metrics.started >= self.stop.max_trips:
-            return True
-        return self.stop.at_target and self.reached_target
-
     # ---- main loop --------------------------------------------------------------------
     def run(self) -> Metrics:
         # what exists before the run (data, population, models) is long-lived: keep it out of
@@ -313,12 +304,14 @@ class Simulation:
         self._wall0 = time.perf_counter()
         self._evaluate()
         if self.eval_cfg.every_seconds:
-            self._push(self.eval_cfg.every_seconds, EVAL, None)
-        self._push(self.stop.max_time, END, None)
+            self.events.push(self.eval_cfg.every_seconds, EVAL, None)
+        self.events.push(self.stop.max_time, END, None)
         self.policy.start(self)
-        heap, trips, metrics, policy = self.heap, self.trips, self.metrics, self.policy
-        while heap and not self._done():
-            t, _, kind, payload = heapq.heappop(heap)
+        events, trips, metrics, policy, pop = self.events, self.trips, self.metrics, self.policy, self.events.pop
+        max_trips = math.inf if self.stop.max_trips is None else self.stop.max_trips
+        at_target = self.stop.at_target
+        while events and metrics.started < max_trips and not (at_target and self.reached_target):
+            t, kind, payload = pop()
             self.clock = t
             if kind <= DROP:  # the common case first: a trip ends, unless it was cancelled meanwhile
                 if payload not in trips:
@@ -335,7 +328,7 @@ class Simulation:
                 break
             elif kind == EVAL:
                 self._evaluate()
-                self._push(t + self.eval_cfg.every_seconds, EVAL, None)
+                events.push(t + self.eval_cfg.every_seconds, EVAL, None)
                 if self.progress:
                     self.progress(t)
             else:  # TIMER
