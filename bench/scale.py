@@ -130,6 +130,8 @@ def run(devices: int, concurrency: int, trips: int, memory_mb: float) -> dict:
         "overhead_fraction": 1.0 - train / wall,
         "breakdown_seconds": parts,  # from the instrumented run
         "breakdown_wall_seconds": parts_wall,
+        # the same per update delivered: what each part costs a report, comparable across run lengths
+        "breakdown_us_per_update": {k: 1e6 * v / completed for k, v in parts.items()},
     }
 
 
@@ -167,8 +169,9 @@ def main() -> None:
     b.add_column("part")
     b.add_column("seconds", justify="right")
     b.add_column("share", justify="right")
+    b.add_column("µs per update", justify="right")
     for k, v in sorted(r["breakdown_seconds"].items(), key=lambda kv: -kv[1]):
-        b.add_row(k, f"{v:.2f}", f"{v / r['breakdown_wall_seconds']:.1%}")
+        b.add_row(k, f"{v:.2f}", f"{v / r['breakdown_wall_seconds']:.1%}", f"{r['breakdown_us_per_update'][k]:.1f}")
     con.print(b)
 
 
