@@ -58,24 +58,32 @@ def minibatches(ns, steps, bs, seeds) -> np.ndarray:
         n_max, e_max = int(n.max()), int(e.max())
         if e_max == 0:
             continue
-        epoch_keys = mix(seeds[sel, None, None], np.arange(e_max)[None, :, None])
-        keys = _fmix(epoch_keys ^ (np.arange(n_max, dtype=np.uint64) * _GOLDEN)[None, None, :])
-        # [clients, epochs, n_max]. The keys of one epoch are distinct (a bijection of distinct
+        # keys[r, c]: example r of column c = client * e_max + epoch. Long rows keep the
+        # broadcast operations fast. The keys of one epoch are distinct (a bijection of distinct
         # words), so every sort gives the same order; flipping the top bit maps uint64 order onto
         # int64's, and padding gets the largest int64, so it sorts last
+        cols = len(sel) * e_max
+        epoch_keys = mix(seeds[sel, None], np.arange(e_max)[None, :]).reshape(-1)
+        keys = _fmix(epoch_keys[None, :] ^ (np.arange(n_max, dtype=np.uint64) * _GOLDEN)[:, None])
         keys ^= _TOP
         keys = keys.view(np.int64)
         if int(n.min()) < n_max:
-            keys[np.broadcast_to(np.arange(n_max) >= n[:, None, None], keys.shape)] = np.iinfo(np.int64).max
-        perm = np.argsort(keys, axis=2).reshape(-1)
+            np.putmask(keys, np.arange(n_max)[:, None] >= np.repeat(n, e_max)[None, :], np.iinfo(np.int64).max)
+        perm = np.argsort(keys, axis=0).reshape(-1)  # perm[r * cols + c]: the r-th example of column c
         # step h, slot k takes the q-th example of the client's stream of epochs, q = h b + k:
-        # position q % n of epoch q // n
-        q = h * bb[None, :, None] + k
-        epoch, pos = np.divmod(q, n[None, :, None])
-        flat = (epoch + (np.arange(len(sel)) * e_max)[None, :, None]) * n_max + pos
-        if not ((s == s_max).all() and (bb == b_max).all()):
-            valid = (h < s[None, :, None]) & (k < bb[None, :, None])
-            flat = np.where(valid, flat, -1)  # -1: a slot past a client's steps or batch reads index 0
+        # position q % n of epoch q // n. That depends on (n, b, steps) alone: one table per
+        # distinct triple (a pass has few), then each client's first column
+        triple = (n * (b_max + 1) + bb) * (s_max + 1) + s
+        _, first, inv = np.unique(triple, return_index=True, return_inverse=True)
+        nu, bu, su = n[first, None, None], bb[first, None, None], s[first, None, None]
+        epoch, pos = np.divmod(h.reshape(1, -1, 1) * bu + k, nu)  # [triples, s_max, b_max]
+        table = pos * cols + epoch
+        padded = not ((s == s_max).all() and (bb == b_max).all())
+        if padded:  # slots past a client's steps or batch: pushed below zero, then to -1, which reads index 0
+            table[(h.reshape(1, -1, 1) >= su) | (k >= bu)] = -(1 << 62)
+        flat = np.add(table.transpose(1, 0, 2)[:, inv, :], (np.arange(len(sel)) * e_max)[None, :, None], order="C")
+        if padded:
+            flat = np.maximum(flat, -1)
             perm = np.append(perm, 0)
         if len(sel) == j:  # a single bucket
             return perm[flat]
