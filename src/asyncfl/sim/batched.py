@@ -368,11 +368,11 @@ class BatchedExecutor(Executor):
         return buf[:numel]
 
     def _deltas(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(buffer, [j, P] view of it) for a pass's deltas, which outlive the pass: the buffer of
-        an earlier pass whose rows nobody references any more (the storage's reference count
-        says so, views included), or a fresh one with room for a power of two of rows, so that
-        passes of varying size can take it over later. Fresh pages cost a fault each, about as
-        much as computing the deltas."""
+        """(buffer, [j, P] view of it) in which a pass trains and leaves its deltas, which outlive
+        the pass: the buffer of an earlier pass whose rows nobody references any more (the
+        storage's reference count says so, views included), or a fresh one with room for a power
+        of two of rows, so that passes of varying size can take it over later. Fresh pages cost
+        a fault each, about as much as copying the start models in."""
         p = self.trainer.model.numel
         fits = [k for k, spare in enumerate(self._spare) if spare.numel() >= j * p]
         for k in sorted(fits, key=lambda k: self._spare[k].numel()):
