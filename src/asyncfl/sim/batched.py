@@ -412,7 +412,8 @@ class BatchedExecutor(Executor):
         weight = torch.from_numpy(np.where(np.arange(b_max) < bs[:, None], 1.0 / bs[:, None], 0.0)).float()
         active = torch.from_numpy(np.arange(s_max)[:, None] < steps[None, :])  # [S, J]
         lr_mask = active.float() * tr.lr
-        bases = [(a, b, list(model.unflatten(base).values())) for a, b, base in segments]
+        # per-layer start models, for the proximal term's pull
+        bases = [(a, b, list(model.unflatten(base).values())) for a, b, base in segments] if tr.prox_mu else []
         # the pass trains in its deltas' buffer, a row per job, and turns each row w into
         # w0 - w at the end: per-layer views of the rows multiply as fast as contiguous layers
         buffer, flat = self._deltas(j)
