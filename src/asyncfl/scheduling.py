@@ -11,8 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any, Protocol
 
-from asyncfl.algorithms.aggregators import Verdict
-from asyncfl.algorithms.update import ClientUpdate
+from asyncfl.algorithms.types import ClientUpdate, Verdict
 from asyncfl.config import SchedulerConfig
 
 

@@ -32,9 +32,9 @@ from typing import Callable
 
 import torch
 
-from asyncfl.algorithms.aggregators import BufferingAggregator, ServerState, Verdict
+from asyncfl.algorithms.aggregators import BufferingAggregator
+from asyncfl.algorithms.types import ClientUpdate, ServerState, Verdict
 from asyncfl.algorithms.server_opt import ServerOptimizer
-from asyncfl.algorithms.update import ClientUpdate
 from asyncfl.privacy import Accountant, AdaptiveClipping, add_gaussian_noise, clip, update_noise_multiplier
 
 

@@ -32,7 +32,7 @@ from asyncfl.client.http import GaveUp, ServerApi
 from asyncfl.compression import ErrorFeedback, Raw, parse_codec
 from asyncfl.config import validate
 from asyncfl.experiment import build_data, build_flat_model, build_trainer
-from asyncfl.server import wire
+from asyncfl import wire
 
 
 class ClientError(RuntimeError):

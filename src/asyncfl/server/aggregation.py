@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from asyncfl.algorithms.aggregators import Aggregator, ServerState, Verdict
-from asyncfl.algorithms.update import ClientUpdate
+from asyncfl.algorithms.aggregators import Aggregator
+from asyncfl.algorithms.types import ClientUpdate, ServerState, Verdict
 from asyncfl.compression import Codec, Raw
-from asyncfl.server import wire
+from asyncfl import wire
 from asyncfl.server.errors import ApiError
 from asyncfl.server.store import Store, tensor_bytes, tensor_load
 

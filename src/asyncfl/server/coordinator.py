@@ -20,8 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from asyncfl.algorithms.aggregators import Verdict
-from asyncfl.algorithms.update import ClientUpdate
+from asyncfl.algorithms.types import ClientUpdate, Verdict
 from asyncfl.server.aggregation import AggregationRole
 from asyncfl.server.errors import ApiError
 from asyncfl.server.store import Store

@@ -23,15 +23,15 @@ from pathlib import Path
 
 import torch
 
-from asyncfl.algorithms.aggregators import Verdict
+from asyncfl.algorithms.types import ClientUpdate, Verdict
 from asyncfl.algorithms.private import PrivateAggregator
 from asyncfl.algorithms.shuffle import mix
-from asyncfl.algorithms.update import ClientUpdate
 from asyncfl.compression import parse_codec
 from asyncfl.config import ConfigError, ExperimentConfig
 from asyncfl.experiment import build_aggregator, build_data, build_flat_model, num_users, proximal_coefficient
 from asyncfl.scheduling import build_policy
-from asyncfl.server import observability, wire
+from asyncfl import wire
+from asyncfl.server import observability
 from asyncfl.server.aggregation import AggregationRole, Fold
 from asyncfl.server.auth import Authenticator, RateLimiter
 from asyncfl.server.coordinator import Coordinator

@@ -17,11 +17,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from asyncfl.algorithms.aggregators import Aggregator, ServerState, Verdict
+from asyncfl.algorithms.aggregators import Aggregator
+from asyncfl.algorithms.types import ClientUpdate, ServerState, Verdict
 from asyncfl.compression import Codec, ErrorFeedback
 from asyncfl.algorithms.shuffle import mix
 from asyncfl.algorithms.trainer import LocalTrainer
-from asyncfl.algorithms.update import ClientUpdate
 from asyncfl.config import PopulationConfig, StopConfig, EvalConfig
 from asyncfl.data.federated import FederatedDataset
 from asyncfl.models.flat import FlatModel
