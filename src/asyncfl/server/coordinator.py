@@ -18,8 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
-
+from asyncfl.algorithms.seeds import trip_seed
 from asyncfl.algorithms.types import ClientUpdate, Verdict
 from asyncfl.server.aggregation import AggregationRole
 from asyncfl.server.errors import ApiError
@@ -39,6 +38,15 @@ class Lease:
     issued_at: float
     expires_at: float
     state: str = ACTIVE
+
+
+def _sql_seed(seed: int) -> int:
+    """A uint64 seed as SQLite's signed 64-bit INTEGER (two's complement); `_seed_of` undoes it."""
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
+
+
+def _seed_of(stored: int) -> int:
+    return stored & ((1 << 64) - 1)
 
 
 def _plain(v: Any) -> Any:
@@ -108,7 +116,7 @@ class Coordinator:
         self.open_slots -= 1
         self.issued += 1
         now = self.clock()
-        seed = int(np.random.SeedSequence([self.seed, self.issued]).generate_state(1)[0])
+        seed = int(trip_seed(self.seed, self.issued - 1)[0])  # trip numbers count from 0, as in the simulator
         lease = Lease(f"L{self.issued}-{secrets.token_hex(6)}", client, self.aggregation.state.version, seed,
                       now, now + self.lease_timeout)
         self.leases[lease.lease_id] = lease
@@ -178,7 +186,7 @@ class Coordinator:
     # ---- durability -------------------------------------------------------------------
     def snapshot(self) -> dict:
         """Under the state lock: changed leases and the policy's state, as plain data."""
-        leases = [(l.lease_id, l.client, l.base_version, l.seed, l.issued_at, l.expires_at, l.state)
+        leases = [(l.lease_id, l.client, l.base_version, _sql_seed(l.seed), l.issued_at, l.expires_at, l.state)
                   for l in self._dirty.values()]
         self._dirty = {}
         policy_vars = {k: _plain(v) for k, v in vars(self.policy).items()
@@ -205,6 +213,7 @@ class Coordinator:
         for row in store.query("SELECT lease_id, client, base_version, seed, issued_at, expires_at, state "
                                "FROM leases WHERE state=?", (ACTIVE,)):
             lease = Lease(*row)
+            lease.seed = _seed_of(lease.seed)
             self.leases[lease.lease_id] = lease
             self.by_client[lease.client] = lease.lease_id
         self._dirty = {}

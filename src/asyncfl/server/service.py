@@ -21,11 +21,10 @@ import time
 import zlib
 from pathlib import Path
 
-import torch
 
 from asyncfl.algorithms.types import ClientUpdate, Verdict
 from asyncfl.algorithms.private import PrivateAggregator
-from asyncfl.algorithms.shuffle import mix
+from asyncfl.algorithms.seeds import download_rounding_generator
 from asyncfl.compression import parse_codec
 from asyncfl.config import ConfigError, ExperimentConfig
 from asyncfl.experiment import build_aggregator, build_data, build_flat_model, num_users, proximal_coefficient
@@ -237,7 +236,7 @@ class FLServer:
         if frame is None:
             gen = None
             if self.download_codec is not None:
-                gen = torch.Generator().manual_seed(int(mix(self.cfg.seed, version, 0xD0)[0]) & (2**63 - 1))
+                gen = download_rounding_generator(self.cfg.seed, version)
             frame = wire.encode_model(version, w, self.model.names, self.model.shapes, self.download_codec, gen)
             with self.lock:
                 if len(self._frames) > 4:
