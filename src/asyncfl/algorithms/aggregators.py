@@ -50,7 +50,13 @@ class Aggregator(ABC):
         """Epsilon and DP settings for a differentially private aggregator; None otherwise."""
         return None
 
+    def status(self) -> dict:
+        """What the server's /status shows of this aggregator (JSON-able): the buffer's fill and
+        size (None: no size trigger) and the privacy report."""
+        return {"buffer": {"fill": self.pending, "size": None}, "privacy": self.privacy_report()}
+
     def state_dict(self) -> dict:
+        """Everything a restarted server needs to continue exactly (tensors allowed)."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:
@@ -76,6 +82,9 @@ class BufferingAggregator(Aggregator):
     @property
     def pending(self) -> int:
         return self.count
+
+    def status(self) -> dict:
+        return super().status() | {"buffer": {"fill": self.count, "size": self.buffer_size}}
 
     def _added(self, state: ServerState) -> Verdict:
         self.count += 1

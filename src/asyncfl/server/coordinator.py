@@ -38,6 +38,7 @@ class Lease:
     issued_at: float
     expires_at: float
     state: str = ACTIVE
+    upload_seq: int | None = None  # the update log's number of the upload that ended it
 
 
 def _sql_seed(seed: int) -> int:
@@ -47,14 +48,6 @@ def _sql_seed(seed: int) -> int:
 
 def _seed_of(stored: int) -> int:
     return stored & ((1 << 64) - 1)
-
-
-def _plain(v: Any) -> Any:
-    return list(v) if isinstance(v, tuple) else v
-
-
-def _unplain(v: Any) -> Any:
-    return tuple(v) if isinstance(v, list) else v
 
 
 class Coordinator:
@@ -84,7 +77,7 @@ class Coordinator:
         return n
 
     def submit(self, trip: Lease, update: ClientUpdate) -> Verdict:
-        return self.aggregation.fold(update)
+        return self.aggregation.fold(update, trip.upload_seq)
 
     def flush(self) -> bool:
         return self.aggregation.flush()
@@ -125,7 +118,8 @@ class Coordinator:
         return lease
 
     def round_deadline(self) -> float | None:
-        due = [t for t, _, p in self.timers if isinstance(p, tuple) and p and p[0] == "deadline"]
+        """Seconds until the open round's deadline; None without one."""
+        due = [t for t, _, p in self.timers if self.policy.is_deadline(p)]
         return min(due) - self.clock() if due else None
 
     def active_lease(self, lease_id: str, client: str, store: Store) -> Lease:
@@ -150,10 +144,12 @@ class Coordinator:
                          "idempotency key to get its result)")}.get(state, ("no_lease", f"lease state {state}"))
         raise ApiError(409, *reason)
 
-    def report(self, lease: Lease, update: ClientUpdate) -> None:
-        """An upload against a live lease: the trip ends, the policy folds it in."""
+    def report(self, lease: Lease, update: ClientUpdate, seq: int) -> Verdict | None:
+        """Upload number `seq` against a live lease: the trip ends, the policy folds it in.
+        Returns its verdict; None when the policy did not submit it."""
+        lease.upload_seq = seq
         self._end(lease, DONE)
-        self.policy.on_report(self, lease, update)
+        return self.policy.on_report(self, lease, update)
 
     def _end(self, lease: Lease, state: str) -> None:
         lease.state = state
@@ -189,11 +185,9 @@ class Coordinator:
         leases = [(l.lease_id, l.client, l.base_version, _sql_seed(l.seed), l.issued_at, l.expires_at, l.state)
                   for l in self._dirty.values()]
         self._dirty = {}
-        policy_vars = {k: _plain(v) for k, v in vars(self.policy).items()
-                       if isinstance(v, (int, float, bool, str, type(None), tuple))}
         return {"leases": leases, "meta": {
             "open_slots": self.open_slots, "issued": self.issued, "ended": dict(self.ended),
-            "timers": [[t, _plain(p)] for t, _, p in sorted(self.timers)], "policy": policy_vars}}
+            "timers": [[t, p] for t, _, p in sorted(self.timers)], "policy": self.policy.state_dict()}}
 
     @staticmethod
     def persist(snap: dict, db: sqlite3.Connection) -> None:
@@ -204,11 +198,9 @@ class Coordinator:
     def restore(self, store: Store) -> None:
         saved = store.get_meta("coordinator")
         self.open_slots, self.issued, self.ended = saved["open_slots"], saved["issued"], saved["ended"]
-        self.timers = [(t, next(self._timer_seq), _unplain(p)) for t, p in saved["timers"]]
+        self.timers = [(t, next(self._timer_seq), p) for t, p in saved["timers"]]
         heapq.heapify(self.timers)
-        for k, v in saved["policy"].items():
-            if hasattr(self.policy, k):
-                setattr(self.policy, k, _unplain(v))
+        self.policy.load_state_dict(saved["policy"])
         self.leases, self.by_client, self.recent = {}, {}, collections.OrderedDict()
         for row in store.query("SELECT lease_id, client, base_version, seed, issued_at, expires_at, state "
                                "FROM leases WHERE state=?", (ACTIVE,)):
