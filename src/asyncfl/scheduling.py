@@ -39,8 +39,10 @@ class Runtime(Protocol):
         """Only the first n reports of the trips now in flight will be used: a runtime that
         prepares results ahead of time may leave the others until they are asked for."""
 
-    def collect_partial(self) -> list[tuple[Any, ClientUpdate]]:
-        """Stop every trip in flight; return the partial updates of those that did work."""
+    def collect_partial(self, limit: int) -> list[tuple[Any, ClientUpdate]]:
+        """Stop at most `limit` trips in flight, those that did the most local steps (ties: the
+        earlier-started trip), and return their partial updates in start order; trips with no
+        step done are never chosen. The others stay in flight (the closing round cancels them)."""
 
     def set_timer(self, delay: float, payload: Any) -> None:
         """Call `on_timer(rt, payload)` after `delay` seconds; `payload` is a JSON value."""
@@ -135,8 +137,8 @@ class SyncPolicy:
         if payload == WAKE and not self.open:
             self.start(rt)
         elif self.is_deadline(payload):
-            if self.straggler == "partial":
-                for trip, update in rt.collect_partial():
+            if self.straggler == "partial":  # a round folds at most `cohort` updates
+                for trip, update in rt.collect_partial(self.cohort - self.arrived):
                     rt.submit(trip, update)
             self._close(rt)
 

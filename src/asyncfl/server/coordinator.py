@@ -90,7 +90,7 @@ class Coordinator:
     def expect_reports(self, n: int) -> None:
         """Real devices train on their own time: there is nothing to leave undone here."""
 
-    def collect_partial(self) -> list[tuple[Lease, ClientUpdate]]:
+    def collect_partial(self, limit: int) -> list[tuple[Lease, ClientUpdate]]:
         """A server cannot pull work from devices: clients are told the round deadline at
         check-in and send the steps they managed before it (see client runtime)."""
         return []

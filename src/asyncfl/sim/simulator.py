@@ -150,14 +150,17 @@ class Simulation:
         for trip in reporting[n:]:
             trip.reports = False
 
-    def collect_partial(self) -> list[tuple[Trip, ClientUpdate]]:
-        partial = []
-        for trip_id, trip in list(self.trips.items()):
+    def collect_partial(self, limit: int) -> list[tuple[Trip, ClientUpdate]]:
+        worked = []
+        for trip in self.trips.values():
             steps = min(trip.steps, math.floor((self.clock - trip.download_end) / trip.step_time))
-            if steps < 1:
-                continue
-            self._end_trip(trip_id)
-            self.executor.set_steps(trip_id, steps)
+            if steps >= 1:
+                worked.append((steps, trip))
+        chosen = sorted(worked, key=lambda st: (-st[0], st[1].job_id))[:max(0, limit)]
+        partial = []
+        for steps, trip in sorted(chosen, key=lambda st: st[1].job_id):
+            self._end_trip(trip.job_id)
+            self.executor.set_steps(trip.job_id, steps)
             self.metrics.completed += 1
             partial.append(trip)
         # all steps are set before any result is asked for, so a batched executor trains them in one pass
