@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from asyncfl.server import wire  # noqa: E402
+from asyncfl import wire  # noqa: E402
 from asyncfl.server.testing import ServerProcess, mint_tokens  # noqa: E402
 
 

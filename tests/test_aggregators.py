@@ -2,8 +2,7 @@ import pytest
 import torch
 
 from asyncfl.algorithms import aggregators, server_opt, staleness
-from asyncfl.algorithms.aggregators import ServerState, Verdict
-from asyncfl.algorithms.update import ClientUpdate
+from asyncfl.algorithms.types import ClientUpdate, ServerState, Verdict
 
 
 def upd(delta, n=10, base=0, cid=0):

@@ -12,12 +12,11 @@ import pytest
 import torch
 
 from asyncfl import config
-from asyncfl.algorithms.aggregators import ServerState
-from asyncfl.algorithms.update import ClientUpdate
+from asyncfl.algorithms.types import ClientUpdate, ServerState
 from asyncfl.compression import ErrorFeedback, decode, parse_codec
 from asyncfl.experiment import build_aggregator
 from asyncfl.privacy import epsilon
-from asyncfl.server import wire
+from asyncfl import wire
 from asyncfl.server.service import FLServer
 from asyncfl.server.settings import ServerConfig
 from test_client_runtime import in_process_client

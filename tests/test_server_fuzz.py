@@ -10,7 +10,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from asyncfl.server import wire
+from asyncfl import wire
 from test_server_inputs import Harness
 
 EXAMPLES = 1100

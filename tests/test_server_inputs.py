@@ -14,7 +14,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from asyncfl import config
-from asyncfl.server import wire
+from asyncfl import wire
 from asyncfl.server.app import create_app, read_limited
 from asyncfl.server.auth import new_token
 from asyncfl.server.errors import ApiError

@@ -1,9 +1,15 @@
-"""Scheduling policies: *when* clients train and the server steps (SPEC §4).
+"""Scheduling policies: *when* clients train and the server steps.
 
 A policy is a small state machine over a `Runtime`: the simulator implements it with a virtual
 clock, the network server with check-ins and wall-clock timers. Aggregation math stays in the
 aggregator; the policy only decides when to start clients, when a round closes and what
 happens to stragglers.
+
+Every policy has the same contract: `on_report` returns the verdict of the update it was handed
+(None when it did not submit it); `state_dict` / `load_state_dict` carry what a restarted
+server needs (JSON-able); `status` is what it adds to the server's /status. Timer payloads are
+JSON values the runtime treats as opaque (it may persist them and hand back an equal value);
+`is_deadline` tells a runtime which timer closes the open round.
 """
 
 from __future__ import annotations
@@ -11,8 +17,7 @@ from __future__ import annotations
 import math
 from typing import Any, Protocol
 
-from asyncfl.algorithms.aggregators import Verdict
-from asyncfl.algorithms.update import ClientUpdate
+from asyncfl.algorithms.types import ClientUpdate, Verdict
 from asyncfl.config import SchedulerConfig
 
 
@@ -34,10 +39,13 @@ class Runtime(Protocol):
         """Only the first n reports of the trips now in flight will be used: a runtime that
         prepares results ahead of time may leave the others until they are asked for."""
 
-    def collect_partial(self) -> list[tuple[Any, ClientUpdate]]:
-        """Stop every trip in flight; return the partial updates of those that did work."""
+    def collect_partial(self, limit: int) -> list[tuple[Any, ClientUpdate]]:
+        """Stop at most `limit` trips in flight, those that did the most local steps (ties: the
+        earlier-started trip), and return their partial updates in start order; trips with no
+        step done are never chosen. The others stay in flight (the closing round cancels them)."""
 
-    def set_timer(self, delay: float, payload: Any) -> None: ...
+    def set_timer(self, delay: float, payload: Any) -> None:
+        """Call `on_timer(rt, payload)` after `delay` seconds; `payload` is a JSON value."""
 
 
 WAKE = "wake"
@@ -54,9 +62,10 @@ class AsyncPolicy:
     def start(self, rt: Runtime) -> None:
         rt.request_clients(self.concurrency - rt.in_flight)
 
-    def on_report(self, rt: Runtime, trip: Any, update: ClientUpdate) -> None:
-        rt.submit(trip, update)
+    def on_report(self, rt: Runtime, trip: Any, update: ClientUpdate) -> Verdict:
+        verdict = rt.submit(trip, update)
         self.start(rt)
+        return verdict
 
     def on_lost(self, rt: Runtime, trip: Any) -> None:
         self.start(rt)
@@ -64,6 +73,18 @@ class AsyncPolicy:
     def on_timer(self, rt: Runtime, payload: Any) -> None:
         if payload == WAKE:
             self.start(rt)
+
+    def is_deadline(self, payload: Any) -> bool:
+        return False
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def status(self) -> dict:
+        return {}
 
 
 class SyncPolicy:
@@ -91,12 +112,23 @@ class SyncPolicy:
         self.arrived = 0
         rt.expect_reports(self.cohort)  # the round closes at its cohort: over-selected stragglers get cancelled
         if self.round_timeout is not None:
-            rt.set_timer(self.round_timeout, ("deadline", self.round))
+            rt.set_timer(self.round_timeout, self._deadline())
 
-    def on_report(self, rt: Runtime, trip: Any, update: ClientUpdate) -> None:
-        if rt.submit(trip, update) != Verdict.DISCARDED:
+    def _deadline(self) -> dict:
+        return {"deadline_of_round": self.round}
+
+    def is_deadline(self, payload: Any) -> bool:
+        """True for the timer that closes the round now open (earlier rounds' timers are void)."""
+        return self.open and payload == self._deadline()
+
+    def on_report(self, rt: Runtime, trip: Any, update: ClientUpdate) -> Verdict | None:
+        if not self.open:
+            return None  # the round this trip belonged to has closed
+        verdict = rt.submit(trip, update)
+        if verdict != Verdict.DISCARDED:
             self.arrived += 1
         self._maybe_close(rt)
+        return verdict
 
     def on_lost(self, rt: Runtime, trip: Any) -> None:
         self._maybe_close(rt)
@@ -104,9 +136,9 @@ class SyncPolicy:
     def on_timer(self, rt: Runtime, payload: Any) -> None:
         if payload == WAKE and not self.open:
             self.start(rt)
-        elif payload == ("deadline", self.round) and self.open:
-            if self.straggler == "partial":
-                for trip, update in rt.collect_partial():
+        elif self.is_deadline(payload):
+            if self.straggler == "partial":  # a round folds at most `cohort` updates
+                for trip, update in rt.collect_partial(self.cohort - self.arrived):
                     rt.submit(trip, update)
             self._close(rt)
 
@@ -119,6 +151,15 @@ class SyncPolicy:
         rt.flush()
         self.open = False
         self.start(rt)
+
+    def state_dict(self) -> dict:
+        return {"round": self.round, "open": self.open, "arrived": self.arrived}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.round, self.open, self.arrived = state["round"], state["open"], state["arrived"]
+
+    def status(self) -> dict:
+        return {"round": {"number": self.round, "open": self.open, "arrived": self.arrived}}
 
 
 def build_policy(cfg: SchedulerConfig) -> AsyncPolicy | SyncPolicy:

@@ -1,4 +1,4 @@
-"""Aggregators: how client updates fold into the global model (SPEC §3).
+"""Aggregators: how client updates fold into the global model.
 
 They know nothing of clocks, threads or HTTP: the simulator and the network server call the
 same objects. Whether a round barrier exists is the scheduling policy's business; it calls
@@ -9,28 +9,14 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from enum import Enum
 from typing import Callable
 
 import torch
 
 from asyncfl.algorithms.server_opt import ServerOptimizer
 from asyncfl.algorithms.staleness import StalenessFn
-from asyncfl.algorithms.update import ClientUpdate
+from asyncfl.algorithms.types import ClientUpdate, ServerState, Verdict
 from asyncfl.privacy.dp import clip
-
-
-@dataclass
-class ServerState:
-    w: torch.Tensor
-    version: int = 0
-
-
-class Verdict(str, Enum):
-    BUFFERED = "buffered"
-    STEPPED = "stepped"
-    DISCARDED = "discarded"
 
 
 EXAMPLE_WEIGHTS: dict[str, Callable[[int], float]] = {
@@ -64,7 +50,13 @@ class Aggregator(ABC):
         """Epsilon and DP settings for a differentially private aggregator; None otherwise."""
         return None
 
+    def status(self) -> dict:
+        """What the server's /status shows of this aggregator (JSON-able): the buffer's fill and
+        size (None: no size trigger) and the privacy report."""
+        return {"buffer": {"fill": self.pending, "size": None}, "privacy": self.privacy_report()}
+
     def state_dict(self) -> dict:
+        """Everything a restarted server needs to continue exactly (tensors allowed)."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:
@@ -90,6 +82,9 @@ class BufferingAggregator(Aggregator):
     @property
     def pending(self) -> int:
         return self.count
+
+    def status(self) -> dict:
+        return super().status() | {"buffer": {"fill": self.count, "size": self.buffer_size}}
 
     def _added(self, state: ServerState) -> Verdict:
         self.count += 1

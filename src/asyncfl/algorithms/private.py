@@ -1,4 +1,4 @@
-"""Central user-level differential privacy as an aggregator (SPEC §7): DP-FedAvg / DP-FedBuff.
+"""Central user-level differential privacy as an aggregator: DP-FedAvg / DP-FedBuff.
 
 `PrivateAggregator` is the buffered mechanism of `aggregators.BufferedAggregator` with the
 three changes the Gaussian mechanism needs (McMahan et al. 2018, "Learning Differentially
@@ -32,9 +32,9 @@ from typing import Callable
 
 import torch
 
-from asyncfl.algorithms.aggregators import BufferingAggregator, ServerState, Verdict
+from asyncfl.algorithms.aggregators import BufferingAggregator
+from asyncfl.algorithms.types import ClientUpdate, ServerState, Verdict
 from asyncfl.algorithms.server_opt import ServerOptimizer
-from asyncfl.algorithms.update import ClientUpdate
 from asyncfl.privacy import Accountant, AdaptiveClipping, add_gaussian_noise, clip, update_noise_multiplier
 
 
@@ -88,6 +88,7 @@ class PrivateAggregator(BufferingAggregator):
         self.generator = torch.Generator().manual_seed(int(seed) & (2**63 - 1))
         self.delta = float(delta)
         self.noisy_steps = 0
+        self._epsilon: tuple[int, float, float] | None = None  # (noisy steps, delta, epsilon)
 
     def _reset(self) -> None:
         super()._reset()
@@ -127,8 +128,14 @@ class PrivateAggregator(BufferingAggregator):
 
     # ---- reporting ----------------------------------------------------------------------
     def epsilon(self, delta: float | None = None) -> float | None:
-        """Epsilon spent so far at `delta` (default: the configured one); None without noise."""
-        return None if self.accountant is None else self.accountant.epsilon(self.delta if delta is None else delta)
+        """Epsilon spent so far at `delta` (default: the configured one); None without noise.
+        Recomputed only after a noisy step: /status and evaluations ask far more often."""
+        if self.accountant is None:
+            return None
+        delta = self.delta if delta is None else delta
+        if self._epsilon is None or self._epsilon[:2] != (self.noisy_steps, delta):
+            self._epsilon = (self.noisy_steps, delta, self.accountant.epsilon(delta))
+        return self._epsilon[2]
 
     def privacy_report(self) -> dict:
         """What a run reports about its privacy: epsilon at the configured delta, and the knobs."""
@@ -160,6 +167,7 @@ class PrivateAggregator(BufferingAggregator):
         self.total = None if state["total"] is None else state["total"].clone()
         self.count, self.users, self.norms = state["count"], set(state["users"]), list(state["norms"])
         self.clip_norm, self.noisy_steps = float(state["clip_norm"]), int(state["noisy_steps"])
+        self._epsilon = None
         if self.adaptive is not None:
             self.adaptive.clip_norm = self.clip_norm
         if self.accountant is not None and state["accountant"] is not None:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from asyncfl.algorithms.shuffle import minibatches, mix
-from asyncfl.algorithms.update import ClientUpdate
+from asyncfl.algorithms.types import ClientUpdate
 from asyncfl.models.flat import FlatModel
 
 

@@ -28,11 +28,12 @@ from typing import Callable
 import numpy as np
 import torch
 
+from asyncfl.algorithms.seeds import upload_rounding_generator
 from asyncfl.client.http import GaveUp, ServerApi
 from asyncfl.compression import ErrorFeedback, Raw, parse_codec
 from asyncfl.config import validate
 from asyncfl.experiment import build_data, build_flat_model, build_trainer
-from asyncfl.server import wire
+from asyncfl import wire
 
 
 class ClientError(RuntimeError):
@@ -197,7 +198,7 @@ class ClientRuntime:
         feedback, (compensated, decoded) to record once the server has accepted it."""
         if self.upload_codec is None:
             return None, None
-        gen = torch.Generator().manual_seed((int(seed) ^ 0xC0DEC) & (2**63 - 1))  # as the simulator seeds it
+        gen = upload_rounding_generator(seed)  # as the simulator seeds it
         if self.error_feedback is None:
             return self.upload_codec.encode(delta, gen), None
         v = self.error_feedback.compensate("self", delta)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from asyncfl.algorithms.aggregators import Verdict
+from asyncfl.algorithms.types import Verdict
 
 COLUMNS = [
     "virtual_time", "version", "trips_started", "trips_completed", "trips_dropped",

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from asyncfl.algorithms.aggregators import Aggregator, ServerState, Verdict
-from asyncfl.algorithms.update import ClientUpdate
+from asyncfl import wire
+from asyncfl.algorithms.aggregators import Aggregator
+from asyncfl.algorithms.types import ClientUpdate, ServerState, Verdict
 from asyncfl.compression import Codec, Raw
-from asyncfl.server import wire
 from asyncfl.server.errors import ApiError
 from asyncfl.server.store import Store, tensor_bytes, tensor_load
 
@@ -30,14 +30,19 @@ class Checked:
     payload_bytes: int = 0  # the frame's payload as received (encoded bytes with compression)
 
 
-@dataclass
-class Fold:
-    """What one submit did, for the update log."""
+@dataclass(frozen=True)
+class AggregationSettings:
+    """What the role checks uploads against and keeps: the model's tensor names and shapes, the
+    bound on an update's L2 norm (None: none), how many recent versions stay downloadable, and
+    the run's upload codec (None or lossless raw: plain frames), the only one uploads may use;
+    `upload_spec` is how the config spells it (accepted besides the canonical spec)."""
 
-    seq: int
-    staleness: int
-    verdict: Verdict | None = None
-    version_after: int = 0
+    names: list[str]
+    shapes: list[tuple[int, ...]]
+    max_norm: float | None
+    keep_versions: int
+    upload_codec: Codec | None = None
+    upload_spec: str | None = None
 
 
 @dataclass
@@ -47,27 +52,22 @@ class _Dirty:
 
 
 class AggregationRole:
-    def __init__(self, aggregator: Aggregator, w0: torch.Tensor, names: list[str],
-                 shapes: list[tuple[int, ...]], max_norm: float | None, keep_versions: int,
-                 upload_codec: Codec | None = None, upload_spec: str | None = None):
-        """`upload_codec` (the run's compression.upload, None or lossless raw = plain frames):
-        the only codec uploads may use; `upload_spec` is how the config spells it (accepted
-        besides the canonical spec)."""
+    def __init__(self, aggregator: Aggregator, w0: torch.Tensor, settings: AggregationSettings):
         self.aggregator = aggregator
-        self.names, self.shapes = list(names), [tuple(s) for s in shapes]
-        self.max_norm = max_norm
-        self.keep_versions = keep_versions
+        self.names, self.shapes = list(settings.names), [tuple(s) for s in settings.shapes]
+        self.max_norm = settings.max_norm
+        self.keep_versions = settings.keep_versions
         self.state = ServerState(w=w0.clone(), version=0)
         self.models: dict[int, torch.Tensor] = {0: self.state.w}
         self.pending_seqs: list[int] = []  # accepted updates folded into the buffer, not yet in a version
-        self.current: Fold | None = None
         self.counts = {v.value: 0 for v in Verdict}
         self._dirty = _Dirty(state=True, new_versions=[(0, time.time(), [])])
-        self.upload_codec = None if upload_codec is None or isinstance(upload_codec, Raw) else upload_codec
+        codec = settings.upload_codec
+        self.upload_codec = None if codec is None or isinstance(codec, Raw) else codec
         self.codecs, self.expected_codec = None, None  # None: wire.CODECS, i.e. raw frames only
         if self.upload_codec is not None:
             decoder = wire.compressed_decoder(self.upload_codec, self._check_specs)
-            self.expected_codec = upload_spec or self.upload_codec.spec
+            self.expected_codec = settings.upload_spec or self.upload_codec.spec
             self.codecs = {self.upload_codec.spec: decoder, self.expected_codec: decoder}
 
     # ---- validation (pure) ------------------------------------------------------------
@@ -108,23 +108,21 @@ class AggregationRole:
     def base_weights(self, version: int) -> torch.Tensor | None:
         return self.models.get(version)
 
-    def fold(self, update: ClientUpdate) -> Verdict:
-        """Runtime.submit's body: the shared aggregator decides; we version and log."""
+    def fold(self, update: ClientUpdate, seq: int | None) -> Verdict:
+        """Runtime.submit's body: the shared aggregator decides; we version and log. `seq` is
+        the update log's number of the upload (None: not in the log), recorded in the version
+        it ends up in."""
         base_w = self.models.get(update.base_version)
         if base_w is None:  # only FedAsync reads base_w; the lease kept it unless the run state was lost
             base_w = self.state.w
         verdict = self.aggregator.submit(self.state, update, base_w)
         self.counts[verdict.value] += 1
-        if self.current is not None:
-            self.current.verdict = verdict
         if verdict != Verdict.DISCARDED:
             self._dirty.state = True
-            if self.current is not None:
-                self.pending_seqs.append(self.current.seq)
+            if seq is not None:
+                self.pending_seqs.append(seq)
         if verdict == Verdict.STEPPED:
             self._stepped()
-        if self.current is not None:
-            self.current.version_after = self.state.version
         return verdict
 
     def flush(self) -> bool:

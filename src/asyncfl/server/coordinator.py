@@ -18,10 +18,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
-
-from asyncfl.algorithms.aggregators import Verdict
-from asyncfl.algorithms.update import ClientUpdate
+from asyncfl.algorithms.seeds import trip_seed
+from asyncfl.algorithms.types import ClientUpdate, Verdict
 from asyncfl.server.aggregation import AggregationRole
 from asyncfl.server.errors import ApiError
 from asyncfl.server.store import Store
@@ -40,14 +38,16 @@ class Lease:
     issued_at: float
     expires_at: float
     state: str = ACTIVE
+    upload_seq: int | None = None  # the update log's number of the upload that ended it
 
 
-def _plain(v: Any) -> Any:
-    return list(v) if isinstance(v, tuple) else v
+def _sql_seed(seed: int) -> int:
+    """A uint64 seed as SQLite's signed 64-bit INTEGER (two's complement); `_seed_of` undoes it."""
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
 
 
-def _unplain(v: Any) -> Any:
-    return tuple(v) if isinstance(v, list) else v
+def _seed_of(stored: int) -> int:
+    return stored & ((1 << 64) - 1)
 
 
 class Coordinator:
@@ -77,7 +77,7 @@ class Coordinator:
         return n
 
     def submit(self, trip: Lease, update: ClientUpdate) -> Verdict:
-        return self.aggregation.fold(update)
+        return self.aggregation.fold(update, trip.upload_seq)
 
     def flush(self) -> bool:
         return self.aggregation.flush()
@@ -90,7 +90,7 @@ class Coordinator:
     def expect_reports(self, n: int) -> None:
         """Real devices train on their own time: there is nothing to leave undone here."""
 
-    def collect_partial(self) -> list[tuple[Lease, ClientUpdate]]:
+    def collect_partial(self, limit: int) -> list[tuple[Lease, ClientUpdate]]:
         """A server cannot pull work from devices: clients are told the round deadline at
         check-in and send the steps they managed before it (see client runtime)."""
         return []
@@ -109,7 +109,7 @@ class Coordinator:
         self.open_slots -= 1
         self.issued += 1
         now = self.clock()
-        seed = int(np.random.SeedSequence([self.seed, self.issued]).generate_state(1)[0])
+        seed = int(trip_seed(self.seed, self.issued - 1)[0])  # trip numbers count from 0, as in the simulator
         lease = Lease(f"L{self.issued}-{secrets.token_hex(6)}", client, self.aggregation.state.version, seed,
                       now, now + self.lease_timeout)
         self.leases[lease.lease_id] = lease
@@ -118,7 +118,8 @@ class Coordinator:
         return lease
 
     def round_deadline(self) -> float | None:
-        due = [t for t, _, p in self.timers if isinstance(p, tuple) and p and p[0] == "deadline"]
+        """Seconds until the open round's deadline; None without one."""
+        due = [t for t, _, p in self.timers if self.policy.is_deadline(p)]
         return min(due) - self.clock() if due else None
 
     def active_lease(self, lease_id: str, client: str, store: Store) -> Lease:
@@ -143,10 +144,12 @@ class Coordinator:
                          "idempotency key to get its result)")}.get(state, ("no_lease", f"lease state {state}"))
         raise ApiError(409, *reason)
 
-    def report(self, lease: Lease, update: ClientUpdate) -> None:
-        """An upload against a live lease: the trip ends, the policy folds it in."""
+    def report(self, lease: Lease, update: ClientUpdate, seq: int) -> Verdict | None:
+        """Upload number `seq` against a live lease: the trip ends, the policy folds it in.
+        Returns its verdict; None when the policy did not submit it."""
+        lease.upload_seq = seq
         self._end(lease, DONE)
-        self.policy.on_report(self, lease, update)
+        return self.policy.on_report(self, lease, update)
 
     def _end(self, lease: Lease, state: str) -> None:
         lease.state = state
@@ -179,14 +182,12 @@ class Coordinator:
     # ---- durability -------------------------------------------------------------------
     def snapshot(self) -> dict:
         """Under the state lock: changed leases and the policy's state, as plain data."""
-        leases = [(l.lease_id, l.client, l.base_version, l.seed, l.issued_at, l.expires_at, l.state)
+        leases = [(l.lease_id, l.client, l.base_version, _sql_seed(l.seed), l.issued_at, l.expires_at, l.state)
                   for l in self._dirty.values()]
         self._dirty = {}
-        policy_vars = {k: _plain(v) for k, v in vars(self.policy).items()
-                       if isinstance(v, (int, float, bool, str, type(None), tuple))}
         return {"leases": leases, "meta": {
             "open_slots": self.open_slots, "issued": self.issued, "ended": dict(self.ended),
-            "timers": [[t, _plain(p)] for t, _, p in sorted(self.timers)], "policy": policy_vars}}
+            "timers": [[t, p] for t, _, p in sorted(self.timers)], "policy": self.policy.state_dict()}}
 
     @staticmethod
     def persist(snap: dict, db: sqlite3.Connection) -> None:
@@ -197,15 +198,14 @@ class Coordinator:
     def restore(self, store: Store) -> None:
         saved = store.get_meta("coordinator")
         self.open_slots, self.issued, self.ended = saved["open_slots"], saved["issued"], saved["ended"]
-        self.timers = [(t, next(self._timer_seq), _unplain(p)) for t, p in saved["timers"]]
+        self.timers = [(t, next(self._timer_seq), p) for t, p in saved["timers"]]
         heapq.heapify(self.timers)
-        for k, v in saved["policy"].items():
-            if hasattr(self.policy, k):
-                setattr(self.policy, k, _unplain(v))
+        self.policy.load_state_dict(saved["policy"])
         self.leases, self.by_client, self.recent = {}, {}, collections.OrderedDict()
         for row in store.query("SELECT lease_id, client, base_version, seed, issued_at, expires_at, state "
                                "FROM leases WHERE state=?", (ACTIVE,)):
             lease = Lease(*row)
+            lease.seed = _seed_of(lease.seed)
             self.leases[lease.lease_id] = lease
             self.by_client[lease.client] = lease.lease_id
         self._dirty = {}

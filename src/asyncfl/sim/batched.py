@@ -21,7 +21,7 @@ from torch.func import functional_call, vmap
 
 from asyncfl.algorithms.shuffle import minibatches, mix
 from asyncfl.algorithms.trainer import LocalTrainer
-from asyncfl.algorithms.update import ClientUpdate
+from asyncfl.algorithms.types import ClientUpdate
 from asyncfl.data.federated import FederatedDataset
 from asyncfl.models.flat import FlatModel
 from asyncfl.models.zoo import MLP, LogisticRegression

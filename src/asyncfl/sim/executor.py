@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from asyncfl.algorithms.trainer import LocalTrainer
-from asyncfl.algorithms.update import ClientUpdate
+from asyncfl.algorithms.types import ClientUpdate
 from asyncfl.data.federated import FederatedDataset
 
 

@@ -17,11 +17,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from asyncfl.algorithms.aggregators import Aggregator, ServerState, Verdict
+from asyncfl.algorithms.aggregators import Aggregator
+from asyncfl.algorithms.types import ClientUpdate, ServerState, Verdict
 from asyncfl.compression import Codec, ErrorFeedback
-from asyncfl.algorithms.shuffle import mix
+from asyncfl.algorithms.seeds import download_rounding_generator, trip_seed, upload_rounding_generator
 from asyncfl.algorithms.trainer import LocalTrainer
-from asyncfl.algorithms.update import ClientUpdate
 from asyncfl.config import PopulationConfig, StopConfig, EvalConfig
 from asyncfl.data.federated import FederatedDataset
 from asyncfl.models.flat import FlatModel
@@ -150,14 +150,17 @@ class Simulation:
         for trip in reporting[n:]:
             trip.reports = False
 
-    def collect_partial(self) -> list[tuple[Trip, ClientUpdate]]:
-        partial = []
-        for trip_id, trip in list(self.trips.items()):
+    def collect_partial(self, limit: int) -> list[tuple[Trip, ClientUpdate]]:
+        worked = []
+        for trip in self.trips.values():
             steps = min(trip.steps, math.floor((self.clock - trip.download_end) / trip.step_time))
-            if steps < 1:
-                continue
-            self._end_trip(trip_id)
-            self.executor.set_steps(trip_id, steps)
+            if steps >= 1:
+                worked.append((steps, trip))
+        chosen = sorted(worked, key=lambda st: (-st[0], st[1].job_id))[:max(0, limit)]
+        partial = []
+        for steps, trip in sorted(chosen, key=lambda st: st[1].job_id):
+            self._end_trip(trip.job_id)
+            self.executor.set_steps(trip.job_id, steps)
             self.metrics.completed += 1
             partial.append(trip)
         # all steps are set before any result is asked for, so a batched executor trains them in one pass
@@ -201,12 +204,12 @@ class Simulation:
 
     def _trip_draws(self, trip_id: int) -> tuple[int, float | None]:
         """(training seed, None or the fraction of its duration after which the trip drops),
-        drawn in blocks of 4,096 trips: the seed hashes (experiment seed, trip id), the dropout
+        drawn in blocks of 4,096 trips: the seed is `trip_seed(experiment seed, trip id)`, the dropout
         comes from the dropout stream."""
         off = trip_id - self._draw_base
         if not 0 <= off < len(self._seeds):
             self._draw_base, off, n = trip_id, 0, 4096
-            self._seeds = mix(self.seed, np.arange(trip_id, trip_id + n)).tolist()
+            self._seeds = trip_seed(self.seed, np.arange(trip_id, trip_id + n)).tolist()
             u = self.drop_rng.random((n, 2))
             self._drops = np.where(u[:, 0] < self.dropout, u[:, 1], np.nan).tolist()
         drop = self._drops[off]
@@ -222,7 +225,7 @@ class Simulation:
         if self.upload_codec is None:
             self.metrics.bytes_up += self.upload_bytes
             return update
-        gen = torch.Generator().manual_seed((trip.seed ^ 0xC0DEC) & (2**63 - 1))
+        gen = upload_rounding_generator(trip.seed)
         if self.error_feedback is not None:
             payload, decoded = self.error_feedback.encode(trip.device, update.delta, gen)
         else:
@@ -241,7 +244,7 @@ class Simulation:
         if codec is None or codec.lossless:
             return self.state.w
         if self._broadcast is None or self._broadcast[0] != self.state.version:
-            gen = torch.Generator().manual_seed(int(mix(self.seed, self.state.version, 0xD0)[0]) & (2**63 - 1))
+            gen = download_rounding_generator(self.seed, self.state.version)
             payload = codec.encode(self.state.w, gen)
             if len(payload) != self.download_bytes:
                 raise RuntimeError(f"{codec.spec}: payload of {len(payload)} bytes, charged {self.download_bytes}")

@@ -1,11 +1,25 @@
-"""What a client sends back after a trip: the only thing aggregators consume."""
+"""The small types every part shares: the server's model state, what a client sends back after
+a trip (the only thing aggregators consume), and what an aggregator did with it."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
+
+
+@dataclass
+class ServerState:
+    w: torch.Tensor
+    version: int = 0
+
+
+class Verdict(str, Enum):
+    BUFFERED = "buffered"
+    STEPPED = "stepped"
+    DISCARDED = "discarded"
 
 
 @dataclass(slots=True)

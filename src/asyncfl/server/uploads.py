@@ -1,0 +1,98 @@
+"""Upload handling: validate an update, apply the lease rule, let the policy fold it in, log it,
+and answer once the answer is durable. A re-send (same client, same idempotency key) gets the
+first answer, from memory while recent, else from the update log."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import zlib
+
+from asyncfl.algorithms.types import ClientUpdate, Verdict
+from asyncfl.server.durability import GroupCommit
+from asyncfl.server.errors import ApiError
+from asyncfl.server.shared import Shared
+
+
+class Uploads:
+    def __init__(self, shared: Shared, commit: GroupCommit):
+        self.shared, self.commit = shared, commit
+        self.next_seq = 1
+        self._inflight: dict[tuple[str, str], tuple[int, dict, int]] = {}
+
+    def restore(self) -> None:
+        """Under the state lock, from the last durable state."""
+        self.next_seq = (self.shared.store.query("SELECT max(seq) FROM updates")[0][0] or 0) + 1
+        self._inflight = {}
+
+    def upload(self, client: str, body: bytes) -> tuple[int, dict]:
+        """Validate, fold, persist, answer; (status, body). Raises ApiError for bad input."""
+        sh = self.shared
+        t0 = time.perf_counter()
+        with sh.lock:
+            sh.counters.traffic["upload_body_bytes"] += len(body)
+        try:
+            checked = sh.aggregation.check(body)  # no lock: pure, the expensive part
+            h = checked.header
+            key = (client, h.idempotency_key)
+            with sh.lock:
+                pending = self._inflight.get(key)
+            if pending is None:
+                replay = sh.store.query("SELECT status, response FROM updates WHERE client=? AND idem_key=?", key)
+                if replay:
+                    return replay[0][0], json.loads(replay[0][1]) | {"replayed": True}
+                with sh.lock:
+                    pending = self._inflight.get(key)
+                    if pending is None:
+                        status, answer, epoch = self._fold(client, h, checked)
+            if pending is not None:  # a re-send: the first answer, once it is durable
+                status, answer, epoch = pending
+                self.commit.sync(epoch)
+                return status, answer | {"replayed": True}
+            self.commit.sync(epoch)
+            sh.counters.latency.append(time.perf_counter() - t0)
+            return status, answer
+        except ApiError as err:
+            sh.counters.rejected[err.code] += 1
+            raise
+
+    def _fold(self, client: str, h, checked) -> tuple[int, dict, int]:
+        """Under the state lock: the lease rule, then the policy folds the update in."""
+        sh, counters = self.shared, self.shared.counters
+        lease = sh.coordinator.active_lease(h.lease_id, client, sh.store)
+        if h.base_version != lease.base_version:
+            raise ApiError(409, "base_mismatch", f"base_version {h.base_version} does not match lease "
+                           f"{lease.lease_id}'s version {lease.base_version}")
+        update = ClientUpdate(client_id=zlib.crc32(client.encode()), base_version=h.base_version,
+                              delta=checked.delta, n_examples=h.n_examples, steps=h.steps,
+                              loss=math.nan if h.loss is None else h.loss,
+                              start_loss=math.nan if h.start_loss is None else h.start_loss,
+                              planned_steps=h.planned_steps)
+        seq = self.next_seq
+        version_before = sh.aggregation.state.version
+        staleness = version_before - h.base_version
+        verdict = sh.coordinator.report(lease, update, seq)
+        version = sh.aggregation.state.version
+        if verdict == Verdict.DISCARDED:
+            status, answer = 409, {"error": "stale", "seq": seq, "version": version,
+                                   "detail": f"staleness {staleness} exceeds max_staleness "
+                                             f"{sh.aggregation.aggregator.max_staleness}; update discarded"}
+            counters.rejected["stale"] += 1
+        elif verdict is None:  # the policy did not submit it
+            status, answer = 409, {"error": "lease_cancelled", "seq": seq, "version": version,
+                                   "detail": "the round closed before this update could count"}
+        else:
+            status, answer = 200, {"status": "accepted", "verdict": verdict.value, "seq": seq,
+                                   "staleness": staleness, "version": version}
+        self.commit.rows.append((seq, client, h.idempotency_key, h.lease_id, h.base_version, version_before,
+                                 staleness, h.n_examples, h.steps, h.loss, checked.norm,
+                                 verdict.value if verdict else "none", time.time(), status, json.dumps(answer)))
+        self.next_seq += 1
+        counters.traffic["upload_payload_bytes"] += checked.payload_bytes
+        counters.traffic["uploads_decoded"] += 1
+        epoch = self.commit.epoch
+        self._inflight[(client, h.idempotency_key)] = (status, answer, epoch)
+        if len(self._inflight) > 10_000:  # recent answers; older ones are found in the update log
+            self._inflight.pop(next(iter(self._inflight)))
+        return status, answer, epoch
