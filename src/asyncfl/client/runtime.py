@@ -31,7 +31,7 @@ import torch
 from asyncfl.client.http import GaveUp, ServerApi
 from asyncfl.compression import ErrorFeedback, Raw, parse_codec
 from asyncfl.config import validate
-from asyncfl.experiment import build_data, build_flat_model, build_trainer
+from asyncfl.build import build_data, build_flat_model, build_trainer
 from asyncfl.server import wire
 
 
