@@ -15,7 +15,7 @@ from asyncfl import config
 from asyncfl.algorithms.aggregators import ServerState
 from asyncfl.algorithms.update import ClientUpdate
 from asyncfl.compression import ErrorFeedback, decode, parse_codec
-from asyncfl.experiment import build_aggregator
+from asyncfl.build import build_aggregator
 from asyncfl.privacy import epsilon
 from asyncfl.server import wire
 from asyncfl.server.service import FLServer

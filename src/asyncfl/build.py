@@ -85,9 +85,9 @@ def split_client_tests(data: FederatedDataset, fraction: float, seed: int) -> Fe
         return data
     rng = np.random.default_rng([seed, 7])
     train, test = [], []
-    for idx in data.client_indices:
-        k = min(len(idx) - 1, max(1, round(fraction * len(idx))))
-        shuffled = rng.permutation(idx)
+    for client in data.client_indices:
+        k = min(len(client) - 1, max(1, round(fraction * len(client))))
+        shuffled = rng.permutation(client)
         test.append(np.sort(shuffled[:k]))
         train.append(np.sort(shuffled[k:]))
     return dataclasses.replace(data, client_indices=train, client_test_indices=test)
