@@ -1,12 +1,14 @@
 """The algorithm registry: each algorithm's definition is what config, builders, server and
 client read, so these tests check the definitions against what each part builds."""
 
+import dataclasses
 import typing
 
 import pytest
 
 from asyncfl import config
 from asyncfl.algorithms import aggregators
+from asyncfl.algorithms.defs import registry
 from asyncfl.algorithms.defs.registry import ClientOptions, definition, definitions
 from asyncfl.algorithms.private import PrivateAggregator
 from asyncfl.build import build_aggregator, build_trainer, client_options
@@ -123,3 +125,12 @@ def test_qfedavg_async_needs_a_buffer_size():
     with pytest.raises(ValueError, match="qfedavg in async mode needs algorithm.buffer_size"):
         run({"name": "qfedavg"}, {"mode": "async"})
     assert run({"name": "qfedavg", "buffer_size": 3}, {"mode": "async"}).scheduler.mode == "async"
+
+
+def test_config_reads_the_compression_capability(monkeypatch):
+    with_codec = {"compression": {"upload": "int8"}}
+    assert run({"name": "fedavg"}, **with_codec).compression.upload == "int8"
+    monkeypatch.setitem(registry._REGISTRY, "fedavg", dataclasses.replace(definition("fedavg"), compression=False))
+    with pytest.raises(ValueError, match="compression is not supported for algorithm 'fedavg'"):
+        run({"name": "fedavg"}, **with_codec)
+    assert run({"name": "fedavg"}).compression is None

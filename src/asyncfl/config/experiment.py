@@ -58,6 +58,8 @@ class RunSpec(Strict):
         if self.scheduler.straggler == "partial" and self.scheduler.round_timeout is None:
             raise ValueError("straggler 'partial' needs a round_timeout")
         algorithm.validate(a, self.scheduler)
+        if self.compression is not None and not algorithm.compression:
+            raise ValueError(f"compression is not supported for algorithm {a.name!r}")
         return self
 
     @model_validator(mode="after")

@@ -66,9 +66,9 @@ class AlgorithmDefinition:
     updates_per_step(a, scheduler): expected updates per server step, the fixed denominator of
         a private aggregate (the round's cohort unless the algorithm steps every K updates).
     client_state: the name of per-client state the server persists between a client's trips
-        (e.g. a control variate); None: clients are stateless.
-    upload_fields: tensors a client uploads besides its model delta (e.g. its control variate's
-        change); empty: the delta alone.
+        (SCAFFOLD's control variate c_i, say); None: clients are stateless (all algorithms so far).
+    upload_fields: tensors a client uploads besides its model delta (SCAFFOLD's change of c_i,
+        say); empty: the delta alone (all algorithms so far).
     """
 
     name: str
