@@ -118,17 +118,38 @@ def test_clipping_bounds_each_updates_norm_before_weighting():
     assert torch.allclose(state.w, -torch.tensor([1.1, 0.8], dtype=torch.float64) / 2)
 
 
-def test_fedavg_weighs_partial_work_by_the_share_of_steps_done():
-    agg = aggregators.fedavg(server_opt.SGD(lr=1.0))
+def _round_with_a_half_done_update(agg) -> float:
     state = ServerState(w=torch.zeros(1, dtype=torch.float64), version=0)
     base = torch.zeros(1, dtype=torch.float64)
     full, partial = upd([1.0], n=10), upd([4.0], n=10)
     full.steps = full.planned_steps = 10
-    partial.steps, partial.planned_steps = 5, 10  # a straggler stopped half way: weight 10 * 0.5
+    partial.steps, partial.planned_steps = 5, 10  # a straggler stopped half way
     agg.submit(state, full, base)
     agg.submit(state, partial, base)
     agg.flush(state)
-    assert state.w.item() == pytest.approx(-(10 * 1.0 + 5 * 4.0) / 15)
+    return state.w.item()
+
+
+def test_fedavg_weighs_partial_work_at_full_n_by_default():
+    """FedProx's reference aggregation: a partial solution counts with its n_k."""
+    assert _round_with_a_half_done_update(aggregators.fedavg(server_opt.SGD(lr=1.0))) == pytest.approx(
+        -(10 * 1.0 + 10 * 4.0) / 20)
+
+
+def test_fedavg_weighs_partial_work_by_the_share_of_steps_done():
+    agg = aggregators.fedavg(server_opt.SGD(lr=1.0), partial_weight="work_fraction")  # weight 10 * 0.5
+    assert _round_with_a_half_done_update(agg) == pytest.approx(-(10 * 1.0 + 5 * 4.0) / 15)
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedprox", "perfedavg"])
+@pytest.mark.parametrize("partial_weight, expected", [(None, -2.5), ("full", -2.5), ("work_fraction", -2.0)])
+def test_round_aggregation_config_sets_the_partial_weight(algorithm, partial_weight, expected):
+    from asyncfl.build import build_aggregator
+    from asyncfl.config import RunSpec
+
+    a = {"name": algorithm} | ({"partial_weight": partial_weight} if partial_weight else {})
+    spec = RunSpec.model_validate({"name": "r", "algorithm": a})
+    assert _round_with_a_half_done_update(build_aggregator(spec, 0.1)) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("rule, expected", [

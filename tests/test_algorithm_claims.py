@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from asyncfl import config
-from asyncfl.experiment import build_data, run_one
+from asyncfl.build import build_data
+from asyncfl.experiment import run_one
 
 
 def sync_run(name, **algorithm):

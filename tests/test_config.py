@@ -107,7 +107,7 @@ def test_invalid_zoo_combinations_are_config_errors(small, sets, message):
 
 
 def test_missing_dataset_files_and_wrong_model_are_config_errors(small, tmp_path):
-    from asyncfl.experiment import build_data, build_flat_model
+    from asyncfl.build import build_data, build_flat_model
 
     cfg = small(sets=["data.dataset=fashion_mnist", f"data.path={tmp_path}"])
     with pytest.raises(ConfigError, match="dataset-fashion-mnist"):

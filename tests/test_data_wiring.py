@@ -6,7 +6,8 @@ import torch
 
 from asyncfl.algorithms.trainer import LocalTrainer
 from asyncfl.data.synthetic import SyntheticFederated
-from asyncfl.experiment import build_data, build_flat_model, run_one
+from asyncfl.build import build_data, build_flat_model
+from asyncfl.experiment import run_one
 from asyncfl.sim.batched import BatchedExecutor
 from asyncfl.sim.executor import SequentialExecutor, TrainJob
 from test_data_loaders import femnist_user, write_leaf

@@ -83,7 +83,7 @@ def test_common_model_makes_held_out_devices_predictable():
 
 
 def test_config_wires_common_model_and_data_seed(small):
-    from asyncfl.experiment import build_data
+    from asyncfl.build import build_data
 
     cfg = small(sets=["data.dataset=synthetic", "data.synthetic.common_model=2", "data.synthetic.test_size=200",
                       "data.synthetic.test_devices=20", "model.name=logreg"])

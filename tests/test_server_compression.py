@@ -14,7 +14,7 @@ import torch
 from asyncfl import config
 from asyncfl.algorithms.types import ClientUpdate, ServerState
 from asyncfl.compression import ErrorFeedback, decode, parse_codec
-from asyncfl.experiment import build_aggregator
+from asyncfl.build import build_aggregator
 from asyncfl.privacy import epsilon
 from asyncfl import wire
 from asyncfl.server.service import FLServer

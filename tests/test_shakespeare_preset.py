@@ -8,7 +8,7 @@ import torch
 
 from asyncfl import config
 from asyncfl.cli import main
-from asyncfl.experiment import build_data
+from asyncfl.build import build_data
 
 PRESET = "shakespeare"
 

@@ -119,7 +119,7 @@ def trip_durations(cfg: ExperimentConfig) -> np.ndarray:
     """Virtual seconds of a whole trip (download, local steps, upload) for every device of the
     population as `cfg` draws it, from its own generator (the simulator's devices are another
     draw of the same distributions)."""
-    from asyncfl.experiment import build_codecs, build_data, build_flat_model, build_trainer
+    from asyncfl.build import build_codecs, build_data, build_flat_model, build_trainer
     from asyncfl.sim.population import Population
     from asyncfl.sim.simulator import payload_bytes
 
@@ -184,7 +184,8 @@ def seed_run(cfg: ExperimentConfig, g: Group, seed: int) -> PlannedRun:
 # ---------------------------------------------------------------------------- execution
 def execute(tree: dict) -> dict:
     """Run one single-run experiment; returns its summary entry, evaluation rows and staleness."""
-    from asyncfl.experiment import build_data, run_entry, run_one
+    from asyncfl.build import build_data
+    from asyncfl.experiment import run_entry, run_one
 
     cfg = config.validate(tree)
     spec = cfg.runs[0]

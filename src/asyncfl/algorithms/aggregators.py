@@ -162,11 +162,17 @@ class BufferedAggregator(BufferingAggregator):
         self.server_opt.load_state_dict(state["server_opt"])
 
 
-def fedavg(server_opt: ServerOptimizer, clip_norm: float | None = None) -> BufferedAggregator:
-    """Example-weighted average of a round's updates, p_k = n_k w_k / sum n w, where w_k is the
-    share of its planned steps a client did: a straggler's partial work counts for what it is."""
-    return BufferedAggregator(server_opt, lambda u, d: u.n_examples * u.work_fraction, normalize="weight",
-                              clip_norm=clip_norm)
+def fedavg(server_opt: ServerOptimizer, clip_norm: float | None = None,
+           partial_weight: str = "full") -> BufferedAggregator:
+    """Example-weighted average of a round's updates, p_k = n_k / sum n. A straggler's partial
+    update counts at its full n_k, as in FedProx's reference implementation; with
+    partial_weight 'work_fraction' at n_k times the share of its planned steps it did."""
+    if partial_weight == "full":
+        return BufferedAggregator(server_opt, lambda u, d: u.n_examples, normalize="weight", clip_norm=clip_norm)
+    if partial_weight == "work_fraction":
+        return BufferedAggregator(server_opt, lambda u, d: u.n_examples * u.work_fraction, normalize="weight",
+                                  clip_norm=clip_norm)
+    raise ValueError(f"partial_weight must be 'full' or 'work_fraction', got {partial_weight!r}")
 
 
 def fedbuff(

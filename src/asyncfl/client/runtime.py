@@ -32,8 +32,8 @@ from asyncfl.algorithms.seeds import upload_rounding_generator
 from asyncfl.client.http import GaveUp, ServerApi
 from asyncfl.compression import ErrorFeedback, Raw, parse_codec
 from asyncfl.config import validate
-from asyncfl.experiment import build_data, build_flat_model, build_trainer
 from asyncfl import wire
+from asyncfl.build import build_data, build_flat_model, build_trainer
 
 
 class ClientError(RuntimeError):

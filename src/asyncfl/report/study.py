@@ -37,7 +37,7 @@ COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e3
 def write_outputs(cfg, groups, finals: dict, out: Path, wall: float, rss: dict, console: Console) -> dict:
     from asyncfl import study as S
     from asyncfl.data.imbalance import plot_client_sizes
-    from asyncfl.experiment import build_data
+    from asyncfl.build import build_data
 
     st = cfg.study
     methods = [m.name for m in st.methods]

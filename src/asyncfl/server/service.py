@@ -20,7 +20,7 @@ from asyncfl import wire
 from asyncfl.algorithms.seeds import download_rounding_generator
 from asyncfl.compression import parse_codec
 from asyncfl.config import ConfigError, ExperimentConfig
-from asyncfl.experiment import build_aggregator, build_data, build_flat_model, num_users, proximal_coefficient
+from asyncfl.build import build_aggregator, build_data, build_flat_model, client_options, num_users
 from asyncfl.scheduling import build_policy
 from asyncfl.server.aggregation import AggregationRole, AggregationSettings
 from asyncfl.server.auth import Authenticator, RateLimiter
@@ -152,7 +152,7 @@ class FLServer:
             "config": self.cfg.model_copy(update={"runs": [self.spec]}).model_dump(mode="json"),
             "num_features": self.data.num_features,
             "num_classes": self.data.num_classes,
-            "prox_mu": proximal_coefficient(self.spec),
+            "prox_mu": client_options(self.spec).prox_mu,
             "tensors": [{"name": n, "shape": list(s)} for n, s in zip(self.model.names, self.model.shapes)],
             "codecs": [self.aggregation.expected_codec or "none"],
             "download_codec": self.download_codec.spec if self.download_codec is not None else "none",

@@ -1,0 +1,38 @@
+"""q-FedAvg: fair aggregation, weighing clients with higher loss more (q = 0: FedAvg-like)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from asyncfl.algorithms import aggregators
+from asyncfl.algorithms.defs.registry import AlgorithmDefinition, register
+from asyncfl.config.base import ConfigError, Strict
+from asyncfl.config.scheduler import SchedulerConfig
+
+
+class QFedAvgConfig(Strict):
+    name: Literal["qfedavg"]
+    q: float = Field(default=1.0, ge=0, description="fairness: 0 is FedAvg-like")
+    lipschitz: float | None = Field(default=None, gt=0, description="L; default 1 / trainer.lr")
+    buffer_size: int | None = Field(default=None, gt=0, description="async: step every K updates")
+    max_staleness: int | None = Field(default=None, ge=0)
+
+
+def _aggregator(a: QFedAvgConfig, trainer_lr: float | None) -> aggregators.QFedAvg:
+    """`trainer_lr` sets the default L = 1 / lr."""
+    if a.lipschitz is None and trainer_lr is None:
+        raise ConfigError("qfedavg: set algorithm.lipschitz (no trainer learning rate to derive it from)")
+    return aggregators.QFedAvg(a.q, a.lipschitz or 1.0 / trainer_lr, a.buffer_size, a.max_staleness)
+
+
+def _validate(a: QFedAvgConfig, scheduler: SchedulerConfig) -> None:
+    if scheduler.mode == "async" and a.buffer_size is None:
+        raise ValueError("qfedavg in async mode needs algorithm.buffer_size (updates per server step)")
+
+
+DEFINITION = register(AlgorithmDefinition(
+    name="qfedavg", config=QFedAvgConfig, modes=("sync", "async"), build_aggregator=_aggregator,
+    validate=_validate,
+))

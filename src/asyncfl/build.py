@@ -1,0 +1,152 @@
+"""Builds the objects a config names: data, model, trainer, aggregator, scheduling policy, codecs.
+
+Kept free of the simulator, reports, rich and matplotlib so that the network server and client
+can build exactly what the simulator runs without loading them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from asyncfl.algorithms import aggregators
+from asyncfl.algorithms.defs._common import build_server_opt, build_staleness
+from asyncfl.algorithms.defs.registry import ClientOptions, definition
+from asyncfl.algorithms.private import PrivateAggregator
+from asyncfl.algorithms.trainer import LocalTrainer
+from asyncfl.compression import parse_codec
+from asyncfl.config import ConfigError, ExperimentConfig, RunSpec
+from asyncfl.data import cifar, digits, idx, leaf, shakespeare
+from asyncfl.data.federated import FederatedDataset
+from asyncfl.data.partition import partition
+from asyncfl.data.synthetic import SyntheticFederated
+from asyncfl.models import FlatModel, build_model
+from asyncfl.scheduling import build_policy
+
+__all__ = ["build_aggregator", "build_codecs", "build_data", "build_flat_model", "build_policy",
+           "build_private_aggregator", "build_server_opt", "build_staleness", "build_trainer", "client_options",
+           "num_users", "split_client_tests"]
+
+
+def _load_pool(cfg: ExperimentConfig) -> FederatedDataset | tuple:
+    """A dataset with its natural clients, or (x, y, x_test, y_test, classes) to partition."""
+    d = cfg.data
+    if d.dataset == "digits":
+        return digits.load(d.test_fraction, cfg.seed)
+    if d.dataset == "fashion_mnist":
+        return idx.load_fashion_mnist(d.path)
+    if d.dataset == "cifar10":
+        return cifar.load_cifar10(d.path)
+    if d.dataset == "shakespeare" and d.path is None:
+        s = d.shakespeare
+        return shakespeare.load_shakespeare(s.min_lines, s.stride, s.max_windows_per_client, max_test=s.max_test)
+    return leaf.load_leaf(d.path, d.dataset, max_users=d.max_users)
+
+
+def build_data(cfg: ExperimentConfig) -> FederatedDataset | SyntheticFederated:
+    d, p = cfg.data, cfg.data.partition
+    if d.seed is not None:  # the data stay fixed while the run's seed varies
+        cfg = cfg.model_copy(update={"seed": d.seed})
+    num_clients = d.num_clients or cfg.population.devices
+    if d.dataset == "synthetic":
+        s = d.synthetic
+        synth = SyntheticFederated(num_clients, s.alpha, s.beta, cfg.seed, num_features=s.num_features,
+                                   num_classes=s.num_classes, size_median=s.size_median, size_sigma=s.size_sigma,
+                                   max_size=s.max_size, test_size=s.test_size, test_devices=s.test_devices,
+                                   common_model=s.common_model)
+        if d.client_test_fraction == 0:
+            return synth  # generated per device on demand
+        # per-client test splits need the examples stored: fine for the populations they are used with
+        return split_client_tests(synth.materialize(), d.client_test_fraction, cfg.seed)
+    try:
+        pool = _load_pool(cfg)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"data ({d.dataset}): {err}") from None
+    if isinstance(pool, FederatedDataset):
+        if p.kind == "natural":
+            return split_client_tests(pool, d.client_test_fraction, cfg.seed)
+        train = np.concatenate(pool.client_indices)  # re-partition the users' pooled training examples
+        pool = (pool.x[train], pool.y[train], pool.x_test, pool.y_test, pool.num_classes)
+    x, y, x_test, y_test, classes = pool
+    try:
+        parts = partition(p.kind, y.numpy(), num_clients, cfg.seed, alpha=p.alpha,
+                          classes_per_client=p.classes_per_client, exponent=p.exponent)
+    except ValueError as err:
+        raise ConfigError(f"data.partition: {err}") from None
+    return split_client_tests(FederatedDataset(x, y, parts, x_test, y_test, classes), d.client_test_fraction, cfg.seed)
+
+
+def split_client_tests(data: FederatedDataset, fraction: float, seed: int) -> FederatedDataset:
+    """Hold out `fraction` of each client's examples (at least one, when it has two) as its
+    own test set; datasets that come with per-client test sets keep theirs."""
+    if fraction == 0 or data.client_test_indices is not None:
+        return data
+    rng = np.random.default_rng([seed, 7])
+    train, test = [], []
+    for client in data.client_indices:
+        k = min(len(client) - 1, max(1, round(fraction * len(client))))
+        shuffled = rng.permutation(client)
+        test.append(np.sort(shuffled[:k]))
+        train.append(np.sort(shuffled[k:]))
+    return dataclasses.replace(data, client_indices=train, client_test_indices=test)
+
+
+def build_flat_model(cfg: ExperimentConfig, data) -> FlatModel:
+    torch.manual_seed(cfg.seed)
+    m = cfg.model
+    kwargs: dict = {}
+    if m.name == "mlp":
+        kwargs = {"hidden": tuple(m.hidden)}
+    elif m.name == "cnn":
+        kwargs = {"width": m.width, "channels": 3 if cfg.data.dataset == "cifar10" else 1}
+    elif m.name == "char_gru":
+        if data.x_test.dtype.is_floating_point:
+            raise ConfigError(f"model.name: char_gru reads token ids; {cfg.data.dataset} has float features")
+        vocab = int(max(data.x_test.max(), data.x.max() if hasattr(data, "x") else 0)) + 1
+        kwargs = {"vocab": max(vocab, data.num_classes), "embed": m.embed, "hidden": m.hidden[0]}
+    try:
+        return FlatModel(build_model(m.name, data.num_features, data.num_classes, **kwargs))
+    except ValueError as err:
+        raise ConfigError(f"model ({m.name}): {err}") from None
+
+
+def build_aggregator(spec: RunSpec, trainer_lr: float | None = None, *, num_users: int | None = None,
+                     seed: int = 0) -> aggregators.Aggregator:
+    """`trainer_lr` sets q-FedAvg's default L = 1 / lr. With `spec.privacy`, the DP aggregator;
+    `num_users` (distinct users who may contribute) sets its default sample rate, `seed` its noise."""
+    if spec.privacy is not None:
+        return build_private_aggregator(spec, num_users, seed)
+    return definition(spec.algorithm.name).build_aggregator(spec.algorithm, trainer_lr)
+
+
+def build_private_aggregator(spec: RunSpec, num_users: int | None, seed: int = 0) -> PrivateAggregator:
+    """DP-FedBuff / DP-FedAvg (`asyncfl.algorithms.private`), as the algorithm defines it."""
+    return definition(spec.algorithm.name).build_private_aggregator(spec, num_users, seed)
+
+
+def client_options(spec: RunSpec) -> ClientOptions:
+    """What a run's local trainer needs from its algorithm (proximal term, meta step)."""
+    return definition(spec.algorithm.name).client_options(spec.algorithm)
+
+
+def build_trainer(cfg: ExperimentConfig, spec: RunSpec, model: FlatModel) -> LocalTrainer:
+    """The local trainer a run uses: the shared SGD, with the algorithm's client-side terms."""
+    t, o = cfg.trainer, client_options(spec)
+    return LocalTrainer(model, t.lr, t.batch_size, t.local_steps, t.local_epochs, o.prox_mu, meta=o.meta,
+                        meta_lr=o.meta_lr, meta_delta=o.meta_delta)
+
+
+def num_users(cfg: ExperimentConfig, data) -> int:
+    """Distinct users (data partitions) that devices can bring: devices reuse partitions modulo."""
+    return min(cfg.population.devices, int(getattr(data, "num_clients", cfg.population.devices)))
+
+
+def build_codecs(spec: RunSpec) -> dict:
+    """The simulator's compression arguments for a run (none without a compression section)."""
+    c = spec.compression
+    if c is None:
+        return {}
+    return {"upload_codec": parse_codec(c.upload), "download_codec": parse_codec(c.download),
+            "error_feedback": c.error_feedback}

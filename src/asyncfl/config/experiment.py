@@ -1,0 +1,146 @@
+"""A run (algorithm, schedule, compression, privacy) and the experiment that holds its runs with
+the shared settings (data, model, population, trainer, evaluation, stop)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from asyncfl.algorithms.defs.registry import config_union, definition, definitions, privacy_denominator, valid_names
+from asyncfl.config.base import ConfigError, Strict
+from asyncfl.config.data import DataConfig
+from asyncfl.config.model import ModelConfig
+from asyncfl.config.population import PopulationConfig
+from asyncfl.config.privacy import PrivacyConfig
+from asyncfl.config.scheduler import SchedulerConfig
+from asyncfl.config.server import ServerConfig
+from asyncfl.config.study import StudyConfig
+from asyncfl.config.training import TrainerConfig
+from asyncfl.config.transport import CompressionConfig
+
+# The `algorithm:` section: one config class per registered algorithm, told apart by `name`.
+AlgorithmConfig = config_union()
+
+
+class RunSpec(Strict):
+    name: str = Field(min_length=1)
+    algorithm: AlgorithmConfig
+    scheduler: SchedulerConfig = SchedulerConfig()
+    compression: CompressionConfig | None = None
+    privacy: PrivacyConfig | None = None
+
+    @field_validator("algorithm", mode="before")
+    @classmethod
+    def _known(cls, v):
+        """Name the valid algorithms (pydantic's own message lists tags without saying what they are)."""
+        name = v.get("name") if isinstance(v, dict) else None
+        if isinstance(v, dict) and not (isinstance(name, str) and name in definitions()):
+            problem = f"unknown algorithm {name!r}" if "name" in v else "name the algorithm (algorithm.name)"
+            raise PydanticCustomError("unknown_algorithm", "{problem}; valid: {valid}",
+                                      {"problem": problem, "valid": valid_names()})
+        return v
+
+    @model_validator(mode="after")
+    def _mode(self):
+        a = self.algorithm
+        algorithm = definition(a.name)
+        valid = algorithm.modes
+        if self.scheduler.mode is None:
+            self.scheduler.mode = valid[0]
+        elif self.scheduler.mode not in valid:
+            raise ValueError(
+                f"scheduler.mode {self.scheduler.mode!r} is not valid for {a.name}; use {' or '.join(valid)}"
+            )
+        if self.scheduler.mode == "async" and (self.scheduler.over_selection or self.scheduler.round_timeout):
+            raise ValueError("over_selection and round_timeout apply to sync mode only")
+        if self.scheduler.straggler == "partial" and self.scheduler.round_timeout is None:
+            raise ValueError("straggler 'partial' needs a round_timeout")
+        algorithm.validate(a, self.scheduler)
+        if self.compression is not None and not algorithm.compression:
+            raise ValueError(f"compression is not supported for algorithm {a.name!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _privacy(self):
+        p, a = self.privacy, self.algorithm
+        if p is None:
+            return self
+        if not definition(a.name).private:
+            private = [name for name, d in definitions().items() if d.private]
+            raise ValueError(f"privacy is not supported for algorithm {a.name!r} (its aggregate's sensitivity is not "
+                             f"bounded by clip_norm); use one of {', '.join(private)} "
+                             "(fedbuff with buffer_size 1 for per-update noise)")
+        if getattr(a, "aggregation", "mean") != "mean":
+            raise ValueError(f"algorithm.aggregation {a.aggregation!r} is not covered by privacy: only 'mean'")
+        if a.clip_norm is not None:
+            raise ValueError("algorithm.clip_norm: with privacy, set privacy.clip_norm only")
+        definition(a.name).validate_privacy(a)
+        if p.adaptive is not None and p.noise_multiplier > 0:
+            sb = p.adaptive.count_noise_std
+            sb = privacy_denominator(self) / 20 if sb is None else sb
+            if not 2 * sb > p.noise_multiplier:
+                raise ValueError(f"privacy.adaptive.count_noise_std: 2 x {sb:g} must exceed privacy.noise_multiplier "
+                                 f"{p.noise_multiplier:g} (the count query shares the budget); raise it")
+        return self
+
+
+class EvalConfig(Strict):
+    every_seconds: float | None = Field(default=10.0, gt=0, description="virtual seconds between evaluations")
+    every_versions: int | None = Field(default=None, gt=0, description="also evaluate every N server steps")
+    personalize: bool = Field(default=False, description="also report accuracy after one local step per "
+                                                          "client (always on for perfedavg)")
+
+    @model_validator(mode="after")
+    def _some(self):
+        if self.every_seconds is None and self.every_versions is None:
+            raise ValueError("set every_seconds or every_versions")
+        return self
+
+
+class StopConfig(Strict):
+    max_time: float = Field(default=3600.0, gt=0, description="virtual seconds")
+    max_trips: int | None = Field(default=None, gt=0)
+    at_target: bool = Field(default=False, description="stop once the target accuracy is reached")
+
+
+
+
+class ExperimentConfig(Strict):
+    name: str = "experiment"
+    seed: int = Field(default=0, ge=0)
+    target_accuracy: float = Field(default=0.9, gt=0, le=1)
+    executor: Literal["sequential", "batched"] = "sequential"
+    executor_memory_mb: float = Field(default=512.0, gt=0, description="batched executor: memory per pass")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    population: PopulationConfig = PopulationConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    eval: EvalConfig = EvalConfig()
+    stop: StopConfig = StopConfig()
+    runs: list[RunSpec] = Field(min_length=1)
+    server: ServerConfig = ServerConfig()
+    study: StudyConfig | None = Field(default=None, description="compare runs a study (asyncfl.study) instead of "
+                                                                "the runs side by side")
+
+    @model_validator(mode="after")
+    def _unique_names(self):
+        names = [r.name for r in self.runs]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"run names must be unique, repeated: {sorted(dup)}")
+        if self.study is not None:
+            for m in self.study.methods:
+                if m.name not in names:
+                    raise ValueError(f"study.methods: {m.name!r} is not a run; runs: {names}")
+        return self
+
+    def run(self, name: str | None) -> RunSpec:
+        if name is None:
+            return self.runs[0]
+        for r in self.runs:
+            if r.name == name:
+                return r
+        raise ConfigError(f"run {name!r} not in this config; runs: {[r.name for r in self.runs]}")
+

@@ -1,0 +1,50 @@
+"""The simulated device population: speeds, bandwidths, dropout, availability, attackers."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from asyncfl.config.base import Strict
+
+
+class Dist(Strict):
+    """A per-device random quantity. `scale` is the median (lognormal, pareto), the sigma of the
+    underlying normal (halfnormal), the mean (exponential) or the value (constant). pareto:
+    P(X > x) = (x_m / x)^shape for x >= x_m, with x_m = scale / 2^(1/shape) so that scale is the
+    median; the mean is finite for shape > 1, the variance for shape > 2."""
+
+    kind: Literal["lognormal", "halfnormal", "exponential", "constant", "pareto"] = "lognormal"
+    scale: float = Field(gt=0)
+    sigma: float = Field(default=1.0, ge=0, description="lognormal shape")
+    shape: float = Field(default=2.0, gt=0, description="pareto tail index (smaller: heavier tail)")
+    minimum: float = Field(default=0.0, ge=0, description="floor applied after sampling")
+
+
+class Availability(Strict):
+    """Diurnal eligibility: a device is eligible for `on_fraction` of every `period`, at a
+    per-device random phase. on_fraction = 1 means always eligible."""
+
+    period: float = Field(default=86400.0, gt=0)
+    on_fraction: float = Field(default=1.0, gt=0, le=1)
+
+
+class AttackConfig(Strict):
+    """Untrusted clients: a fixed random `fraction` of devices corrupt every update they send."""
+
+    fraction: float = Field(default=0.0, ge=0, lt=1)
+    kind: Literal["scale", "sign_flip"] = "sign_flip"
+    factor: float = Field(default=10.0, gt=0, description="scale: delta x factor; sign_flip: delta x -factor")
+
+
+class PopulationConfig(Strict):
+    devices: int = Field(default=100, gt=0)
+    compute_per_example: Dist = Dist(kind="lognormal", scale=0.05, sigma=1.0)
+    download_bandwidth: Dist = Dist(kind="lognormal", scale=1e6, sigma=0.5)  # bytes / s
+    upload_bandwidth: Dist = Dist(kind="lognormal", scale=2.5e5, sigma=0.5)
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="probability a trip never reports")
+    availability: Availability = Availability()
+    retry_interval: float = Field(default=60.0, gt=0, description="wait when no device is eligible")
+    attack: AttackConfig = AttackConfig()
+
