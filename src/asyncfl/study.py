@@ -265,11 +265,20 @@ def _entry_line(e: dict) -> str:
     return f"{e['name']}: {hit}, {e['server_steps']} steps, {e['wall_seconds']:.1f} s wall"
 
 
-def run_study(cfg: ExperimentConfig, out: Path, console: Console | None = None) -> dict:
+def run_study(cfg: ExperimentConfig, out: Path, console: Console | None = None, threads: int | str = "auto") -> dict:
+    """`threads`: torch's threads for runs in this process (workers = 1), a count or "auto"
+    (measured on the first method's run); worker processes use one thread each."""
     console = console or Console()
     st: StudyConfig = cfg.study
     t0 = time.perf_counter()
     groups = plan(cfg)  # validates every grid config before anything runs
+    if st.workers == 1:
+        from asyncfl.build import build_data
+        from asyncfl.experiment import choose_threads
+
+        threads_used = choose_threads(cfg, cfg.run(st.methods[0].name), build_data(cfg), threads).summary()
+    else:
+        threads_used = {"mode": "fixed", "threads": 1}
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     n_grid = sum(len(g.grid) for g in groups)
@@ -320,7 +329,7 @@ def run_study(cfg: ExperimentConfig, out: Path, console: Console | None = None) 
         # after an error, drop the queued runs: they would all run before the error shows
         pool.shutdown(wait=True, cancel_futures=failed)
     wall = time.perf_counter() - t0
-    return report.write_outputs(cfg, groups, finals, out, wall, peak_rss_mb(), console)
+    return report.write_outputs(cfg, groups, finals, out, wall, peak_rss_mb(), console, threads_used)
 
 
 def _as_seed_run(g: Group) -> dict:

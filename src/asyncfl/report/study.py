@@ -34,7 +34,8 @@ from asyncfl.report.table import summary_table  # noqa: E402
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
 
 
-def write_outputs(cfg, groups, finals: dict, out: Path, wall: float, rss: dict, console: Console) -> dict:
+def write_outputs(cfg, groups, finals: dict, out: Path, wall: float, rss: dict, console: Console,
+                  threads: dict | None = None) -> dict:
     from asyncfl import study as S
     from asyncfl.data.imbalance import plot_client_sizes
     from asyncfl.build import build_data
@@ -71,6 +72,7 @@ def write_outputs(cfg, groups, finals: dict, out: Path, wall: float, rss: dict, 
             "round_timeout_percentile": st.round_timeout_percentile,
             "cap_grid_at_best": st.cap_grid_at_best,
             "workers": st.workers,
+            "threads": threads,  # torch threads of the runs: one per worker process, else as chosen
             "wall_seconds": wall,
             "peak_rss_mb": rss,
             "runs_executed": len(grid) + sum(1 for e in runs if e["stage"] == "seed" and e.get("grid_index") is None),
