@@ -15,7 +15,7 @@ from asyncfl.compression import (
     decode,
     parse_codec,
 )
-from asyncfl.compression import codecs
+from asyncfl.compression import frame, topk
 
 ALL_SPECS = [
     "none",
@@ -169,8 +169,8 @@ def test_compression_ratio_drops_with_bit_width():
     assert parse_codec("int2").compression_ratio(n) > 15
 
 
-@pytest.mark.parametrize("n, k, mode", [(1000, 10, codecs._IDX_U16), (100_000, 100, codecs._IDX_U32),
-                                        (100_000, 20_000, codecs._IDX_BITMAP), (1000, 500, codecs._IDX_BITMAP)])
+@pytest.mark.parametrize("n, k, mode", [(1000, 10, topk._IDX_U16), (100_000, 100, topk._IDX_U32),
+                                        (100_000, 20_000, topk._IDX_BITMAP), (1000, 500, topk._IDX_BITMAP)])
 def test_topk_index_mode_is_the_smaller_one(n, k, mode):
     c = TopK(k=k)
     payload = c.encode(vec(n))
@@ -355,11 +355,11 @@ def test_quantization_scales_and_padding_are_validated():
     _raise(bytes(p2), 5, match="padding bits")
 
 
-def _topk_payload(indices, numel, width="<H", mode=codecs._IDX_U16, values=None):
+def _topk_payload(indices, numel, width="<H", mode=topk._IDX_U16, values=None):
     k = len(indices)
     values = torch.ones(k) if values is None else values
     return (
-        struct.pack("<2sBBI", b"AF", 1, codecs.TOPK, numel)
+        struct.pack("<2sBBI", b"AF", 1, frame.TOPK, numel)
         + struct.pack("<IB", k, mode)
         + b"".join(struct.pack(width, i) for i in indices)
         + Raw().encode(values)
@@ -370,7 +370,7 @@ def test_topk_indices_are_validated():
     ok = _topk_payload([1, 4, 7], 10)
     assert decode(ok, 10).tolist() == [0, 1, 0, 0, 1, 0, 0, 1, 0, 0]
     _raise(_topk_payload([1, 4, 10], 10), 10, match="index 10 out of range")
-    _raise(_topk_payload([70000], 100, width="<I", mode=codecs._IDX_U32), 100, match="out of range")
+    _raise(_topk_payload([70000], 100, width="<I", mode=topk._IDX_U32), 100, match="out of range")
     _raise(_topk_payload([4, 1, 7], 10), 10, match="not strictly increasing")
     _raise(_topk_payload([1, 4, 4], 10), 10, match="not strictly increasing")
     _raise(_topk_payload(list(range(11)), 10), 10, match="k = 11 exceeds numel")
@@ -390,7 +390,7 @@ def test_topk_bitmap_is_validated():
     c = TopK(k=6)
     x = vec(12)
     p = bytearray(c.encode(x))
-    assert p[HEADER_BYTES + 4] == codecs._IDX_BITMAP
+    assert p[HEADER_BYTES + 4] == topk._IDX_BITMAP
     bitmap_at = HEADER_BYTES + 5  # 2 bytes for 12 elements
     q = bytearray(p)
     q[bitmap_at + 1] |= 0x80  # bit 15: padding beyond element 11

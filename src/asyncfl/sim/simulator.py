@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from asyncfl.algorithms.aggregators import Aggregator, ServerState, Verdict
-from asyncfl.compression import Codec, ErrorFeedback
+from asyncfl.compression import Codec, ErrorFeedback, encode_upload
 from asyncfl.algorithms.shuffle import mix
 from asyncfl.algorithms.trainer import LocalTrainer
 from asyncfl.algorithms.update import ClientUpdate
@@ -223,14 +223,11 @@ class Simulation:
             self.metrics.bytes_up += self.upload_bytes
             return update
         gen = torch.Generator().manual_seed((trip.seed ^ 0xC0DEC) & (2**63 - 1))
-        if self.error_feedback is not None:
+        if self.error_feedback is not None:  # every upload advances its device's residual
             payload, decoded = self.error_feedback.encode(trip.device, update.delta, gen)
         else:
-            payload = self.upload_codec.encode(update.delta, gen)
-            decoded = self.upload_codec.decode(payload, update.delta.numel())
-        if len(payload) != self.upload_bytes:  # the trip was timed with upload_bytes
-            raise RuntimeError(f"{self.upload_codec.spec}: payload of {len(payload)} bytes, charged {self.upload_bytes}")
-        self.metrics.bytes_up += len(payload)
+            payload, decoded, _ = encode_upload(self.upload_codec, update.delta, gen)
+        self.metrics.bytes_up += len(payload)  # = upload_bytes, the trip's timing: encode_upload checks
         update.delta = decoded
         return update
 
