@@ -137,8 +137,7 @@ def trip_durations(cfg: ExperimentConfig) -> np.ndarray:
     uniq, inverse = np.unique(n, return_inverse=True)
     steps = np.array([trainer.num_steps(int(u)) for u in uniq], dtype=np.float64)[inverse]
     per_step = np.array([trainer.examples_per_step(int(u)) for u in uniq], dtype=np.float64)[inverse]
-    return (down / pop.download_bandwidth.astype(np.float64) + up / pop.upload_bandwidth.astype(np.float64)
-            + steps * per_step * pop.compute_per_example.astype(np.float64))
+    return pop.trip_durations(steps, per_step, down, up)
 
 
 def round_timeout(cfg: ExperimentConfig, percentile: float, cache: dict | None = None) -> float:

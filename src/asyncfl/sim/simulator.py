@@ -29,7 +29,7 @@ from asyncfl.report.metrics import Metrics
 from asyncfl.scheduling import WAKE, AsyncPolicy, SyncPolicy
 from asyncfl.sim.events import EventQueue
 from asyncfl.sim.executor import Executor, TrainJob
-from asyncfl.sim.population import Population
+from asyncfl.sim.population import Population, trip_timing
 
 FINISH, DROP, TIMER, EVAL, END = range(5)
 
@@ -183,9 +183,9 @@ class Simulation:
             n = int(self.client_sizes[client])
             work = self._work[client] = (self.trainer.num_steps(n), self.trainer.examples_per_step(n))
         steps, per_step = work
-        step_time = pop.compute_per_example.item(device) * per_step
-        download = self.download_bytes / pop.download_bandwidth.item(device)
-        duration = download + steps * step_time + self.upload_bytes / pop.upload_bandwidth.item(device)
+        download, step_time, duration = trip_timing(
+            pop.compute_per_example.item(device), pop.download_bandwidth.item(device),
+            pop.upload_bandwidth.item(device), steps, per_step, self.download_bytes, self.upload_bytes)
         seed, drop_at = self._trip_draws(trip_id)
         clock = self.clock
         end = clock + duration if drop_at is None else clock + drop_at * duration
