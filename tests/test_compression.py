@@ -13,6 +13,7 @@ from asyncfl.compression import (
     StochasticQuantizer,
     TopK,
     decode,
+    encode_upload,
     parse_codec,
 )
 from asyncfl.compression import frame, topk
@@ -535,3 +536,43 @@ def test_error_feedback_eviction_and_state():
     u = torch.tensor([1.0, 0.5])
     v = ef.compensate(2, u)
     assert torch.equal(u, torch.tensor([1.0, 0.5])) and not torch.equal(v, u)
+
+
+def test_encode_upload_leaves_the_residual_until_recorded():
+    """The client's order: encode with the residual, advance it only once the update counted."""
+    ef = ErrorFeedback("topk:k=1")
+    u = torch.tensor([1.0, 0.75, -0.25])
+    first = encode_upload(ef.codec, u, 7, ef, "dev")
+    assert torch.equal(first.decoded, torch.tensor([1.0, 0.0, 0.0])) and torch.equal(first.compensated, u)
+    assert ef.residual("dev") is None  # a rejected upload leaves nothing behind
+    again = encode_upload(ef.codec, u, 7, ef, "dev")
+    assert again.payload == first.payload
+    ef.record("dev", again.compensated, again.decoded)  # accepted
+    assert torch.equal(ef.residual("dev"), torch.tensor([0.0, 0.75, -0.25]))
+    second = encode_upload(ef.codec, u, 7, ef, "dev")
+    assert torch.equal(second.compensated, torch.tensor([1.0, 1.5, -0.5]))
+    assert torch.equal(second.decoded, torch.tensor([0.0, 1.5, 0.0]))  # what was held is sent
+
+
+def test_encode_upload_is_what_error_feedback_encodes():
+    u, seed = vec(1000, seed=3), 11
+    ef = ErrorFeedback("topk:0.1+int4")
+    for _ in range(2):  # the second round carries a residual
+        held = ErrorFeedback("topk:0.1+int4")
+        held.load_state_dict(ef.state_dict())
+        upload = encode_upload(held.codec, u, seed, held, 5)
+        payload, decoded = ef.encode(5, u, seed)
+        assert upload.payload == payload and torch.equal(upload.decoded, decoded)
+    plain = encode_upload(parse_codec("int8"), u, seed)
+    assert plain.payload == parse_codec("int8").encode(u, seed) and plain.compensated is u
+    assert torch.equal(plain.decoded, decode(plain.payload, 1000))
+    assert len(plain.payload) == parse_codec("int8").bytes_for(1000)
+
+
+def test_encode_upload_refuses_a_payload_its_transfer_was_not_charged_for():
+    class Short(Raw):
+        def bytes_for(self, numel):
+            return super().bytes_for(numel) - 4
+
+    with pytest.raises(RuntimeError, match="payload of 48 bytes, charged 44"):
+        encode_upload(Short(), torch.zeros(10), 0)
