@@ -349,9 +349,10 @@ def spread(values: list[float]) -> dict:
     a = np.asarray(values, dtype=np.float64)
     if a.size == 0:
         return {"mean": None, "std": None, "min": None, "max": None, "geomean": None, "n": 0}
+    with np.errstate(divide="ignore", invalid="ignore"):  # a zero (or negative) value: geomean 0 (or nan)
+        geomean = float(np.exp(np.log(a).mean()))
     return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0,
-            "min": float(a.min()), "max": float(a.max()), "geomean": float(np.exp(np.log(a).mean())),
-            "n": int(a.size)}
+            "min": float(a.min()), "max": float(a.max()), "geomean": geomean, "n": int(a.size)}
 
 
 METRICS = {"time": "time_to_target", "trips": "trips_to_target", "bytes": "bytes_to_target"}
