@@ -17,6 +17,7 @@ from asyncfl.compression.quantize import DEFAULT_CHUNK, StochasticQuantizer
 from asyncfl.compression.raw import Raw
 from asyncfl.compression.topk import TopK
 
+
 def _parse_part(part: str, full: str) -> tuple[str, list[str], dict[str, str]]:
     name, _, rest = part.partition(":")
     name = name.strip().lower()
