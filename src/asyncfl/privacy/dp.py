@@ -153,7 +153,7 @@ class AdaptiveClipping:
         centred = float((norms <= self.clip_norm).sum()) - 0.5 * norms.numel()  # sensitivity 1/2
         if self.count_noise_std > 0:
             centred += self.count_noise_std * float(torch.randn((), generator=generator, dtype=torch.float64))
-        # the estimate of a fraction, clamped to one (as tensorflow/privacy does): noise or more
+        # an estimated fraction, so clamped to [0, 1] (as tensorflow/privacy does): noise or more
         # updates than expected must not move C further than all (or none) under it would
         return min(1.0, max(0.0, centred / self.expected_count + 0.5))
 
