@@ -137,8 +137,7 @@ def trip_durations(cfg: ExperimentConfig) -> np.ndarray:
     uniq, inverse = np.unique(n, return_inverse=True)
     steps = np.array([trainer.num_steps(int(u)) for u in uniq], dtype=np.float64)[inverse]
     per_step = np.array([trainer.examples_per_step(int(u)) for u in uniq], dtype=np.float64)[inverse]
-    return (down / pop.download_bandwidth.astype(np.float64) + up / pop.upload_bandwidth.astype(np.float64)
-            + steps * per_step * pop.compute_per_example.astype(np.float64))
+    return pop.trip_durations(steps, per_step, down, up)
 
 
 def round_timeout(cfg: ExperimentConfig, percentile: float, cache: dict | None = None) -> float:
@@ -360,9 +359,10 @@ def spread(values: list[float]) -> dict:
     a = np.asarray(values, dtype=np.float64)
     if a.size == 0:
         return {"mean": None, "std": None, "min": None, "max": None, "geomean": None, "n": 0}
+    with np.errstate(divide="ignore", invalid="ignore"):  # a zero (or negative) value: geomean 0 (or nan)
+        geomean = float(np.exp(np.log(a).mean()))
     return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0,
-            "min": float(a.min()), "max": float(a.max()), "geomean": float(np.exp(np.log(a).mean())),
-            "n": int(a.size)}
+            "min": float(a.min()), "max": float(a.max()), "geomean": geomean, "n": int(a.size)}
 
 
 METRICS = {"time": "time_to_target", "trips": "trips_to_target", "bytes": "bytes_to_target"}
