@@ -184,6 +184,8 @@ def build_trainer(cfg: ExperimentConfig, spec: RunSpec, model: FlatModel) -> Loc
     """The local trainer a run uses: the shared SGD, with the algorithm's client-side terms."""
     t, a = cfg.trainer, spec.algorithm
     meta = {"meta": a.variant, "meta_lr": a.meta_lr, "meta_delta": a.meta_delta} if a.name == "perfedavg" else {}
+    if a.name == "qfedavg":  # F_k: the loss over the client's whole data, as q-FedAvg defines it
+        meta["start_loss"] = "full"
     return LocalTrainer(model, t.lr, t.batch_size, t.local_steps, t.local_epochs, proximal_coefficient(spec), **meta)
 
 
