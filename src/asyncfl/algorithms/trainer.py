@@ -101,10 +101,9 @@ class LocalTrainer:
         idx = torch.from_numpy(self.batch_indices(n, steps * self.batches_per_step, seed))
 
         def grads(params: Layers, slot: int) -> tuple[Layers, torch.Tensor]:
-            with torch.enable_grad():
-                wg = params[0][0].detach().requires_grad_(True)
-                loss = self.model.loss(wg, x[idx[slot]], y[idx[slot]])
-                (g,) = torch.autograd.grad(loss, wg)
+            wg = params[0][0].detach().requires_grad_(True)
+            loss = self.model.loss(wg, x[idx[slot]], y[idx[slot]])
+            (g,) = torch.autograd.grad(loss, wg)
             return [g.view(1, -1)], loss.detach().view(1)
 
         # one client, its parameters as one [1, P] "layer": the step is element-wise
