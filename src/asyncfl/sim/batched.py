@@ -1,4 +1,4 @@
-"""Batched client execution: many simulated clients trained in one vectorised pass (SPEC §5).
+"""Batched client execution: many simulated clients trained in one vectorised pass.
 
 A job's result is fixed when it starts (start model, data partition, seed), so every job whose
 result is not yet needed waits in a pool; the first `result` call trains the whole pool at
@@ -390,6 +390,37 @@ class BatchedExecutor(Executor):
         return [t.view(j, *shape) for t, shape in
                 zip(torch.split(flat, [j * n for n in self.trainer.model.sizes]), self.trainer.model.shapes)]
 
+    def _full_losses(self, segments: list[tuple[int, int, torch.Tensor]], ns: np.ndarray, x_all: torch.Tensor,
+                     y_all: torch.Tensor, index: np.ndarray, offsets: np.ndarray) -> torch.Tensor:
+        """Each job's mean loss over all its client's examples at its start model: per start model,
+        one forward over its jobs' examples, in chunks, summed per job."""
+        out = torch.empty(len(ns), dtype=torch.float64)
+        chunk = max(1, (64 * 2**20) // (4 * self._act))
+        for a, b, base in segments:
+            counts = ns[a:b]
+            ends = np.cumsum(counts)
+            ex = index[np.arange(ends[-1]) + np.repeat(offsets[a:b] - (ends - counts), counts)]
+            owner = torch.from_numpy(np.repeat(np.arange(b - a), counts))
+            sums = torch.zeros(b - a, dtype=torch.float64)
+            for s in range(0, len(ex), chunk):
+                e = torch.from_numpy(ex[s : s + chunk])
+                ce = nn.functional.cross_entropy(self.trainer.model.forward(base, x_all[e]), y_all[e], reduction="none")
+                sums.index_add_(0, owner[s : s + chunk], ce.double())
+            out[a:b] = sums / torch.from_numpy(counts)
+        return out
+
+    def _corrections(self, jobs: list[TrainJob]) -> list[torch.Tensor] | None:
+        """Per-layer [J, *shape] gradient corrections of the jobs (zero for a job without one), or
+        None when no job has one."""
+        if all(job.correction is None for job in jobs):
+            return None
+        flat = torch.zeros(len(jobs), self.trainer.model.numel)
+        for k, job in enumerate(jobs):
+            if job.correction is not None:
+                flat[k] = job.correction
+        model = self.trainer.model
+        return [t.unflatten(1, shape) for t, shape in zip(torch.split(flat, model.sizes, 1), model.shapes)]
+
     @torch.no_grad()
     def _train(self, jobs: list[TrainJob]) -> None:
         t0 = time.perf_counter()
@@ -413,7 +444,7 @@ class BatchedExecutor(Executor):
         active = torch.from_numpy(np.arange(s_max)[:, None] < steps[None, :])  # [S, J]
         lr_mask = active.float() * tr.lr
         # per-layer start models, for the proximal term's pull
-        bases = [(a, b, list(model.unflatten(base).values())) for a, b, base in segments] if tr.prox_mu else []
+        starts = [(a, b, list(model.unflatten(base).values())) for a, b, base in segments] if tr.step.prox_mu else []
         # the pass trains in its deltas' buffer, a row per job, and turns each row w into
         # w0 - w at the end: per-layer views of the rows multiply as fast as contiguous layers
         buffer, flat = self._deltas(j)
@@ -421,33 +452,24 @@ class BatchedExecutor(Executor):
             flat[a:b] = base
         ws = [t.unflatten(1, shape) for t, shape in zip(torch.split(flat, model.sizes, 1), model.shapes)]
         t1 = time.perf_counter()
-        losses, start_losses = torch.zeros(j), torch.zeros(j)
+        losses = torch.zeros(j)
+        start_losses = self._full_losses(segments, ns, x_all, y_all, index, offsets) \
+            if tr.start_loss == "full" else torch.full((j,), float("nan"))
         gbuf = self._layers("g", j)
         xbuf = self._buffer("x", j * b_max * x_all.shape[1], x_all.dtype).view(j * b_max, x_all.shape[1])
-
-        def grads(params, batch, out=None):
-            gi = gidx_t[batch].view(-1)
-            xb = torch.index_select(x_all, 0, gi, out=xbuf).view(j, b_max, -1)
-            return self.kernel.grads(params, xb, y_all[gi].view(j, b_max), weight, out=out)
-
         k = tr.batches_per_step
+        corrections = self._corrections(jobs)
+
+        def grads(params, slot):
+            gi = gidx_t[slot].view(-1)
+            xb = torch.index_select(x_all, 0, gi, out=xbuf).view(j, b_max, -1)
+            # a step's first gradient goes to the reused buffer: the step consumes it
+            return self.kernel.grads(params, xb, y_all[gi].view(j, b_max), weight, out=gbuf if slot % k == 0 else None)
+
         for h in range(s_max):
-            g, per = grads(ws, h * k, out=gbuf)
-            if h == 0:
-                start_losses = per.clone()
-            if tr.meta:  # Per-FedAvg: the gradient after one inner step, maybe Hessian-corrected
-                g, per = grads([w - tr.meta_lr * gw for w, gw in zip(ws, g)], h * k + 1)
-                if tr.meta == "hf":
-                    d = tr.meta_delta
-                    g_plus, _ = grads([w + d * gw for w, gw in zip(ws, g)], h * k + 2)
-                    g_minus, _ = grads([w - d * gw for w, gw in zip(ws, g)], h * k + 2)
-                    g = [gw - tr.meta_lr / (2 * d) * (p - m) for gw, p, m in zip(g, g_plus, g_minus)]
-            lm = lr_mask[h]
-            for i, (w, gw) in enumerate(zip(ws, g)):
-                if tr.prox_mu:  # proximal pull towards each client's own start model
-                    for a, b, base in bases:
-                        gw[a:b].add_(w[a:b] - base[i], alpha=tr.prox_mu)
-                w.addcmul_(lm.view(-1, *[1] * (w.dim() - 1)), gw, value=-1.0)
+            per, first = tr.step(ws, grads, h, lr_mask[h], starts, corrections)
+            if h == 0 and tr.start_loss == "first_batch":
+                start_losses = first.clone()
             losses += torch.where(active[h], per, 0.0)
         t2 = time.perf_counter()
         for a, b, base in segments:  # delta = w0 - w (see _take for the rows' lifetime)
