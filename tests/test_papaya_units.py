@@ -1,4 +1,4 @@
-"""Pieces of the Papaya study (issue #7): Pareto device speeds, the synthetic generator with a
+"""Pieces of the Papaya study: Pareto device speeds, the synthetic generator with a
 shared model, the study's config block, planning, round-timeout percentile, selection and ratios."""
 
 import warnings

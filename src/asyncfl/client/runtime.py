@@ -1,4 +1,4 @@
-"""The client runtime (SPEC §6): check in when eligible, download the leased model version,
+"""The client runtime: check in when eligible, download the leased model version,
 train with the same LocalTrainer the simulator uses, upload the update with its base version,
 an idempotency key and the example count, repeat.
 

@@ -1,6 +1,6 @@
 """Central user-level differential privacy: clip each update, add Gaussian noise to the sum.
 
-The mechanism (DP-FedAvg, McMahan et al. 2018; SPEC §7): every client update is clipped to L2
+The mechanism (DP-FedAvg, McMahan et al. 2018): every client update is clipped to L2
 norm C; the server adds N(0, (sigma * C)^2) per coordinate to the *sum* of the clipped updates
 of one aggregate (a FedBuff buffer, a FedAvg round) and only then normalises. The accountant
 (`asyncfl.privacy.accountant`) turns (sigma, sample rate, number of aggregates) into epsilon.

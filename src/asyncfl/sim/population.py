@@ -1,4 +1,4 @@
-"""Device population held as arrays, so 10^6 devices cost a few tens of MB (SPEC §5)."""
+"""Device population held as arrays, so 10^6 devices cost a few tens of MB."""
 
 from __future__ import annotations
 
