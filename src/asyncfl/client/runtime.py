@@ -135,27 +135,37 @@ class ClientRuntime:
     # ---- one trip --------------------------------------------------------------------
     def trip(self) -> str:
         """Check in and, when assigned, train and upload once. Returns the check-in action."""
+        task = self.check_in()
+        if task["action"] == "train":
+            self.train_and_upload(task)
+        elif task["action"] == "retry":
+            time.sleep(task["retry_after"])
+        return task["action"]
+
+    def check_in(self) -> dict:
+        """The server's answer: a lease to train on (action "train"), "retry" or "stop"."""
         resp = self.api.request("POST", "/v1/checkin", json={"eligible": True})
         self._fatal(resp)
         if resp.status_code != 200:
             raise ClientError(f"check-in: {resp.status_code} {resp.text[:200]}")
-        task = resp.json()
-        if task["action"] != "train":
-            if task["action"] == "retry":
-                time.sleep(task["retry_after"])
-            return task["action"]
+        return resp.json()
+
+    def train_and_upload(self, task: dict) -> dict | None:
+        """Download the leased version, train on it with the lease's seed and upload the update.
+        Returns the server's answer to the upload (with its HTTP status under "http"), or None
+        when the download failed and nothing was sent."""
         resp = self.api.request("GET", task["model_url"])
         self._fatal(resp)
         if resp.status_code != 200:
             self.log(f"download failed: {resp.status_code} {resp.text[:200]}")
             self.stats["lost"] += 1
-            return "train"
+            return None
         try:
             frame = wire.decode(resp.content, wire.ModelHeader, self.model_codecs)
         except wire.WireError as err:
             self.log(f"unreadable model download: {err}")
             self.stats["lost"] += 1
-            return "train"
+            return None
         if frame.header.version != task["base_version"]:
             raise ClientError(f"asked for version {task['base_version']}, got {frame.header.version}")
         w0 = wire.join_flat(frame.arrays)
@@ -188,10 +198,11 @@ class ClientRuntime:
         else:
             self.stats["rejected"] += 1
             self.log(f"upload rejected: {resp.status_code} {answer}")
+        ack = {**answer, "key": key, "lease": task["lease_id"], "http": resp.status_code}
         if self.ack_log is not None:
             with open(self.ack_log, "a") as f:
-                f.write(json.dumps({**answer, "key": key, "lease": task["lease_id"], "http": resp.status_code}) + "\n")
-        return "train"
+                f.write(json.dumps(ack) + "\n")
+        return ack
 
     def _encode(self, delta: torch.Tensor, seed: int) -> tuple[bytes | None, tuple | None]:
         """The upload codec's payload for `delta` (None without compression) and, with error

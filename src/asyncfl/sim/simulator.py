@@ -108,6 +108,10 @@ class Simulation:
         self._eval_queue: list[tuple[dict, torch.Tensor]] = []
         self.eval_batch = 32
         self.eval_seconds = 0.0
+        # optional observer of trips, called as trace(event, trip) with event "start", "report"
+        # (before the policy sees it; partial reports included), "drop" or "cancel": what another
+        # runtime needs to replay this run (tests/test_parity.py)
+        self.trace: Callable[[str, Trip], None] | None = None
 
     # ---- Runtime protocol -------------------------------------------------------------
     @property
@@ -138,7 +142,9 @@ class Simulation:
 
     def cancel_in_flight(self) -> None:
         for trip_id in list(self.trips):
-            self._end_trip(trip_id)
+            trip = self._end_trip(trip_id)
+            if self.trace is not None:
+                self.trace("cancel", trip)
             self.executor.cancel(trip_id)
             self.metrics.cancelled += 1
 
@@ -160,6 +166,8 @@ class Simulation:
         partial = []
         for steps, trip in sorted(chosen, key=lambda st: st[1].job_id):
             self._end_trip(trip.job_id)
+            if self.trace is not None:
+                self.trace("report", trip)
             self.executor.set_steps(trip.job_id, steps)
             self.metrics.completed += 1
             partial.append(trip)
@@ -201,6 +209,8 @@ class Simulation:
         metrics.bytes_down += self.download_bytes
         self.executor.submit(trip)
         self.events.push(end, FINISH if drop_at is None else DROP, trip_id)
+        if self.trace is not None:
+            self.trace("start", trip)
 
     def _trip_draws(self, trip_id: int) -> tuple[int, float | None]:
         """(training seed, None or the fraction of its duration after which the trip drops),
@@ -317,6 +327,8 @@ class Simulation:
                 if payload not in trips:
                     continue
                 trip = self._end_trip(payload)
+                if self.trace is not None:
+                    self.trace("report" if kind == FINISH else "drop", trip)
                 if kind == DROP:
                     self.executor.cancel(payload)
                     metrics.dropped += 1
