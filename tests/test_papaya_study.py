@@ -137,7 +137,7 @@ def _tiny(workers: int) -> config.ExperimentConfig:
 
 def _strip(s: dict) -> dict:
     s = json.loads(json.dumps(s))
-    s["study"].pop("wall_seconds"), s["study"].pop("peak_rss_mb"), s["study"].pop("workers")
+    s["study"].pop("wall_seconds"), s["study"].pop("peak_rss_mb"), s["study"].pop("workers"), s["study"].pop("threads")
     for e in s["runs"] + s["grid"]:
         e.pop("wall_seconds")
     return s
