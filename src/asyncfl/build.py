@@ -16,7 +16,7 @@ from asyncfl.algorithms.defs._common import build_server_opt, build_staleness
 from asyncfl.algorithms.defs.registry import ClientOptions, definition
 from asyncfl.algorithms.private import PrivateAggregator
 from asyncfl.algorithms.trainer import LocalTrainer
-from asyncfl.compression import parse_codec
+from asyncfl.compression import RunCodecs, parse_codec
 from asyncfl.config import ConfigError, ExperimentConfig, RunSpec
 from asyncfl.data import cifar, digits, idx, leaf, shakespeare
 from asyncfl.data.federated import FederatedDataset
@@ -143,10 +143,9 @@ def num_users(cfg: ExperimentConfig, data) -> int:
     return min(cfg.population.devices, int(getattr(data, "num_clients", cfg.population.devices)))
 
 
-def build_codecs(spec: RunSpec) -> dict:
-    """The simulator's compression arguments for a run (none without a compression section)."""
+def build_codecs(spec: RunSpec) -> RunCodecs:
+    """A run's codecs: dense float32 both ways without a compression section."""
     c = spec.compression
     if c is None:
-        return {}
-    return {"upload_codec": parse_codec(c.upload), "download_codec": parse_codec(c.download),
-            "error_feedback": c.error_feedback}
+        return RunCodecs()
+    return RunCodecs(parse_codec(c.upload), parse_codec(c.download), c.error_feedback)

@@ -18,12 +18,12 @@ from asyncfl.config import ExperimentConfig, RunSpec
 from asyncfl.data.federated import FederatedDataset
 from asyncfl.data.imbalance import plot_client_sizes
 from asyncfl.report.clients import client_accuracies, spread
-from asyncfl.report.metrics import Metrics
+from asyncfl.sim.metrics import Metrics
 from asyncfl.report.plots import write_plots
 from asyncfl.report.table import summary_table
 from asyncfl.sim import threads as thread_choice
 from asyncfl.sim.batched import make_executor
-from asyncfl.sim.simulator import Simulation
+from asyncfl.sim.simulator import RunParts, Simulation
 
 # the most clients a thread-count probe trains in its pass: enough for large matmuls to show
 # what threads gain, few enough that the probe stays short when threads wait on a busy machine
@@ -35,14 +35,10 @@ def build_simulation(cfg: ExperimentConfig, spec: RunSpec, data: FederatedDatase
     data = data or build_data(cfg)
     model = build_flat_model(cfg, data)
     trainer = build_trainer(cfg, spec, model)
-    return Simulation(
-        model=model, data=data, trainer=trainer,
-        executor=make_executor(cfg.executor, trainer, data, cfg.executor_memory_mb),
-        aggregator=build_aggregator(spec, cfg.trainer.lr, num_users=num_users(cfg, data), seed=cfg.seed),
-        policy=build_policy(spec.scheduler), population=cfg.population,
-        eval_cfg=cfg.eval, stop=cfg.stop, target_accuracy=cfg.target_accuracy, seed=cfg.seed,
-        w0=model.initial_weights(), progress=progress, **build_codecs(spec),
-    )
+    parts = RunParts(model, data, trainer, make_executor(cfg.executor, trainer, data, cfg.executor_memory_mb),
+                     build_aggregator(spec, cfg.trainer.lr, num_users=num_users(cfg, data), seed=cfg.seed),
+                     build_policy(spec.scheduler))
+    return Simulation(parts, cfg, model.initial_weights(), build_codecs(spec), progress)
 
 
 def run_one(cfg: ExperimentConfig, spec: RunSpec, data: FederatedDataset | None = None, progress=None) -> Metrics:

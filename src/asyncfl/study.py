@@ -43,7 +43,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from asyncfl import config
 from asyncfl.config import ConfigError, ExperimentConfig, StudyConfig, StudyMethod
 from asyncfl.report import study as report
-from asyncfl.report.metrics import write_rows
+from asyncfl.sim.metrics import write_rows
 
 
 @dataclass
@@ -121,16 +121,12 @@ def trip_durations(cfg: ExperimentConfig) -> np.ndarray:
     draw of the same distributions)."""
     from asyncfl.build import build_codecs, build_data, build_flat_model, build_trainer
     from asyncfl.sim.population import Population
-    from asyncfl.sim.simulator import payload_bytes
 
     spec = cfg.runs[0]
     data = build_data(cfg)
     model = build_flat_model(cfg, data)
     trainer = build_trainer(cfg, spec, model)
-    w0 = model.initial_weights()
-    codecs = build_codecs(spec)
-    down = codecs["download_codec"].bytes_for(w0.numel()) if codecs else payload_bytes(w0)
-    up = codecs["upload_codec"].bytes_for(w0.numel()) if codecs else payload_bytes(w0)
+    down, up = build_codecs(spec).payload_bytes(model.numel)
     pop = Population(cfg.population, np.random.default_rng([cfg.seed, 0x7D1]))
     sizes = np.asarray(data.client_sizes())
     n = sizes[np.arange(pop.size) % len(sizes)]

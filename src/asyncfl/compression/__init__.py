@@ -2,7 +2,7 @@
 
 One module per codec (`raw`, `fp16`, `quantize`, `topk`), each encoding and decoding its own
 payloads; `frame` holds the header they share, `codec` the interface and `decode`, `spec` the
-spec strings, `error_feedback` the residual store and the upload step that uses it.
+spec strings, `run_codecs` a run's pair of codecs, `error_feedback` the residual store and the upload step that uses it.
 """
 
 from asyncfl.compression.codec import Codec, decode
@@ -11,6 +11,7 @@ from asyncfl.compression.fp16 import Float16
 from asyncfl.compression.frame import HEADER_BYTES
 from asyncfl.compression.quantize import StochasticQuantizer
 from asyncfl.compression.raw import Raw
+from asyncfl.compression.run_codecs import RunCodecs
 from asyncfl.compression.spec import parse_codec
 from asyncfl.compression.topk import TopK
 
@@ -20,6 +21,7 @@ __all__ = [
     "ErrorFeedback",
     "Float16",
     "Raw",
+    "RunCodecs",
     "StochasticQuantizer",
     "TopK",
     "Upload",

@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from asyncfl.report.metrics import Metrics  # noqa: E402
+from asyncfl.sim.metrics import Metrics  # noqa: E402
 
 
 def _curves(results: dict[str, Metrics], x: str, xlabel: str, target: float, path: Path, title: str) -> None:

@@ -19,13 +19,13 @@ import torch
 
 from asyncfl.algorithms.aggregators import Aggregator
 from asyncfl.algorithms.types import ClientUpdate, ServerState, Verdict
-from asyncfl.compression import Codec, ErrorFeedback, encode_upload
+from asyncfl.compression import ErrorFeedback, RunCodecs, encode_upload
 from asyncfl.algorithms.seeds import download_rounding_generator, trip_seed, upload_rounding_generator
 from asyncfl.algorithms.trainer import LocalTrainer
-from asyncfl.config import PopulationConfig, StopConfig, EvalConfig
+from asyncfl.config import ExperimentConfig
 from asyncfl.data.federated import FederatedDataset
 from asyncfl.models.flat import FlatModel
-from asyncfl.report.metrics import Metrics
+from asyncfl.sim.metrics import Metrics
 from asyncfl.scheduling import WAKE, AsyncPolicy, SyncPolicy
 from asyncfl.sim.events import EventQueue
 from asyncfl.sim.executor import Executor, TrainJob
@@ -50,30 +50,28 @@ def payload_bytes(w: torch.Tensor) -> int:
     return w.numel() * w.element_size()
 
 
+@dataclass(frozen=True)
+class RunParts:
+    """The objects one simulated run is made of (`asyncfl.build` makes them from a config)."""
+
+    model: FlatModel
+    data: FederatedDataset
+    trainer: LocalTrainer
+    executor: Executor
+    aggregator: Aggregator
+    policy: AsyncPolicy | SyncPolicy
+
+
 class Simulation:
-    def __init__(
-        self,
-        *,
-        model: FlatModel,
-        data: FederatedDataset,
-        trainer: LocalTrainer,
-        executor: Executor,
-        aggregator: Aggregator,
-        policy: AsyncPolicy | SyncPolicy,
-        population: PopulationConfig,
-        eval_cfg: EvalConfig,
-        stop: StopConfig,
-        target_accuracy: float,
-        seed: int,
-        w0: torch.Tensor,
-        progress: Callable[[float], None] | None = None,
-        upload_codec: Codec | None = None,
-        download_codec: Codec | None = None,
-        error_feedback: bool = False,
-    ):
+    def __init__(self, parts: RunParts, cfg: ExperimentConfig, w0: torch.Tensor, codecs: RunCodecs = RunCodecs(),
+                 progress: Callable[[float], None] | None = None):
+        """`cfg` gives the population, evaluation, stop rule, target and seed; `codecs` the
+        transfer encodings; `progress(t)` is called at every evaluation tick."""
+        model, data, trainer = parts.model, parts.data, parts.trainer
+        population, seed = cfg.population, cfg.seed
         self.model, self.data, self.trainer = model, data, trainer
-        self.executor, self.aggregator, self.policy = executor, aggregator, policy
-        self.eval_cfg, self.stop, self.target = eval_cfg, stop, target_accuracy
+        self.executor, self.aggregator, self.policy = parts.executor, parts.aggregator, parts.policy
+        self.eval_cfg, self.stop, self.target = cfg.eval, cfg.stop, cfg.target_accuracy
         self.seed = seed
         profile_ss, select_ss, drop_ss = np.random.SeedSequence(seed).spawn(3)
         self.population = Population(population, np.random.default_rng(profile_ss))
@@ -89,10 +87,9 @@ class Simulation:
         # compression: every transfer is charged its encoded payload's exact length (bytes_for is
         # exact and data independent, so trip timing can use it before encoding); without codecs,
         # dense float32 (model_bytes) both ways
-        self.upload_codec, self.download_codec = upload_codec, download_codec
-        self.upload_bytes = upload_codec.bytes_for(w0.numel()) if upload_codec else self.model_bytes
-        self.download_bytes = download_codec.bytes_for(w0.numel()) if download_codec else self.model_bytes
-        self.error_feedback = ErrorFeedback(upload_codec) if error_feedback and upload_codec else None
+        self.upload_codec, self.download_codec = codecs.upload, codecs.download
+        self.download_bytes, self.upload_bytes = codecs.payload_bytes(w0.numel())
+        self.error_feedback = ErrorFeedback(codecs.upload) if codecs.error_feedback and codecs.upload else None
         self._broadcast: tuple[int, torch.Tensor] | None = None  # (version, model as a lossy download decodes)
         self.clock = 0.0
         self.events = EventQueue()

@@ -1,4 +1,5 @@
-"""Run metrics: counters of trips and bytes, evaluation rows, staleness of accepted updates."""
+"""A simulated run's metrics: counters of trips and bytes, evaluation rows, staleness of accepted
+updates; `write_rows` writes them as CSV (the study reuses it)."""
 
 from __future__ import annotations
 
