@@ -12,6 +12,7 @@ from asyncfl.config import ConfigError, Dist, StudyConfig, StudyRatio
 from asyncfl.data.synthetic import SyntheticFederated
 from asyncfl.sim.population import sample
 from asyncfl import study
+from asyncfl.report.ratios import ratios, spread
 
 
 # ------------------------------------------------------------------------------------ Pareto
@@ -214,7 +215,7 @@ def test_ratios_per_seed_and_their_spread():
         ("a", 10, 2): _final(None, None, None), ("b", 10, 2): _final(50, 60, 240),
         ("a", 100, 0): _final(10, 10, 10),  # b never ran at 100: no block
     }
-    (block,) = study.ratios(st, finals)
+    (block,) = ratios(st, finals)
     assert block["concurrency"] == 10 and block["baseline"] == "a" and block["method"] == "b"
     assert [r["time"] for r in block["per_seed"]] == [5.0, 3.0, None]
     assert block["per_seed"][2] == {"seed": 2, "baseline_reached": False, "method_reached": True,
@@ -225,7 +226,7 @@ def test_ratios_per_seed_and_their_spread():
     assert block["time"]["geomean"] == pytest.approx(np.sqrt(15))
     assert block["trips"]["mean"] == pytest.approx((8 + 3) / 2) and block["bytes"]["mean"] == pytest.approx(5.5)
     assert block["seeds_both_reached"] == 2
-    assert study.spread([])["mean"] is None
+    assert spread([])["mean"] is None
 
 
 def test_table_cells_format_the_spread_over_seeds():
@@ -235,8 +236,8 @@ def test_table_cells_format_the_spread_over_seeds():
     assert _stat([2.5], ".2f") == "2.50"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert _stat([0.0, 0.0], ".0f") == "0 ± 0" and study.spread([0.0, 2.0])["geomean"] == 0.0
-    assert _pm(study.spread([3.0, 5.0])) == "4.00x ± 1.41 (3.00–5.00)"
+        assert _stat([0.0, 0.0], ".0f") == "0 ± 0" and spread([0.0, 2.0])["geomean"] == 0.0
+    assert _pm(spread([3.0, 5.0])) == "4.00x ± 1.41 (3.00–5.00)"
 
 
 def test_seed_flag_is_refused_for_a_study(tmp_path, capsys):

@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from asyncfl.report.ratios import ratios, spread  # noqa: E402
 from asyncfl.report.table import summary_table  # noqa: E402
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
@@ -36,19 +37,16 @@ COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e3
 
 def write_outputs(cfg, groups, finals: dict, out: Path, wall: float, rss: dict, console: Console,
                   threads: dict | None = None) -> dict:
-    from asyncfl import study as S
-    from asyncfl.data.imbalance import plot_client_sizes
     from asyncfl.build import build_data
+    from asyncfl.data.imbalance import plot_client_sizes
 
     st = cfg.study
     methods = [m.name for m in st.methods]
     order = {m: i for i, m in enumerate(methods)}
     keys = sorted(finals, key=lambda k: (k[1], order[k[0]], st.seeds.index(k[2]) if k[2] in st.seeds else k[2]))
     runs = [finals[k]["entry"] for k in keys]
-    for k in keys:
-        S.write_run(finals[k], out / finals[k]["entry"]["name"])  # the tuning seed's run, under its seed name
     grid = [dict(r["entry"], chosen=r["entry"]["grid_index"] == g.chosen) for g in groups for r in g.results]
-    ratio_blocks = S.ratios(st, finals)
+    ratio_blocks = ratios(st, finals)
     data = build_data(cfg.model_copy(update={"seed": st.grid_seed}))
     # what the shared model of synthetic data alone scores: the task's ceiling on held-out devices
     common = data.common_model_accuracy if getattr(data, "common_model", 0) else None
@@ -118,8 +116,6 @@ def ratio_table(summary: dict) -> Table:
 
 def _stat(values: list, fmt: str) -> str:
     """"mean ± sd" over the seeds that have a value."""
-    from asyncfl.study import spread
-
     return _pm(spread([x for x in values if x is not None]), fmt, unit="", extent=False)
 
 
