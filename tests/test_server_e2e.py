@@ -1,6 +1,6 @@
 """End to end on loopback: one server process and 8 client processes train the digits MLP to
 0.90 test accuracy, asynchronously (FedBuff) and in sync rounds (FedAvg with over-selection,
-FedNova with partial work); the dashboard of the FedBuff run is then opened in headless Chromium."""
+FedNova with proximal clients); the dashboard of the FedBuff run is then opened in headless Chromium."""
 
 from __future__ import annotations
 
