@@ -168,7 +168,7 @@ def test_config_refuses_what_fednova_does_not_do(algorithm, scheduler, extra, me
 
 
 def test_proximal_term_too_large_for_the_learning_rate_is_a_config_error():
-    with pytest.raises(config.ConfigError, match="trainer.lr x mu must be below 1"):
+    with pytest.raises(config.ConfigError, match=r"algorithm.mu with trainer.lr: .*lr x mu < 1"):
         build_aggregator(spec({"name": "fednova", "mu": 10.0}), 0.1)
 
 

@@ -4,9 +4,10 @@ Plain weighted averaging of deltas biases the model toward clients that took mor
 (objective inconsistency). FedNova divides each delta by the size of the client's local work,
 ||a_i||_1, and steps with tau_eff * sum_i p_i d_i, d_i = delta_i / ||a_i||_1,
 tau_eff = sum_i p_i ||a_i||_1. With tau_i plain SGD steps ||a_i||_1 = tau_i; with a proximal term
-mu at learning rate eta the k-th gradient enters the delta with weight (1 - eta mu)^k, so
-||a_i||_1 = (1 - (1 - eta mu)^tau_i) / (eta mu). p_i = w_i / sum w over the round (or buffer),
-w_i = s(staleness) e(n_i): s(0) = 1 in sync rounds, so there p_i = n_i / sum n with e(n) = n.
+mu at learning rate eta, the gradient taken k steps before the last enters the delta with weight
+(1 - eta mu)^k, so ||a_i||_1 = (1 - (1 - eta mu)^tau_i) / (eta mu). p_i = w_i / sum w over the
+round (or buffer), w_i = s(staleness) e(n_i): s(0) = 1 in sync rounds, so there p_i = n_i / sum n
+with e(n) = n.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ class FedNova(BufferingAggregator):
                  mu: float = 0.0, buffer_size: int | None = None, max_staleness: int | None = None,
                  clip_norm: float | None = None, max_steps: int | None = None):
         if mu < 0 or lr <= 0 or lr * mu >= 1:
-            raise ValueError(f"FedNova needs lr > 0, mu >= 0 and lr * mu < 1, got lr={lr}, mu={mu}")
+            raise ValueError(f"FedNova needs lr > 0, mu >= 0 and lr x mu < 1 (the proximal term would "
+                             f"overshoot), got lr={lr:g}, mu={mu:g}")
         if max_steps is not None and max_steps < 1:
             raise ValueError(f"FedNova max_steps must be at least 1, got {max_steps}")
         self.server_opt, self.weight, self.lr, self.mu = server_opt, weight, lr, mu

@@ -32,13 +32,12 @@ def _aggregator(a: FedNovaConfig, trainer_lr: float | None) -> FedNova:
     """`trainer_lr` is eta in the proximal clients' ||a_i||_1 (unused when mu = 0)."""
     if trainer_lr is None and a.mu > 0:
         raise ConfigError("fednova with mu > 0 needs the trainer's learning rate to normalize by")
-    lr = trainer_lr or 1.0
-    if lr * a.mu >= 1:
-        raise ConfigError(f"algorithm.mu: trainer.lr x mu must be below 1 (the proximal term would overshoot), "
-                          f"got {lr:g} x {a.mu:g}")
     s, e = build_staleness(a.staleness), EXAMPLE_WEIGHTS[a.example_weight]
-    return FedNova(build_server_opt(a.server_opt), lambda u, d: s(d) * e(u.n_examples), lr, a.mu, a.buffer_size,
-                   a.max_staleness, a.clip_norm, a.max_steps)
+    try:
+        return FedNova(build_server_opt(a.server_opt), lambda u, d: s(d) * e(u.n_examples), trainer_lr or 1.0,
+                       a.mu, a.buffer_size, a.max_staleness, a.clip_norm, a.max_steps)
+    except ValueError as err:
+        raise ConfigError(f"algorithm.mu with trainer.lr: {err}") from None
 
 
 def _validate(a: FedNovaConfig, scheduler: SchedulerConfig) -> None:
