@@ -69,7 +69,8 @@ def test_declared_capabilities():
     ({"name": "fedasync", "rho": 0.2}, ClientOptions(prox_mu=0.2)),
     ({"name": "perfedavg", "variant": "hf", "meta_lr": 0.05, "meta_delta": 0.002},
      ClientOptions(meta="hf", meta_lr=0.05, meta_delta=0.002)),
-    ({"name": "qfedavg"}, ClientOptions()),
+    ({"name": "qfedavg"}, ClientOptions(start_loss="full")),
+    ({"name": "qfedavg", "loss_estimate": "first_batch"}, ClientOptions()),
     ({"name": "fedbuff"}, ClientOptions()),
     ({"name": "fednova", "mu": 0.4}, ClientOptions(prox_mu=0.4)),
 ])
@@ -78,8 +79,8 @@ def test_client_options_reach_the_local_trainer(algorithm, options):
     assert client_options(spec) == options
     cfg = config.validate({"runs": [spec.model_dump(mode="json")]})
     t = build_trainer(cfg, cfg.runs[0], FlatModel(build_model("logreg", 4, 3)))
-    assert (t.prox_mu, t.meta, t.meta_lr, t.meta_delta) == (options.prox_mu, options.meta, options.meta_lr,
-                                                            options.meta_delta)
+    assert (t.step.prox_mu, t.step.meta, t.step.meta_lr, t.step.meta_delta, t.start_loss) == (
+        options.prox_mu, options.meta, options.meta_lr, options.meta_delta, options.start_loss)
 
 
 @pytest.mark.parametrize("algorithm, kind", [

@@ -12,7 +12,8 @@ from asyncfl.data.partition import partition
 from asyncfl.experiment import build_simulation
 from asyncfl.models import FlatModel, build_model
 from asyncfl.algorithms.shuffle import minibatches, mix
-from asyncfl.sim.batched import BatchedExecutor, _FuncKernel, make_executor
+from asyncfl.sim.batched import BatchedExecutor, make_executor
+from asyncfl.sim.kernels import FuncKernel
 from asyncfl.sim.executor import SequentialExecutor, TrainJob
 
 
@@ -32,7 +33,7 @@ def mlp_trainer(data, mu=0.05, **kw):
 def both(trainer, data, jobs, force_generic=False, memory_mb=4.0):
     seq, bat = SequentialExecutor(trainer, data), BatchedExecutor(trainer, data, memory_mb=memory_mb)
     if force_generic:
-        bat.kernel = _FuncKernel(trainer.model)
+        bat.kernel = FuncKernel(trainer.model)
     for ex in (seq, bat):
         for j in jobs:
             ex.submit(TrainJob(j.job_id, j.client, j.base_version, j.base_w, j.seed, j.steps))

@@ -8,7 +8,8 @@ from torch import nn
 from asyncfl.algorithms.trainer import LocalTrainer
 from asyncfl.models import FlatModel
 from asyncfl.models.zoo import CharGRU
-from asyncfl.sim.batched import BatchedExecutor, _ModelGradsKernel, build_kernel
+from asyncfl.sim.batched import BatchedExecutor
+from asyncfl.sim.kernels import ModelGradsKernel, build_kernel
 from asyncfl.sim.executor import SequentialExecutor, TrainJob
 
 
@@ -87,7 +88,7 @@ def test_batched_executor_uses_the_hand_written_kernel_and_matches_sequential():
     torch.manual_seed(0)
     model = FlatModel(CharGRU(80, 97, vocab=97, embed=8, hidden=24))
     trainer = LocalTrainer(model, 0.5, 8, local_steps=4)
-    assert isinstance(build_kernel(trainer, data.x_test[:8]), _ModelGradsKernel)
+    assert isinstance(build_kernel(trainer, data.x_test[:8]), ModelGradsKernel)
     w0 = model.initial_weights()
     seq, bat = SequentialExecutor(trainer, data), BatchedExecutor(trainer, data)
     jobs = [TrainJob(k, k % len(sizes), 0, w0, 50 + k, 1 + k % 4) for k in range(10)]

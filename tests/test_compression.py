@@ -13,9 +13,10 @@ from asyncfl.compression import (
     StochasticQuantizer,
     TopK,
     decode,
+    encode_upload,
     parse_codec,
 )
-from asyncfl.compression import codecs
+from asyncfl.compression import frame, topk
 
 ALL_SPECS = [
     "none",
@@ -169,8 +170,8 @@ def test_compression_ratio_drops_with_bit_width():
     assert parse_codec("int2").compression_ratio(n) > 15
 
 
-@pytest.mark.parametrize("n, k, mode", [(1000, 10, codecs._IDX_U16), (100_000, 100, codecs._IDX_U32),
-                                        (100_000, 20_000, codecs._IDX_BITMAP), (1000, 500, codecs._IDX_BITMAP)])
+@pytest.mark.parametrize("n, k, mode", [(1000, 10, topk._IDX_U16), (100_000, 100, topk._IDX_U32),
+                                        (100_000, 20_000, topk._IDX_BITMAP), (1000, 500, topk._IDX_BITMAP)])
 def test_topk_index_mode_is_the_smaller_one(n, k, mode):
     c = TopK(k=k)
     payload = c.encode(vec(n))
@@ -355,11 +356,11 @@ def test_quantization_scales_and_padding_are_validated():
     _raise(bytes(p2), 5, match="padding bits")
 
 
-def _topk_payload(indices, numel, width="<H", mode=codecs._IDX_U16, values=None):
+def _topk_payload(indices, numel, width="<H", mode=topk._IDX_U16, values=None):
     k = len(indices)
     values = torch.ones(k) if values is None else values
     return (
-        struct.pack("<2sBBI", b"AF", 1, codecs.TOPK, numel)
+        struct.pack("<2sBBI", b"AF", 1, frame.TOPK, numel)
         + struct.pack("<IB", k, mode)
         + b"".join(struct.pack(width, i) for i in indices)
         + Raw().encode(values)
@@ -370,7 +371,7 @@ def test_topk_indices_are_validated():
     ok = _topk_payload([1, 4, 7], 10)
     assert decode(ok, 10).tolist() == [0, 1, 0, 0, 1, 0, 0, 1, 0, 0]
     _raise(_topk_payload([1, 4, 10], 10), 10, match="index 10 out of range")
-    _raise(_topk_payload([70000], 100, width="<I", mode=codecs._IDX_U32), 100, match="out of range")
+    _raise(_topk_payload([70000], 100, width="<I", mode=topk._IDX_U32), 100, match="out of range")
     _raise(_topk_payload([4, 1, 7], 10), 10, match="not strictly increasing")
     _raise(_topk_payload([1, 4, 4], 10), 10, match="not strictly increasing")
     _raise(_topk_payload(list(range(11)), 10), 10, match="k = 11 exceeds numel")
@@ -390,7 +391,7 @@ def test_topk_bitmap_is_validated():
     c = TopK(k=6)
     x = vec(12)
     p = bytearray(c.encode(x))
-    assert p[HEADER_BYTES + 4] == codecs._IDX_BITMAP
+    assert p[HEADER_BYTES + 4] == topk._IDX_BITMAP
     bitmap_at = HEADER_BYTES + 5  # 2 bytes for 12 elements
     q = bytearray(p)
     q[bitmap_at + 1] |= 0x80  # bit 15: padding beyond element 11
@@ -535,3 +536,43 @@ def test_error_feedback_eviction_and_state():
     u = torch.tensor([1.0, 0.5])
     v = ef.compensate(2, u)
     assert torch.equal(u, torch.tensor([1.0, 0.5])) and not torch.equal(v, u)
+
+
+def test_encode_upload_leaves_the_residual_until_recorded():
+    """The client's order: encode with the residual, advance it only once the update counted."""
+    ef = ErrorFeedback("topk:k=1")
+    u = torch.tensor([1.0, 0.75, -0.25])
+    first = encode_upload(ef.codec, u, 7, ef, "dev")
+    assert torch.equal(first.decoded, torch.tensor([1.0, 0.0, 0.0])) and torch.equal(first.compensated, u)
+    assert ef.residual("dev") is None  # a rejected upload leaves nothing behind
+    again = encode_upload(ef.codec, u, 7, ef, "dev")
+    assert again.payload == first.payload
+    ef.record("dev", again.compensated, again.decoded)  # accepted
+    assert torch.equal(ef.residual("dev"), torch.tensor([0.0, 0.75, -0.25]))
+    second = encode_upload(ef.codec, u, 7, ef, "dev")
+    assert torch.equal(second.compensated, torch.tensor([1.0, 1.5, -0.5]))
+    assert torch.equal(second.decoded, torch.tensor([0.0, 1.5, 0.0]))  # what was held is sent
+
+
+def test_encode_upload_is_what_error_feedback_encodes():
+    u, seed = vec(1000, seed=3), 11
+    ef = ErrorFeedback("topk:0.1+int4")
+    for _ in range(2):  # the second round carries a residual
+        held = ErrorFeedback("topk:0.1+int4")
+        held.load_state_dict(ef.state_dict())
+        upload = encode_upload(held.codec, u, seed, held, 5)
+        payload, decoded = ef.encode(5, u, seed)
+        assert upload.payload == payload and torch.equal(upload.decoded, decoded)
+    plain = encode_upload(parse_codec("int8"), u, seed)
+    assert plain.payload == parse_codec("int8").encode(u, seed) and plain.compensated is u
+    assert torch.equal(plain.decoded, decode(plain.payload, 1000))
+    assert len(plain.payload) == parse_codec("int8").bytes_for(1000)
+
+
+def test_encode_upload_refuses_a_payload_its_transfer_was_not_charged_for():
+    class Short(Raw):
+        def bytes_for(self, numel):
+            return super().bytes_for(numel) - 4
+
+    with pytest.raises(RuntimeError, match="payload of 48 bytes, charged 44"):
+        encode_upload(Short(), torch.zeros(10), 0)

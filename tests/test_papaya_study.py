@@ -1,4 +1,4 @@
-"""The papaya preset end to end (issue #7): its --quick variant through the command line, and
+"""The papaya preset end to end: its --quick variant through the command line, and
 determinism of a tiny study whatever the number of worker processes."""
 
 import csv

@@ -1,5 +1,7 @@
-"""Pieces of the Papaya study (issue #7): Pareto device speeds, the synthetic generator with a
+"""Pieces of the Papaya study: Pareto device speeds, the synthetic generator with a
 shared model, the study's config block, planning, round-timeout percentile, selection and ratios."""
+
+import warnings
 
 import numpy as np
 import pytest
@@ -224,6 +226,17 @@ def test_ratios_per_seed_and_their_spread():
     assert block["trips"]["mean"] == pytest.approx((8 + 3) / 2) and block["bytes"]["mean"] == pytest.approx(5.5)
     assert block["seeds_both_reached"] == 2
     assert study.spread([])["mean"] is None
+
+
+def test_table_cells_format_the_spread_over_seeds():
+    from asyncfl.report.study import _pm, _stat
+
+    assert _stat([None, 1.0, 3.0], ".1f") == "2.0 ± 1.4" and _stat([None], ".1f") == "—"
+    assert _stat([2.5], ".2f") == "2.50"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _stat([0.0, 0.0], ".0f") == "0 ± 0" and study.spread([0.0, 2.0])["geomean"] == 0.0
+    assert _pm(study.spread([3.0, 5.0])) == "4.00x ± 1.41 (3.00–5.00)"
 
 
 def test_seed_flag_is_refused_for_a_study(tmp_path, capsys):

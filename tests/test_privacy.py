@@ -254,9 +254,24 @@ def test_adaptive_clipping_direction_bounds_and_state():
             AdaptiveClipping(1.0, **kwargs)
 
 
+@pytest.mark.parametrize("norms, noise_seed, fraction", [
+    ([0.1] * 8, None, 1.0),  # 8 updates under C where 4 were expected: 4 / 4 + 1/2 = 1.5
+    ([10.0] * 8, None, 0.0),  # 8 over C: -4 / 4 + 1/2 = -0.5
+    ([0.1, 0.1, 10.0, 10.0], 0, 1.0),  # seed 0 draws +1.54: 1/2 + 154 / 4
+    ([0.1, 0.1, 10.0, 10.0], 4, 0.0),  # seed 4 draws -1.61: 1/2 - 161 / 4
+])
+def test_adaptive_clipping_estimate_is_clamped_to_a_fraction(norms, noise_seed, fraction):
+    """An estimate outside [0, 1] moves C as the nearest possible fraction would."""
+    ac = AdaptiveClipping(1.0, target_quantile=0.5, learning_rate=0.2, expected_count=4,
+                          count_noise_std=0.0 if noise_seed is None else 100.0)
+    gen = lambda: None if noise_seed is None else torch.Generator().manual_seed(noise_seed)
+    assert ac.noisy_fraction(norms, gen()) == fraction
+    assert ac.update(norms, gen()) == pytest.approx(math.exp(-0.2 * (fraction - 0.5)), rel=1e-12)
+
+
 def test_adaptive_clipping_count_noise_is_seeded():
     a = AdaptiveClipping(1.0, expected_count=10, count_noise_std=2.0)
     b = AdaptiveClipping(1.0, expected_count=10, count_noise_std=2.0)
-    norms = [0.5] * 10
+    norms = [0.5] * 5 + [5.0] * 5  # half under C: the noisy estimate stays inside [0, 1]
     assert a.update(norms, torch.Generator().manual_seed(1)) == b.update(norms, torch.Generator().manual_seed(1))
     assert a.update(norms, torch.Generator().manual_seed(1)) != b.update(norms, torch.Generator().manual_seed(2))

@@ -24,9 +24,11 @@ def two_threads():
     torch.set_num_threads(before)
 
 
-def test_choose_prefers_fewer_threads_within_margin():
+def test_more_threads_only_when_clearly_faster():
     assert threads.choose({1: 1.0, 2: 0.95}) == 1
+    assert threads.choose({1: 1.0, 2: 0.7}) == 1  # 1.43x: not worth the risk of waiting threads
     assert threads.choose({1: 1.0, 2: 0.5}) == 2
+    assert threads.choose({1: 1.0, 2: 0.6, 4: 0.3}) == 4
     assert threads.choose({1: 0.2, 2: 1.0}) == 1
 
 
@@ -52,3 +54,27 @@ def test_fixed_count_and_bad_values(two_threads):
 def test_measure_restores_the_thread_count(two_threads):
     threads.measure(_slow_with(1), [1, 2], repeats=1)
     assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("executor", ["sequential", "batched"])
+def test_auto_probes_the_runs_own_training_pass(small, two_threads, executor):
+    from asyncfl.build import build_data
+    from asyncfl.experiment import choose_threads
+
+    cfg = small(executor=executor)
+    choice = choose_threads(cfg, cfg.runs[1], build_data(cfg), "auto")
+    assert set(choice.seconds) == {1, 2} and all(0 < s < 5 for s in choice.seconds.values())
+    assert (choice.seconds[1] >= threads.MIN_SPEEDUP * choice.seconds[2]) == (choice.threads == 2)
+    assert choice.threads == threads.choose(choice.seconds) == torch.get_num_threads()
+
+
+def test_summary_records_the_choice(tmp_path, two_threads):
+    import json
+
+    from asyncfl.cli import main
+
+    assert main(["simulate", "--preset", "quickstart", "--run", "fedbuff", "--set", "stop.max_time=100", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["threads"]["mode"] == "auto" and set(summary["threads"]["probe_seconds"]) == {"1", "2"}
+    assert summary["torch_threads"] == summary["threads"]["threads"]
+    assert main(["simulate", "--preset", "quickstart", "--threads", "x", "--out", str(tmp_path)]) == 2

@@ -135,7 +135,7 @@ def build_trainer(cfg: ExperimentConfig, spec: RunSpec, model: FlatModel) -> Loc
     """The local trainer a run uses: the shared SGD, with the algorithm's client-side terms."""
     t, o = cfg.trainer, client_options(spec)
     return LocalTrainer(model, t.lr, t.batch_size, t.local_steps, t.local_epochs, o.prox_mu, meta=o.meta,
-                        meta_lr=o.meta_lr, meta_delta=o.meta_delta)
+                        meta_lr=o.meta_lr, meta_delta=o.meta_delta, start_loss=o.start_loss)
 
 
 def num_users(cfg: ExperimentConfig, data) -> int:

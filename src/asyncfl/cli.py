@@ -14,6 +14,19 @@ from asyncfl import config
 from asyncfl.experiment import run_experiment
 
 
+def _threads(value: str) -> int | str:
+    """--threads: 'auto' or a count of at least 1."""
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise config.ConfigError(f"--threads must be a positive integer or 'auto', got {value!r}") from None
+    if n < 1:
+        raise config.ConfigError(f"--threads must be at least 1, got {n}")
+    return n
+
+
 def _add_config_args(p: argparse.ArgumentParser, allow_file: bool) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     if allow_file:
@@ -25,8 +38,10 @@ def _add_config_args(p: argparse.ArgumentParser, allow_file: bool) -> None:
     p.add_argument("--seed", type=int, help="override the experiment seed")
     p.add_argument("--out", type=Path, required=True, help="results directory")
     p.add_argument("--quick", action="store_true", help="apply the experiment's quick: block (a small variant)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core); 1 is "
-                   "steadier on a shared machine, where waiting threads slow small models down many times")
+    p.add_argument("--threads", default="auto",
+                   help="torch intra-op threads, or 'auto' (default): time one training pass with one thread and "
+                        "with torch's default (one per core) and keep the faster; waiting threads slow small "
+                        "models down many times on a busy machine")
 
 
 def _add_network_commands(sub) -> None:
@@ -125,10 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in config.preset_names():
                 console.print(name)
             return 0
-        if getattr(args, "threads", None) is not None:
-            if args.threads < 1:
-                raise config.ConfigError(f"--threads must be at least 1, got {args.threads}")
-            torch.set_num_threads(args.threads)
+        threads = _threads(args.threads)
         cfg = config.load(getattr(args, "config", None), args.preset, args.overrides, args.seed,
                           quick=getattr(args, "quick", False))
         runs = [cfg.run(args.run).name] if args.command == "simulate" else None
@@ -139,9 +151,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise config.ConfigError("--seed does not apply to a study: its seeds are study.seeds "
                                          "(e.g. --set 'study.seeds=[3, 4, 5]')")
 
-            run_study(cfg, args.out, console)
+            run_study(cfg, args.out, console, threads)
             return 0
-        run_experiment(cfg, args.out, runs, console)
+        run_experiment(cfg, args.out, runs, console, threads)
     except config.ConfigError as err:
         console.print(f"[red]error:[/red] {err}", highlight=False)
         return 2

@@ -21,8 +21,13 @@ from asyncfl.report.clients import client_accuracies, spread
 from asyncfl.report.metrics import Metrics
 from asyncfl.report.plots import write_plots
 from asyncfl.report.table import summary_table
+from asyncfl.sim import threads as thread_choice
 from asyncfl.sim.batched import make_executor
 from asyncfl.sim.simulator import Simulation
+
+# the most clients a thread-count probe trains in its pass: enough for large matmuls to show
+# what threads gain, few enough that the probe stays short when threads wait on a busy machine
+PROBE_CLIENTS = 128
 
 
 def build_simulation(cfg: ExperimentConfig, spec: RunSpec, data: FederatedDataset | None = None,
@@ -52,6 +57,22 @@ def run_one(cfg: ExperimentConfig, spec: RunSpec, data: FederatedDataset | None 
     return m
 
 
+def choose_threads(cfg: ExperimentConfig, spec: RunSpec, data, threads: int | str) -> thread_choice.ThreadChoice:
+    """Apply `threads` (a count, or "auto": time one training pass of `spec`, as many clients as
+    will train together, with one thread and with torch's default, and keep the faster)."""
+    if threads != "auto":
+        return thread_choice.resolve(threads, None)
+    model = build_flat_model(cfg, data)
+    trainer = build_trainer(cfg, spec, model)
+
+    def fresh_executor():
+        return make_executor(cfg.executor, trainer, data, cfg.executor_memory_mb, notify=lambda _: None)
+
+    clients = min(spec.scheduler.concurrency, PROBE_CLIENTS)
+    probe = thread_choice.training_probe(fresh_executor, model.initial_weights(), clients, data.num_clients, cfg.seed)
+    return thread_choice.resolve("auto", probe)
+
+
 def run_entry(cfg: ExperimentConfig, spec: RunSpec, m: Metrics) -> dict:
     return {
         "name": spec.name,
@@ -65,14 +86,16 @@ def run_entry(cfg: ExperimentConfig, spec: RunSpec, m: Metrics) -> dict:
 
 
 def run_experiment(cfg: ExperimentConfig, out: Path, runs: list[str] | None = None,
-                   console: Console | None = None) -> dict:
-    """Run the named runs (all by default) and write everything under `out`."""
+                   console: Console | None = None, threads: int | str = "auto") -> dict:
+    """Run the named runs (all by default) and write everything under `out`; `threads` is
+    torch's intra-op thread count, or "auto" (see `choose_threads`)."""
     console = console or Console()
     specs = [cfg.run(n) for n in runs] if runs else cfg.runs
     out.mkdir(parents=True, exist_ok=True)
     resolved = cfg.model_copy(update={"runs": specs})
     (out / "config.yaml").write_text(yaml.safe_dump(resolved.model_dump(mode="json"), sort_keys=False))
     data = build_data(cfg)
+    threads_used = choose_threads(cfg, specs[0], data, threads)
     results: dict[str, Metrics] = {}
     progress = Progress(TextColumn("{task.description:>12}"), BarColumn(), TextColumn("{task.fields[acc]}"),
                         TimeElapsedColumn(), console=console, transient=False)
@@ -98,6 +121,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path, runs: list[str] | None = No
         "target_accuracy": cfg.target_accuracy,
         "seed": cfg.seed,
         "torch_threads": torch.get_num_threads(),  # wall times depend on it, and the last bits of floats
+        "threads": threads_used.summary(),  # how it was chosen: asked for, or measured (probe seconds)
         "runs": [run_entry(cfg, spec, results[spec.name]) for spec in specs],
         # examples per client: the imbalance every run above trained on
         "data": {"dataset": cfg.data.dataset, "partition": cfg.data.partition.kind,

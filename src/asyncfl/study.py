@@ -137,8 +137,7 @@ def trip_durations(cfg: ExperimentConfig) -> np.ndarray:
     uniq, inverse = np.unique(n, return_inverse=True)
     steps = np.array([trainer.num_steps(int(u)) for u in uniq], dtype=np.float64)[inverse]
     per_step = np.array([trainer.examples_per_step(int(u)) for u in uniq], dtype=np.float64)[inverse]
-    return (down / pop.download_bandwidth.astype(np.float64) + up / pop.upload_bandwidth.astype(np.float64)
-            + steps * per_step * pop.compute_per_example.astype(np.float64))
+    return pop.trip_durations(steps, per_step, down, up)
 
 
 def round_timeout(cfg: ExperimentConfig, percentile: float, cache: dict | None = None) -> float:
@@ -265,11 +264,20 @@ def _entry_line(e: dict) -> str:
     return f"{e['name']}: {hit}, {e['server_steps']} steps, {e['wall_seconds']:.1f} s wall"
 
 
-def run_study(cfg: ExperimentConfig, out: Path, console: Console | None = None) -> dict:
+def run_study(cfg: ExperimentConfig, out: Path, console: Console | None = None, threads: int | str = "auto") -> dict:
+    """`threads`: torch's threads for runs in this process (workers = 1), a count or "auto"
+    (measured on the first method's run); worker processes use one thread each."""
     console = console or Console()
     st: StudyConfig = cfg.study
     t0 = time.perf_counter()
     groups = plan(cfg)  # validates every grid config before anything runs
+    if st.workers == 1:
+        from asyncfl.build import build_data
+        from asyncfl.experiment import choose_threads
+
+        threads_used = choose_threads(cfg, cfg.run(st.methods[0].name), build_data(cfg), threads).summary()
+    else:
+        threads_used = {"mode": "fixed", "threads": 1}
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     n_grid = sum(len(g.grid) for g in groups)
@@ -320,7 +328,7 @@ def run_study(cfg: ExperimentConfig, out: Path, console: Console | None = None) 
         # after an error, drop the queued runs: they would all run before the error shows
         pool.shutdown(wait=True, cancel_futures=failed)
     wall = time.perf_counter() - t0
-    return report.write_outputs(cfg, groups, finals, out, wall, peak_rss_mb(), console)
+    return report.write_outputs(cfg, groups, finals, out, wall, peak_rss_mb(), console, threads_used)
 
 
 def _as_seed_run(g: Group) -> dict:
@@ -351,9 +359,10 @@ def spread(values: list[float]) -> dict:
     a = np.asarray(values, dtype=np.float64)
     if a.size == 0:
         return {"mean": None, "std": None, "min": None, "max": None, "geomean": None, "n": 0}
+    with np.errstate(divide="ignore", invalid="ignore"):  # a zero (or negative) value: geomean 0 (or nan)
+        geomean = float(np.exp(np.log(a).mean()))
     return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0,
-            "min": float(a.min()), "max": float(a.max()), "geomean": float(np.exp(np.log(a).mean())),
-            "n": int(a.size)}
+            "min": float(a.min()), "max": float(a.max()), "geomean": geomean, "n": int(a.size)}
 
 
 METRICS = {"time": "time_to_target", "trips": "trips_to_target", "bytes": "bytes_to_target"}

@@ -1,4 +1,4 @@
-"""Server optimizers: they turn an aggregated pseudo-gradient into a model step (SPEC §3).
+"""Server optimizers: they turn an aggregated pseudo-gradient into a model step.
 
 The pseudo-gradient g points like a gradient (g = w_old - w_client on average), so every
 optimizer moves w against it. With SGD(lr=1, momentum=0) a step is plain model averaging.

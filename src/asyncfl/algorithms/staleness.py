@@ -1,4 +1,4 @@
-"""Staleness functions s(d), d = server version - client's base version (SPEC §3).
+"""Staleness functions s(d), d = server version - client's base version.
 
 They scale how much a late update counts: FedAsync multiplies its mixing rate by s(d),
 FedBuff multiplies each buffered delta by s(d).

@@ -1,7 +1,7 @@
-"""The one local trainer every algorithm and both runtimes share (SPEC §2).
+"""The one local trainer every algorithm and both runtimes share.
 
-Minibatch SGD with an optional proximal term (FedProx mu / FedAsync rho), run on the flat
-parameter vector. The minibatch order is a pure function of (n_examples, steps, seed)
+Minibatch SGD with the algorithm's client-side terms (`ClientStep`), run for one client on its
+flat parameter vector. The minibatch order is a pure function of (n_examples, steps, seed)
 (`shuffle.minibatches`), so a deferred or batched execution of the same client gives the same
 result.
 """
@@ -9,27 +9,28 @@ result.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import numpy as np
 import torch
 
+from asyncfl.algorithms.client_step import ClientStep, Layers
 from asyncfl.algorithms.shuffle import minibatches, mix
 from asyncfl.algorithms.types import ClientUpdate
 from asyncfl.models.flat import FlatModel
 
+StartLoss = Literal["full", "first_batch", "none"]
+
 
 class LocalTrainer:
-    """Plain or proximal SGD; with `meta` set, Per-FedAvg's MAML-style step instead.
+    """Local SGD over a client's data; `step` holds the algorithm's step rule (proximal term,
+    Per-FedAvg's meta step, see `ClientStep`).
 
-    Per-FedAvg (Fallah et al. 2020) trains for a model that does well after one more local step
-    of size `meta_lr`: each step takes an inner step on one minibatch, evaluates the gradient
-    at the result on a second, and steps the model with it ("fo", first order) or with it
-    corrected by the Hessian-vector product on a third minibatch ("hf", Hessian-free: the
-    product is a central difference of two gradients, step `meta_delta`).
+    `start_loss` says what `ClientUpdate.start_loss` (the loss at the downloaded model, q-FedAvg's
+    F_k) is: "full", the mean over all the client's examples (one extra forward pass over its
+    data); "first_batch", the loss on the first minibatch, a by-product of the first step;
+    "none", not computed (NaN).
     """
-
-    BATCHES_PER_STEP = {None: 1, "fo": 2, "hf": 3}
-    GRADIENTS_PER_STEP = {None: 1, "fo": 2, "hf": 4}
 
     def __init__(
         self,
@@ -42,44 +43,44 @@ class LocalTrainer:
         meta: str | None = None,
         meta_lr: float = 0.01,
         meta_delta: float = 1e-3,
+        start_loss: StartLoss = "first_batch",
     ):
         if (local_steps is None) == (local_epochs is None):
             raise ValueError("give exactly one of local_steps and local_epochs")
-        if meta not in self.BATCHES_PER_STEP:
-            raise ValueError(f"meta must be None, 'fo' or 'hf', got {meta!r}")
+        if start_loss not in ("full", "first_batch", "none"):
+            raise ValueError(f"start_loss must be 'full', 'first_batch' or 'none', got {start_loss!r}")
         self.model = model
         self.lr = lr
         self.batch_size = batch_size
         self.local_steps = local_steps
         self.local_epochs = local_epochs
-        self.prox_mu = prox_mu
-        self.meta = meta
-        self.meta_lr = meta_lr
-        self.meta_delta = meta_delta
+        self.step = ClientStep(prox_mu, meta, meta_lr, meta_delta)
+        self.start_loss = start_loss
 
     @property
     def batches_per_step(self) -> int:
-        return self.BATCHES_PER_STEP[self.meta]
+        return self.step.batches_per_step
 
     def num_steps(self, n_examples: int) -> int:
+        """Steps for the local budget. With `local_epochs` E, E passes over the client's data:
+        every step reads k minibatches (k = batches_per_step) of b = min(batch_size, n) examples,
+        taken consecutively from the client's stream of epochs, so E epochs are E n examples,
+        ceil(E n / (k b)) steps, rounded up so that every example is seen at least floor(E)
+        times. That is E ceil(n / B) steps when B divides n or n <= B (a small client's step
+        reads all its examples: E steps, one epoch each); otherwise fewer, as no batch is short."""
         if self.local_steps is not None:
             return self.local_steps
-        return max(1, math.ceil(self.local_epochs * n_examples / (self.batch_size * self.batches_per_step)))
+        b = min(self.batch_size, n_examples)
+        return max(1, math.ceil(self.local_epochs * n_examples / (b * self.batches_per_step)))
 
     def examples_per_step(self, n_examples: int) -> int:
         """Per-example gradient evaluations in one step: what a device's compute time scales with."""
-        return min(self.batch_size, n_examples) * self.GRADIENTS_PER_STEP[self.meta]
+        return min(self.batch_size, n_examples) * self.step.gradients_per_step
 
     def batch_indices(self, n_examples: int, batches: int, seed: int) -> np.ndarray:
         """[batches, b] local example indices: consecutive epochs of fresh permutations."""
         b = min(self.batch_size, n_examples)
         return minibatches([n_examples], [batches], [b], mix(seed))[:, 0, :b]
-
-    def _grad(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
-        wg = w.detach().requires_grad_(True)
-        loss = self.model.loss(wg, x, y)
-        (g,) = torch.autograd.grad(loss, wg)
-        return g, float(loss.detach())
 
     def train(
         self,
@@ -91,37 +92,42 @@ class LocalTrainer:
         client_id: int = -1,
         base_version: int = 0,
         steps: int | None = None,
+        correction: torch.Tensor | None = None,
     ) -> ClientUpdate:
+        """Train from w0 on (x, y); `correction` (flat, like w0) is added to every step's gradient."""
         n = len(y)
         planned = self.num_steps(n)
         steps = planned if steps is None else steps
-        k = self.batches_per_step
-        idx = torch.from_numpy(self.batch_indices(n, steps * k, seed))
-        w = w0.clone()
-        losses, start_loss = 0.0, math.nan
+        idx = torch.from_numpy(self.batch_indices(n, steps * self.batches_per_step, seed))
+
+        def grads(params: Layers, slot: int) -> tuple[Layers, torch.Tensor]:
+            wg = params[0][0].detach().requires_grad_(True)
+            loss = self.model.loss(wg, x[idx[slot]], y[idx[slot]])
+            (g,) = torch.autograd.grad(loss, wg)
+            return [g.view(1, -1)], loss.detach().view(1)
+
+        # one client, its parameters as one [1, P] "layer": the step is element-wise
+        w = w0.clone().view(1, -1)
+        starts = [(0, 1, [w0])] if self.step.prox_mu else []
+        lr = torch.tensor([self.lr], dtype=w.dtype)
+        corr = None if correction is None else [correction.view(1, -1)]
+        losses, start_loss = 0.0, self.full_loss(w0, x, y) if self.start_loss == "full" else math.nan
         for h in range(steps):
-            batch = [idx[h * k + i] for i in range(k)]
-            g, loss = self._grad(w, x[batch[0]], y[batch[0]])
-            if h == 0:
-                start_loss = loss
-            if self.meta:
-                g, loss = self._grad(w - self.meta_lr * g, x[batch[1]], y[batch[1]])
-                if self.meta == "hf":
-                    d = self.meta_delta
-                    g_plus, _ = self._grad(w + d * g, x[batch[2]], y[batch[2]])
-                    g_minus, _ = self._grad(w - d * g, x[batch[2]], y[batch[2]])
-                    g = g - self.meta_lr * (g_plus - g_minus) / (2 * d)
-            if self.prox_mu:
-                g = g + self.prox_mu * (w - w0)
-            w = w - self.lr * g
-            losses += loss
+            loss, first_loss = self.step([w], grads, h, lr, starts, corr)
+            if h == 0 and self.start_loss == "first_batch":
+                start_loss = float(first_loss)
+            losses += float(loss)
         return ClientUpdate(
             client_id=client_id,
             base_version=base_version,
-            delta=(w0 - w).detach(),
+            delta=(w0 - w[0]).detach(),
             n_examples=n,
             steps=steps,
             loss=losses / max(steps, 1),
             start_loss=start_loss,
             planned_steps=planned,
         )
+
+    def full_loss(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Mean loss over all of (x, y) at w, in chunks."""
+        return self.model.evaluate(w, x, y)[1]

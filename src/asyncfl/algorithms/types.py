@@ -30,7 +30,9 @@ class ClientUpdate:
     n_examples: int
     steps: int  # local steps actually taken (fewer than planned for partial work)
     loss: float  # mean training loss over the local steps
-    start_loss: float = math.nan  # loss at the downloaded model, on the first minibatch (q-FedAvg's F_k)
+    # loss at the downloaded model (q-FedAvg's F_k): over the client's whole data or its first
+    # minibatch, as LocalTrainer's start_loss says; NaN when not computed
+    start_loss: float = math.nan
     planned_steps: int | None = None  # steps the client was asked for; None: as many as taken
 
     @property

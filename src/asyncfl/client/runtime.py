@@ -1,4 +1,4 @@
-"""The client runtime (SPEC §6): check in when eligible, download the leased model version,
+"""The client runtime: check in when eligible, download the leased model version,
 train with the same LocalTrainer the simulator uses, upload the update with its base version,
 an idempotency key and the example count, repeat.
 
@@ -30,7 +30,7 @@ import torch
 
 from asyncfl.algorithms.seeds import upload_rounding_generator
 from asyncfl.client.http import GaveUp, ServerApi
-from asyncfl.compression import ErrorFeedback, Raw, parse_codec
+from asyncfl.compression import ErrorFeedback, Raw, encode_upload, parse_codec
 from asyncfl.config import validate
 from asyncfl import wire
 from asyncfl.build import build_data, build_flat_model, build_trainer
@@ -199,11 +199,8 @@ class ClientRuntime:
         if self.upload_codec is None:
             return None, None
         gen = upload_rounding_generator(seed)  # as the simulator seeds it
-        if self.error_feedback is None:
-            return self.upload_codec.encode(delta, gen), None
-        v = self.error_feedback.compensate("self", delta)
-        payload = self.upload_codec.encode(v, gen)
-        return payload, (v, self.upload_codec.decode(payload, v.numel()))
+        upload = encode_upload(self.upload_codec, delta, gen, self.error_feedback, "self")
+        return upload.payload, None if self.error_feedback is None else (upload.compensated, upload.decoded)
 
     def _step_budget(self, deadline_in: float | None) -> int | None:
         """With a round deadline (sync, partial stragglers) take only the steps that fit:

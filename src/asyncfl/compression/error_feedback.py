@@ -1,4 +1,6 @@
-"""Error feedback: what a lossy codec dropped from a device's update is added to its next one.
+"""Error feedback: what a lossy codec dropped from a device's update is added to its next one;
+and `encode_upload`, the one upload step (compensate, encode, decode as the server will) that the
+simulator and the client runtime share.
 
 Per device d with residual e_d (0 when absent):
 
@@ -19,16 +21,23 @@ used residual is dropped when it is full (its mass is lost; the device restarts 
 In deployment the residual lives on the device; the simulator holds all of them here. With
 asynchronous participation a residual waits until its device trains again, possibly many
 server versions later, and is then added to an update computed on a newer model.
+
+When the residual advances is the caller's choice: `encode_upload` leaves it as it was and
+`record` advances it. The simulator records every upload at once (`ErrorFeedback.encode`); a
+client records only after the server accepted the update, so an upload that did not count
+leaves the residual as it was before that trip.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Hashable
+from typing import Hashable, NamedTuple
 
 import torch
 
-from asyncfl.compression.codecs import Codec, Generator, decode, parse_codec
+from asyncfl.compression.codec import Codec
+from asyncfl.compression.frame import Generator
+from asyncfl.compression.spec import parse_codec
 
 
 class ErrorFeedback:
@@ -77,11 +86,9 @@ class ErrorFeedback:
     # -- the whole step
     def encode(self, device_id: Hashable, update: torch.Tensor, generator: Generator = None) -> tuple[bytes, torch.Tensor]:
         """Encode update + residual; returns (payload, decoded vector) and updates the residual."""
-        v = self.compensate(device_id, update)
-        payload = self.codec.encode(v, generator)
-        decoded = decode(payload, v.numel())
-        self.record(device_id, v, decoded)
-        return payload, decoded
+        upload = encode_upload(self.codec, update, generator, self, device_id)
+        self.record(device_id, upload.compensated, upload.decoded)
+        return upload.payload, upload.decoded
 
     # -- inspection and persistence
     def residual(self, device_id: Hashable) -> torch.Tensor | None:
@@ -115,3 +122,29 @@ class ErrorFeedback:
             raise ValueError(f"state is for codec {state['codec']!r}, this store uses {self.codec.spec!r}")
         self._residuals = OrderedDict((k, v.to(self.storage_dtype).clone()) for k, v in state["residuals"].items())
         self.evicted = int(state.get("evicted", 0))
+
+
+class Upload(NamedTuple):
+    payload: bytes  # what the device sends
+    decoded: torch.Tensor  # what the server decodes from it
+    compensated: torch.Tensor  # what was encoded: the update plus the device's residual
+
+
+def encode_upload(
+    codec: Codec,
+    update: torch.Tensor,
+    generator: Generator,
+    feedback: ErrorFeedback | None = None,
+    device_id: Hashable = None,
+) -> Upload:
+    """Encode a device's update for upload, with `feedback`'s residual for `device_id` added.
+
+    The residual is not advanced: `feedback.record(device_id, upload.compensated,
+    upload.decoded)` does that once the update counts. The payload's length is checked against
+    `codec.bytes_for` (transfers are timed and charged from that formula).
+    """
+    v = update if feedback is None else feedback.compensate(device_id, update)
+    payload = codec.encode(v, generator)
+    if len(payload) != codec.bytes_for(v.numel()):
+        raise RuntimeError(f"{codec.spec}: payload of {len(payload)} bytes, charged {codec.bytes_for(v.numel())}")
+    return Upload(payload, codec.decode(payload, v.numel()), v)

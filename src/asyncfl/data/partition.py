@@ -1,4 +1,4 @@
-"""Non-IID partitioners (SPEC §8). Each returns one index array per client, none empty."""
+"""Non-IID partitioners. Each returns one index array per client, none empty."""
 
 from __future__ import annotations
 

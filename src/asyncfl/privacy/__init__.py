@@ -1,4 +1,4 @@
-"""Central user-level differential privacy (SPEC §7): clipping, Gaussian noise, RDP accounting."""
+"""Central user-level differential privacy: clipping, Gaussian noise, RDP accounting."""
 
 from asyncfl.privacy.accountant import Accountant, epsilon, noise_multiplier_for
 from asyncfl.privacy.dp import AdaptiveClipping, add_gaussian_noise, clip, noise_std, update_noise_multiplier

@@ -1,6 +1,6 @@
 """Central user-level differential privacy: clip each update, add Gaussian noise to the sum.
 
-The mechanism (DP-FedAvg, McMahan et al. 2018; SPEC §7): every client update is clipped to L2
+The mechanism (DP-FedAvg, McMahan et al. 2018): every client update is clipped to L2
 norm C; the server adds N(0, (sigma * C)^2) per coordinate to the *sum* of the clipped updates
 of one aggregate (a FedBuff buffer, a FedAvg round) and only then normalises. The accountant
 (`asyncfl.privacy.accountant`) turns (sigma, sample rate, number of aggregates) into epsilon.
@@ -109,7 +109,8 @@ class AdaptiveClipping:
     After each aggregate of n updates, with b = number of them whose norm was <= C (not
     clipped), the noisy fraction b_hat = (b - n/2 + N(0, sigma_b^2)) / m + 1/2 is released
     (centred, so one user moves the noised sum by at most 1/2), m being the expected number
-    of updates per aggregate (fixed, data independent: the buffer size K), and
+    of updates per aggregate (fixed, data independent: the buffer size K), clamped to [0, 1]
+    (post-processing: no privacy cost), and
 
         C <- C * exp(-learning_rate * (b_hat - target_quantile))
 
@@ -152,7 +153,9 @@ class AdaptiveClipping:
         centred = float((norms <= self.clip_norm).sum()) - 0.5 * norms.numel()  # sensitivity 1/2
         if self.count_noise_std > 0:
             centred += self.count_noise_std * float(torch.randn((), generator=generator, dtype=torch.float64))
-        return centred / self.expected_count + 0.5
+        # an estimated fraction, so clamped to [0, 1] (as tensorflow/privacy does): noise or more
+        # updates than expected must not move C further than all (or none) under it would
+        return min(1.0, max(0.0, centred / self.expected_count + 0.5))
 
     def update(self, norms: Sequence[float] | torch.Tensor, generator: torch.Generator | None = None) -> float:
         """Fold one aggregate's pre-clipping norms in; returns the new clip norm."""

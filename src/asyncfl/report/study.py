@@ -34,7 +34,8 @@ from asyncfl.report.table import summary_table  # noqa: E402
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
 
 
-def write_outputs(cfg, groups, finals: dict, out: Path, wall: float, rss: dict, console: Console) -> dict:
+def write_outputs(cfg, groups, finals: dict, out: Path, wall: float, rss: dict, console: Console,
+                  threads: dict | None = None) -> dict:
     from asyncfl import study as S
     from asyncfl.data.imbalance import plot_client_sizes
     from asyncfl.build import build_data
@@ -71,6 +72,7 @@ def write_outputs(cfg, groups, finals: dict, out: Path, wall: float, rss: dict, 
             "round_timeout_percentile": st.round_timeout_percentile,
             "cap_grid_at_best": st.cap_grid_at_best,
             "workers": st.workers,
+            "threads": threads,  # torch threads of the runs: one per worker process, else as chosen
             "wall_seconds": wall,
             "peak_rss_mb": rss,
             "runs_executed": len(grid) + sum(1 for e in runs if e["stage"] == "seed" and e.get("grid_index") is None),
@@ -93,12 +95,14 @@ def write_outputs(cfg, groups, finals: dict, out: Path, wall: float, rss: dict, 
 
 
 # ---------------------------------------------------------------------------- tables
-def _pm(s: dict, fmt: str = ".2f", unit: str = "x") -> str:
+def _pm(s: dict, fmt: str = ".2f", unit: str = "x", extent: bool = True) -> str:
+    """A `study.spread` as "mean ± sd (min–max)" (the range only with `extent`), "—" when empty."""
     if not s or s.get("n", 0) == 0:
         return "—"
     if s["n"] == 1:
         return f"{s['mean']:{fmt}}{unit}"
-    return f"{s['mean']:{fmt}}{unit} ± {s['std']:{fmt}} ({s['min']:{fmt}}–{s['max']:{fmt}})"
+    text = f"{s['mean']:{fmt}}{unit} ± {s['std']:{fmt}}"
+    return f"{text} ({s['min']:{fmt}}–{s['max']:{fmt}})" if extent else text
 
 
 def ratio_table(summary: dict) -> Table:
@@ -113,13 +117,10 @@ def ratio_table(summary: dict) -> Table:
 
 
 def _stat(values: list, fmt: str) -> str:
-    v = [x for x in values if x is not None]
-    if not v:
-        return "—"
-    a = np.asarray(v, dtype=np.float64)
-    if a.size == 1:
-        return format(a[0], fmt)
-    return f"{format(a.mean(), fmt)} ± {format(a.std(ddof=1), fmt)}"
+    """"mean ± sd" over the seeds that have a value."""
+    from asyncfl.study import spread
+
+    return _pm(spread([x for x in values if x is not None]), fmt, unit="", extent=False)
 
 
 def per_method_rows(summary: dict) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Batched client execution: many simulated clients trained in one vectorised pass (SPEC §5).
+"""Batched client execution: many simulated clients trained in one vectorised pass.
 
 A job's result is fixed when it starts (start model, data partition, seed), so every job whose
 result is not yet needed waits in a pool; the first `result` call trains the whole pool at
@@ -17,222 +17,14 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
 from asyncfl.algorithms.shuffle import minibatches, mix
 from asyncfl.algorithms.trainer import LocalTrainer
 from asyncfl.algorithms.types import ClientUpdate
 from asyncfl.data.federated import FederatedDataset
-from asyncfl.models.flat import FlatModel
-from asyncfl.models.zoo import MLP, LogisticRegression
 from asyncfl.sim.executor import Executor, SequentialExecutor, TrainJob
-
-
-class NotVectorisable(Exception):
-    """The model cannot be trained per client under vmap with a result we can trust."""
-
-
-# ---- kernels: one SGD step for J clients at once -------------------------------------------
-class _Kernel:
-    """Holds per-client parameters as a list of [J, *shape] tensors during a pass."""
-
-    mixes_examples = True  # whether padded examples could leak into real ones
-
-    def __init__(self, model: FlatModel):
-        self.model = model
-
-    def split(self, w: torch.Tensor) -> list[torch.Tensor]:
-        """[J, P] stacked flat vectors to per-layer [J, *shape] tensors with their own storage."""
-        j = w.shape[0]
-        return [t.reshape(j, *s).clone() for t, s in zip(torch.split(w, self.model.sizes, 1), self.model.shapes)]
-
-    def grads(self, ws: list[torch.Tensor], x, y, a, out=None) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Per-client gradients of sum_b a[j, b] ce(f(w_j, x[j, b]), y[j, b]) and those losses;
-        `out` optionally holds buffers to write the gradients into."""
-        raise NotImplementedError
-
-
-class _FuncKernel(_Kernel):
-    """Any parameter-only module: vmap over the forward, one autograd backward for all clients
-    (their losses are independent, so the gradient of the sum is each client's gradient)."""
-
-    def __init__(self, model: FlatModel):
-        super().__init__(model)
-        names = model.names
-
-        def fwd(params, x):
-            return functional_call(model.module, dict(zip(names, params)), (x,))
-
-        self.fwd = vmap(fwd)
-
-    def grads(self, ws, x, y, a, out=None):
-        with torch.enable_grad():
-            leaves = [w.detach().requires_grad_(True) for w in ws]
-            logits = self.fwd(leaves, x)
-            ce = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(a)
-            per = (ce * a).sum(1)
-            return list(torch.autograd.grad(per.sum(), leaves)), per.detach()
-
-
-class _StackedKernel(_Kernel):
-    """Modules that provide `stacked_forward(params, x)` (J clients' parameters as [J, ...]
-    tensors, x as [J, B, ...]): plain autograd over the stacked parameters, no vmap. The
-    contract: examples are independent (no batch statistics), so zero-weight padding is inert."""
-
-    mixes_examples = False
-
-    def __init__(self, model: FlatModel):
-        super().__init__(model)
-        self.names = model.names
-
-    def grads(self, ws, x, y, a, out=None):
-        with torch.enable_grad():
-            leaves = [w.detach().requires_grad_(True) for w in ws]
-            logits = self.model.module.stacked_forward(dict(zip(self.names, leaves)), x)
-            ce = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(a)
-            per = (ce * a).sum(1)
-            return list(torch.autograd.grad(per.sum(), leaves)), per.detach()
-
-
-class _ModelGradsKernel(_Kernel):
-    """Modules that provide `stacked_grads(params, x, y, a)`: their own batched gradients (e.g. a
-    recurrent net with hand-written backpropagation through time, where autograd's per-op
-    bookkeeping over many time steps dominates). Returns the gradients in parameter order and
-    the per-client losses sum_b a[j, b] ce(...); the probe in `build_kernel` checks them."""
-
-    mixes_examples = False
-
-    def grads(self, ws, x, y, a, out=None):
-        return self.model.module.stacked_grads(dict(zip(self.model.names, ws)), x, y, a)
-
-
-class _ChainKernel(_Kernel):
-    """Linear/ReLU chains (logreg, MLP) with hand-written batched matmuls: about twice as fast
-    as the generic path because nothing is traced per step."""
-
-    mixes_examples = False
-
-    def __init__(self, model: FlatModel, ops: list[str]):
-        super().__init__(model)
-        self.ops = ops  # "linear" (consumes weight, bias) or "relu"
-
-    def forward(self, ws, x, saved: list | None = None):
-        h, p = x, 0
-        for op in self.ops:
-            if op == "linear":
-                if saved is not None:
-                    saved.append((op, h, p))
-                h = torch.baddbmm(ws[p + 1].unsqueeze(1), h, ws[p].transpose(1, 2))
-                p += 2
-            else:
-                h = torch.relu(h)
-                if saved is not None:
-                    saved.append((op, h, None))
-        return h
-
-    def grads(self, ws, x, y, a, out=None):
-        saved: list = []
-        h = self.forward(ws, x, saved)
-        logp = torch.log_softmax(h, -1)
-        per = -(logp.gather(2, y.unsqueeze(2)).squeeze(2) * a).sum(1)
-        d = logp.exp_()
-        d.scatter_add_(2, y.unsqueeze(2), torch.full_like(d[..., :1], -1.0))
-        d.mul_(a.unsqueeze(2))
-        g = out if out is not None else [torch.empty_like(w) for w in ws]
-        for i in range(len(self.ops) - 1, -1, -1):
-            op, t, p = saved[i]
-            if op == "linear":
-                torch.bmm(d.transpose(1, 2), t, out=g[p])  # reused buffers: no page faults per step
-                torch.sum(d, 1, out=g[p + 1])
-                if i > 0:
-                    d = torch.bmm(d, ws[p])
-            else:
-                d = d * (t > 0)
-        return g, per
-
-
-def _chain_ops(module: nn.Module) -> list[str] | None:
-    # only modules whose forward is known to be the chain: a custom forward may do anything
-    if type(module) not in (nn.Sequential, MLP, LogisticRegression):
-        return None
-    leaves = [m for m in module.modules() if not list(m.children())]
-    ops = []
-    for m in leaves:
-        if type(m) is nn.Linear and m.bias is not None:
-            ops.append("linear")
-        elif type(m) is nn.ReLU:
-            ops.append("relu")
-        else:
-            return None
-    if not ops or ops[-1] != "linear":
-        return None
-    # the parameter order must be weight, bias per Linear, in module order
-    expected = [n for m in leaves if isinstance(m, nn.Linear) for n in ("weight", "bias")]
-    names = [n.rsplit(".", 1)[-1] for n, _ in module.named_parameters()]
-    return ops if names == expected else None
-
-
-def activation_floats(module: nn.Module, sample_x: torch.Tensor) -> int:
-    """Floats of activation produced per example, measured with forward hooks."""
-    total = 0
-
-    def hook(_m, _i, out):
-        nonlocal total
-        if isinstance(out, torch.Tensor):
-            total += out[0].numel() if out.dim() > 1 else out.numel()
-
-    hs = [m.register_forward_hook(hook) for m in module.modules() if not list(m.children())]
-    try:
-        with torch.no_grad():
-            module(sample_x[:2])
-    finally:
-        for h in hs:
-            h.remove()
-    return max(total, 1)
-
-
-def build_kernel(trainer: LocalTrainer, sample_x: torch.Tensor) -> _Kernel:
-    """Pick a kernel and prove it on a tiny probe against the sequential trainer; raises
-    NotVectorisable with the reason when the model cannot be batched faithfully."""
-    model = trainer.model
-    buffers = [n for n, _ in model.module.named_buffers()]
-    if buffers:
-        raise NotVectorisable(f"model has buffers ({', '.join(buffers[:3])}), e.g. running statistics")
-    ops = _chain_ops(model.module)
-    if ops:
-        kernel: _Kernel = _ChainKernel(model, ops)
-    elif hasattr(model.module, "stacked_grads"):
-        kernel = _ModelGradsKernel(model)
-    elif hasattr(model.module, "stacked_forward"):
-        kernel = _StackedKernel(model)
-    else:
-        kernel = _FuncKernel(model)
-    gen = torch.Generator().manual_seed(0)
-    j, b = 2, 3
-    w0 = model.initial_weights()
-    ws = torch.stack([w0, w0 + 0.01 * torch.randn(w0.shape, generator=gen)])
-    x = sample_x[torch.randint(0, len(sample_x), (j, b), generator=gen)]  # real inputs: floats or token ids
-    y = torch.randint(0, 2, (j, b), generator=gen)
-    a = torch.full((j, b), 1.0 / b)
-    try:
-        if ops:  # the chain must really be what the module computes
-            ref = model.forward(ws[0], x[0])
-            got = kernel.forward(kernel.split(ws[:1]), x[:1])[0]
-            if not torch.allclose(ref, got, atol=1e-5, rtol=1e-4):
-                kernel = _FuncKernel(model)
-        g, _ = kernel.grads(kernel.split(ws), x, y, a)
-        for k in range(j):
-            wg = ws[k].clone().requires_grad_(True)
-            (ref,) = torch.autograd.grad(model.loss(wg, x[k], y[k]), wg)
-            got = torch.cat([t[k].reshape(-1) for t in g])
-            if not torch.allclose(ref, got, atol=1e-5, rtol=1e-4):
-                raise NotVectorisable("vmapped gradient differs from the sequential one")
-    except NotVectorisable:
-        raise
-    except Exception as err:  # torch.func refuses the model (data-dependent control flow, ...)
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise NotVectorisable(f"torch.func cannot vectorise it: {first[:160]}") from None
-    return kernel
+from asyncfl.sim.kernels import NotVectorisable, Kernel, activation_floats, build_kernel
 
 
 def _storage_users(t: torch.Tensor) -> int:
@@ -245,7 +37,7 @@ def _storage_users(t: torch.Tensor) -> int:
 # ---- the executor ---------------------------------------------------------------------------
 class BatchedExecutor(Executor):
     def __init__(self, trainer: LocalTrainer, data: FederatedDataset, memory_mb: float = 512.0,
-                 kernel: _Kernel | None = None):
+                 kernel: Kernel | None = None):
         super().__init__(trainer, data)
         sample_x = data.x_test[:8]
         self.kernel = kernel or build_kernel(trainer, sample_x)
@@ -390,10 +182,41 @@ class BatchedExecutor(Executor):
         return [t.view(j, *shape) for t, shape in
                 zip(torch.split(flat, [j * n for n in self.trainer.model.sizes]), self.trainer.model.shapes)]
 
+    def _full_losses(self, segments: list[tuple[int, int, torch.Tensor]], ns: np.ndarray, x_all: torch.Tensor,
+                     y_all: torch.Tensor, index: np.ndarray, offsets: np.ndarray) -> torch.Tensor:
+        """Each job's mean loss over all its client's examples at its start model: per start model,
+        one forward over its jobs' examples, in chunks, summed per job."""
+        out = torch.empty(len(ns), dtype=torch.float64)
+        chunk = max(1, (64 * 2**20) // (4 * self._act))
+        for a, b, base in segments:
+            counts = ns[a:b]
+            ends = np.cumsum(counts)
+            ex = index[np.arange(ends[-1]) + np.repeat(offsets[a:b] - (ends - counts), counts)]
+            owner = torch.from_numpy(np.repeat(np.arange(b - a), counts))
+            sums = torch.zeros(b - a, dtype=torch.float64)
+            for s in range(0, len(ex), chunk):
+                e = torch.from_numpy(ex[s : s + chunk])
+                ce = nn.functional.cross_entropy(self.trainer.model.forward(base, x_all[e]), y_all[e], reduction="none")
+                sums.index_add_(0, owner[s : s + chunk], ce.double())
+            out[a:b] = sums / torch.from_numpy(counts)
+        return out
+
+    def _corrections(self, jobs: list[TrainJob]) -> list[torch.Tensor] | None:
+        """Per-layer [J, *shape] gradient corrections of the jobs (zero for a job without one), or
+        None when no job has one."""
+        if all(job.correction is None for job in jobs):
+            return None
+        flat = torch.zeros(len(jobs), self.trainer.model.numel)
+        for k, job in enumerate(jobs):
+            if job.correction is not None:
+                flat[k] = job.correction
+        model = self.trainer.model
+        return [t.unflatten(1, shape) for t, shape in zip(torch.split(flat, model.sizes, 1), model.shapes)]
+
     @torch.no_grad()
     def _train(self, jobs: list[TrainJob]) -> None:
         t0 = time.perf_counter()
-        tr, data, model = self.trainer, self.data, self.trainer.model
+        tr, model = self.trainer, self.trainer.model
         # a pool shares few start models: order jobs by it, so each is one broadcast slice
         jobs = sorted(jobs, key=lambda job: (job.base_version, id(job.base_w)))
         segments: list[tuple[int, int, torch.Tensor]] = []  # (first row, end row, flat start model)
@@ -413,7 +236,7 @@ class BatchedExecutor(Executor):
         active = torch.from_numpy(np.arange(s_max)[:, None] < steps[None, :])  # [S, J]
         lr_mask = active.float() * tr.lr
         # per-layer start models, for the proximal term's pull
-        bases = [(a, b, list(model.unflatten(base).values())) for a, b, base in segments] if tr.prox_mu else []
+        starts = [(a, b, list(model.unflatten(base).values())) for a, b, base in segments] if tr.step.prox_mu else []
         # the pass trains in its deltas' buffer, a row per job, and turns each row w into
         # w0 - w at the end: per-layer views of the rows multiply as fast as contiguous layers
         buffer, flat = self._deltas(j)
@@ -421,33 +244,24 @@ class BatchedExecutor(Executor):
             flat[a:b] = base
         ws = [t.unflatten(1, shape) for t, shape in zip(torch.split(flat, model.sizes, 1), model.shapes)]
         t1 = time.perf_counter()
-        losses, start_losses = torch.zeros(j), torch.zeros(j)
+        losses = torch.zeros(j)
+        start_losses = self._full_losses(segments, ns, x_all, y_all, index, offsets) \
+            if tr.start_loss == "full" else torch.full((j,), float("nan"))
         gbuf = self._layers("g", j)
         xbuf = self._buffer("x", j * b_max * x_all.shape[1], x_all.dtype).view(j * b_max, x_all.shape[1])
-
-        def grads(params, batch, out=None):
-            gi = gidx_t[batch].view(-1)
-            xb = torch.index_select(x_all, 0, gi, out=xbuf).view(j, b_max, -1)
-            return self.kernel.grads(params, xb, y_all[gi].view(j, b_max), weight, out=out)
-
         k = tr.batches_per_step
+        corrections = self._corrections(jobs)
+
+        def grads(params, slot):
+            gi = gidx_t[slot].view(-1)
+            xb = torch.index_select(x_all, 0, gi, out=xbuf).view(j, b_max, -1)
+            # a step's first gradient goes to the reused buffer: the step consumes it
+            return self.kernel.grads(params, xb, y_all[gi].view(j, b_max), weight, out=gbuf if slot % k == 0 else None)
+
         for h in range(s_max):
-            g, per = grads(ws, h * k, out=gbuf)
-            if h == 0:
-                start_losses = per.clone()
-            if tr.meta:  # Per-FedAvg: the gradient after one inner step, maybe Hessian-corrected
-                g, per = grads([w - tr.meta_lr * gw for w, gw in zip(ws, g)], h * k + 1)
-                if tr.meta == "hf":
-                    d = tr.meta_delta
-                    g_plus, _ = grads([w + d * gw for w, gw in zip(ws, g)], h * k + 2)
-                    g_minus, _ = grads([w - d * gw for w, gw in zip(ws, g)], h * k + 2)
-                    g = [gw - tr.meta_lr / (2 * d) * (p - m) for gw, p, m in zip(g, g_plus, g_minus)]
-            lm = lr_mask[h]
-            for i, (w, gw) in enumerate(zip(ws, g)):
-                if tr.prox_mu:  # proximal pull towards each client's own start model
-                    for a, b, base in bases:
-                        gw[a:b].add_(w[a:b] - base[i], alpha=tr.prox_mu)
-                w.addcmul_(lm.view(-1, *[1] * (w.dim() - 1)), gw, value=-1.0)
+            per, first = tr.step(ws, grads, h, lr_mask[h], starts, corrections)
+            if h == 0 and tr.start_loss == "first_batch":
+                start_losses = first.clone()
             losses += torch.where(active[h], per, 0.0)
         t2 = time.perf_counter()
         for a, b, base in segments:  # delta = w0 - w (see _take for the rows' lifetime)

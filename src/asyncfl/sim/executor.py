@@ -1,4 +1,4 @@
-"""Deferred client execution (SPEC §5).
+"""Deferred client execution.
 
 A client's result depends only on its start model, its data and its seed, all fixed when the
 trip starts. The simulator submits a job at trip start and asks for the result only when the
@@ -8,7 +8,7 @@ trip reports, so an executor is free to train many pending jobs together.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,6 +28,9 @@ class TrainJob:
     # False: its result will most likely never be asked for (the trip drops, or its round closes
     # before it reports), so a batched executor trains it only if asked
     reports: bool = True
+    # added to every local gradient of this client (e.g. SCAFFOLD's c - c_i); flat, like base_w.
+    # Keyword-only, so that subclasses (the simulator's Trip) keep their positional fields
+    correction: torch.Tensor | None = field(default=None, kw_only=True)
 
 
 class Executor(ABC):
@@ -63,5 +66,6 @@ class SequentialExecutor(Executor):
         x, y = self.data.client_data(job.client)
         self.trained += 1
         return self.trainer.train(
-            job.base_w, x, y, seed=job.seed, client_id=job.client, base_version=job.base_version, steps=job.steps
+            job.base_w, x, y, seed=job.seed, client_id=job.client, base_version=job.base_version, steps=job.steps,
+            correction=job.correction,
         )

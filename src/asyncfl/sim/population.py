@@ -1,4 +1,4 @@
-"""Device population held as arrays, so 10^6 devices cost a few tens of MB (SPEC §5)."""
+"""Device population held as arrays, so 10^6 devices cost a few tens of MB."""
 
 from __future__ import annotations
 
@@ -21,6 +21,20 @@ def sample(dist: Dist, n: int, rng: np.random.Generator) -> np.ndarray:
     return np.maximum(v, dist.minimum).astype(np.float32)
 
 
+def trip_timing(compute_per_example, download_bandwidth, upload_bandwidth, steps, per_step,
+                download_bytes, upload_bytes):
+    """(download time, time per local step, whole trip duration) in virtual seconds: the model's
+    download, `steps` steps of `per_step` gradient examples each, then the update's upload.
+
+    The one formula for the simulator (Python floats, once per trip) and the study (float64
+    arrays over every device): elementwise the same operations in the same order, so both give
+    bit-identical durations.
+    """
+    download = download_bytes / download_bandwidth
+    step_time = compute_per_example * per_step
+    return download, step_time, download + steps * step_time + upload_bytes / upload_bandwidth
+
+
 class Population:
     def __init__(self, cfg: PopulationConfig, rng: np.random.Generator):
         n = cfg.devices
@@ -36,6 +50,14 @@ class Population:
         self.malicious = rng.random(n) < a.fraction if a.fraction else None
         self.attack_multiplier = a.factor if a.kind == "scale" else -a.factor
         self._stream: list[int] = []  # pre-drawn uniform device ids for small picks
+
+    def trip_durations(self, steps: np.ndarray, per_step: np.ndarray, download_bytes: int,
+                       upload_bytes: int) -> np.ndarray:
+        """Every device's trip duration (seconds), device i training steps[i] steps of per_step[i]
+        examples (the simulator times one trip with `trip_timing` on the same device's values)."""
+        return trip_timing(self.compute_per_example.astype(np.float64), self.download_bandwidth.astype(np.float64),
+                           self.upload_bandwidth.astype(np.float64), steps, per_step, download_bytes,
+                           upload_bytes)[2]
 
     def available(self, ids: np.ndarray, t: float) -> np.ndarray:
         if self.phase is None:

@@ -19,7 +19,7 @@ import torch
 
 from asyncfl.algorithms.aggregators import Aggregator
 from asyncfl.algorithms.types import ClientUpdate, ServerState, Verdict
-from asyncfl.compression import Codec, ErrorFeedback
+from asyncfl.compression import Codec, ErrorFeedback, encode_upload
 from asyncfl.algorithms.seeds import download_rounding_generator, trip_seed, upload_rounding_generator
 from asyncfl.algorithms.trainer import LocalTrainer
 from asyncfl.config import PopulationConfig, StopConfig, EvalConfig
@@ -29,7 +29,7 @@ from asyncfl.report.metrics import Metrics
 from asyncfl.scheduling import WAKE, AsyncPolicy, SyncPolicy
 from asyncfl.sim.events import EventQueue
 from asyncfl.sim.executor import Executor, TrainJob
-from asyncfl.sim.population import Population
+from asyncfl.sim.population import Population, trip_timing
 
 FINISH, DROP, TIMER, EVAL, END = range(5)
 
@@ -186,9 +186,9 @@ class Simulation:
             n = int(self.client_sizes[client])
             work = self._work[client] = (self.trainer.num_steps(n), self.trainer.examples_per_step(n))
         steps, per_step = work
-        step_time = pop.compute_per_example.item(device) * per_step
-        download = self.download_bytes / pop.download_bandwidth.item(device)
-        duration = download + steps * step_time + self.upload_bytes / pop.upload_bandwidth.item(device)
+        download, step_time, duration = trip_timing(
+            pop.compute_per_example.item(device), pop.download_bandwidth.item(device),
+            pop.upload_bandwidth.item(device), steps, per_step, self.download_bytes, self.upload_bytes)
         seed, drop_at = self._trip_draws(trip_id)
         clock = self.clock
         end = clock + duration if drop_at is None else clock + drop_at * duration
@@ -226,14 +226,11 @@ class Simulation:
             self.metrics.bytes_up += self.upload_bytes
             return update
         gen = upload_rounding_generator(trip.seed)
-        if self.error_feedback is not None:
+        if self.error_feedback is not None:  # every upload advances its device's residual
             payload, decoded = self.error_feedback.encode(trip.device, update.delta, gen)
         else:
-            payload = self.upload_codec.encode(update.delta, gen)
-            decoded = self.upload_codec.decode(payload, update.delta.numel())
-        if len(payload) != self.upload_bytes:  # the trip was timed with upload_bytes
-            raise RuntimeError(f"{self.upload_codec.spec}: payload of {len(payload)} bytes, charged {self.upload_bytes}")
-        self.metrics.bytes_up += len(payload)
+            payload, decoded, _ = encode_upload(self.upload_codec, update.delta, gen)
+        self.metrics.bytes_up += len(payload)  # = upload_bytes, the trip's timing: encode_upload checks
         update.delta = decoded
         return update
 

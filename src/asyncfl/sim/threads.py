@@ -5,8 +5,11 @@ and a catastrophic one for small models on a busy one: OpenMP threads that wait 
 on tiny operations slowed a quickstart run from 0.3 s to 20 s on a loaded 2-core machine. No
 fixed rule on the model's size covers both (a 5,000-parameter MLP trained 10^4 clients at a
 time gains from two threads), so `auto` measures: it times the run's own training work, a pass
-of as many clients as will train together, with one thread and with the default, interleaved,
-and keeps more threads only when they are clearly faster.
+of the clients that will train together, with one thread and with the default, interleaved, and
+keeps more threads only when they pay off clearly. The costs are lopsided: one thread loses at
+most a factor of the core count on a quiet machine, while threads that wait for a busy core lost
+a factor of 48 on the quickstart's sequential run (`bench/threads.py`); so more threads must
+be at least MIN_SPEEDUP times faster, which a loaded machine never shows.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 from asyncfl.sim.executor import Executor, TrainJob
 
 # more threads must beat one by this factor: they are the fragile choice when load changes
-MARGIN = 1.15
+MIN_SPEEDUP = 1.5
 
 
 @dataclass
@@ -37,26 +40,33 @@ class ThreadChoice:
 
 def measure(workload: Callable[[], None], candidates: list[int], repeats: int = 3) -> dict[int, float]:
     """Best wall time of `workload` under each thread count, the counts interleaved so that a
-    change of load hits them alike. Leaves torch's thread count as it found it."""
+    change of load hits them alike; a round in which one thread is the fastest ends the probe
+    (the answer is one thread then, and threads that wait are what make a probe expensive).
+    Leaves torch's thread count as it found it."""
     before = torch.get_num_threads()
     best = dict.fromkeys(candidates, float("inf"))
     try:
+        torch.set_num_threads(1)
         workload()  # warm-up: first-call allocations and kernel choices
         for _ in range(repeats):
+            times = {}
             for n in candidates:
                 torch.set_num_threads(n)
                 t0 = time.perf_counter()
                 workload()
-                best[n] = min(best[n], time.perf_counter() - t0)
+                times[n] = time.perf_counter() - t0
+                best[n] = min(best[n], times[n])
+            if min(times, key=times.get) == 1:
+                break
     finally:
         torch.set_num_threads(before)
     return best
 
 
 def choose(seconds: dict[int, float]) -> int:
-    """The fewest threads within MARGIN of the fastest."""
-    fastest = min(seconds.values())
-    return min(n for n, s in seconds.items() if s <= fastest * MARGIN)
+    """The most threads that are MIN_SPEEDUP times faster than one thread, else one."""
+    one = seconds[1]
+    return max((n for n, s in seconds.items() if n == 1 or one >= MIN_SPEEDUP * s), default=1)
 
 
 def training_probe(make: Callable[[], Executor], w0: torch.Tensor, clients: int, num_clients: int,

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from asyncfl.algorithms import aggregators
-from asyncfl.algorithms.defs.registry import AlgorithmDefinition, register
+from asyncfl.algorithms.defs.registry import AlgorithmDefinition, ClientOptions, register
 from asyncfl.config.base import ConfigError, Strict
 from asyncfl.config.scheduler import SchedulerConfig
 
@@ -18,6 +18,9 @@ class QFedAvgConfig(Strict):
     lipschitz: float | None = Field(default=None, gt=0, description="L; default 1 / trainer.lr")
     buffer_size: int | None = Field(default=None, gt=0, description="async: step every K updates")
     max_staleness: int | None = Field(default=None, ge=0)
+    loss_estimate: Literal["full", "first_batch"] = Field(
+        default="full", description="F_k, the client's loss at the downloaded model: over all its training "
+                                    "examples (the paper's), or on its first minibatch (cheaper, noisier)")
 
 
 def _aggregator(a: QFedAvgConfig, trainer_lr: float | None) -> aggregators.QFedAvg:
@@ -34,5 +37,5 @@ def _validate(a: QFedAvgConfig, scheduler: SchedulerConfig) -> None:
 
 DEFINITION = register(AlgorithmDefinition(
     name="qfedavg", config=QFedAvgConfig, modes=("sync", "async"), build_aggregator=_aggregator,
-    validate=_validate,
+    validate=_validate, client_options=lambda a: ClientOptions(start_loss=a.loss_estimate),
 ))

@@ -25,13 +25,15 @@ MODULES = ("fedavg", "fedprox", "perfedavg", "qfedavg", "fedasync", "fedbuff", "
 @dataclass(frozen=True)
 class ClientOptions:
     """What the local trainer needs from the algorithm: a proximal coefficient (FedProx's mu,
-    FedAsync's rho) and Per-FedAvg's meta step (`meta` 'fo' or 'hf'; None: plain SGD). The
-    defaults are the plain trainer's."""
+    FedAsync's rho), Per-FedAvg's meta step (`meta` 'fo' or 'hf'; None: plain SGD) and how the
+    loss at the downloaded model is measured (`start_loss`: 'first_batch' costs nothing extra,
+    'full' is one more pass over the client's data). The defaults are the plain trainer's."""
 
     prox_mu: float = 0.0
     meta: str | None = None
     meta_lr: float = 0.01
     meta_delta: float = 1e-3
+    start_loss: str = "first_batch"
 
 
 def _no_checks(a, *args) -> None:
