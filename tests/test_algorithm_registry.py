@@ -10,11 +10,12 @@ from asyncfl import config
 from asyncfl.algorithms import aggregators
 from asyncfl.algorithms.defs import registry
 from asyncfl.algorithms.defs.registry import ClientOptions, definition, definitions
+from asyncfl.algorithms.fednova import FedNova
 from asyncfl.algorithms.private import PrivateAggregator
 from asyncfl.build import build_aggregator, build_trainer, client_options
 from asyncfl.models import FlatModel, build_model
 
-NAMES = ["fedavg", "fedprox", "perfedavg", "qfedavg", "fedasync", "fedbuff"]
+NAMES = ["fedavg", "fedprox", "perfedavg", "qfedavg", "fedasync", "fedbuff", "fednova"]
 
 
 def run(algorithm: dict, scheduler: dict | None = None, **extra) -> config.RunSpec:
@@ -34,7 +35,7 @@ def test_every_algorithm_is_registered_and_the_algorithm_section_is_their_union(
 
 
 def test_unknown_algorithm_is_a_config_error_listing_the_valid_names():
-    valid = "valid: fedasync, fedavg, fedbuff, fedprox, perfedavg, qfedavg"
+    valid = "valid: fedasync, fedavg, fedbuff, fednova, fedprox, perfedavg, qfedavg"
     assert f"runs.0.algorithm: unknown algorithm 'foo'; {valid}" in config_error({"name": "foo"})
     assert f"runs.0.algorithm: name the algorithm (algorithm.name); {valid}" in config_error({"mu": 0.1})
     assert f"unknown algorithm ['fedavg']; {valid}" in config_error({"name": ["fedavg"]})
@@ -55,7 +56,8 @@ def test_the_first_mode_is_the_default_and_others_are_refused(name):
 def test_declared_capabilities():
     private = {n for n in NAMES if definition(n).private}
     assert private == {"fedavg", "fedprox", "perfedavg", "fedbuff"}
-    assert {n for n in NAMES if definition(n).secure_aggregation} == {"fedavg", "fedprox", "perfedavg", "fedbuff"}
+    assert {n for n in NAMES if definition(n).secure_aggregation} == {"fedavg", "fedprox", "perfedavg", "fedbuff",
+                                                                       "fednova"}
     for n in NAMES:
         d = definition(n)
         assert d.compression and d.client_state is None and d.upload_fields == ()
@@ -70,6 +72,7 @@ def test_declared_capabilities():
     ({"name": "qfedavg"}, ClientOptions(start_loss="full")),
     ({"name": "qfedavg", "loss_estimate": "first_batch"}, ClientOptions()),
     ({"name": "fedbuff"}, ClientOptions()),
+    ({"name": "fednova", "mu": 0.4}, ClientOptions(prox_mu=0.4)),
 ])
 def test_client_options_reach_the_local_trainer(algorithm, options):
     spec = run(algorithm)
@@ -86,6 +89,7 @@ def test_client_options_reach_the_local_trainer(algorithm, options):
     ({"name": "qfedavg"}, aggregators.QFedAvg),
     ({"name": "fedasync"}, aggregators.FedAsync),
     ({"name": "fedbuff", "buffer_size": 4}, aggregators.BufferedAggregator),
+    ({"name": "fednova", "buffer_size": 4}, FedNova),
 ])
 def test_each_definition_builds_its_aggregator(algorithm, kind):
     agg = build_aggregator(run(algorithm), trainer_lr=0.1)
@@ -94,6 +98,8 @@ def test_each_definition_builds_its_aggregator(algorithm, kind):
         assert agg.buffer_size == 4 and agg.normalize == "count"
     if algorithm["name"] == "qfedavg":
         assert agg.lipschitz == pytest.approx(10.0)
+    if algorithm["name"] == "fednova":
+        assert agg.buffer_size == 4 and agg.lr == 0.1
 
 
 @pytest.mark.parametrize("algorithm, scheduler, denominator, buffer_size", [

@@ -129,8 +129,10 @@ def test_whole_run_same_accuracy_curve(small):
         {"name": "fedbuff", "algorithm": {"name": "fedbuff", "buffer_size": 4}, "scheduler": {"concurrency": 10}},
         {"name": "fedprox", "algorithm": {"name": "fedprox", "mu": 0.05},
          "scheduler": {"concurrency": 8, "round_timeout": 15, "straggler": "partial"}},
+        {"name": "fednova", "algorithm": {"name": "fednova", "mu": 0.05},
+         "scheduler": {"concurrency": 8, "round_timeout": 15, "straggler": "partial"}},
     ]
-    for run in ("fedbuff", "fedprox"):
+    for run in ("fedbuff", "fedprox", "fednova"):
         curves = []
         for ex in ("sequential", "batched"):
             cfg = small(seed=2, runs=runs, executor=ex, sets=["population.dropout=0.1", "stop.max_time=150"])

@@ -48,7 +48,8 @@ def test_build_imports_no_simulator_report_rich_or_matplotlib():
     assert [m for m in result["after"] if m not in result["before"]] == []
 
 
-@pytest.mark.parametrize("entry", ["asyncfl.algorithms.defs.fedbuff", "asyncfl.algorithms.defs.registry",
+@pytest.mark.parametrize("entry", ["asyncfl.algorithms.defs.fedbuff", "asyncfl.algorithms.defs.fednova",
+                                   "asyncfl.algorithms.fednova", "asyncfl.algorithms.defs.registry",
                                    "asyncfl.config.training", "asyncfl.scheduling", "asyncfl.build"])
 def test_any_entry_point_sees_every_algorithm(entry):
     """The schema and the algorithm modules import each other; whichever a process loads first,
@@ -56,4 +57,4 @@ def test_any_entry_point_sees_every_algorithm(entry):
     script = (f"import importlib, typing; importlib.import_module({entry!r}); from asyncfl import config; "
               "from asyncfl.algorithms.defs.registry import definitions; "
               "print(len(typing.get_args(typing.get_args(config.AlgorithmConfig)[0])), len(definitions()))")
-    assert python(script).split() == ["6", "6"]
+    assert python(script).split() == ["7", "7"]

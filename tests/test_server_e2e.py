@@ -1,6 +1,6 @@
 """End to end on loopback: one server process and 8 client processes train the digits MLP to
-0.90 test accuracy, asynchronously (FedBuff) and in sync rounds (FedAvg with over-selection);
-the dashboard of the FedBuff run is then opened in headless Chromium."""
+0.90 test accuracy, asynchronously (FedBuff) and in sync rounds (FedAvg with over-selection,
+FedNova with proximal clients); the dashboard of the FedBuff run is then opened in headless Chromium."""
 
 from __future__ import annotations
 
@@ -86,6 +86,17 @@ def test_fedavg_sync_rounds_reach_090(tmp_path):
     assert s["updates"]["stepped"] == 0  # FedAvg steps only at the round barrier
     print(f"fedavg: target in {result['wall']:.1f} s wall, {s['version']} rounds, "
           f"{s['leases']['ended']['cancelled']} over-selected trips cancelled")
+    result["server"].kill()
+
+
+def test_fednova_sync_rounds_reach_090(tmp_path):
+    result = train(tmp_path, {"name": "fednova", "algorithm": {"name": "fednova", "mu": 0.01},
+                              "scheduler": {"mode": "sync", "concurrency": 6, "round_timeout": 30,
+                                            "straggler": "partial"}})
+    check_trained(result)
+    s = result["status"]
+    assert s["mode"] == "sync" and s["updates"]["stepped"] == 0 and s["version"] >= 1
+    print(f"fednova: target in {result['wall']:.1f} s wall, {s['version']} rounds")
     result["server"].kill()
 
 

@@ -379,6 +379,22 @@ def test_sync_round_timeout_closes_the_round(tmp_path):
         assert s["version"] == 1 and s["round"]["number"] == 2  # partial cohort flushed at the deadline
 
 
+def test_fednova_round_normalizes_each_update_by_its_reported_steps(tmp_path):
+    with Harness(tmp_path, {"name": "fednova"}, {"mode": "sync", "concurrency": 2}) as h:
+        a, b = h.checkin("a"), h.checkin("b")
+        w0 = h.server.aggregation.state.w.clone()
+        da, db = torch.randn(w0.numel()) * 0.01, torch.randn(w0.numel()) * 0.01
+        assert h.upload("a", h.frame(a, da, n_examples=10, steps=2)).json()["verdict"] == "buffered"
+        assert h.upload("b", h.frame(b, db, n_examples=30, steps=6)).json()["version"] == 1
+        # p = (1/4, 3/4), tau_eff = 2/4 + 6 3/4 = 5: w = w0 - 5 (da / 2 / 4 + db / 6 3/4)
+        expected = w0 - 5 * (0.25 * da / 2 + 0.75 * db / 6)
+        assert torch.allclose(h.server.aggregation.state.w, expected, atol=1e-6)
+        c, w1 = h.checkin("c"), h.server.aggregation.state.w.clone()
+        r = h.upload("c", h.frame(c, da, steps=0))  # no local work to normalize by
+        assert 400 <= r.status_code < 500 and r.json()["version"] == 1
+        assert torch.equal(h.server.aggregation.state.w, w1) and h.server.aggregation.aggregator.pending == 0
+
+
 def test_fedasync_mixes_with_the_model_the_client_started_from(tmp_path):
     with Harness(tmp_path, {"name": "fedasync", "alpha": 0.5, "staleness": {"kind": "polynomial", "a": 1.0}},
                 {"mode": "async", "concurrency": 2}) as h:

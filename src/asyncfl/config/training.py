@@ -38,13 +38,19 @@ class StalenessConfig(Strict):
     b: float = Field(default=4.0, ge=0)
 
 
-class RoundAggregation(Strict):
-    """How a round's (or buffer's) updates combine: the weighted mean, or a robust rule."""
+class ServerStepConfig(Strict):
+    """How the server steps with an aggregate of updates: its optimizer, and the bound on each
+    update's L2 norm (one client's influence)."""
 
     server_opt: ServerOptConfig = ServerOptConfig()
+    clip_norm: float | None = Field(default=None, gt=0, description="clip each update's L2 norm first")
+
+
+class RoundAggregation(ServerStepConfig):
+    """How a round's (or buffer's) updates combine: the weighted mean, or a robust rule."""
+
     aggregation: Literal["mean", "median", "trimmed_mean"] = "mean"
     trim_fraction: float = Field(default=0.1, ge=0, lt=0.5, description="trimmed_mean: cut from each end")
-    clip_norm: float | None = Field(default=None, gt=0, description="clip each update's L2 norm first")
     partial_weight: Literal["full", "work_fraction"] = Field(
         default="full", description="mean: a straggler's partial update weighs n_k (full, as FedProx's reference "
                                     "implementation) or n_k x the share of its planned steps done (work_fraction)")

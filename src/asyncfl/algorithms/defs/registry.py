@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from asyncfl.config.scheduler import SchedulerConfig
 
 # Algorithm modules of this package, in the order their names are listed to users.
-MODULES = ("fedavg", "fedprox", "perfedavg", "qfedavg", "fedasync", "fedbuff")
+MODULES = ("fedavg", "fedprox", "perfedavg", "qfedavg", "fedasync", "fedbuff", "fednova")
 
 
 @dataclass(frozen=True)
