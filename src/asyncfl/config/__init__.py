@@ -5,7 +5,13 @@ and a list of runs, each naming an algorithm and a scheduling policy. `simulate`
 run, `compare` all of them side by side. One schema module per subsystem; `loader` turns
 presets, files and `--set` overrides into a validated `ExperimentConfig`. The `algorithm:`
 section comes from the algorithm registry (`asyncfl.algorithms.defs`).
+
+The run and experiment schemas (`experiment`, `loader`) are loaded on first use: they are built
+from the registry, whose algorithm modules build on the schema pieces above, so loading them
+here eagerly would make every algorithm module import itself back through this package.
 """
+
+import importlib
 
 from asyncfl.config.base import ConfigError, Strict
 from asyncfl.config.data import USER_DATASETS, DataConfig, PartitionConfig, ShakespeareConfig, SyntheticConfig
@@ -17,9 +23,19 @@ from asyncfl.config.server import ServerConfig
 from asyncfl.config.study import StudyConfig, StudyMethod, StudyRatio
 from asyncfl.config.training import RoundAggregation, ServerOptConfig, StalenessConfig, TrainerConfig
 from asyncfl.config.transport import CompressionConfig
-from asyncfl.config.experiment import (AlgorithmConfig, EvalConfig, ExperimentConfig, RunSpec, StopConfig,
-                                       privacy_denominator)
-from asyncfl.config.loader import apply_override, apply_quick, load, preset_dict, preset_names, validate
+
+_LAZY = {name: "experiment" for name in ("AlgorithmConfig", "EvalConfig", "ExperimentConfig", "RunSpec",
+                                         "StopConfig", "privacy_denominator")}
+_LAZY |= {name: "loader" for name in ("apply_override", "apply_quick", "load", "preset_dict", "preset_names",
+                                      "validate")}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "AdaptiveClipConfig", "AlgorithmConfig", "AttackConfig", "Availability", "CompressionConfig", "ConfigError",

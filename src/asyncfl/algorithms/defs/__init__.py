@@ -1,7 +1,6 @@
 """Algorithm definitions (`registry`), one module per algorithm.
 
-The configuration schema is loaded first: it builds the `algorithm:` section from the registry,
-which imports every algorithm module, so each of them sees a complete schema to build on.
+Each algorithm module builds its `algorithm:` config class on the configuration's schema pieces
+(`asyncfl.config.base`, `training`, ...), which never import the registry back; the run schema
+(`asyncfl.config.experiment`) is built from the registry.
 """
-
-import asyncfl.config  # noqa: F401
