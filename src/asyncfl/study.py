@@ -267,13 +267,7 @@ def run_study(cfg: ExperimentConfig, out: Path, console: Console | None = None, 
     st: StudyConfig = cfg.study
     t0 = time.perf_counter()
     groups = plan(cfg)  # validates every grid config before anything runs
-    if st.workers == 1:
-        from asyncfl.build import build_data
-        from asyncfl.experiment import choose_threads
-
-        threads_used = choose_threads(cfg, cfg.run(st.methods[0].name), build_data(cfg), threads).summary()
-    else:
-        threads_used = {"mode": "fixed", "threads": 1}
+    threads_used = _runs_threads(cfg, threads)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     n_grid = sum(len(g.grid) for g in groups)
@@ -327,6 +321,17 @@ def run_study(cfg: ExperimentConfig, out: Path, console: Console | None = None, 
     for final in finals.values():  # the tuning seed's run, under its seed name
         write_run(final, out / final["entry"]["name"])
     return report.write_outputs(cfg, groups, finals, out, wall, peak_rss_mb(), console, threads_used)
+
+
+def _runs_threads(cfg: ExperimentConfig, threads: int | str) -> dict:
+    """Set and describe the torch threads runs use: one per worker process, else `threads`
+    (measured on the first method's run when "auto")."""
+    if cfg.study.workers > 1:
+        return {"mode": "fixed", "threads": 1}
+    from asyncfl.build import build_data
+    from asyncfl.experiment import choose_threads
+
+    return choose_threads(cfg, cfg.run(cfg.study.methods[0].name), build_data(cfg), threads).summary()
 
 
 def _as_seed_run(g: Group) -> dict:
