@@ -1,0 +1,174 @@
+"""SCAFFOLD against hand-computed values, in the simulator and over the network."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from asyncfl import config
+from asyncfl.algorithms.client_step import ClientStep
+from asyncfl.algorithms.defs.registry import definition
+from asyncfl.algorithms.scaffold import CONTROL, CONTROL_DELTA, ControlVariates, ScaffoldAggregator
+from asyncfl.algorithms.server_opt import SGD
+from asyncfl.algorithms.types import ClientUpdate, ServerState, Verdict
+from asyncfl.build import build_aggregator, build_client_rule
+from asyncfl.experiment import build_simulation
+
+ETA, K, N = 0.5, 2, 4  # local rate, local steps, users
+
+
+def local_sgd(x: torch.Tensor, a: torch.Tensor, correction: torch.Tensor) -> ClientUpdate:
+    """K steps of the shared client step on f(y) = |y - a|^2 / 2 (gradient y - a)."""
+    step = ClientStep()
+    y = x.clone().view(1, -1)
+    for h in range(K):
+        step([y], lambda p, slot: ([p[0] - a.view(1, -1)], torch.zeros(1)), h, torch.tensor([ETA]),
+             correction=[correction.view(1, -1)])
+    return ClientUpdate(client_id=0, base_version=0, delta=x - y[0], n_examples=1, steps=K, loss=0.0)
+
+
+def trip(rule: ControlVariates, agg: ScaffoldAggregator, state: ServerState, a, own):
+    """One client trip: (correction, update with its control delta, c_i+)."""
+    downloaded = agg.downloads(state.w)
+    corr = rule.correction(downloaded, own)
+    update = local_sgd(state.w, torch.tensor(a), corr)
+    update.extras = rule.uploads(downloaded, own, update)
+    return corr, update, rule.advanced(own, update.extras)
+
+
+def t(*v):
+    return torch.tensor(v)
+
+
+def test_two_rounds_by_hand():
+    rule, agg = ControlVariates(ETA), ScaffoldAggregator(SGD(1.0), N)
+    state = ServerState(torch.zeros(2))
+    # round 1, c = c_i = 0: client 1 (a = (2, 0)) steps y = (1, 0), (1.5, 0); client 2 (a = (0, 4)) (0, 2), (0, 3)
+    corr1, u1, c1 = trip(rule, agg, state, [2.0, 0.0], None)
+    corr2, u2, c2 = trip(rule, agg, state, [0.0, 4.0], None)
+    assert torch.equal(corr1, t(0.0, 0.0)) and torch.equal(corr2, t(0.0, 0.0))
+    assert torch.equal(u1.delta, t(-1.5, 0.0)) and torch.equal(u2.delta, t(0.0, -3.0))
+    # dc_i = delta / (K eta) - c = delta here; c_i+ = dc_i
+    assert torch.equal(u1.extras[CONTROL_DELTA], t(-1.5, 0.0)) and torch.equal(c1, t(-1.5, 0.0))
+    assert torch.equal(u2.extras[CONTROL_DELTA], t(0.0, -3.0)) and torch.equal(c2, t(0.0, -3.0))
+    assert agg.submit(state, u1, state.w) == Verdict.BUFFERED and agg.submit(state, u2, state.w) == Verdict.BUFFERED
+    assert state.version == 0 and agg.pending == 2
+    assert agg.flush(state) and state.version == 1 and agg.pending == 0
+    # x = 0 - mean(delta) = (0.75, 1.5); c = 0 + (dc_1 + dc_2) / N = (-0.375, -0.75)
+    assert torch.equal(state.w, t(0.75, 1.5))
+    assert torch.equal(agg.downloads(state.w)[CONTROL], t(-0.375, -0.75))
+    # round 2, client 1: correction c - c_1 = (1.125, -0.75); steps y = (0.8125, 1.125), (0.84375, 0.9375)
+    corr, u, c1_next = trip(rule, agg, state, [2.0, 0.0], c1)
+    assert torch.equal(corr, t(1.125, -0.75))
+    assert torch.equal(u.delta, t(-0.09375, 0.5625))
+    assert torch.equal(u.extras[CONTROL_DELTA], t(0.28125, 1.3125))  # delta / (K eta) - c
+    assert torch.equal(c1_next, t(-1.21875, 1.3125))  # c_1 - c + delta / (K eta)
+    agg.submit(state, u, state.w)
+    agg.flush(state)
+    assert torch.equal(state.w, t(0.84375, 0.9375))  # one update: x - delta
+    assert torch.equal(agg.downloads(state.w)[CONTROL], t(-0.375 + 0.28125 / 4, -0.75 + 1.3125 / 4))
+
+
+def test_server_optimizer_steps_with_the_uniform_mean():
+    agg, state = ScaffoldAggregator(SGD(0.5), 2), ServerState(torch.zeros(2))
+    for delta, n in ((t(1.0, 0.0), 1), (t(0.0, 2.0), 100)):  # example counts do not weigh
+        agg.submit(state, ClientUpdate(0, 0, delta, n, 1, 0.0, extras={CONTROL_DELTA: t(2.0, 4.0)}), state.w)
+    agg.flush(state)
+    assert torch.equal(state.w, t(-0.25, -0.5))
+    assert torch.equal(agg.control, t(2.0, 4.0))  # (2 + 2) / N, (4 + 4) / N
+
+
+def test_an_update_without_its_control_delta_is_refused():
+    agg, state = ScaffoldAggregator(SGD(1.0), 2), ServerState(torch.zeros(2))
+    with pytest.raises(ValueError, match="control_delta"):
+        agg.submit(state, ClientUpdate(0, 0, t(1.0, 0.0), 1, 1, 0.0), state.w)
+    with pytest.raises(ValueError, match="control_delta"):
+        agg.submit(state, ClientUpdate(0, 0, t(1.0, 0.0), 1, 1, 0.0, extras={CONTROL_DELTA: t(1.0)}), state.w)
+
+
+def test_state_dict_round_trip_mid_round():
+    rule = ControlVariates(ETA)
+    a, state_a = ScaffoldAggregator(SGD(1.0, momentum=0.5), N), ServerState(torch.zeros(2))
+    for client in ([2.0, 0.0], [0.0, 4.0]):  # a first round, so that c and the momentum are non-zero
+        a.submit(state_a, trip(rule, a, state_a, client, None)[1], state_a.w)
+    a.flush(state_a)
+    a.submit(state_a, trip(rule, a, state_a, [1.0, 1.0], None)[1], state_a.w)
+    b, state_b = ScaffoldAggregator(SGD(1.0, momentum=0.5), N), ServerState(state_a.w.clone(), state_a.version)
+    b.load_state_dict(a.state_dict())
+    assert b.pending == 1 and torch.equal(b.control, a.control)
+    last = trip(rule, a, state_a, [3.0, -1.0], None)[1]
+    for agg, state in ((a, state_a), (b, state_b)):
+        agg.submit(state, last, state.w)
+        agg.flush(state)
+    assert torch.equal(state_a.w, state_b.w) and torch.equal(a.control, b.control) and state_b.version == 2
+
+
+def test_definition_declares_state_and_refuses_what_it_does_not_cover():
+    d = definition("scaffold")
+    assert d.modes == ("sync",) and d.client_state == CONTROL and d.upload_fields == (CONTROL_DELTA,)
+    assert not d.private and not d.compression
+    spec = config.RunSpec.model_validate({"name": "s", "algorithm": {"name": "scaffold"}})
+    assert spec.scheduler.mode == "sync"
+    with pytest.raises(ValueError, match="scheduler.mode 'async' is not valid for scaffold"):
+        config.RunSpec.model_validate({"name": "s", "algorithm": {"name": "scaffold"}, "scheduler": {"mode": "async"}})
+    with pytest.raises(ValueError, match="compression is not supported for algorithm 'scaffold'"):
+        config.RunSpec.model_validate({"name": "s", "algorithm": {"name": "scaffold"},
+                                       "compression": {"upload": "int8"}})
+    with pytest.raises(ValueError, match="privacy is not supported for algorithm 'scaffold'"):
+        config.RunSpec.model_validate({"name": "s", "algorithm": {"name": "scaffold"},
+                                       "privacy": {"clip_norm": 1.0, "noise_multiplier": 1.0}})
+    assert build_aggregator(spec, 0.1, num_users=7).num_clients == 7
+    fixed = config.RunSpec.model_validate({"name": "s", "algorithm": {"name": "scaffold", "num_clients": 3}})
+    assert build_aggregator(fixed, 0.1, num_users=7).num_clients == 3
+    with pytest.raises(config.ConfigError, match="algorithm.num_clients"):
+        build_aggregator(spec, 0.1)
+    assert build_client_rule(spec, 0.25).lr == 0.25
+
+
+def scaffold_config(small, **kw):
+    return small(runs=[{"name": "scaffold", "algorithm": {"name": "scaffold"},
+                        "scheduler": {"concurrency": 8, "over_selection": 0.25}}], **kw)
+
+
+def test_simulator_keeps_control_variates_only_for_devices_whose_updates_counted(small):
+    cfg = scaffold_config(small, sets=["population.dropout=0.1", "stop.max_time=120"])
+    sim = build_simulation(cfg, cfg.run("scaffold"))
+    counted, submit = set(), sim.submit
+
+    def recording_submit(trip, update):
+        verdict = submit(trip, update)
+        assert set(update.extras) == {CONTROL_DELTA}
+        counted.add(trip.device)
+        return verdict
+
+    sim.submit = recording_submit
+    m = sim.run()
+    sim.flush()  # the open round's updates already advanced their devices' c_i
+    assert set(sim.client_state) == counted and 0 < len(counted) < cfg.population.devices
+    assert m.cancelled > 0  # over-selected trips reported too late: their devices kept their old c_i
+    # c is the mean of all users' c_i (the others are zero): every dc_i reached both
+    assert sim.aggregator.num_clients == cfg.population.devices
+    mean = torch.stack(list(sim.client_state.values())).sum(0) / cfg.population.devices
+    assert torch.allclose(sim.aggregator.control, mean, atol=1e-5)
+    assert sim.aggregator.control.norm() > 0
+    assert m.rows[-1]["test_accuracy"] > m.rows[0]["test_accuracy"]
+
+
+def test_a_trip_uses_the_control_variates_of_its_start(small):
+    cfg = scaffold_config(small, sets=["stop.max_time=60"])
+    sim = build_simulation(cfg, cfg.run("scaffold"))
+    started = []
+    start = sim._start_trip
+
+    def recording_start(device):
+        own = sim.client_state.get(device)
+        start(device)
+        trip = sim.trips[max(sim.trips)]
+        started.append((trip, None if own is None else own.clone(), sim.aggregator.control.clone()))
+
+    sim._start_trip = recording_start
+    sim.run()
+    assert any(own is not None for _, own, _ in started)
+    for trip, own, c in started:
+        assert torch.equal(trip.base_extras[CONTROL], c)
+        assert torch.equal(trip.correction, c if own is None else c - own)
