@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import httpx
+import numpy as np
 import pytest
 import torch
 
-from asyncfl import config
+from asyncfl import config, wire
 from asyncfl.algorithms.client_step import ClientStep
 from asyncfl.algorithms.defs.registry import definition
 from asyncfl.algorithms.scaffold import CONTROL, CONTROL_DELTA, ControlVariates, ScaffoldAggregator
@@ -172,3 +174,164 @@ def test_a_trip_uses_the_control_variates_of_its_start(small):
     for trip, own, c in started:
         assert torch.equal(trip.base_extras[CONTROL], c)
         assert torch.equal(trip.correction, c if own is None else c - own)
+
+
+# ---- network server ---------------------------------------------------------------------------
+
+def scaffold_harness(tmp_path, **settings):
+    from test_server_inputs import Harness
+
+    return Harness(tmp_path, {"name": "scaffold"}, {"mode": "sync", "concurrency": 2}, **settings)
+
+
+def download(h, version):
+    """(model, {field: flat tensor}) of a model frame, as a client reads it."""
+    frame = wire.decode(h.http.get(f"/v1/model/{version}", headers=h.auth("g")).content, wire.ModelHeader)
+    arrays, fields = wire.split_fields(frame.arrays, h.server.model.names,
+                                       wire.fields_of(frame.header.tensors, h.server.model.names))
+    return wire.join_flat(arrays), fields
+
+
+def scaffold_frame(h, lease, delta, control_delta, key=None):
+    m = h.server.model
+    return wire.encode_update(lease_id=lease["lease_id"], base_version=lease["base_version"],
+                              idempotency_key=key or f"k-{torch.randint(1 << 62, ()).item()}", n_examples=20,
+                              steps=2, loss=1.0, delta=delta, names=m.names, shapes=m.shapes,
+                              extras={CONTROL_DELTA: control_delta})
+
+
+def server_state(h):
+    agg = h.server.aggregation
+    sd = agg.aggregator.state_dict()
+    return (agg.state.version, agg.state.w.clone(), sd["control"].clone(), sd["count"],
+            None if sd["delta_sum"] is None else sd["delta_sum"].clone(), dict(agg.counts))
+
+
+def assert_same_state(a, b):
+    assert a[0] == b[0] and a[3] == b[3] and a[5] == b[5]
+    assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+    assert (a[4] is None and b[4] is None) or torch.equal(a[4], b[4])
+
+
+def test_server_sends_c_with_the_model_and_steps_x_and_c_at_the_round_barrier(tmp_path):
+    with scaffold_harness(tmp_path) as h:
+        task = h.http.get("/v1/task", headers=h.auth("a")).json()
+        assert task["client_state"] == CONTROL and task["upload_fields"] == [CONTROL_DELTA]
+        p = h.server.model.numel
+        x0, fields = download(h, 0)
+        assert set(fields) == {CONTROL} and torch.equal(fields[CONTROL], torch.zeros(p))
+        deltas, dcs = [torch.full((p,), 0.01), torch.full((p,), -0.03)], [torch.full((p,), 0.25), torch.full((p,), 0.75)]
+        for client, d, dc in zip("ab", deltas, dcs):
+            r = h.upload(client, scaffold_frame(h, h.checkin(client), d, dc))
+            assert r.status_code == 200, r.text
+        assert r.json()["version"] == 1
+        x1, fields = download(h, 1)
+        n = h.server.aggregation.aggregator.num_clients
+        assert n == 8  # the task's data partitions, as the simulator derives it
+        assert torch.allclose(x1, x0 - (deltas[0] + deltas[1]) / 2, atol=1e-7)
+        assert torch.allclose(fields[CONTROL], torch.full((p,), 1.0 / n))
+        before = server_state(h)
+    h.open()  # a restarted server keeps c, and serves it with its current version
+    try:
+        assert_same_state(server_state(h), before)
+        assert torch.allclose(download(h, 1)[1][CONTROL], torch.full((p,), 1.0 / n))
+    finally:
+        h.close()
+
+
+@pytest.mark.parametrize("bad, status, code, words", [
+    ("nan", 422, "non_finite", "update's control_delta contains 1 NaN"),
+    ("norm", 422, "norm_too_large", "update's control_delta L2 norm"),
+    ("shape", 422, "bad_shape", "'control_delta:"),
+    ("missing", 422, "bad_tensor_count", "expected 8 (the model's 4 for the delta and for each of control_delta)"),
+    ("name", 422, "bad_tensor_name", "expected 'control_delta:"),
+])
+def test_a_bad_control_delta_is_refused_and_changes_nothing(tmp_path, bad, status, code, words):
+    from test_server_inputs import assert_rejected
+
+    with scaffold_harness(tmp_path, max_update_norm=50.0) as h:
+        a, b = h.checkin("a"), h.checkin("b")
+        p = h.server.model.numel
+        assert h.upload("a", scaffold_frame(h, a, torch.full((p,), 0.01), torch.full((p,), 0.1))).status_code == 200
+        before, snap = server_state(h), h.snapshot()
+        m = h.server.model
+        header = {"kind": "update", "lease_id": b["lease_id"], "base_version": 0, "idempotency_key": "key-12345678",
+                  "n_examples": 5, "steps": 2, "loss": 0.5}
+        delta = wire.split_flat(torch.zeros(p), m.names, m.shapes)
+        dc = torch.zeros(p)
+        names = m.names + wire.field_names(CONTROL_DELTA, m.names)
+        if bad == "nan":
+            dc[3] = float("nan")
+        elif bad == "norm":
+            dc += 100.0
+        arrays = delta + wire.split_flat(dc, m.names, m.shapes)
+        if bad == "shape":
+            arrays[-1] = np.zeros(arrays[-1].size + 1, np.float32)
+        elif bad == "missing":
+            arrays, names = delta, list(m.names)
+        elif bad == "name":
+            names = m.names + wire.field_names("other", m.names)
+        assert_rejected(h, h.upload("b", wire.encode(dict(header, names=names), arrays)), status, code, words)
+        assert_same_state(server_state(h), before)
+        assert h.snapshot() == snap
+        r = h.upload("b", scaffold_frame(h, b, torch.full((p,), 0.01), torch.full((p,), 0.1)))
+        assert r.status_code == 200 and r.json()["version"] == 1  # the lease still counts once a good frame comes
+
+
+# ---- end to end: server and client processes ----------------------------------------------------
+
+def test_real_clients_keep_their_control_variates_on_disk_across_restarts(tmp_path):
+    """8 client processes, cohort 4: each takes one trip and exits (two rounds), then restarted
+    processes train until the server has issued 16 leases (four rounds, whoever checks in first). Every client's c_i is
+    in its state file, and c is (1/N) sum_i c_i: a client that lost its c_i on restart, or kept
+    one the server never counted, would break that."""
+    from test_server_e2e import CLIENTS, experiment
+
+    from asyncfl.server.testing import ServerProcess, mint_tokens, spawn_client, stop_all
+
+    run = {"name": "scaffold", "algorithm": {"name": "scaffold"}, "scheduler": {"mode": "sync", "concurrency": 4}}
+    cfg = experiment(run) | {"stop": {"at_target": False, "max_trips": 16}}
+    server = ServerProcess(cfg, tmp_path)
+    tokens = mint_tokens(server.state_dir, "scaffold", [f"c{i}" for i in range(CLIENTS)] + ["reader"])
+    server.start()
+
+    def clients(*extra):
+        procs = [spawn_client(server.url, tokens[i], f"digits:client={i}", tmp_path, f"c{i}", *extra)
+                 for i in range(CLIENTS)]
+        try:
+            assert [p.wait(timeout=300) for p in procs] == [0] * CLIENTS, \
+                [(tmp_path / f"c{i}.log").read_text() for i in range(CLIENTS)]
+        finally:
+            stop_all(procs)
+
+    def server_c():
+        version = server.status()["version"]
+        body = httpx.get(f"{server.url}/v1/model/{version}", headers={"Authorization": f"Bearer {tokens[-1]}"},
+                         timeout=10).content
+        frame = wire.decode(body, wire.ModelHeader)
+        names = [t.name for t in frame.header.tensors][: len(frame.arrays) // 2]
+        return wire.split_fields(frame.arrays, names, wire.fields_of(frame.header.tensors, names))[1][CONTROL]
+
+    def own_states():
+        return [torch.load(tmp_path / f"c{i}.acks.jsonl.state.pt", weights_only=True)["state"][CONTROL]
+                for i in range(CLIENTS)]
+
+    try:
+        clients("--max-trips", "1")
+        s = server.status()
+        assert s["version"] == 2 and s["buffer"]["fill"] == 0
+        first = own_states()
+        assert torch.allclose(server_c(), torch.stack(first).sum(0) / CLIENTS, atol=1e-5)
+        clients()  # restarted: they load their c_i and continue
+        s = server.status()
+        assert s["version"] == 4 and s["buffer"]["fill"] == 0 and s["done"] and s["updates"]["buffered"] == 16
+        final, c = own_states(), server_c()
+        assert c.norm() > 0
+        assert torch.allclose(c, torch.stack(final).sum(0) / CLIENTS, atol=1e-5)
+        # every client trained in the first phase, so those that trained again continued from a loaded c_i
+        assert sum(not torch.equal(a, b) for a, b in zip(first, final)) >= 1
+        server.kill()
+        server.start()  # a restarted server serves the same c
+        assert torch.equal(server_c(), c)
+    finally:
+        server.kill()
