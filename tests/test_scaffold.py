@@ -335,3 +335,47 @@ def test_real_clients_keep_their_control_variates_on_disk_across_restarts(tmp_pa
         assert torch.equal(server_c(), c)
     finally:
         server.kill()
+
+
+def test_a_model_frame_with_a_misnamed_tensor_set_is_unreadable():
+    names, shapes = ["fc.weight", "fc.bias"], [(2, 3), (2,)]
+    w, c = torch.arange(8.0), torch.ones(8)
+    frame = wire.decode(wire.encode_model(3, w, names, shapes, extras={CONTROL: c}), wire.ModelHeader)
+    assert [t.name for t in frame.header.tensors] == names + ["control:fc.weight", "control:fc.bias"]
+    arrays, fields = wire.split_fields(frame.arrays, names, wire.fields_of(frame.header.tensors, names))
+    assert torch.equal(wire.join_flat(arrays), w) and torch.equal(fields[CONTROL], c)
+    plain = wire.decode(wire.encode_model(3, w, names, shapes), wire.ModelHeader)
+    assert wire.fields_of(plain.header.tensors, names) == ()  # other algorithms' frames are as before
+    for bad in (["fc.weight", "fc.bias", "control:fc.weight", "other:fc.bias"], ["fc.weight", "fc.bias", "x:y"]):
+        arrays = [np.zeros(s, np.float32) for s in (shapes + shapes)[: len(bad)]]
+        body = wire.encode({"kind": "model", "version": 3, "names": bad}, arrays)
+        with pytest.raises(wire.WireError, match="tensor"):
+            wire.fields_of(wire.decode(body, wire.ModelHeader).header.tensors, names)
+
+
+def test_client_state_file_needs_a_place_and_must_be_the_tasks(tmp_path):
+    from asyncfl.client.runtime import ClientError, ClientRuntime
+    from asyncfl.models import FlatModel, build_model
+
+    cfg = config.validate({"runs": [{"name": "s", "algorithm": {"name": "scaffold"}}]})
+    task = {"task": "s", "client_state": CONTROL, "upload_fields": [CONTROL_DELTA]}
+
+    def runtime(**kw):
+        rt = ClientRuntime(None, "digits:client=0", **kw)
+        rt.model = FlatModel(build_model("logreg", 4, 3))
+        return rt
+
+    with pytest.raises(ClientError, match="give --state PATH"):
+        runtime()._setup_state(task, cfg)
+    with pytest.raises(ClientError, match=r"expects upload fields \[\]"):
+        runtime(state_path=tmp_path / "s.pt")._setup_state(task | {"upload_fields": []}, cfg)
+    rt = runtime(ack_log=tmp_path / "acks.jsonl")
+    rt._setup_state(task, cfg)
+    assert rt.state_path == tmp_path / "acks.jsonl.state.pt" and rt.own_state is None
+    rt.own_state = torch.arange(15.0)
+    rt._save_state()
+    again = runtime(state_path=rt.state_path)
+    again._setup_state(task, cfg)
+    assert torch.equal(again.own_state, torch.arange(15.0))
+    with pytest.raises(ClientError, match="another task or model"):
+        runtime(state_path=rt.state_path)._setup_state(task | {"task": "other"}, cfg)
