@@ -90,8 +90,8 @@ class AggregationRole:
         arrays, fields = wire.split_fields(frame.arrays, self.names, self.upload_fields)
         delta = wire.join_flat(arrays)
         norm = self._check_values(delta, "update")
-        for field, t in fields.items():  # checked like the delta: finite, within the norm bound
-            self._check_values(t, f"update's {field}")
+        for name, t in fields.items():  # checked like the delta: finite, within the norm bound
+            self._check_values(t, f"update's {name}")
         return Checked(frame.header, delta, norm, wire.payload_length(body), fields or None)
 
     def _check_values(self, t: torch.Tensor, what: str) -> float:
