@@ -12,10 +12,11 @@ from asyncfl.algorithms.defs import registry
 from asyncfl.algorithms.defs.registry import ClientOptions, definition, definitions
 from asyncfl.algorithms.fednova import FedNova
 from asyncfl.algorithms.private import PrivateAggregator
+from asyncfl.algorithms.scaffold import ScaffoldAggregator
 from asyncfl.build import build_aggregator, build_trainer, client_options
 from asyncfl.models import FlatModel, build_model
 
-NAMES = ["fedavg", "fedprox", "perfedavg", "qfedavg", "fedasync", "fedbuff", "fednova"]
+NAMES = ["fedavg", "fedprox", "perfedavg", "qfedavg", "fedasync", "fedbuff", "fednova", "scaffold"]
 
 
 def run(algorithm: dict, scheduler: dict | None = None, **extra) -> config.RunSpec:
@@ -35,7 +36,7 @@ def test_every_algorithm_is_registered_and_the_algorithm_section_is_their_union(
 
 
 def test_unknown_algorithm_is_a_config_error_listing_the_valid_names():
-    valid = "valid: fedasync, fedavg, fedbuff, fednova, fedprox, perfedavg, qfedavg"
+    valid = "valid: fedasync, fedavg, fedbuff, fednova, fedprox, perfedavg, qfedavg, scaffold"
     assert f"runs.0.algorithm: unknown algorithm 'foo'; {valid}" in config_error({"name": "foo"})
     assert f"runs.0.algorithm: name the algorithm (algorithm.name); {valid}" in config_error({"mu": 0.1})
     assert f"unknown algorithm ['fedavg']; {valid}" in config_error({"name": ["fedavg"]})
@@ -57,10 +58,14 @@ def test_declared_capabilities():
     private = {n for n in NAMES if definition(n).private}
     assert private == {"fedavg", "fedprox", "perfedavg", "fedbuff"}
     assert {n for n in NAMES if definition(n).secure_aggregation} == {"fedavg", "fedprox", "perfedavg", "fedbuff",
-                                                                       "fednova"}
+                                                                       "fednova", "scaffold"}
     for n in NAMES:
         d = definition(n)
-        assert d.compression and d.client_state is None and d.upload_fields == ()
+        if n == "scaffold":  # per-client control variates, uploaded changes of them, no lossy codecs
+            assert not d.compression and d.client_state == "control" and d.upload_fields == ("control_delta",)
+            assert d.client_rule is not None and d.sized_by_users
+        else:
+            assert d.compression and d.client_state is None and d.upload_fields == () and d.client_rule is None
 
 
 @pytest.mark.parametrize("algorithm, options", [
@@ -73,6 +78,7 @@ def test_declared_capabilities():
     ({"name": "qfedavg", "loss_estimate": "first_batch"}, ClientOptions()),
     ({"name": "fedbuff"}, ClientOptions()),
     ({"name": "fednova", "mu": 0.4}, ClientOptions(prox_mu=0.4)),
+    ({"name": "scaffold"}, ClientOptions()),
 ])
 def test_client_options_reach_the_local_trainer(algorithm, options):
     spec = run(algorithm)
@@ -90,6 +96,7 @@ def test_client_options_reach_the_local_trainer(algorithm, options):
     ({"name": "fedasync"}, aggregators.FedAsync),
     ({"name": "fedbuff", "buffer_size": 4}, aggregators.BufferedAggregator),
     ({"name": "fednova", "buffer_size": 4}, FedNova),
+    ({"name": "scaffold", "num_clients": 5}, ScaffoldAggregator),
 ])
 def test_each_definition_builds_its_aggregator(algorithm, kind):
     agg = build_aggregator(run(algorithm), trainer_lr=0.1)

@@ -156,6 +156,31 @@ def test_whole_run_same_accuracy_curve(small):
         assert a1[-1] > a1[0]
 
 
+def test_scaffold_run_same_models_and_control_variates(small):
+    """SCAFFOLD's corrections (c - c_i, per trip) go through both executors alike: the same
+    trips and versions, and models, c and every device's c_i equal to float tolerance."""
+    runs = [{"name": "scaffold", "algorithm": {"name": "scaffold"},
+             "scheduler": {"concurrency": 8, "round_timeout": 15, "straggler": "partial"}}]
+    sims = []
+    for ex in ("sequential", "batched"):
+        cfg = small(seed=2, runs=runs, executor=ex, sets=["population.dropout=0.1", "stop.max_time=150"])
+        sim = build_simulation(cfg, cfg.run("scaffold"))
+        snapshots = []
+        evaluate = sim.executor.evaluate_many
+        sim.executor.evaluate_many = lambda ws, x, y: snapshots.extend(ws) or evaluate(ws, x, y)
+        m = sim.run()
+        sims.append((sim, m, [(r["virtual_time"], r["version"], r["trips_completed"]) for r in m.rows], snapshots))
+    (s1, m1, k1, w1), (s2, m2, k2, w2) = sims
+    assert type(s2.executor).__name__ == "BatchedExecutor"
+    assert k1 == k2 and m1.completed == m2.completed and m1.server_steps == m2.server_steps > 3
+    assert len(w1) == len(w2) and all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(w1, w2))
+    assert s1.aggregator.control.norm() > 0
+    assert torch.allclose(s1.aggregator.control, s2.aggregator.control, atol=1e-5, rtol=1e-4)
+    assert sorted(s1.client_state) == sorted(s2.client_state) and len(s1.client_state) > 8
+    for device, c in s1.client_state.items():
+        assert torch.allclose(c, s2.client_state[device], atol=1e-4, rtol=1e-4)
+
+
 class WithBuffer(nn.Module):
     def __init__(self):
         super().__init__()

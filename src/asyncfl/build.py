@@ -25,7 +25,7 @@ from asyncfl.data.synthetic import SyntheticFederated
 from asyncfl.models import FlatModel, build_model
 from asyncfl.scheduling import build_policy
 
-__all__ = ["build_aggregator", "build_codecs", "build_data", "build_flat_model", "build_policy",
+__all__ = ["build_aggregator", "build_client_rule", "build_codecs", "build_data", "build_flat_model", "build_policy",
            "build_private_aggregator", "build_server_opt", "build_staleness", "build_trainer", "client_options",
            "num_users", "split_client_tests"]
 
@@ -115,10 +115,14 @@ def build_flat_model(cfg: ExperimentConfig, data) -> FlatModel:
 def build_aggregator(spec: RunSpec, trainer_lr: float | None = None, *, num_users: int | None = None,
                      seed: int = 0) -> aggregators.Aggregator:
     """`trainer_lr` sets q-FedAvg's default L = 1 / lr. With `spec.privacy`, the DP aggregator;
-    `num_users` (distinct users who may contribute) sets its default sample rate, `seed` its noise."""
+    `num_users` (distinct users who may contribute) sets its default sample rate, `seed` its noise,
+    and is SCAFFOLD's N unless its config sets `algorithm.num_clients`."""
     if spec.privacy is not None:
         return build_private_aggregator(spec, num_users, seed)
-    return definition(spec.algorithm.name).build_aggregator(spec.algorithm, trainer_lr)
+    d = definition(spec.algorithm.name)
+    if d.sized_by_users:
+        return d.build_aggregator(spec.algorithm, trainer_lr, num_users)
+    return d.build_aggregator(spec.algorithm, trainer_lr)
 
 
 def build_private_aggregator(spec: RunSpec, num_users: int | None, seed: int = 0) -> PrivateAggregator:
@@ -129,6 +133,13 @@ def build_private_aggregator(spec: RunSpec, num_users: int | None, seed: int = 0
 def client_options(spec: RunSpec) -> ClientOptions:
     """What a run's local trainer needs from its algorithm (proximal term, meta step)."""
     return definition(spec.algorithm.name).client_options(spec.algorithm)
+
+
+def build_client_rule(spec: RunSpec, trainer_lr: float):
+    """The client's side of the algorithm's per-client state (`AlgorithmDefinition.client_rule`);
+    None for stateless clients."""
+    d = definition(spec.algorithm.name)
+    return None if d.client_rule is None else d.client_rule(spec.algorithm, trainer_lr)
 
 
 def build_trainer(cfg: ExperimentConfig, spec: RunSpec, model: FlatModel) -> LocalTrainer:

@@ -67,6 +67,8 @@ def _add_network_commands(sub) -> None:
     cli.add_argument("--max-trips", type=int, help="stop after this many trips")
     cli.add_argument("--eligibility", help="module:function returning True when the device may train")
     cli.add_argument("--ack-log", type=Path, help="append each upload's answer as a JSON line")
+    cli.add_argument("--state", type=Path, help="file keeping the algorithm's per-client state between trips and "
+                                                 "restarts (SCAFFOLD's control variate); default: ACK_LOG.state.pt")
     cli.add_argument("--backoff-cap", type=float, default=10.0, help="longest wait between retries (s)")
     cli.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     tok = sub.add_parser("token", help="create, list or revoke client tokens (stored hashed)")

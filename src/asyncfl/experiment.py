@@ -11,9 +11,10 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from asyncfl.build import (build_aggregator, build_codecs, build_data, build_flat_model, build_policy,  # noqa: F401
-                           build_private_aggregator, build_server_opt, build_staleness, build_trainer,
-                           client_options, num_users, split_client_tests)
+from asyncfl.build import (build_aggregator, build_client_rule, build_codecs, build_data,  # noqa: F401
+                           build_flat_model, build_policy, build_private_aggregator, build_server_opt,
+                           build_staleness, build_trainer, client_options, num_users, split_client_tests)
+from asyncfl.algorithms.defs.registry import definition
 from asyncfl.config import ExperimentConfig, RunSpec
 from asyncfl.data.federated import FederatedDataset
 from asyncfl.data.imbalance import plot_client_sizes
@@ -37,7 +38,8 @@ def build_simulation(cfg: ExperimentConfig, spec: RunSpec, data: FederatedDatase
     trainer = build_trainer(cfg, spec, model)
     parts = RunParts(model, data, trainer, make_executor(cfg.executor, trainer, data, cfg.executor_memory_mb),
                      build_aggregator(spec, cfg.trainer.lr, num_users=num_users(cfg, data), seed=cfg.seed),
-                     build_policy(spec.scheduler))
+                     build_policy(spec.scheduler), build_client_rule(spec, cfg.trainer.lr),
+                     definition(spec.algorithm.name).upload_fields)
     return Simulation(parts, cfg, model.initial_weights(), build_codecs(spec), progress)
 
 

@@ -6,6 +6,11 @@ codec `none` the payload is the tensors' raw little-endian bytes, back to back. 
 travel as JSON. A compression codec plugs in by registering an encoder/decoder pair in
 `CODECS`; the header already carries its name, so old and new peers can tell each other apart.
 
+Tensor sets besides the model's (an algorithm's `upload_fields`, or what its aggregator sends
+with the model: SCAFFOLD's control variate and its change) follow the model's tensors in the
+same frame, one tensor per model tensor, named `FIELD:NAME` (`field_names`); a frame without
+them is exactly what it was before, and raw frames only carry them.
+
 Compressed frames (a run's `compression:` section): the header's `codec` is an
 `asyncfl.compression` spec (e.g. ``int8``, ``topk:0.1+int8``), its tensors still name the
 decoded float32 tensors, and the payload is that codec's self-describing bytes for the flat
@@ -230,12 +235,54 @@ def join_flat(arrays: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(flat)
 
 
+def field_names(field: str, names: list[str]) -> list[str]:
+    """The tensor names of a set that travels besides the model's: `FIELD:NAME` per model tensor
+    (a colon never occurs in a torch parameter name)."""
+    return [f"{field}:{n}" for n in names]
+
+
+def _with_fields(names: list[str], shapes: list[tuple[int, ...]], w: torch.Tensor,
+                 fields: dict[str, torch.Tensor]) -> tuple[list[str], list[np.ndarray]]:
+    """Names and arrays of the flat `w` (the model or the delta) followed by the `fields`."""
+    all_names, arrays = list(names), split_flat(w, names, shapes)
+    for field, t in fields.items():
+        all_names += field_names(field, names)
+        arrays += split_flat(t, names, shapes)
+    return all_names, arrays
+
+
+def fields_of(specs: list[TensorSpec], names: list[str]) -> tuple[str, ...]:
+    """The tensor sets a frame carries after the model's tensors, in order; WireError (422)
+    unless they are whole sets named `FIELD:NAME` for the model's names."""
+    n, got = len(names), [s.name for s in specs]
+    if got[:n] != list(names) or len(got) % n:
+        raise WireError(f"frame tensors {got[:4]}... are not the model's {list(names)[:4]}... followed by whole "
+                        "tensor sets", 422, "bad_tensor_name")
+    fields = tuple(got[i].partition(":")[0] for i in range(n, len(got), n))
+    for i, f in enumerate(fields):
+        if got[n * (i + 1) : n * (i + 2)] != field_names(f, names):
+            raise WireError(f"frame tensor set {f!r} is not named {f}:NAME after the model's tensors", 422,
+                            "bad_tensor_name")
+    return fields
+
+
+def split_fields(arrays: list[np.ndarray], names: list[str], fields: tuple[str, ...]
+                 ) -> tuple[list[np.ndarray], dict[str, torch.Tensor]]:
+    """A frame's model arrays and its field sets as flat tensors (the names were checked)."""
+    n = len(names)
+    return arrays[:n], {f: join_flat(arrays[n * (i + 1) : n * (i + 2)]) for i, f in enumerate(fields)}
+
+
 def encode_model(version: int, w: torch.Tensor, names: list[str], shapes: list[tuple[int, ...]],
-                 codec=None, generator=None) -> bytes:
+                 codec=None, generator=None, extras: dict[str, torch.Tensor] | None = None) -> bytes:
     """A model frame: raw float32, or with `codec` (an `asyncfl.compression.Codec`, lossy
-    downloads) its payload for the flat weights, header codec = `codec.spec`."""
+    downloads) its payload for the flat weights, header codec = `codec.spec`. `extras`: tensor
+    sets the clients download with the model (raw frames only)."""
     if codec is None:
-        return encode({"kind": "model", "version": version, "names": list(names)}, split_flat(w, names, shapes))
+        all_names, arrays = _with_fields(names, shapes, w, extras or {})
+        return encode({"kind": "model", "version": version, "names": all_names}, arrays)
+    if extras:
+        raise ValueError("tensors besides the model travel in raw frames only")
     return compressed_frame({"kind": "model", "version": version}, list(zip(names, shapes)),
                             codec.encode(w.detach().to(torch.float32).reshape(-1), generator), codec.spec)
 
@@ -247,14 +294,19 @@ def _finite_or_none(x: float | None) -> float | None:
 def encode_update(*, lease_id: str, base_version: int, idempotency_key: str, n_examples: int, steps: int,
                   loss: float | None, delta: torch.Tensor, names: list[str], shapes: list[tuple[int, ...]],
                   start_loss: float | None = None, planned_steps: int | None = None,
-                  payload: bytes | None = None, codec: str = "none") -> bytes:
+                  payload: bytes | None = None, codec: str = "none",
+                  extras: dict[str, torch.Tensor] | None = None) -> bytes:
     """An update frame. With `codec` other than none, `payload` is the delta already encoded by
-    that codec (the client's error feedback needs the payload, so it encodes itself)."""
+    that codec (the client's error feedback needs the payload, so it encodes itself). `extras`:
+    the algorithm's upload fields (raw frames only)."""
     header = {"kind": "update", "lease_id": lease_id, "base_version": base_version,
               "idempotency_key": idempotency_key, "n_examples": n_examples, "steps": steps,
               "planned_steps": planned_steps, "loss": _finite_or_none(loss), "start_loss": _finite_or_none(start_loss)}
     if codec == "none":
-        return encode(header | {"names": list(names)}, split_flat(delta, names, shapes))
+        all_names, arrays = _with_fields(names, shapes, delta, extras or {})
+        return encode(header | {"names": all_names}, arrays)
+    if extras:
+        raise ValueError("tensors besides the delta travel in raw frames only")
     if payload is None:
         raise ValueError(f"codec {codec!r}: pass the encoded payload")
     return compressed_frame(header, list(zip(names, shapes)), payload, codec)

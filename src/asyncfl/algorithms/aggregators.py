@@ -46,6 +46,12 @@ class Aggregator(ABC):
     def pending(self) -> int:
         return 0
 
+    def downloads(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Tensors a client downloads with the model `w`, by name (SCAFFOLD's control variate);
+        empty for algorithms whose clients need the model alone. They change only when the
+        model steps, and never in place, so a trip may hold them as a snapshot."""
+        return {}
+
     def privacy_report(self) -> dict | None:
         """Epsilon and DP settings for a differentially private aggregator; None otherwise."""
         return None

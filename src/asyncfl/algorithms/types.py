@@ -34,6 +34,9 @@ class ClientUpdate:
     # minibatch, as LocalTrainer's start_loss says; NaN when not computed
     start_loss: float = math.nan
     planned_steps: int | None = None  # steps the client was asked for; None: as many as taken
+    # tensors uploaded besides the delta, keyed by the algorithm's `upload_fields` (SCAFFOLD's
+    # change of the client's control variate); None for algorithms that upload the delta alone
+    extras: dict[str, torch.Tensor] | None = None
 
     @property
     def work_fraction(self) -> float:

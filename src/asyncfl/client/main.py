@@ -23,7 +23,7 @@ def client(args) -> int:
     api = ServerApi(args.server, token, verify=verify, backoff=Backoff(cap=args.backoff_cap))
     t0 = time.time()
     rt = ClientRuntime(api, args.data, load_hook(args.eligibility), args.ack_log, args.max_trips,
-                       log=lambda s: print(s, file=sys.stderr, flush=True))
+                       log=lambda s: print(s, file=sys.stderr, flush=True), state_path=args.state)
     try:
         stats = rt.run()
     except (ClientError, TlsError) as err:

@@ -9,6 +9,12 @@ update. The residual advances only when the server accepted the update: an uploa
 count (lost lease, stale, rejected) leaves the residual as it was before that trip. A lossy
 download codec's model frames are decoded here (validated like uploads on the server).
 
+An algorithm with per-client state (its definition's `client_state`: SCAFFOLD's control
+variate c_i) keeps it in a file (`state_path`, by default next to the ack log), so that a
+restarted client continues with it; what the server sends with the model (SCAFFOLD's c) comes
+in the model frame, and the upload carries the definition's `upload_fields` besides the delta.
+Like the residual, the state advances only when the server accepted the update.
+
 An upload is re-sent with the same bytes and key until the server answers, so a server
 restart mid-trip costs time, never a double count: the server answers a re-send with the
 first result.
@@ -33,7 +39,8 @@ from asyncfl.client.http import GaveUp, ServerApi
 from asyncfl.compression import ErrorFeedback, Raw, encode_upload, parse_codec
 from asyncfl.config import validate
 from asyncfl import wire
-from asyncfl.build import build_data, build_flat_model, build_trainer
+from asyncfl.algorithms.defs.registry import definition
+from asyncfl.build import build_client_rule, build_data, build_flat_model, build_trainer
 
 
 class ClientError(RuntimeError):
@@ -81,7 +88,7 @@ def load_hook(path: str | None) -> Callable[[], bool]:
 class ClientRuntime:
     def __init__(self, api: ServerApi, data: str, eligible: Callable[[], bool] | None = None,
                  ack_log: str | Path | None = None, max_trips: int | None = None, idle_wait: float = 5.0,
-                 log: Callable[[str], None] = lambda s: None):
+                 log: Callable[[str], None] = lambda s: None, state_path: str | Path | None = None):
         self.api, self.data_spec = api, data
         self.eligible = eligible or (lambda: True)
         self.ack_log = Path(ack_log) if ack_log else None
@@ -93,6 +100,9 @@ class ClientRuntime:
         self.error_feedback: ErrorFeedback | None = None
         self.model_codecs = None  # decoders for model frames (None: raw only)
         self.upload_payload_bytes: list[int] = []  # payload length of each upload sent
+        self.state_path = Path(state_path) if state_path else None
+        self.client_rule = None  # set by setup() for algorithms with per-client state
+        self.own_state: torch.Tensor | None = None  # that state (None: never accepted yet, zeros)
 
     # ---- set-up ----------------------------------------------------------------------
     def _json(self, resp) -> dict:
@@ -121,6 +131,7 @@ class ClientRuntime:
         self.trainer = build_trainer(cfg, cfg.runs[0], self.model)  # the simulator's trainer, same settings
         if [list(s) for s in self.model.shapes] != [x["shape"] for x in task["tensors"]]:
             raise ClientError("the model built from the task config does not match the server's tensors")
+        self._setup_state(task, cfg)
         comp = cfg.runs[0].compression
         if comp is not None:
             codec = parse_codec(comp.upload)
@@ -131,6 +142,34 @@ class ClientRuntime:
             if not down.lossless:
                 raw = {name: pair[1] for name, pair in wire.CODECS.items()}
                 self.model_codecs = raw | {down.spec: wire.compressed_decoder(down)}
+
+    def _setup_state(self, task: dict, cfg) -> None:
+        """The algorithm's per-client state, from its file when a previous run left one."""
+        algorithm = definition(cfg.runs[0].algorithm.name)
+        if list(algorithm.upload_fields) != task.get("upload_fields", []):
+            raise ClientError(f"the server expects upload fields {task.get('upload_fields', [])}, this client sends "
+                              f"{list(algorithm.upload_fields)}: update the client")
+        self.client_rule = build_client_rule(cfg.runs[0], cfg.trainer.lr)
+        if self.client_rule is None:
+            return
+        self.state_name, self.task_name = algorithm.client_state, task["task"]
+        if self.state_path is None:
+            if self.ack_log is None:
+                raise ClientError(f"task {task['task']!r} keeps per-client state ({algorithm.client_state}) between "
+                                  "trips: give --state PATH (or --ack-log, next to which it is kept)")
+            self.state_path = self.ack_log.with_name(self.ack_log.name + ".state.pt")
+        if self.state_path.is_file():
+            saved = torch.load(self.state_path, weights_only=True)
+            own = saved["state"].get(self.state_name)
+            if saved.get("task") != self.task_name or own is None or own.shape != (self.model.numel,):
+                raise ClientError(f"{self.state_path} holds state of another task or model; use another --state")
+            self.own_state = own
+
+    def _save_state(self) -> None:
+        """Atomically: a crash leaves the old file or the new one, never half of one."""
+        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
+        torch.save({"task": self.task_name, "state": {self.state_name: self.own_state}}, tmp)
+        tmp.replace(self.state_path)
 
     # ---- one trip --------------------------------------------------------------------
     def trip(self) -> str:
@@ -162,26 +201,30 @@ class ClientRuntime:
             return None
         try:
             frame = wire.decode(resp.content, wire.ModelHeader, self.model_codecs)
+            arrays, downloaded = wire.split_fields(frame.arrays, self.model.names,
+                                                   wire.fields_of(frame.header.tensors, self.model.names))
         except wire.WireError as err:
             self.log(f"unreadable model download: {err}")
             self.stats["lost"] += 1
             return None
         if frame.header.version != task["base_version"]:
             raise ClientError(f"asked for version {task['base_version']}, got {frame.header.version}")
-        w0 = wire.join_flat(frame.arrays)
+        w0 = wire.join_flat(arrays)
+        rule, own = self.client_rule, self.own_state
         steps = self._step_budget(task.get("round_deadline_in"))
         t0 = time.perf_counter()
         update = self.trainer.train(w0, self.x, self.y, seed=task["seed"], base_version=task["base_version"],
-                                    steps=steps)
+                                    steps=steps, correction=None if rule is None else rule.correction(downloaded, own))
         self.sec_per_step = (time.perf_counter() - t0) / max(1, update.steps)
         self.stats["trips"] += 1
         key = uuid.uuid4().hex
         payload, residual = self._encode(update.delta, task["seed"])
+        extras = None if rule is None else rule.uploads(downloaded, own, update)
         body = wire.encode_update(lease_id=task["lease_id"], base_version=update.base_version, idempotency_key=key,
                                   n_examples=update.n_examples, steps=update.steps, planned_steps=update.planned_steps,
                                   loss=update.loss, start_loss=update.start_loss, delta=update.delta,
                                   names=self.model.names, shapes=self.model.shapes, payload=payload,
-                                  codec=self.upload_spec)
+                                  codec=self.upload_spec, extras=extras)
         self.upload_payload_bytes.append(wire.payload_length(body))
         resp = self.api.request("POST", "/v1/update", content=body,
                                 headers={"Content-Type": "application/vnd.asyncfl.frame"})
@@ -190,6 +233,9 @@ class ClientRuntime:
         if resp.status_code == 200:
             if residual is not None:  # the server counted what it decoded: keep what it dropped
                 self.error_feedback.record("self", *residual)
+            if extras is not None:  # the server counted it: the per-client state advances, durably
+                self.own_state = rule.advanced(own, extras)
+                self._save_state()
             self.stats["accepted"] += 1
         elif answer.get("error") == "stale":
             self.stats["discarded"] += 1

@@ -28,6 +28,7 @@ class Checked:
     delta: torch.Tensor
     norm: float
     payload_bytes: int = 0  # the frame's payload as received (encoded bytes with compression)
+    extras: dict[str, torch.Tensor] | None = None  # the algorithm's upload fields, checked like the delta
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,8 @@ class AggregationSettings:
     """What the role checks uploads against and keeps: the model's tensor names and shapes, the
     bound on an update's L2 norm (None: none), how many recent versions stay downloadable, and
     the run's upload codec (None or lossless raw: plain frames), the only one uploads may use;
-    `upload_spec` is how the config spells it (accepted besides the canonical spec)."""
+    `upload_spec` is how the config spells it (accepted besides the canonical spec);
+    `upload_fields` the tensor sets an upload carries besides its delta (the algorithm's)."""
 
     names: list[str]
     shapes: list[tuple[int, ...]]
@@ -43,6 +45,7 @@ class AggregationSettings:
     keep_versions: int
     upload_codec: Codec | None = None
     upload_spec: str | None = None
+    upload_fields: tuple[str, ...] = ()
 
 
 @dataclass
@@ -57,8 +60,15 @@ class AggregationRole:
         self.names, self.shapes = list(settings.names), [tuple(s) for s in settings.shapes]
         self.max_norm = settings.max_norm
         self.keep_versions = settings.keep_versions
+        self.upload_fields = tuple(settings.upload_fields)
+        # an upload's tensors: the delta's, then each upload field's, all shaped like the model's
+        self.expected = list(zip(self.names, self.shapes)) + [
+            (name, shape) for f in self.upload_fields for name, shape in zip(wire.field_names(f, self.names), self.shapes)]
         self.state = ServerState(w=w0.clone(), version=0)
         self.models: dict[int, torch.Tensor] = {0: self.state.w}
+        # what clients download with each kept version besides the model (the aggregator's
+        # `downloads`: SCAFFOLD's c as of that version); after a restart only the current one's
+        self.downloads: dict[int, dict[str, torch.Tensor]] = {0: aggregator.downloads(self.state.w)}
         self.pending_seqs: list[int] = []  # accepted updates folded into the buffer, not yet in a version
         self.counts = {v.value: 0 for v in Verdict}
         self._dirty = _Dirty(state=True, new_versions=[(0, time.time(), [])])
@@ -76,26 +86,36 @@ class AggregationRole:
             frame = wire.decode(body, wire.UpdateHeader, self.codecs, self.expected_codec)
         except wire.WireError as err:
             raise ApiError(err.status, err.code, str(err)) from None
-        arrays = frame.arrays
-        if len(arrays) != len(self.shapes):
-            raise ApiError(422, "bad_tensor_count", f"update has {len(arrays)} tensors, the model has {len(self.shapes)}")
         self._check_specs(frame.header.tensors)
+        arrays, fields = wire.split_fields(frame.arrays, self.names, self.upload_fields)
         delta = wire.join_flat(arrays)
-        norm = float(torch.linalg.vector_norm(delta))  # finite unless a value is NaN/Inf (or overflows)
+        norm = self._check_values(delta, "update")
+        for name, t in fields.items():  # checked like the delta: finite, within the norm bound
+            self._check_values(t, f"update's {name}")
+        return Checked(frame.header, delta, norm, wire.payload_length(body), fields or None)
+
+    def _check_values(self, t: torch.Tensor, what: str) -> float:
+        """The L2 norm of `t`; 422 for NaN or Inf values or a norm over the bound."""
+        norm = float(torch.linalg.vector_norm(t))  # finite unless a value is NaN/Inf (or overflows)
         if not math.isfinite(norm):
-            bad = int((~torch.isfinite(delta)).sum())
+            bad = int((~torch.isfinite(t)).sum())
             if bad:
-                raise ApiError(422, "non_finite", f"update contains {bad} NaN or Inf values")
-            norm = float(torch.linalg.vector_norm(delta.double()))
+                raise ApiError(422, "non_finite", f"{what} contains {bad} NaN or Inf values")
+            norm = float(torch.linalg.vector_norm(t.double()))
         if self.max_norm is not None and norm > self.max_norm:
-            raise ApiError(422, "norm_too_large", f"update L2 norm {norm:.4g} exceeds the bound {self.max_norm:g}")
-        return Checked(frame.header, delta, norm, wire.payload_length(body))
+            raise ApiError(422, "norm_too_large", f"{what} L2 norm {norm:.4g} exceeds the bound {self.max_norm:g}")
+        return norm
 
     def _check_specs(self, specs: list[wire.TensorSpec]) -> None:
-        """The header's tensors must be the model's (count, float32, names, shapes)."""
-        if len(specs) != len(self.shapes):
-            raise ApiError(422, "bad_tensor_count", f"update has {len(specs)} tensors, the model has {len(self.shapes)}")
-        for i, (spec, name, shape) in enumerate(zip(specs, self.names, self.shapes)):
+        """The header's tensors must be the model's (count, float32, names, shapes), followed by
+        each upload field's, named `FIELD:NAME`."""
+        if len(specs) != len(self.expected):
+            expected = f"the model has {len(self.shapes)}"
+            if self.upload_fields:
+                expected = (f"expected {len(self.expected)} (the model's {len(self.shapes)} for the delta and for "
+                            f"each of {', '.join(self.upload_fields)})")
+            raise ApiError(422, "bad_tensor_count", f"update has {len(specs)} tensors, {expected}")
+        for i, (spec, (name, shape)) in enumerate(zip(specs, self.expected)):
             if spec.dtype != "float32":
                 raise ApiError(422, "bad_dtype", f"tensor {i} ({spec.name!r}) has dtype {spec.dtype}; expected float32")
             if spec.name != name:
@@ -105,6 +125,14 @@ class AggregationRole:
                                f"expected {list(shape)}")
 
     # ---- folding ----------------------------------------------------------------------
+    def downloads_of(self, version: int) -> dict[str, torch.Tensor] | None:
+        """What clients download with a kept version besides the model; None when it is not
+        known (a restarted server knows only its current version's)."""
+        found = self.downloads.get(version)
+        if found is None and not self.downloads.get(self.state.version):
+            return {}  # the aggregator sends nothing besides models
+        return found
+
     def base_weights(self, version: int) -> torch.Tensor | None:
         return self.models.get(version)
 
@@ -135,6 +163,7 @@ class AggregationRole:
     def _stepped(self) -> None:
         v = self.state.version
         self.models[v] = self.state.w
+        self.downloads[v] = self.aggregator.downloads(self.state.w)
         self._dirty.new_versions.append((v, time.time(), self.pending_seqs))
         self.pending_seqs = []
 
@@ -142,6 +171,7 @@ class AggregationRole:
         keep = needed | {v for v in self.models if v > self.state.version - self.keep_versions}
         for v in [v for v in self.models if v not in keep]:
             del self.models[v]
+            self.downloads.pop(v, None)
 
     # ---- durability -------------------------------------------------------------------
     def snapshot(self) -> dict:
@@ -188,6 +218,7 @@ class AggregationRole:
         self.state.w = self.models[self.state.version]
         (name, crc) = store.query("SELECT file, crc FROM blobs WHERE name='aggregator'")[0]
         self.aggregator.load_state_dict(tensor_load(store.read_file(name, crc)))
+        self.downloads = {self.state.version: self.aggregator.downloads(self.state.w)}
         self.pending_seqs = [s for (s,) in store.query(
             "SELECT seq FROM updates WHERE applied_version IS NULL AND verdict IN ('buffered', 'stepped') "
             "ORDER BY seq")]

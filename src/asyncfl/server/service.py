@@ -20,6 +20,7 @@ from asyncfl import wire
 from asyncfl.algorithms.seeds import download_rounding_generator
 from asyncfl.compression import parse_codec
 from asyncfl.config import ConfigError, ExperimentConfig
+from asyncfl.algorithms.defs.registry import definition
 from asyncfl.build import build_aggregator, build_data, build_flat_model, client_options, num_users
 from asyncfl.scheduling import build_policy
 from asyncfl.server.aggregation import AggregationRole, AggregationSettings
@@ -65,10 +66,11 @@ class FLServer:
         download = parse_codec(comp.download) if comp is not None else None
         self.download_codec = download if download is not None and not download.lossless else None
         self.store = Store(state_dir)
+        self.algorithm = definition(self.spec.algorithm.name)
         aggregator = build_aggregator(self.spec, cfg.trainer.lr, num_users=num_users(cfg, self.data), seed=cfg.seed)
         self.aggregation = AggregationRole(aggregator, self.model.initial_weights(), AggregationSettings(
             self.model.names, self.model.shapes, settings.max_update_norm, settings.keep_versions,
-            self.upload_codec, comp.upload if comp is not None else None))
+            self.upload_codec, comp.upload if comp is not None else None, self.algorithm.upload_fields))
         self.policy = build_policy(self.spec.scheduler)
         self.coordinator = Coordinator(self.policy, self.aggregation, settings.lease_timeout, cfg.seed)
         self.shared = Shared(self.store, threading.RLock(), self.aggregation, self.coordinator, Counters())
@@ -153,6 +155,9 @@ class FLServer:
             "num_features": self.data.num_features,
             "num_classes": self.data.num_classes,
             "prox_mu": client_options(self.spec).prox_mu,
+            # per-client state the client keeps between trips, and what it uploads besides its delta
+            "client_state": self.algorithm.client_state,
+            "upload_fields": list(self.algorithm.upload_fields),
             "tensors": [{"name": n, "shape": list(s)} for n, s in zip(self.model.names, self.model.shapes)],
             "codecs": [self.aggregation.expected_codec or "none"],
             "download_codec": self.download_codec.spec if self.download_codec is not None else "none",
@@ -161,7 +166,8 @@ class FLServer:
 
     def model_frame(self, version: int) -> bytes:
         """A version's frame, built once: raw float32, or with a lossy download codec its
-        payload, stochastic rounding seeded from (experiment seed, version) as in the simulator."""
+        payload, stochastic rounding seeded from (experiment seed, version) as in the simulator;
+        followed by what the aggregator sends with that version (SCAFFOLD's c; raw)."""
         with self.lock:
             frame = self._frames.get(version)
             if frame is None:
@@ -169,11 +175,17 @@ class FLServer:
                     raise ApiError(404, "version_unavailable", f"model version {version} is not available; "
                                    f"current version is {self.aggregation.state.version}")
                 w = self.aggregation.models[version]
+                extras = self.aggregation.downloads_of(version)
+                if extras is None:
+                    raise ApiError(404, "version_unavailable", f"model version {version} is no longer available with "
+                                   f"what it needs besides the model; current version is "
+                                   f"{self.aggregation.state.version}")
         if frame is None:
             gen = None
             if self.download_codec is not None:
                 gen = download_rounding_generator(self.cfg.seed, version)
-            frame = wire.encode_model(version, w, self.model.names, self.model.shapes, self.download_codec, gen)
+            frame = wire.encode_model(version, w, self.model.names, self.model.shapes, self.download_codec, gen,
+                                      extras)
             with self.lock:
                 if len(self._frames) > 4:
                     self._frames.pop(min(self._frames))

@@ -68,7 +68,7 @@ class Uploads:
                               delta=checked.delta, n_examples=h.n_examples, steps=h.steps,
                               loss=math.nan if h.loss is None else h.loss,
                               start_loss=math.nan if h.start_loss is None else h.start_loss,
-                              planned_steps=h.planned_steps)
+                              planned_steps=h.planned_steps, extras=checked.extras)
         seq = self.next_seq
         version_before = sh.aggregation.state.version
         staleness = version_before - h.base_version

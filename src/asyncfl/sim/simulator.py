@@ -11,7 +11,7 @@ import gc
 import itertools
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -43,6 +43,9 @@ class Trip(TrainJob):
     download_end: float = 0.0
     step_time: float = 0.0  # virtual seconds per local step on this device
     end: float = 0.0  # when it reports or drops
+    # what the device downloaded besides the model (the aggregator's `downloads`: SCAFFOLD's c
+    # as of the trip's start), like base_w; None for algorithms without per-client state
+    base_extras: dict[str, torch.Tensor] | None = field(default=None, kw_only=True)
 
 
 def payload_bytes(w: torch.Tensor) -> int:
@@ -60,6 +63,8 @@ class RunParts:
     executor: Executor
     aggregator: Aggregator
     policy: AsyncPolicy | SyncPolicy
+    client_rule: Any = None  # the algorithm's per-client state rule (`AlgorithmDefinition.client_rule`)
+    upload_fields: tuple[str, ...] = ()  # tensors a client uploads besides its delta
 
 
 class Simulation:
@@ -89,8 +94,16 @@ class Simulation:
         # dense float32 (model_bytes) both ways
         self.upload_codec, self.download_codec = codecs.upload, codecs.download
         self.download_bytes, self.upload_bytes = codecs.payload_bytes(w0.numel())
+        # tensors that travel besides the model and the delta (SCAFFOLD's c down, its control
+        # delta up) are charged dense float32, each the size of the model
+        self.download_bytes += self.model_bytes * len(parts.aggregator.downloads(w0))
+        self.upload_bytes += self.model_bytes * len(parts.upload_fields)
         self.error_feedback = ErrorFeedback(codecs.upload) if codecs.error_feedback and codecs.upload else None
         self._broadcast: tuple[int, torch.Tensor] | None = None  # (version, model as a lossy download decodes)
+        # the algorithm's per-client state (`AlgorithmDefinition.client_rule`), kept only for the
+        # devices whose updates were accepted: device -> tensor (SCAFFOLD's c_i)
+        self.client_rule = parts.client_rule
+        self.client_state: dict[int, torch.Tensor] = {}
         self.clock = 0.0
         self.events = EventQueue()
         self.trip_ids = itertools.count()
@@ -127,6 +140,9 @@ class Simulation:
         staleness = self.state.version - update.base_version
         verdict = self.aggregator.submit(self.state, update, trip.base_w)
         self.metrics.on_verdict(verdict, staleness)
+        if update.extras is not None and verdict != Verdict.DISCARDED:  # the device keeps what was accepted
+            self.client_state[trip.device] = self.client_rule.advanced(self.client_state.get(trip.device),
+                                                                       update.extras)
         if verdict == Verdict.STEPPED:
             self._after_step()
         return verdict
@@ -199,6 +215,9 @@ class Simulation:
         end = clock + duration if drop_at is None else clock + drop_at * duration
         trip = Trip(trip_id, client, self.state.version, self._downloaded_model(), seed, steps, drop_at is None,
                     device, clock, clock + download, step_time, end)
+        if self.client_rule is not None:
+            trip.base_extras = self.aggregator.downloads(self.state.w)
+            trip.correction = self.client_rule.correction(trip.base_extras, self.client_state.get(device))
         self.trips[trip_id] = trip
         pop.busy[device] = True
         metrics = self.metrics
@@ -229,6 +248,8 @@ class Simulation:
         pop = self.population
         if pop.malicious is not None and pop.malicious[trip.device]:
             update.delta = update.delta * pop.attack_multiplier
+        if self.client_rule is not None:
+            update.extras = self.client_rule.uploads(trip.base_extras, self.client_state.get(trip.device), update)
         if self.upload_codec is None:
             self.metrics.bytes_up += self.upload_bytes
             return update

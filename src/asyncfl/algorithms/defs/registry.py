@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from asyncfl.config.scheduler import SchedulerConfig
 
 # Algorithm modules of this package, in the order their names are listed to users.
-MODULES = ("fedavg", "fedprox", "perfedavg", "qfedavg", "fedasync", "fedbuff", "fednova")
+MODULES = ("fedavg", "fedprox", "perfedavg", "qfedavg", "fedasync", "fedbuff", "fednova", "scaffold")
 
 
 @dataclass(frozen=True)
@@ -67,10 +67,17 @@ class AlgorithmDefinition:
     validate_privacy(a): raises ValueError for settings DP does not cover.
     updates_per_step(a, scheduler): expected updates per server step, the fixed denominator of
         a private aggregate (the round's cohort unless the algorithm steps every K updates).
-    client_state: the name of per-client state the server persists between a client's trips
-        (SCAFFOLD's control variate c_i, say); None: clients are stateless (all algorithms so far).
-    upload_fields: tensors a client uploads besides its model delta (SCAFFOLD's change of c_i,
-        say); empty: the delta alone (all algorithms so far).
+    client_state: the name of per-client state kept between a client's trips (SCAFFOLD's
+        control variate c_i): the simulator keeps it per device, a network client on disk; None:
+        clients are stateless.
+    upload_fields: tensors a client uploads besides its model delta (SCAFFOLD's change of c_i),
+        the keys of `ClientUpdate.extras`; empty: the delta alone.
+    client_rule(a, trainer_lr): the client's side of `client_state` (set with it): an object
+        with `correction(downloaded, own)` (added to every local gradient), `uploads(downloaded,
+        own, update)` (the `upload_fields` tensors) and `advanced(own, uploaded)` (the state
+        once the server accepted the update); `downloaded` is the aggregator's `downloads`.
+    sized_by_users: build_aggregator takes a third argument, the number of distinct users
+        (SCAFFOLD's N), which the builders derive from the data unless the config sets it.
     """
 
     name: str
@@ -86,6 +93,8 @@ class AlgorithmDefinition:
     updates_per_step: Callable[[Any, SchedulerConfig], int] = _cohort
     client_state: str | None = None
     upload_fields: tuple[str, ...] = ()
+    client_rule: Callable[[Any, float], Any] | None = None
+    sized_by_users: bool = False
 
     @property
     def private(self) -> bool:
