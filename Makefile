@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-slow bench clean data browser
+.PHONY: install demo test test-slow lint bench clean data browser
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -14,8 +14,13 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/asyncfl compare --preset quickstart --out runs/quickstart
 
-test: install browser
+test: install browser lint
 	$(PY) -m pytest -q -m "not slow"
+
+# ruff: lint and formatting (settings in pyproject.toml)
+lint: install
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
 
 # Debian's Chromium, for the test that opens the server's dashboard headless
 browser:

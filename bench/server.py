@@ -96,7 +96,7 @@ def main() -> int:
         print("no update was accepted", file=sys.stderr)
         return 1
     ends = sorted(t for t, _ in samples)
-    lat = np.array([l for _, l in samples]) * 1000
+    lat = np.array([latency for _, latency in samples]) * 1000
     result = {
         "updates_per_s": round(len(samples) / args.seconds, 2),
         "p50_ms": round(float(np.percentile(lat, 50)), 2),

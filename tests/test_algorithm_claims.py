@@ -67,7 +67,7 @@ def test_per_fedavg_global_model_learns_too(small, variant):
                 sets=["stop.max_time=1200"])
     m = run_one(cfg, cfg.runs[0])
     assert m.rows[0]["test_accuracy"] < 0.3
-    assert m.rows[-1]["test_accuracy"] > 0.6, run["name"]
+    assert m.rows[-1]["test_accuracy"] > 0.6, variant
 
 
 def test_qfedavg_q1_evens_out_per_device_accuracy():

@@ -5,16 +5,16 @@ import pytest
 import torch
 from torch import nn
 
+from asyncfl.algorithms.shuffle import minibatches, mix
 from asyncfl.algorithms.trainer import LocalTrainer
 from asyncfl.data import digits
 from asyncfl.data.federated import FederatedDataset
 from asyncfl.data.partition import partition
 from asyncfl.experiment import build_simulation
 from asyncfl.models import FlatModel, build_model
-from asyncfl.algorithms.shuffle import minibatches, mix
 from asyncfl.sim.batched import BatchedExecutor, make_executor
-from asyncfl.sim.kernels import FuncKernel
 from asyncfl.sim.executor import SequentialExecutor, TrainJob
+from asyncfl.sim.kernels import FuncKernel
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_whole_run_same_accuracy_curve(small):
             assert type(sim.executor).__name__ == {"sequential": "SequentialExecutor", "batched": "BatchedExecutor"}[ex]
             snapshots = []
             evaluate = sim.executor.evaluate_many
-            sim.executor.evaluate_many = lambda ws, x, y: snapshots.extend(ws) or evaluate(ws, x, y)
+            sim.executor.evaluate_many = lambda ws, x, y, s=snapshots, e=evaluate: s.extend(ws) or e(ws, x, y)
             m = sim.run()
             curves.append((m, [(r["virtual_time"], r["version"], r["trips_completed"]) for r in m.rows],
                            np.array([r["test_accuracy"] for r in m.rows]), snapshots, sim))
@@ -167,7 +167,7 @@ def test_scaffold_run_same_models_and_control_variates(small):
         sim = build_simulation(cfg, cfg.run("scaffold"))
         snapshots = []
         evaluate = sim.executor.evaluate_many
-        sim.executor.evaluate_many = lambda ws, x, y: snapshots.extend(ws) or evaluate(ws, x, y)
+        sim.executor.evaluate_many = lambda ws, x, y, s=snapshots, e=evaluate: s.extend(ws) or e(ws, x, y)
         m = sim.run()
         sims.append((sim, m, [(r["virtual_time"], r["version"], r["trips_completed"]) for r in m.rows], snapshots))
     (s1, m1, k1, w1), (s2, m2, k2, w2) = sims

@@ -9,8 +9,8 @@ from asyncfl.algorithms.trainer import LocalTrainer
 from asyncfl.models import FlatModel
 from asyncfl.models.zoo import CharGRU
 from asyncfl.sim.batched import BatchedExecutor
-from asyncfl.sim.kernels import ModelGradsKernel, build_kernel
 from asyncfl.sim.executor import SequentialExecutor, TrainJob
+from asyncfl.sim.kernels import ModelGradsKernel, build_kernel
 
 
 def stacked(model: FlatModel, ws: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -11,11 +11,11 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from test_server_inputs import Harness, experiment
 
 from asyncfl.client.http import Backoff, GaveUp, ServerApi
 from asyncfl.client.runtime import ClientError, ClientRuntime, load_data
 from asyncfl.server.testing import ServerProcess, mint_tokens, spawn_client
-from test_server_inputs import Harness, experiment
 
 
 def test_backoff_is_exponential_with_full_jitter():

@@ -14,9 +14,10 @@ from asyncfl.compression import (
     TopK,
     decode,
     encode_upload,
+    frame,
     parse_codec,
+    topk,
 )
-from asyncfl.compression import frame, topk
 
 ALL_SPECS = [
     "none",
@@ -425,7 +426,7 @@ def test_chunk_larger_than_the_vector_costs_nothing_extra():
 def test_random_garbage_never_yields_a_wrong_tensor():
     g = torch.Generator().manual_seed(0)
     good = parse_codec("topk:0.3+int4:chunk=4").encode(vec(40), generator=0)
-    for trial in range(300):
+    for _ in range(300):
         p = bytearray(good)
         pos = torch.randint(0, len(p), (3,), generator=g)
         for i in pos.tolist():
@@ -461,7 +462,7 @@ def test_error_feedback_delivers_the_sum_of_true_updates():
     n, rounds = 200, 400
     true_sum = torch.zeros(n, dtype=torch.float64)
     sent_sum = torch.zeros(n, dtype=torch.float64)
-    for r in range(rounds):
+    for _ in range(rounds):
         u = torch.randn(n, generator=g) + 0.5
         _, dec = ef.encode("dev", u)
         true_sum += u.double()

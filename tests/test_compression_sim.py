@@ -11,7 +11,6 @@ from asyncfl.cli import main
 from asyncfl.compression import Codec, ErrorFeedback, parse_codec
 from asyncfl.experiment import build_simulation
 
-
 UP_BW = 200.0  # bytes/s: a dense update (9.6 KB) takes 48 s, an int4 one 6 s
 
 

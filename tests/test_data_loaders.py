@@ -19,7 +19,6 @@ from asyncfl.data import cifar, idx, imbalance, leaf, shakespeare
 from asyncfl.data.federated import FederatedDataset
 from asyncfl.data.synthetic import SyntheticFederated
 
-
 # ---------------------------------------------------------------------------------------------- IDX
 
 def idx_bytes(arr: np.ndarray, code: int = 0x08) -> bytes:
@@ -28,7 +27,10 @@ def idx_bytes(arr: np.ndarray, code: int = 0x08) -> bytes:
     return head + arr.astype(dt).tobytes()
 
 
-def write_fmnist(d, n_train=6, n_test=4, gz=True, rng=np.random.default_rng(0)):
+_RNG = np.random.default_rng(0)  # one stream shared by the writers' calls
+
+
+def write_fmnist(d, n_train=6, n_test=4, gz=True, rng=_RNG):
     d.mkdir(parents=True, exist_ok=True)
     arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
               "train-labels-idx1-ubyte": rng.integers(0, 10, n_train),
@@ -208,7 +210,7 @@ def test_leaf_errors(tmp_path):
 
 # ------------------------------------------------------------------------------------------- CIFAR
 
-def write_cifar(d, n=3, rng=np.random.default_rng(0)):
+def write_cifar(d, n=3, rng=_RNG):
     d.mkdir(parents=True, exist_ok=True)
     out = {}
     for name in (*cifar.TRAIN_BATCHES, cifar.TEST_BATCH):

@@ -3,14 +3,14 @@ data generated per device, token inputs, and the batched executor on each."""
 
 import numpy as np
 import torch
+from test_data_loaders import femnist_user, write_leaf
 
 from asyncfl.algorithms.trainer import LocalTrainer
-from asyncfl.data.synthetic import SyntheticFederated
 from asyncfl.build import build_data, build_flat_model
+from asyncfl.data.synthetic import SyntheticFederated
 from asyncfl.experiment import run_one
 from asyncfl.sim.batched import BatchedExecutor
 from asyncfl.sim.executor import SequentialExecutor, TrainJob
-from test_data_loaders import femnist_user, write_leaf
 
 
 def same_updates(trainer, data, clients, steps=3):

@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from asyncfl import config
+from asyncfl import config, study
 from asyncfl.config import ConfigError, Dist, StudyConfig, StudyRatio
 from asyncfl.data.synthetic import SyntheticFederated
-from asyncfl.sim.population import sample
-from asyncfl import study
 from asyncfl.report.ratios import ratios, spread
+from asyncfl.sim.population import sample
 
 
 # ------------------------------------------------------------------------------------ Pareto

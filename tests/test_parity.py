@@ -12,8 +12,6 @@ upload must count, and every model version the server makes must equal the simul
 
 from __future__ import annotations
 
-
-import pytest
 import torch
 
 from asyncfl import wire

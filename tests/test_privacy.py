@@ -264,7 +264,10 @@ def test_adaptive_clipping_estimate_is_clamped_to_a_fraction(norms, noise_seed, 
     """An estimate outside [0, 1] moves C as the nearest possible fraction would."""
     ac = AdaptiveClipping(1.0, target_quantile=0.5, learning_rate=0.2, expected_count=4,
                           count_noise_std=0.0 if noise_seed is None else 100.0)
-    gen = lambda: None if noise_seed is None else torch.Generator().manual_seed(noise_seed)
+
+    def gen():
+        return None if noise_seed is None else torch.Generator().manual_seed(noise_seed)
+
     assert ac.noisy_fraction(norms, gen()) == fraction
     assert ac.update(norms, gen()) == pytest.approx(math.exp(-0.2 * (fraction - 0.5)), rel=1e-12)
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from asyncfl import config, privacy
-from asyncfl.algorithms.types import ClientUpdate, ServerState, Verdict
 from asyncfl.algorithms.private import PrivateAggregator
 from asyncfl.algorithms.server_opt import SGD
+from asyncfl.algorithms.types import ClientUpdate, ServerState, Verdict
 from asyncfl.cli import main
 from asyncfl.experiment import build_simulation, run_experiment
 

@@ -48,7 +48,7 @@ def test_seeds_above_the_signed_64_bit_range_survive_a_restart(tmp_path):
         Coordinator.persist(co.snapshot(), db)
     again = Coordinator(policy=co.policy, aggregation=co.aggregation, lease_timeout=60.0, seed=7)
     again.restore(store)
-    assert sorted(l.seed for l in again.leases.values()) == sorted(seeds)
+    assert sorted(lease.seed for lease in again.leases.values()) == sorted(seeds)
     store.close()
 
 

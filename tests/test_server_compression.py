@@ -10,17 +10,16 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from asyncfl import config
-from asyncfl.algorithms.types import ClientUpdate, ServerState
-from asyncfl.compression import ErrorFeedback, decode, parse_codec
-from asyncfl.build import build_aggregator
-from asyncfl.privacy import epsilon
-from asyncfl import wire
-from asyncfl.server.service import FLServer
-from asyncfl.server.settings import ServerConfig
 from test_client_runtime import in_process_client
 from test_server_inputs import Harness, assert_rejected, unchanged
+
+from asyncfl import config, wire
+from asyncfl.algorithms.types import ClientUpdate, ServerState
+from asyncfl.build import build_aggregator
+from asyncfl.compression import ErrorFeedback, decode, parse_codec
+from asyncfl.privacy import epsilon
+from asyncfl.server.service import FLServer
+from asyncfl.server.settings import ServerConfig
 
 
 def experiment_with(algorithm: dict, scheduler: dict, trainer: dict | None = None, **run) -> config.ExperimentConfig:

@@ -9,9 +9,9 @@ import json
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_server_inputs import Harness
 
 from asyncfl import wire
-from test_server_inputs import Harness
 
 EXAMPLES = 1100
 json_values = st.recursive(

@@ -13,8 +13,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from asyncfl import config
-from asyncfl import wire
+from asyncfl import config, wire
 from asyncfl.server.app import create_app, read_limited
 from asyncfl.server.auth import new_token
 from asyncfl.server.errors import ApiError
@@ -259,7 +258,7 @@ def test_body_above_limit_is_413_before_it_is_read(h):
 
 def test_staleness_above_max_is_409_and_counted_discarded(h):
     late = h.checkin("a")  # base 0, max_staleness 1, K = 3
-    for step in range(2):
+    for _ in range(2):
         for c in "bcd":
             lease = h.checkin(c)
             r = h.upload(c, h.frame(lease))
@@ -336,7 +335,7 @@ def test_rate_limit_is_429_per_client(tmp_path):
 
 def test_concurrency_limit_answers_retry(h):
     leases = [h.checkin(c) for c in "abcd"]
-    assert all(l["action"] == "train" for l in leases)
+    assert all(lease["action"] == "train" for lease in leases)
     assert h.checkin("a")["lease_id"] == leases[0]["lease_id"]  # holding a lease: the same one back
     r = h.checkin("e")
     assert r["action"] == "retry" and r["retry_after"] > 0 and "concurrency limit" in r["reason"]
@@ -357,7 +356,7 @@ def test_checkin_body_must_be_json_object(h):
 def test_sync_round_over_selection_closes_at_cohort_and_cancels_the_rest(tmp_path):
     with Harness(tmp_path, {"name": "fedavg"}, {"mode": "sync", "concurrency": 2, "over_selection": 0.5}) as h:
         leases = [h.checkin(c) for c in "abc"]
-        assert [l["action"] for l in leases] == ["train"] * 3
+        assert [lease["action"] for lease in leases] == ["train"] * 3
         assert h.checkin("d")["action"] == "retry"
         assert h.upload("a", h.frame(leases[0])).json()["verdict"] == "buffered"
         r = h.upload("b", h.frame(leases[1]))

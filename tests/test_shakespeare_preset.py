@@ -7,8 +7,8 @@ import json
 import torch
 
 from asyncfl import config
-from asyncfl.cli import main
 from asyncfl.build import build_data
+from asyncfl.cli import main
 
 PRESET = "shakespeare"
 

@@ -7,7 +7,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 from rich.console import Console
 
 from asyncfl import config

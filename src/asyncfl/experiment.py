@@ -11,19 +11,31 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from asyncfl.build import (build_aggregator, build_client_rule, build_codecs, build_data,  # noqa: F401
-                           build_flat_model, build_policy, build_private_aggregator, build_server_opt,
-                           build_staleness, build_trainer, client_options, num_users, split_client_tests)
 from asyncfl.algorithms.defs.registry import definition
+from asyncfl.build import (  # noqa: F401
+    build_aggregator,
+    build_client_rule,
+    build_codecs,
+    build_data,
+    build_flat_model,
+    build_policy,
+    build_private_aggregator,
+    build_server_opt,
+    build_staleness,
+    build_trainer,
+    client_options,
+    num_users,
+    split_client_tests,
+)
 from asyncfl.config import ExperimentConfig, RunSpec
 from asyncfl.data.federated import FederatedDataset
 from asyncfl.data.imbalance import plot_client_sizes
 from asyncfl.report.clients import client_accuracies, spread
-from asyncfl.sim.metrics import Metrics
 from asyncfl.report.plots import write_plots
 from asyncfl.report.table import summary_table
 from asyncfl.sim import threads as thread_choice
 from asyncfl.sim.batched import make_executor
+from asyncfl.sim.metrics import Metrics
 from asyncfl.sim.simulator import RunParts, Simulation
 
 # the most clients a thread-count probe trains in its pass: enough for large matmuls to show

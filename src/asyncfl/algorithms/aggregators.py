@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -17,7 +17,6 @@ from asyncfl.algorithms.server_opt import ServerOptimizer
 from asyncfl.algorithms.staleness import StalenessFn
 from asyncfl.algorithms.types import ClientUpdate, ServerState, Verdict
 from asyncfl.privacy.dp import clip
-
 
 EXAMPLE_WEIGHTS: dict[str, Callable[[int], float]] = {
     "uniform": lambda n: 1.0,
@@ -65,7 +64,7 @@ class Aggregator(ABC):
         """Everything a restarted server needs to continue exactly (tensors allowed)."""
         return {}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> None:  # noqa: B027 (stateless aggregators restore nothing)
         pass
 
 

@@ -10,7 +10,7 @@ place, so a gradient function may write into reused buffers.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

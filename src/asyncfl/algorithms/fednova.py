@@ -12,7 +12,7 @@ with e(n) = n.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -28,13 +28,13 @@ Pure tensor math, no clock: the simulator and the network server can both drive 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from asyncfl.algorithms.aggregators import BufferingAggregator
-from asyncfl.algorithms.types import ClientUpdate, ServerState, Verdict
 from asyncfl.algorithms.server_opt import ServerOptimizer
+from asyncfl.algorithms.types import ClientUpdate, ServerState, Verdict
 from asyncfl.privacy import Accountant, AdaptiveClipping, add_gaussian_noise, clip, update_noise_multiplier
 
 

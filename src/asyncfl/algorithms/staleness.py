@@ -7,7 +7,7 @@ FedBuff multiplies each buffered delta by s(d).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 StalenessFn = Callable[[int], float]
 

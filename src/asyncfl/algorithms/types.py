@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 import torch
 
@@ -16,7 +16,7 @@ class ServerState:
     version: int = 0
 
 
-class Verdict(str, Enum):
+class Verdict(StrEnum):
     BUFFERED = "buffered"
     STEPPED = "stepped"
     DISCARDED = "discarded"

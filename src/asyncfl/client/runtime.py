@@ -27,20 +27,20 @@ import json
 import math
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
 
 import numpy as np
 import torch
 
+from asyncfl import wire
+from asyncfl.algorithms.defs.registry import definition
 from asyncfl.algorithms.seeds import upload_rounding_generator
+from asyncfl.build import build_client_rule, build_data, build_flat_model, build_trainer
 from asyncfl.client.http import GaveUp, ServerApi
 from asyncfl.compression import ErrorFeedback, Raw, encode_upload, parse_codec
 from asyncfl.config import validate
-from asyncfl import wire
-from asyncfl.algorithms.defs.registry import definition
-from asyncfl.build import build_client_rule, build_data, build_flat_model, build_trainer
 
 
 class ClientError(RuntimeError):

@@ -31,7 +31,8 @@ leaves the residual as it was before that trip.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Hashable, NamedTuple
+from collections.abc import Hashable
+from typing import NamedTuple
 
 import torch
 

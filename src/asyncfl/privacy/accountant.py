@@ -118,7 +118,7 @@ class Accountant:
         self.sample_rate = _check_rate(sample_rate)
         self._segments: list[list[Any]] = []
 
-    def step(self, n: int = 1, *, noise_multiplier: float | None = None, sample_rate: float | None = None) -> "Accountant":
+    def step(self, n: int = 1, *, noise_multiplier: float | None = None, sample_rate: float | None = None) -> Accountant:
         """Compose n more aggregates (optionally switching sigma / q from now on). Returns self."""
         n = _check_steps(n, "n")
         if noise_multiplier is not None:

@@ -20,7 +20,7 @@ The noisy average then carries noise std sigma * C * w_max / K per coordinate.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -15,8 +15,9 @@ import itertools
 import secrets
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from asyncfl.algorithms.seeds import trip_seed
 from asyncfl.algorithms.types import ClientUpdate, Verdict
@@ -165,7 +166,7 @@ class Coordinator:
     def tick(self) -> bool:
         """Expire vanished clients' leases and fire due timers; True if anything changed."""
         now, changed = self.clock(), False
-        for lease in [l for l in self.leases.values() if l.expires_at <= now]:
+        for lease in [lease for lease in self.leases.values() if lease.expires_at <= now]:
             if lease.state == ACTIVE and lease.lease_id in self.leases:
                 self._end(lease, EXPIRED)
                 self.policy.on_lost(self, lease)
@@ -177,13 +178,13 @@ class Coordinator:
         return changed
 
     def needed_versions(self) -> set[int]:
-        return {l.base_version for l in self.leases.values()} | {self.aggregation.state.version}
+        return {lease.base_version for lease in self.leases.values()} | {self.aggregation.state.version}
 
     # ---- durability -------------------------------------------------------------------
     def snapshot(self) -> dict:
         """Under the state lock: changed leases and the policy's state, as plain data."""
-        leases = [(l.lease_id, l.client, l.base_version, _sql_seed(l.seed), l.issued_at, l.expires_at, l.state)
-                  for l in self._dirty.values()]
+        leases = [(lease.lease_id, lease.client, lease.base_version, _sql_seed(lease.seed), lease.issued_at,
+                   lease.expires_at, lease.state) for lease in self._dirty.values()]
         self._dirty = {}
         return {"leases": leases, "meta": {
             "open_slots": self.open_slots, "issued": self.issued, "ended": dict(self.ended),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from asyncfl.server.aggregation import AggregationRole
 from asyncfl.server.coordinator import Coordinator

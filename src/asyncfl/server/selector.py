@@ -5,7 +5,7 @@ for a free slot, which exists only when the scheduling policy opened one."""
 from __future__ import annotations
 
 import random
-from typing import Callable
+from collections.abc import Callable
 
 from asyncfl.server.coordinator import Coordinator, Lease
 

@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 from asyncfl import wire
+from asyncfl.algorithms.defs.registry import definition
 from asyncfl.algorithms.seeds import download_rounding_generator
+from asyncfl.build import build_aggregator, build_data, build_flat_model, client_options, num_users
 from asyncfl.compression import parse_codec
 from asyncfl.config import ConfigError, ExperimentConfig
-from asyncfl.algorithms.defs.registry import definition
-from asyncfl.build import build_aggregator, build_data, build_flat_model, client_options, num_users
 from asyncfl.scheduling import build_policy
 from asyncfl.server.aggregation import AggregationRole, AggregationSettings
 from asyncfl.server.auth import Authenticator, RateLimiter

@@ -19,9 +19,10 @@ import sqlite3
 import threading
 import time
 import zlib
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,7 +79,7 @@ def tensor_bytes(obj: Any) -> bytes:
 
 def tensor_load(data: bytes) -> Any:
     if data[:4] != _PACK_MAGIC:
-        raise IOError("not a packed state file")
+        raise OSError("not a packed state file")
     view = memoryview(data)
     n = int.from_bytes(view[4:8], "little")
     head = json.loads(bytes(view[8 : 8 + n]))
@@ -204,7 +205,7 @@ class Store:
     def read_file(self, name: str, crc: int) -> bytes:
         data = (self.files / name).read_bytes()
         if zlib.crc32(data) != crc:
-            raise IOError(f"{self.files / name}: checksum mismatch (corrupt state file)")
+            raise OSError(f"{self.files / name}: checksum mismatch (corrupt state file)")
         return data
 
     def remove_files(self, names) -> None:

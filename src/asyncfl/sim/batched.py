@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from asyncfl.algorithms.trainer import LocalTrainer
 from asyncfl.algorithms.types import ClientUpdate
 from asyncfl.data.federated import FederatedDataset
 from asyncfl.sim.executor import Executor, SequentialExecutor, TrainJob
-from asyncfl.sim.kernels import NotVectorisable, Kernel, activation_floats, build_kernel
+from asyncfl.sim.kernels import Kernel, NotVectorisable, activation_floats, build_kernel
 
 
 def _storage_users(t: torch.Tensor) -> int:

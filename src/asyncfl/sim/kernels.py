@@ -15,6 +15,7 @@ from asyncfl.algorithms.trainer import LocalTrainer
 from asyncfl.models.flat import FlatModel
 from asyncfl.models.zoo import MLP, LogisticRegression
 
+
 class NotVectorisable(Exception):
     """The model cannot be trained per client under vmap with a result we can trust."""
 

@@ -11,24 +11,25 @@ import gc
 import itertools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from asyncfl.algorithms.aggregators import Aggregator
-from asyncfl.algorithms.types import ClientUpdate, ServerState, Verdict
-from asyncfl.compression import ErrorFeedback, RunCodecs, encode_upload
 from asyncfl.algorithms.seeds import download_rounding_generator, trip_seed, upload_rounding_generator
 from asyncfl.algorithms.trainer import LocalTrainer
+from asyncfl.algorithms.types import ClientUpdate, ServerState, Verdict
+from asyncfl.compression import ErrorFeedback, RunCodecs, encode_upload
 from asyncfl.config import ExperimentConfig
 from asyncfl.data.federated import FederatedDataset
 from asyncfl.models.flat import FlatModel
-from asyncfl.sim.metrics import Metrics
 from asyncfl.scheduling import WAKE, AsyncPolicy, SyncPolicy
 from asyncfl.sim.events import EventQueue
 from asyncfl.sim.executor import Executor, TrainJob
+from asyncfl.sim.metrics import Metrics
 from asyncfl.sim.population import Population, trip_timing
 
 FINISH, DROP, TIMER, EVAL, END = range(5)
@@ -67,8 +68,11 @@ class RunParts:
     upload_fields: tuple[str, ...] = ()  # tensors a client uploads besides its delta
 
 
+DENSE = RunCodecs()  # no compression: dense float32 both ways
+
+
 class Simulation:
-    def __init__(self, parts: RunParts, cfg: ExperimentConfig, w0: torch.Tensor, codecs: RunCodecs = RunCodecs(),
+    def __init__(self, parts: RunParts, cfg: ExperimentConfig, w0: torch.Tensor, codecs: RunCodecs = DENSE,
                  progress: Callable[[float], None] | None = None):
         """`cfg` gives the population, evaluation, stop rule, target and seed; `codecs` the
         transfer encodings; `progress(t)` is called at every evaluation tick."""

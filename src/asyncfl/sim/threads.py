@@ -15,8 +15,8 @@ be at least MIN_SPEEDUP times faster, which a loaded machine never shows.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch

@@ -3,7 +3,7 @@ FedAvg family's round aggregator and the differentially private aggregator."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from asyncfl.algorithms import aggregators, server_opt, staleness
 from asyncfl.algorithms.defs.registry import privacy_denominator

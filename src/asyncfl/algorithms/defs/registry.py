@@ -8,8 +8,9 @@ this package (plus its entry in `MODULES`) and its tests.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Callable, Union
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import Field
 
@@ -137,4 +138,4 @@ def privacy_denominator(spec) -> int:
 
 def config_union() -> Any:
     """The `algorithm:` section's type: the algorithms' config classes, told apart by `name`."""
-    return Annotated[Union[tuple(d.config for d in definitions().values())], Field(discriminator="name")]
+    return Annotated[tuple(d.config for d in definitions().values()), Field(discriminator="name")]
