@@ -51,33 +51,47 @@ def main() -> None:
 
     data = load_shakespeare()
     torch.manual_seed(0)
-    model = FlatModel(build_model("char_gru", data.num_features, data.num_classes, vocab=NUM_CHARS,
-                                  embed=args.embed, hidden=args.hidden))
+    model = FlatModel(
+        build_model(
+            "char_gru", data.num_features, data.num_classes, vocab=NUM_CHARS, embed=args.embed, hidden=args.hidden
+        )
+    )
     trainer = LocalTrainer(model, args.lr, args.batch, local_steps=args.steps)
     w0 = model.initial_weights()
 
     def jobs(n: int, offset: int) -> list[TrainJob]:
-        return [TrainJob(offset + k, (offset + 7 * k) % data.num_clients, 0, w0, 1000 + offset + k, args.steps)
-                for k in range(n)]
+        return [
+            TrainJob(offset + k, (offset + 7 * k) % data.num_clients, 0, w0, 1000 + offset + k, args.steps)
+            for k in range(n)
+        ]
 
     seq = rate(SequentialExecutor(trainer, data), jobs(args.sequential, 0))
     bex = BatchedExecutor(trainer, data, memory_mb=4096)  # one pass for the whole pool
     rate(bex, jobs(args.pool, 10_000))  # warm-up: allocates the kernel's workspace
     runs = [rate(bex, jobs(args.pool, 20_000 + r * args.pool)) for r in range(args.repeats)]
     bat = max(runs, key=lambda r: r[1])
-    out = {"model": f"char_gru embed {args.embed} hidden {args.hidden}", "params": model.numel,
-           "batch": args.batch, "steps": args.steps, "pool": args.pool, "threads": args.threads,
-           "kernel": type(bex.kernel).__name__,
-           "sequential_updates_per_s": {"wall": round(seq[0], 2), "cpu": round(seq[1], 2)},
-           "batched_updates_per_s": {"wall": round(bat[0], 2), "cpu": round(bat[1], 2)}}
+    out = {
+        "model": f"char_gru embed {args.embed} hidden {args.hidden}",
+        "params": model.numel,
+        "batch": args.batch,
+        "steps": args.steps,
+        "pool": args.pool,
+        "threads": args.threads,
+        "kernel": type(bex.kernel).__name__,
+        "sequential_updates_per_s": {"wall": round(seq[0], 2), "cpu": round(seq[1], 2)},
+        "batched_updates_per_s": {"wall": round(bat[0], 2), "cpu": round(bat[1], 2)},
+    }
     if args.json:
         print(json.dumps(out))
         return
-    print(f"{out['model']} ({model.numel:,} parameters), {args.steps} local steps of batch {args.batch}, "
-          f"{args.threads} thread(s)")
+    print(
+        f"{out['model']} ({model.numel:,} parameters), {args.steps} local steps of batch {args.batch}, "
+        f"{args.threads} thread(s)"
+    )
     print(f"  sequential:           {seq[0]:7.2f} updates/s wall, {seq[1]:7.2f} per CPU second")
-    print(f"  batched (pool {args.pool:4d}): {bat[0]:7.2f} updates/s wall, {bat[1]:7.2f} per CPU second "
-          f"[{out['kernel']}]")
+    print(
+        f"  batched (pool {args.pool:4d}): {bat[0]:7.2f} updates/s wall, {bat[1]:7.2f} per CPU second [{out['kernel']}]"
+    )
 
 
 if __name__ == "__main__":

@@ -37,8 +37,13 @@ def build(devices: int, concurrency: int, trips: int, memory_mb: float):
         "trainer": {"lr": 0.1, "batch_size": 16, "local_steps": 10},
         "eval": {"every_seconds": 2.0},
         "stop": {"max_time": 1e9, "max_trips": trips},
-        "runs": [{"name": "fedbuff", "algorithm": {"name": "fedbuff", "buffer_size": 100},
-                  "scheduler": {"mode": "async", "concurrency": concurrency}}],
+        "runs": [
+            {
+                "name": "fedbuff",
+                "algorithm": {"name": "fedbuff", "buffer_size": 100},
+                "scheduler": {"mode": "async", "concurrency": concurrency},
+            }
+        ],
     }
     cfg = config.validate(tree)
     return build_simulation(cfg, cfg.runs[0])
@@ -84,7 +89,7 @@ def breakdown(devices: int, concurrency: int, trips: int, memory_mb: float) -> t
     parts = {
         "training (vectorised passes)": ex.train_seconds,
         "data gathering (minibatch indices, start models, results)": ex.gather_seconds,
-        "evaluation (batched)": sim.eval_seconds,
+        "evaluation (batched)": sim.evaluations.seconds,
         **timers.seconds,
     }
     parts["event loop (heap, dispatch, policy)"] = max(0.0, m.wall_seconds - sum(parts.values()))
@@ -142,8 +147,12 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=10_000)
     ap.add_argument("--trips", type=int, default=60_000, help="stop after this many trips started")
     ap.add_argument("--memory-mb", type=float, default=512.0, help="batched executor budget per pass")
-    ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice); 1 is "
-                    "steadier on a shared machine, where waiting OpenMP threads slow small ops down")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        help="torch intra-op threads (default: torch's choice); 1 is "
+        "steadier on a shared machine, where waiting OpenMP threads slow small ops down",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -155,14 +164,26 @@ def main() -> None:
     from rich.table import Table
 
     con = Console(width=max(Console().width, 100))
-    t = Table(title=f"{r['devices']:,} devices, concurrency {r['concurrency']:,}, {r['executor']}, "
-                    f"{r['torch_threads']} torch threads")
+    t = Table(
+        title=f"{r['devices']:,} devices, concurrency {r['concurrency']:,}, {r['executor']}, "
+        f"{r['torch_threads']} torch threads"
+    )
     t.add_column("figure")
     t.add_column("value", justify="right")
-    for k, fmt in [("trips_started", ",d"), ("client_updates", ",d"), ("client_updates_trained", ",d"),
-                   ("server_steps", ",d"), ("virtual_time", ",.0f"), ("wall_seconds", ".1f"),
-                   ("events_per_s", ",.0f"), ("updates_per_s", ",.0f"), ("trained_per_s", ",.0f"),
-                   ("final_accuracy", ".3f"), ("peak_rss_mb", ",.0f"), ("overhead_fraction", ".1%")]:
+    for k, fmt in [
+        ("trips_started", ",d"),
+        ("client_updates", ",d"),
+        ("client_updates_trained", ",d"),
+        ("server_steps", ",d"),
+        ("virtual_time", ",.0f"),
+        ("wall_seconds", ".1f"),
+        ("events_per_s", ",.0f"),
+        ("updates_per_s", ",.0f"),
+        ("trained_per_s", ",.0f"),
+        ("final_accuracy", ".3f"),
+        ("peak_rss_mb", ",.0f"),
+        ("overhead_fraction", ".1%"),
+    ]:
         t.add_row(k, format(r[k], fmt))
     con.print(t)
     b = Table(title=f"where the wall time goes (a run with per-call timers: {r['breakdown_wall_seconds']:.1f} s)")

@@ -32,13 +32,26 @@ from asyncfl.server.testing import ServerProcess, mint_tokens  # noqa: E402
 
 def experiment(hidden: list[int], clients: int, buffer_size: int) -> dict:
     return {
-        "name": "bench", "seed": 0,
+        "name": "bench",
+        "seed": 0,
         "data": {"partition": {"kind": "iid"}, "num_clients": clients},
         "model": {"name": "mlp", "hidden": hidden},
-        "server": {"lease_timeout": 120, "retry_after": 0.01, "eval_every_s": 5, "max_body_bytes": 64 * 2**20,
-                   "rate_per_s": 1e6, "rate_burst": 1e6, "max_update_norm": 1e6},
-        "runs": [{"name": "bench", "algorithm": {"name": "fedbuff", "buffer_size": buffer_size},
-                  "scheduler": {"mode": "async", "concurrency": clients}}],
+        "server": {
+            "lease_timeout": 120,
+            "retry_after": 0.01,
+            "eval_every_s": 5,
+            "max_body_bytes": 64 * 2**20,
+            "rate_per_s": 1e6,
+            "rate_burst": 1e6,
+            "max_update_norm": 1e6,
+        },
+        "runs": [
+            {
+                "name": "bench",
+                "algorithm": {"name": "fedbuff", "buffer_size": buffer_size},
+                "scheduler": {"mode": "async", "concurrency": clients},
+            }
+        ],
     }
 
 
@@ -52,9 +65,17 @@ def worker(url: str, token: str, names, shapes, seconds: float, warmup: float, o
         if lease["action"] != "train":
             time.sleep(lease.get("retry_after", 0.01))
             continue
-        body = wire.encode_update(lease_id=lease["lease_id"], base_version=lease["base_version"],
-                                  idempotency_key=uuid.uuid4().hex, n_examples=100, steps=10, loss=1.0,
-                                  delta=delta, names=names, shapes=shapes)
+        body = wire.encode_update(
+            lease_id=lease["lease_id"],
+            base_version=lease["base_version"],
+            idempotency_key=uuid.uuid4().hex,
+            n_examples=100,
+            steps=10,
+            loss=1.0,
+            delta=delta,
+            names=names,
+            shapes=shapes,
+        )
         t0 = time.perf_counter()
         r = http.post("/v1/update", content=body)
         t1 = time.perf_counter()
@@ -84,8 +105,12 @@ def main() -> int:
         params = sum(math.prod(s) for s in shapes)
         samples: list = []
         errors: list = []
-        threads = [threading.Thread(target=worker, args=(server.url, tok, names, shapes, args.seconds, args.warmup,
-                                                         samples, errors)) for tok in tokens]
+        threads = [
+            threading.Thread(
+                target=worker, args=(server.url, tok, names, shapes, args.seconds, args.warmup, samples, errors)
+            )
+            for tok in tokens
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -113,9 +138,11 @@ def main() -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{result['updates_per_s']} updates/s, upload p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms "
-              f"({args.clients} clients, {params:,} params, {result['payload_bytes'] / 2**20:.1f} MiB per update, "
-              f"{result['updates']} updates in {args.seconds:g} s, {len(errors)} errors)")
+        print(
+            f"{result['updates_per_s']} updates/s, upload p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms "
+            f"({args.clients} clients, {params:,} params, {result['payload_bytes'] / 2**20:.1f} MiB per update, "
+            f"{result['updates']} updates in {args.seconds:g} s, {len(errors)} errors)"
+        )
     return 0
 
 

@@ -27,9 +27,18 @@ CASES = {
     # small model, batched passes of ~20 clients
     "quickstart fedbuff, batched": ("quickstart", "fedbuff", ["stop.max_time=400"]),
     # wide passes (concurrency 1,000): large matmuls, where threads can pay off
-    "digits C=1000 fedbuff, batched": ("quickstart", "fedbuff", [
-        "population.devices=5000", "data.num_clients=100", "runs.fedbuff.scheduler.concurrency=1000",
-        "runs.fedbuff.algorithm.buffer_size=100", "stop.max_time=150", "model.hidden=[256]"]),
+    "digits C=1000 fedbuff, batched": (
+        "quickstart",
+        "fedbuff",
+        [
+            "population.devices=5000",
+            "data.num_clients=100",
+            "runs.fedbuff.scheduler.concurrency=1000",
+            "runs.fedbuff.algorithm.buffer_size=100",
+            "stop.max_time=150",
+            "model.hidden=[256]",
+        ],
+    ),
 }
 
 
@@ -63,8 +72,15 @@ def main() -> None:
                 if label == "auto":
                     chosen = used
         fixed = min(best["1"], best[str(default)])
-        rows.append({"case": case, "seconds": best, "auto_threads": chosen, "auto_vs_best": best["auto"] / fixed,
-                     "default_vs_best": best[str(default)] / fixed})
+        rows.append(
+            {
+                "case": case,
+                "seconds": best,
+                "auto_threads": chosen,
+                "auto_vs_best": best["auto"] / fixed,
+                "default_vs_best": best[str(default)] / fixed,
+            }
+        )
     if args.json:
         print(json.dumps({"default_threads": default, "cases": rows}, indent=2))
         return
@@ -73,8 +89,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for r in rows:
         s = r["seconds"]
-        print(f"| {r['case']} | {s['1']:.2f} | {s[str(default)]:.2f} | {s['auto']:.2f} ({r['auto_threads']}) | "
-              f"{r['auto_vs_best']:.2f}x | {r['default_vs_best']:.2f}x |")
+        print(
+            f"| {r['case']} | {s['1']:.2f} | {s[str(default)]:.2f} | {s['auto']:.2f} ({r['auto_threads']}) | "
+            f"{r['auto_vs_best']:.2f}x | {r['default_vs_best']:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -55,9 +55,15 @@ def time_executor(ex, pool_jobs: list[TrainJob]) -> float:
 
 def time_centralized(module: torch.nn.Module, data: FederatedDataset, trainer: LocalTrainer, pool: int) -> float:
     opt = torch.optim.SGD(module.parameters(), lr=LR)
-    idx = np.stack([data.client_indices[k % data.num_clients][
-        trainer.batch_indices(len(data.client_indices[k % data.num_clients]), STEPS, 10_000 + k)]
-        for k in range(pool)], 1)  # [steps, pool, b]; built before the clock starts: a central
+    idx = np.stack(
+        [
+            data.client_indices[k % data.num_clients][
+                trainer.batch_indices(len(data.client_indices[k % data.num_clients]), STEPS, 10_000 + k)
+            ]
+            for k in range(pool)
+        ],
+        1,
+    )  # [steps, pool, b]; built before the clock starts: a central
     idx = torch.from_numpy(idx.reshape(STEPS, -1))  # trainer would shuffle its data in one call
     t = time.perf_counter()
     for h in range(STEPS):
@@ -86,10 +92,17 @@ def measure(name: str, pool: int, seq_pool: int, repeats: int) -> dict:
         t_cen.append(time_centralized(module, data, trainer, pool) / pool)
     s, b, c = (1 / float(np.median(t)) for t in (t_seq, t_bat, t_cen))
     return {
-        "model": name, "params": model.numel, "pool": pool, "local_steps": STEPS, "batch_size": BATCH,
+        "model": name,
+        "params": model.numel,
+        "pool": pool,
+        "local_steps": STEPS,
+        "batch_size": BATCH,
         "kernel": type(bat.kernel).__name__.strip("_"),
-        "sequential_updates_per_s": s, "batched_updates_per_s": b, "centralized_updates_per_s": c,
-        "batched_over_sequential": b / s, "batched_over_centralized": b / c,
+        "sequential_updates_per_s": s,
+        "batched_updates_per_s": b,
+        "centralized_updates_per_s": c,
+        "batched_over_sequential": b / s,
+        "batched_over_centralized": b / c,
     }
 
 
@@ -99,13 +112,19 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=256, help="clients trained per batched pass (>= 200)")
     ap.add_argument("--models", default="mlp,cnn")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice); 1 is "
-                    "steadier on a shared machine, where waiting OpenMP threads slow small ops down")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        help="torch intra-op threads (default: torch's choice); 1 is "
+        "steadier on a shared machine, where waiting OpenMP threads slow small ops down",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = [measure(m, args.pool, min(args.pool, 48), args.repeats if m == "mlp" else min(args.repeats, 3))
-            for m in args.models.split(",")]
+    rows = [
+        measure(m, args.pool, min(args.pool, 48), args.repeats if m == "mlp" else min(args.repeats, 3))
+        for m in args.models.split(",")
+    ]
     if args.json:
         out = dict(rows[0])  # the MLP task's figures at the top level
         out["tasks"] = rows
@@ -114,15 +133,31 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"client updates / s on digits ({STEPS} local steps, batch {BATCH}, "
-                        f"{torch.get_num_threads()} threads)")
-    for col in ("model", "params", "pool", "sequential", "batched", "centralized", "batched / seq",
-                "batched / central"):
+    table = Table(
+        title=f"client updates / s on digits ({STEPS} local steps, batch {BATCH}, {torch.get_num_threads()} threads)"
+    )
+    for col in (
+        "model",
+        "params",
+        "pool",
+        "sequential",
+        "batched",
+        "centralized",
+        "batched / seq",
+        "batched / central",
+    ):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(r["model"], str(r["params"]), str(r["pool"]), f"{r['sequential_updates_per_s']:,.0f}",
-                      f"{r['batched_updates_per_s']:,.0f}", f"{r['centralized_updates_per_s']:,.0f}",
-                      f"{r['batched_over_sequential']:.1f}x", f"{r['batched_over_centralized']:.2f}x")
+        table.add_row(
+            r["model"],
+            str(r["params"]),
+            str(r["pool"]),
+            f"{r['sequential_updates_per_s']:,.0f}",
+            f"{r['batched_updates_per_s']:,.0f}",
+            f"{r['centralized_updates_per_s']:,.0f}",
+            f"{r['batched_over_sequential']:.1f}x",
+            f"{r['batched_over_centralized']:.2f}x",
+        )
     Console(width=max(Console().width, 110)).print(table)
 
 

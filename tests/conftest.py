@@ -15,10 +15,12 @@ def small_config(**overrides) -> config.ExperimentConfig:
         "eval": {"every_seconds": 10},
         "stop": {"max_time": 200},
         "runs": [
-            {"name": "fedavg", "algorithm": {"name": "fedavg"},
-             "scheduler": {"concurrency": 8, "over_selection": 0.25}},
-            {"name": "fedbuff", "algorithm": {"name": "fedbuff", "buffer_size": 4},
-             "scheduler": {"concurrency": 8}},
+            {
+                "name": "fedavg",
+                "algorithm": {"name": "fedavg"},
+                "scheduler": {"concurrency": 8, "over_selection": 0.25},
+            },
+            {"name": "fedbuff", "algorithm": {"name": "fedbuff", "buffer_size": 4}, "scheduler": {"concurrency": 8}},
         ],
     }
     for assignment in overrides.pop("sets", []):

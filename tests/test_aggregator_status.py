@@ -24,8 +24,9 @@ def test_buffer_fill_and_size():
 
 
 def test_private_status_is_the_privacy_report_and_epsilon_follows_each_step():
-    agg = PrivateAggregator(SGD(1.0), lambda u, d: 1.0, clip_norm=1.0, noise_multiplier=1.1, denominator=2,
-                            sample_rate=0.1, buffer_size=2)
+    agg = PrivateAggregator(
+        SGD(1.0), lambda u, d: 1.0, clip_norm=1.0, noise_multiplier=1.1, denominator=2, sample_rate=0.1, buffer_size=2
+    )
     state = ServerState(torch.zeros(4))
     seen = []
     for i in range(6):

@@ -6,8 +6,14 @@ from asyncfl.algorithms.types import ClientUpdate, ServerState, Verdict
 
 
 def upd(delta, n=10, base=0, cid=0):
-    return ClientUpdate(client_id=cid, base_version=base, delta=torch.tensor(delta, dtype=torch.float64),
-                        n_examples=n, steps=1, loss=0.0)
+    return ClientUpdate(
+        client_id=cid,
+        base_version=base,
+        delta=torch.tensor(delta, dtype=torch.float64),
+        n_examples=n,
+        steps=1,
+        loss=0.0,
+    )
 
 
 def test_fedasync_mixing_matches_hand_computation():
@@ -48,8 +54,13 @@ def test_fedbuff_with_k_equal_cohort_is_fedavg(example_weight):
     sizes = [5, 17, 3, 40, 11] if example_weight == "n" else [8] * 5
     updates = [upd(torch.randn(50).tolist(), n=n, base=7, cid=i) for i, n in enumerate(sizes)]
     avg = aggregators.fedavg(server_opt.SGD(lr=1.0))
-    buf = aggregators.fedbuff(server_opt.SGD(lr=1.0), buffer_size=len(updates), staleness=staleness.inverse_sqrt(),
-                              example_weight=example_weight, normalize="weight" if example_weight == "n" else "count")
+    buf = aggregators.fedbuff(
+        server_opt.SGD(lr=1.0),
+        buffer_size=len(updates),
+        staleness=staleness.inverse_sqrt(),
+        example_weight=example_weight,
+        normalize="weight" if example_weight == "n" else "count",
+    )
     s_avg, s_buf = ServerState(w0.clone(), 7), ServerState(w0.clone(), 7)
     for u in updates:
         avg.submit(s_avg, u, w0)
@@ -63,8 +74,10 @@ def test_fedbuff_with_k_equal_cohort_is_fedavg(example_weight):
 
 
 def test_update_older_than_max_staleness_is_discarded_and_changes_nothing():
-    for agg in (aggregators.fedbuff(server_opt.SGD(), 1, staleness.constant(), max_staleness=2),
-                aggregators.FedAsync(0.5, staleness.constant(), max_staleness=2)):
+    for agg in (
+        aggregators.fedbuff(server_opt.SGD(), 1, staleness.constant(), max_staleness=2),
+        aggregators.FedAsync(0.5, staleness.constant(), max_staleness=2),
+    ):
         state = ServerState(w=torch.ones(3, dtype=torch.float64), version=10)
         assert agg.submit(state, upd([1.0, 1.0, 1.0], base=7), state.w) == Verdict.DISCARDED
         assert state.version == 10 and torch.equal(state.w, torch.ones(3, dtype=torch.float64))
@@ -93,7 +106,7 @@ def test_adaptive_server_optimizers_first_step(rule, v1):
     opt = server_opt.Adaptive(rule, lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
     w = opt.step(torch.zeros(1, dtype=torch.float64), torch.full((1,), 2.0, dtype=torch.float64))
     m1 = 0.1 * 2.0
-    assert w.item() == pytest.approx(-0.1 * m1 / (v1 ** 0.5 + 1e-3))
+    assert w.item() == pytest.approx(-0.1 * m1 / (v1**0.5 + 1e-3))
 
 
 def test_aggregator_state_round_trips():
@@ -133,7 +146,8 @@ def _round_with_a_half_done_update(agg) -> float:
 def test_fedavg_weighs_partial_work_at_full_n_by_default():
     """FedProx's reference aggregation: a partial solution counts with its n_k."""
     assert _round_with_a_half_done_update(aggregators.fedavg(server_opt.SGD(lr=1.0))) == pytest.approx(
-        -(10 * 1.0 + 10 * 4.0) / 20)
+        -(10 * 1.0 + 10 * 4.0) / 20
+    )
 
 
 def test_fedavg_weighs_partial_work_by_the_share_of_steps_done():
@@ -152,10 +166,13 @@ def test_round_aggregation_config_sets_the_partial_weight(algorithm, partial_wei
     assert _round_with_a_half_done_update(build_aggregator(spec, 0.1)) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("rule, expected", [
-    ("median", [1.5, -1.0]),  # even count: mean of the middle two of (-100, 1, 2, 3), (-2, -1, -1, 100)
-    ("trimmed_mean", [1.5, -1.0]),  # 4 updates, trim 0.25: one dropped from each end
-])
+@pytest.mark.parametrize(
+    "rule, expected",
+    [
+        ("median", [1.5, -1.0]),  # even count: mean of the middle two of (-100, 1, 2, 3), (-2, -1, -1, 100)
+        ("trimmed_mean", [1.5, -1.0]),  # 4 updates, trim 0.25: one dropped from each end
+    ],
+)
 def test_robust_rules_ignore_the_outlier(rule, expected):
     agg = aggregators.RobustAggregator(server_opt.SGD(lr=1.0), rule, trim_fraction=0.25)
     state = ServerState(w=torch.zeros(2, dtype=torch.float64), version=0)

@@ -57,8 +57,14 @@ def test_the_first_mode_is_the_default_and_others_are_refused(name):
 def test_declared_capabilities():
     private = {n for n in NAMES if definition(n).private}
     assert private == {"fedavg", "fedprox", "perfedavg", "fedbuff"}
-    assert {n for n in NAMES if definition(n).secure_aggregation} == {"fedavg", "fedprox", "perfedavg", "fedbuff",
-                                                                       "fednova", "scaffold"}
+    assert {n for n in NAMES if definition(n).secure_aggregation} == {
+        "fedavg",
+        "fedprox",
+        "perfedavg",
+        "fedbuff",
+        "fednova",
+        "scaffold",
+    }
     for n in NAMES:
         d = definition(n)
         if n == "scaffold":  # per-client control variates, uploaded changes of them, no lossy codecs
@@ -68,36 +74,49 @@ def test_declared_capabilities():
             assert d.compression and d.client_state is None and d.upload_fields == () and d.client_rule is None
 
 
-@pytest.mark.parametrize("algorithm, options", [
-    ({"name": "fedavg"}, ClientOptions()),
-    ({"name": "fedprox", "mu": 0.3}, ClientOptions(prox_mu=0.3)),
-    ({"name": "fedasync", "rho": 0.2}, ClientOptions(prox_mu=0.2)),
-    ({"name": "perfedavg", "variant": "hf", "meta_lr": 0.05, "meta_delta": 0.002},
-     ClientOptions(meta="hf", meta_lr=0.05, meta_delta=0.002)),
-    ({"name": "qfedavg"}, ClientOptions(start_loss="full")),
-    ({"name": "qfedavg", "loss_estimate": "first_batch"}, ClientOptions()),
-    ({"name": "fedbuff"}, ClientOptions()),
-    ({"name": "fednova", "mu": 0.4}, ClientOptions(prox_mu=0.4)),
-    ({"name": "scaffold"}, ClientOptions()),
-])
+@pytest.mark.parametrize(
+    "algorithm, options",
+    [
+        ({"name": "fedavg"}, ClientOptions()),
+        ({"name": "fedprox", "mu": 0.3}, ClientOptions(prox_mu=0.3)),
+        ({"name": "fedasync", "rho": 0.2}, ClientOptions(prox_mu=0.2)),
+        (
+            {"name": "perfedavg", "variant": "hf", "meta_lr": 0.05, "meta_delta": 0.002},
+            ClientOptions(meta="hf", meta_lr=0.05, meta_delta=0.002),
+        ),
+        ({"name": "qfedavg"}, ClientOptions(start_loss="full")),
+        ({"name": "qfedavg", "loss_estimate": "first_batch"}, ClientOptions()),
+        ({"name": "fedbuff"}, ClientOptions()),
+        ({"name": "fednova", "mu": 0.4}, ClientOptions(prox_mu=0.4)),
+        ({"name": "scaffold"}, ClientOptions()),
+    ],
+)
 def test_client_options_reach_the_local_trainer(algorithm, options):
     spec = run(algorithm)
     assert client_options(spec) == options
     cfg = config.validate({"runs": [spec.model_dump(mode="json")]})
     t = build_trainer(cfg, cfg.runs[0], FlatModel(build_model("logreg", 4, 3)))
     assert (t.step.prox_mu, t.step.meta, t.step.meta_lr, t.step.meta_delta, t.start_loss) == (
-        options.prox_mu, options.meta, options.meta_lr, options.meta_delta, options.start_loss)
+        options.prox_mu,
+        options.meta,
+        options.meta_lr,
+        options.meta_delta,
+        options.start_loss,
+    )
 
 
-@pytest.mark.parametrize("algorithm, kind", [
-    ({"name": "fedavg"}, aggregators.BufferedAggregator),
-    ({"name": "fedprox", "aggregation": "median"}, aggregators.RobustAggregator),
-    ({"name": "qfedavg"}, aggregators.QFedAvg),
-    ({"name": "fedasync"}, aggregators.FedAsync),
-    ({"name": "fedbuff", "buffer_size": 4}, aggregators.BufferedAggregator),
-    ({"name": "fednova", "buffer_size": 4}, FedNova),
-    ({"name": "scaffold", "num_clients": 5}, ScaffoldAggregator),
-])
+@pytest.mark.parametrize(
+    "algorithm, kind",
+    [
+        ({"name": "fedavg"}, aggregators.BufferedAggregator),
+        ({"name": "fedprox", "aggregation": "median"}, aggregators.RobustAggregator),
+        ({"name": "qfedavg"}, aggregators.QFedAvg),
+        ({"name": "fedasync"}, aggregators.FedAsync),
+        ({"name": "fedbuff", "buffer_size": 4}, aggregators.BufferedAggregator),
+        ({"name": "fednova", "buffer_size": 4}, FedNova),
+        ({"name": "scaffold", "num_clients": 5}, ScaffoldAggregator),
+    ],
+)
 def test_each_definition_builds_its_aggregator(algorithm, kind):
     agg = build_aggregator(run(algorithm), trainer_lr=0.1)
     assert type(agg) is kind
@@ -109,13 +128,15 @@ def test_each_definition_builds_its_aggregator(algorithm, kind):
         assert agg.buffer_size == 4 and agg.lr == 0.1
 
 
-@pytest.mark.parametrize("algorithm, scheduler, denominator, buffer_size", [
-    ({"name": "fedavg"}, {"concurrency": 7}, 7, None),
-    ({"name": "fedprox"}, {"concurrency": 5}, 5, None),
-    ({"name": "fedbuff", "buffer_size": 3}, {"concurrency": 9}, 3, 3),
-])
-def test_private_aggregators_divide_by_the_expected_updates_per_step(algorithm, scheduler, denominator,
-                                                                     buffer_size):
+@pytest.mark.parametrize(
+    "algorithm, scheduler, denominator, buffer_size",
+    [
+        ({"name": "fedavg"}, {"concurrency": 7}, 7, None),
+        ({"name": "fedprox"}, {"concurrency": 5}, 5, None),
+        ({"name": "fedbuff", "buffer_size": 3}, {"concurrency": 9}, 3, 3),
+    ],
+)
+def test_private_aggregators_divide_by_the_expected_updates_per_step(algorithm, scheduler, denominator, buffer_size):
     spec = run(algorithm, scheduler, privacy={"clip_norm": 1.0, "noise_multiplier": 1.0})
     assert config.privacy_denominator(spec) == denominator
     agg = build_aggregator(spec, 0.1, num_users=100)
@@ -123,13 +144,19 @@ def test_private_aggregators_divide_by_the_expected_updates_per_step(algorithm, 
     assert agg.denominator == denominator and agg.buffer_size == buffer_size
 
 
-@pytest.mark.parametrize("algorithm, message", [
-    ({"name": "fedasync"}, "privacy is not supported for algorithm 'fedasync' (its aggregate's sensitivity is not "
-                           "bounded by clip_norm); use one of fedavg, fedprox, perfedavg, fedbuff"),
-    ({"name": "fedbuff", "example_weight": "n"}, "algorithm.example_weight 'n' is not covered by privacy"),
-    ({"name": "fedbuff", "normalize": "weight"}, "algorithm.normalize 'weight' is not covered by privacy"),
-    ({"name": "fedavg", "aggregation": "median"}, "algorithm.aggregation 'median' is not covered by privacy"),
-])
+@pytest.mark.parametrize(
+    "algorithm, message",
+    [
+        (
+            {"name": "fedasync"},
+            "privacy is not supported for algorithm 'fedasync' (its aggregate's sensitivity is not "
+            "bounded by clip_norm); use one of fedavg, fedprox, perfedavg, fedbuff",
+        ),
+        ({"name": "fedbuff", "example_weight": "n"}, "algorithm.example_weight 'n' is not covered by privacy"),
+        ({"name": "fedbuff", "normalize": "weight"}, "algorithm.normalize 'weight' is not covered by privacy"),
+        ({"name": "fedavg", "aggregation": "median"}, "algorithm.aggregation 'median' is not covered by privacy"),
+    ],
+)
 def test_privacy_restrictions_come_from_the_definitions(algorithm, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         run(algorithm, privacy={"clip_norm": 1.0, "noise_multiplier": 1.0})

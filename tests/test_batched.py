@@ -42,7 +42,12 @@ def both(trainer, data, jobs, force_generic=False, memory_mb=4.0):
 
 def assert_same(u, v, tol=2e-6):
     assert (u.client_id, u.base_version, u.n_examples, u.steps, u.planned_steps) == (
-        v.client_id, v.base_version, v.n_examples, v.steps, v.planned_steps)
+        v.client_id,
+        v.base_version,
+        v.n_examples,
+        v.steps,
+        v.planned_steps,
+    )
     assert torch.allclose(u.delta, v.delta, atol=tol, rtol=1e-4)
     assert u.loss == pytest.approx(v.loss, abs=1e-5)
     assert u.start_loss == pytest.approx(v.start_loss, abs=1e-5)
@@ -108,7 +113,7 @@ def test_vectorised_minibatches_equal_the_trainers_order():
     got = minibatches(ns, st, bs, mix(seeds.astype(np.uint64)))
     for k, (n, s, d) in enumerate(zip(ns.tolist(), st.tolist(), seeds.tolist())):
         assert np.array_equal(got[:s, k, : bs[k]], tr.batch_indices(n, s, d))
-        assert not got[s:, k].any() and not got[:, k, bs[k]:].any()  # padding is zero
+        assert not got[s:, k].any() and not got[:, k, bs[k] :].any()  # padding is zero
 
 
 def test_batched_evaluation_equals_sequential(data):
@@ -127,10 +132,16 @@ def test_whole_run_same_accuracy_curve(small):
     way: every accuracy difference must be such near ties, in the very snapshots evaluated."""
     runs = [
         {"name": "fedbuff", "algorithm": {"name": "fedbuff", "buffer_size": 4}, "scheduler": {"concurrency": 10}},
-        {"name": "fedprox", "algorithm": {"name": "fedprox", "mu": 0.05},
-         "scheduler": {"concurrency": 8, "round_timeout": 15, "straggler": "partial"}},
-        {"name": "fednova", "algorithm": {"name": "fednova", "mu": 0.05},
-         "scheduler": {"concurrency": 8, "round_timeout": 15, "straggler": "partial"}},
+        {
+            "name": "fedprox",
+            "algorithm": {"name": "fedprox", "mu": 0.05},
+            "scheduler": {"concurrency": 8, "round_timeout": 15, "straggler": "partial"},
+        },
+        {
+            "name": "fednova",
+            "algorithm": {"name": "fednova", "mu": 0.05},
+            "scheduler": {"concurrency": 8, "round_timeout": 15, "straggler": "partial"},
+        },
     ]
     for run in ("fedbuff", "fedprox", "fednova"):
         curves = []
@@ -142,8 +153,15 @@ def test_whole_run_same_accuracy_curve(small):
             evaluate = sim.executor.evaluate_many
             sim.executor.evaluate_many = lambda ws, x, y, s=snapshots, e=evaluate: s.extend(ws) or e(ws, x, y)
             m = sim.run()
-            curves.append((m, [(r["virtual_time"], r["version"], r["trips_completed"]) for r in m.rows],
-                           np.array([r["test_accuracy"] for r in m.rows]), snapshots, sim))
+            curves.append(
+                (
+                    m,
+                    [(r["virtual_time"], r["version"], r["trips_completed"]) for r in m.rows],
+                    np.array([r["test_accuracy"] for r in m.rows]),
+                    snapshots,
+                    sim,
+                )
+            )
         (m1, k1, a1, s1, sim), (m2, k2, a2, s2, _) = curves
         assert k1 == k2 and m1.completed == m2.completed and m1.server_steps == m2.server_steps
         assert len(s1) == len(s2) == len(a1)
@@ -159,8 +177,13 @@ def test_whole_run_same_accuracy_curve(small):
 def test_scaffold_run_same_models_and_control_variates(small):
     """SCAFFOLD's corrections (c - c_i, per trip) go through both executors alike: the same
     trips and versions, and models, c and every device's c_i equal to float tolerance."""
-    runs = [{"name": "scaffold", "algorithm": {"name": "scaffold"},
-             "scheduler": {"concurrency": 8, "round_timeout": 15, "straggler": "partial"}}]
+    runs = [
+        {
+            "name": "scaffold",
+            "algorithm": {"name": "scaffold"},
+            "scheduler": {"concurrency": 8, "round_timeout": 15, "straggler": "partial"},
+        }
+    ]
     sims = []
     for ex in ("sequential", "batched"):
         cfg = small(seed=2, runs=runs, executor=ex, sets=["population.dropout=0.1", "stop.max_time=150"])
@@ -210,13 +233,15 @@ def test_unvectorisable_models_fall_back_with_a_notice(data):
     assert len(notices) == 1 and "\n" not in notices[0] and "buffers" in notices[0] and "sequential" in notices[0]
 
     notices.clear()
-    ex = make_executor("batched", LocalTrainer(FlatModel(DataDependent()), 0.1, 16, local_steps=2), data,
-                       notify=notices.append)
+    ex = make_executor(
+        "batched", LocalTrainer(FlatModel(DataDependent()), 0.1, 16, local_steps=2), data, notify=notices.append
+    )
     assert isinstance(ex, SequentialExecutor)
     assert len(notices) == 1 and "torch.func" in notices[0]
 
-    assert isinstance(make_executor("batched", mlp_trainer(data, local_steps=2), data, notify=notices.append),
-                      BatchedExecutor)
+    assert isinstance(
+        make_executor("batched", mlp_trainer(data, local_steps=2), data, notify=notices.append), BatchedExecutor
+    )
 
 
 def test_waiting_updates_stop_sharing_their_pass_tensor(data):
@@ -229,7 +254,7 @@ def test_waiting_updates_stop_sharing_their_pass_tensor(data):
     first = bat.result(0)
     assert bat.passes == 1
     pass_storage = first.delta.untyped_storage().data_ptr()
-    (deltas, waiting, _), = bat._slabs.values()
+    ((deltas, waiting, _),) = bat._slabs.values()
     assert deltas.untyped_storage().data_ptr() == pass_storage and waiting == set(range(1, 20))
     for k in range(1, 16):
         got = bat.result(k)

@@ -27,9 +27,9 @@ def autograd_reference(model: FlatModel, w, x, y, a):
     return g, float(loss.detach())
 
 
-@pytest.mark.parametrize("j,b,t,hidden,embed", [
-    (1, 1, 1, 4, 2), (2, 3, 5, 8, 4), (3, 4, 80, 16, 8), (5, 2, 7, 32, 3), (4, 16, 80, 64, 8),
-])
+@pytest.mark.parametrize(
+    "j,b,t,hidden,embed", [(1, 1, 1, 4, 2), (2, 3, 5, 8, 4), (3, 4, 80, 16, 8), (5, 2, 7, 32, 3), (4, 16, 80, 64, 8)]
+)
 def test_stacked_grads_equal_autograd_with_zero_weight_padding(j, b, t, hidden, embed):
     gen = torch.Generator().manual_seed(j * 100 + t)
     torch.manual_seed(0)
@@ -41,7 +41,7 @@ def test_stacked_grads_equal_autograd_with_zero_weight_padding(j, b, t, hidden, 
     a = torch.rand(j, b, generator=gen)
     if b > 1:
         a[0, -1] = 0.0  # padded examples (clients with fewer examples than the batch) weigh zero
-        a[-1, b // 2:] = 0.0
+        a[-1, b // 2 :] = 0.0
     grads, losses = model.module.stacked_grads(stacked(model, ws), x, y, a)
     assert [tuple(g.shape) for g in grads] == [(j, *s) for s in model.shapes]
     for k in range(j):

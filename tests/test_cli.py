@@ -6,8 +6,16 @@ import torch
 
 from asyncfl.cli import main
 
-CONTRACT = {"name": str, "algorithm": str, "mode": str, "concurrency": int, "final_accuracy": float,
-            "server_steps": int, "wall_seconds": float, "seed": int}
+CONTRACT = {
+    "name": str,
+    "algorithm": str,
+    "mode": str,
+    "concurrency": int,
+    "final_accuracy": float,
+    "server_steps": int,
+    "wall_seconds": float,
+    "seed": int,
+}
 
 
 @pytest.fixture
@@ -19,8 +27,25 @@ def keep_threads():
 
 def test_simulate_writes_the_output_contract(tmp_path, capsys, keep_threads):
     out = tmp_path / "run"
-    rc = main(["simulate", "--preset", "quickstart", "--run", "fedbuff", "--seed", "5", "--threads", "1",
-               "--set", "stop.max_time=120", "--set", "population.devices=60", "--out", str(out)])
+    rc = main(
+        [
+            "simulate",
+            "--preset",
+            "quickstart",
+            "--run",
+            "fedbuff",
+            "--seed",
+            "5",
+            "--threads",
+            "1",
+            "--set",
+            "stop.max_time=120",
+            "--set",
+            "population.devices=60",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["preset"] == "quickstart" and summary["target_accuracy"] == 0.9 and summary["torch_threads"] == 1
@@ -42,8 +67,9 @@ def test_simulate_writes_the_output_contract(tmp_path, capsys, keep_threads):
 
 
 def test_bad_config_exits_2_with_the_field_named(tmp_path, capsys):
-    rc = main(["compare", "--preset", "quickstart", "--set", "runs.fedavg.scheduler.concurrency=-1",
-               "--out", str(tmp_path)])
+    rc = main(
+        ["compare", "--preset", "quickstart", "--set", "runs.fedavg.scheduler.concurrency=-1", "--out", str(tmp_path)]
+    )
     assert rc == 2
     err = capsys.readouterr().out
     assert "runs.0.scheduler.concurrency" in err
@@ -62,7 +88,18 @@ def test_unknown_run_is_reported(tmp_path, capsys):
 
 
 def test_impossible_partition_is_a_config_error(tmp_path, capsys):
-    rc = main(["simulate", "--preset", "quickstart", "--set", "data.partition.kind=shards",
-               "--set", "data.partition.classes_per_client=50", "--out", str(tmp_path)])
+    rc = main(
+        [
+            "simulate",
+            "--preset",
+            "quickstart",
+            "--set",
+            "data.partition.kind=shards",
+            "--set",
+            "data.partition.classes_per_client=50",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 2
     assert "data.partition: shards: 5000 shards need at least as many examples" in capsys.readouterr().out

@@ -41,8 +41,15 @@ def scripted(responses):
 
 
 def test_retries_network_errors_5xx_and_429_then_returns():
-    transport, calls = scripted([httpx.ConnectError("refused"), httpx.Response(503), httpx.ReadError("reset"),
-                                 httpx.Response(429, json={"retry_after": 0.01}), httpx.Response(200, json={"ok": 1})])
+    transport, calls = scripted(
+        [
+            httpx.ConnectError("refused"),
+            httpx.Response(503),
+            httpx.ReadError("reset"),
+            httpx.Response(429, json={"retry_after": 0.01}),
+            httpx.Response(200, json={"ok": 1}),
+        ]
+    )
     api = ServerApi("http://x", "t", backoff=Backoff(base=0.001, cap=0.01), transport=transport)
     r = api.request("POST", "/v1/update", content=b"frame")
     assert r.json() == {"ok": 1} and len(calls) == 5 and api.retries == 4
@@ -66,7 +73,11 @@ def test_load_data_digits_partition_and_npz(tmp_path):
     np.savez(tmp_path / "mine.npz", x=np.random.rand(30, 8, 8), y=np.arange(30) % 10)
     x, y = load_data(str(tmp_path / "mine.npz"), cfg, 64)
     assert x.shape == (30, 64) and x.dtype == torch.float32 and y.dtype == torch.int64
-    for bad, words in (("digits:client=99", "partitions"), ("digits:k=1", "digits:client=K"), ("nope.npz", "no such file")):
+    for bad, words in (
+        ("digits:client=99", "partitions"),
+        ("digits:k=1", "digits:client=K"),
+        ("nope.npz", "no such file"),
+    ):
         with pytest.raises(ClientError, match=words):
             load_data(bad, cfg, 64)
     np.savez(tmp_path / "bad.npz", x=np.random.rand(30, 5), y=np.zeros(30))
@@ -76,16 +87,18 @@ def test_load_data_digits_partition_and_npz(tmp_path):
 
 def in_process_client(h, client, **kw):
     api = ServerApi("http://testserver", h.tokens[client], backoff=Backoff(base=0.001, cap=0.01))
-    api.http = h.http.__class__(h.http.app, base_url="http://testserver",
-                                headers={"Authorization": f"Bearer {h.tokens[client]}"})
+    api.http = h.http.__class__(
+        h.http.app, base_url="http://testserver", headers={"Authorization": f"Bearer {h.tokens[client]}"}
+    )
     return ClientRuntime(api, f"digits:client={ord(client) - ord('a')}", **kw)
 
 
 def test_client_runtime_trains_with_the_shared_trainer_and_honours_eligibility(tmp_path):
     with Harness(tmp_path, {"name": "fedbuff", "buffer_size": 2}, {"mode": "async", "concurrency": 2}) as h:
         answers = iter([False, True, True, True])
-        rt = in_process_client(h, "a", eligible=lambda: next(answers, True), max_trips=3, idle_wait=0.01,
-                               ack_log=tmp_path / "a.jsonl")
+        rt = in_process_client(
+            h, "a", eligible=lambda: next(answers, True), max_trips=3, idle_wait=0.01, ack_log=tmp_path / "a.jsonl"
+        )
         stats = rt.run()
         assert stats == {"trips": 3, "accepted": 3, "discarded": 0, "lost": 0, "rejected": 0}
         acks = [json.loads(line) for line in open(tmp_path / "a.jsonl")]
@@ -97,8 +110,11 @@ def test_client_runtime_trains_with_the_shared_trainer_and_honours_eligibility(t
 
 
 def test_partial_work_fits_the_round_deadline(tmp_path):
-    with Harness(tmp_path, {"name": "fedprox", "mu": 0.01},
-                {"mode": "sync", "concurrency": 1, "round_timeout": 5, "straggler": "partial"}) as h:
+    with Harness(
+        tmp_path,
+        {"name": "fedprox", "mu": 0.01},
+        {"mode": "sync", "concurrency": 1, "round_timeout": 5, "straggler": "partial"},
+    ) as h:
         rt = in_process_client(h, "a", max_trips=2)
         rt.setup()
         rt.sec_per_step = 0.5  # a fast device: the full 2 local steps fit in 0.8 * 5 s
@@ -112,24 +128,54 @@ def test_partial_work_fits_the_round_deadline(tmp_path):
 
 def make_cert(tmp_path):
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return cert, key
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
 def test_tls_with_tokens_end_to_end(tmp_path):
     cert, key = make_cert(tmp_path)
-    cfg = {"name": "tls", "data": {"num_clients": 2, "partition": {"kind": "iid"}}, "model": {"name": "logreg"},
-           "trainer": {"local_steps": 2},
-           "runs": [{"name": "tls", "algorithm": {"name": "fedbuff", "buffer_size": 1},
-                     "scheduler": {"mode": "async", "concurrency": 2}}]}
+    cfg = {
+        "name": "tls",
+        "data": {"num_clients": 2, "partition": {"kind": "iid"}},
+        "model": {"name": "logreg"},
+        "trainer": {"local_steps": 2},
+        "runs": [
+            {
+                "name": "tls",
+                "algorithm": {"name": "fedbuff", "buffer_size": 1},
+                "scheduler": {"mode": "async", "concurrency": 2},
+            }
+        ],
+    }
     server = ServerProcess(cfg, tmp_path, tls=(cert, key))
-    good, = mint_tokens(server.state_dir, "tls", ["phone-1"])
+    (good,) = mint_tokens(server.state_dir, "tls", ["phone-1"])
     server.start()
     try:
-        ok = spawn_client(server.url, good, "digits:client=0", tmp_path, "ok", "--ca-cert", str(cert), "--max-trips", "2")
+        ok = spawn_client(
+            server.url, good, "digits:client=0", tmp_path, "ok", "--ca-cert", str(cert), "--max-trips", "2"
+        )
         untrusted = spawn_client(server.url, good, "digits:client=1", tmp_path, "untrusted", "--max-trips", "1")
         assert ok.wait(120) == 0, (tmp_path / "ok.log").read_text()
         assert untrusted.wait(120) == 2

@@ -37,8 +37,9 @@ def test_step_on_a_quadratic_with_correction_prox_and_mask():
     s = torch.tensor([2.0, 0.0])  # both clients' start model
     lr, mu = torch.tensor([0.5, 0.0]), 0.1
     params = [w.clone()]
-    loss, first = ClientStep(prox_mu=mu)(params, lambda p, slot: ([p[0] - t], (p[0] - t).pow(2).sum(1) / 2), 0, lr,
-                                         starts=[(0, 2, [s])], correction=[c])
+    loss, first = ClientStep(prox_mu=mu)(
+        params, lambda p, slot: ([p[0] - t], (p[0] - t).pow(2).sum(1) / 2), 0, lr, starts=[(0, 2, [s])], correction=[c]
+    )
     expected0 = w[0] - 0.5 * (w[0] - t[0] + c[0] + mu * (w[0] - s))
     assert torch.allclose(params[0][0], expected0) and torch.equal(params[0][1], w[1])
     assert torch.allclose(loss, torch.tensor([2.125, 4.0])) and loss is first
@@ -64,9 +65,18 @@ def test_correction_sequential_equals_batched(data, meta):
     tr = LocalTrainer(model, 0.1, 16, local_steps=5, prox_mu=0.05, meta=meta, meta_lr=0.05)
     w0 = model.initial_weights()
     gen = torch.Generator().manual_seed(3)
-    jobs = [TrainJob(k, k % data.num_clients, k % 2, w0 + 0.01 * (k % 2), 50 + k, 1 + k % 5,
-                     correction=None if k % 3 == 0 else 0.1 * torch.randn(model.numel, generator=gen))
-            for k in range(30)]
+    jobs = [
+        TrainJob(
+            k,
+            k % data.num_clients,
+            k % 2,
+            w0 + 0.01 * (k % 2),
+            50 + k,
+            1 + k % 5,
+            correction=None if k % 3 == 0 else 0.1 * torch.randn(model.numel, generator=gen),
+        )
+        for k in range(30)
+    ]
     seq, bat = SequentialExecutor(tr, data), BatchedExecutor(tr, data, memory_mb=2.0)
     for ex in (seq, bat):
         for j in jobs:
@@ -77,9 +87,10 @@ def test_correction_sequential_equals_batched(data, meta):
         assert u.loss == pytest.approx(v.loss, abs=1e-5)
     plain = LocalTrainer(model, 0.1, 16, local_steps=5, prox_mu=0.05, meta=meta, meta_lr=0.05)
     x, y = data.client_data(jobs[1].client)
-    assert not torch.allclose(plain.train(jobs[1].base_w, x, y, seed=jobs[1].seed, steps=jobs[1].steps).delta,
-                              tr.train(jobs[1].base_w, x, y, seed=jobs[1].seed, steps=jobs[1].steps,
-                                       correction=jobs[1].correction).delta)
+    assert not torch.allclose(
+        plain.train(jobs[1].base_w, x, y, seed=jobs[1].seed, steps=jobs[1].steps).delta,
+        tr.train(jobs[1].base_w, x, y, seed=jobs[1].seed, steps=jobs[1].steps, correction=jobs[1].correction).delta,
+    )
 
 
 # ---- local_epochs: E passes over the client's data --------------------------------------------

@@ -171,8 +171,15 @@ def test_compression_ratio_drops_with_bit_width():
     assert parse_codec("int2").compression_ratio(n) > 15
 
 
-@pytest.mark.parametrize("n, k, mode", [(1000, 10, topk._IDX_U16), (100_000, 100, topk._IDX_U32),
-                                        (100_000, 20_000, topk._IDX_BITMAP), (1000, 500, topk._IDX_BITMAP)])
+@pytest.mark.parametrize(
+    "n, k, mode",
+    [
+        (1000, 10, topk._IDX_U16),
+        (100_000, 100, topk._IDX_U32),
+        (100_000, 20_000, topk._IDX_BITMAP),
+        (1000, 500, topk._IDX_BITMAP),
+    ],
+)
 def test_topk_index_mode_is_the_smaller_one(n, k, mode):
     c = TopK(k=k)
     payload = c.encode(vec(n))
@@ -307,8 +314,9 @@ def _raise(payload, n=None, match=None, codec=None):
         (codec.decode(payload, n) if codec is not None else decode(payload, n))
 
 
-@pytest.mark.parametrize("spec", ["none", "fp16", "int8:chunk=3", "int4:chunk=3", "int2:chunk=0",
-                                  "topk:0.3", "topk:0.5+int4:chunk=2"])
+@pytest.mark.parametrize(
+    "spec", ["none", "fp16", "int8:chunk=3", "int4:chunk=3", "int2:chunk=0", "topk:0.3", "topk:0.5+int4:chunk=2"]
+)
 def test_every_truncation_and_trailing_byte_is_rejected(spec):
     c = parse_codec(spec)
     x = vec(11, seed=2)

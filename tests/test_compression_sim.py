@@ -17,13 +17,20 @@ UP_BW = 200.0  # bytes/s: a dense update (9.6 KB) takes 48 s, an int4 one 6 s
 def fast_config(small, upload=None, download="none", ef=False, extra=()):
     """Constant speeds and bandwidths, negligible compute: a trip lasts exactly its transfers.
     Two clients in flight keep the number of trips (and the test's run time) small."""
-    sets = ["executor=batched", "stop.max_time=100", "runs.fedbuff.scheduler.concurrency=2",
-            "runs.fedbuff.algorithm.buffer_size=2",
-            "population.compute_per_example={kind: constant, scale: 1.0e-9}",
-            "population.download_bandwidth={kind: constant, scale: 1.0e+5}",
-            f"population.upload_bandwidth={{kind: constant, scale: {UP_BW}}}", *extra]
+    sets = [
+        "executor=batched",
+        "stop.max_time=100",
+        "runs.fedbuff.scheduler.concurrency=2",
+        "runs.fedbuff.algorithm.buffer_size=2",
+        "population.compute_per_example={kind: constant, scale: 1.0e-9}",
+        "population.download_bandwidth={kind: constant, scale: 1.0e+5}",
+        f"population.upload_bandwidth={{kind: constant, scale: {UP_BW}}}",
+        *extra,
+    ]
     if upload is not None:
-        sets.append(f"runs.fedbuff.compression={{upload: '{upload}', download: '{download}', error_feedback: {str(ef).lower()}}}")
+        sets.append(
+            f"runs.fedbuff.compression={{upload: '{upload}', download: '{download}', error_feedback: {str(ef).lower()}}}"
+        )
     return small(sets=sets)
 
 

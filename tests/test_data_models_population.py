@@ -82,8 +82,9 @@ def test_distributions_have_the_documented_scale():
 def test_million_device_population_is_small_and_picks_idle_eligible_devices():
     cfg = PopulationConfig(devices=1_000_000, availability=Availability(period=100.0, on_fraction=0.5))
     pop = Population(cfg, np.random.default_rng(0))
-    nbytes = sum(a.nbytes for a in (pop.compute_per_example, pop.download_bandwidth, pop.upload_bandwidth,
-                                    pop.phase, pop.busy))
+    nbytes = sum(
+        a.nbytes for a in (pop.compute_per_example, pop.download_bandwidth, pop.upload_bandwidth, pop.phase, pop.busy)
+    )
     assert nbytes < 20 * 2**20
     rng = np.random.default_rng(1)
     chosen = pop.pick(10_000, t=30.0, rng=rng)
@@ -107,8 +108,9 @@ def test_trip_timing_for_one_device_is_the_population_formula_bit_for_bit():
     down, up = 123_457, 45_679
     every = pop.trip_durations(steps.astype(np.float64), per_step.astype(np.float64), down, up)
     for d in rng.choice(1000, 50, replace=False).tolist():
-        c, bw_down, bw_up = (float(a[d]) for a in (pop.compute_per_example, pop.download_bandwidth,
-                                                   pop.upload_bandwidth))
+        c, bw_down, bw_up = (
+            float(a[d]) for a in (pop.compute_per_example, pop.download_bandwidth, pop.upload_bandwidth)
+        )
         download, step_time, duration = trip_timing(c, bw_down, bw_up, int(steps[d]), int(per_step[d]), down, up)
         assert duration == every[d]
         assert download == down / bw_down and step_time == c * int(per_step[d])

@@ -27,9 +27,20 @@ def same_updates(trainer, data, clients, steps=3):
 
 def test_synthetic_population_is_generated_per_device_and_trains(small):
     runs = [{"name": "fedbuff", "algorithm": {"name": "fedbuff", "buffer_size": 10}, "scheduler": {"concurrency": 50}}]
-    cfg = small(runs=runs, executor="batched", target_accuracy=0.3, sets=[
-        "data.dataset=synthetic", "data.synthetic.alpha=0.5", "data.synthetic.beta=0.5", "model.name=logreg",
-        "population.devices=100000", "stop.max_time=300", "trainer.lr=0.05"])
+    cfg = small(
+        runs=runs,
+        executor="batched",
+        target_accuracy=0.3,
+        sets=[
+            "data.dataset=synthetic",
+            "data.synthetic.alpha=0.5",
+            "data.synthetic.beta=0.5",
+            "model.name=logreg",
+            "population.devices=100000",
+            "stop.max_time=300",
+            "trainer.lr=0.05",
+        ],
+    )
     data = build_data(cfg)
     assert isinstance(data, SyntheticFederated) and data.num_clients == 100_000  # nothing stored
     m = run_one(cfg, cfg.runs[0], data)
@@ -50,8 +61,7 @@ def test_leaf_users_become_clients_with_their_own_test_sets(small, tmp_path):
     assert data.num_clients == 5 and data.num_classes == 62
     assert data.client_sizes().tolist() == [6, 7, 8, 9, 10]
     assert [len(t) for t in data.client_test_indices] == [2] * 5
-    cfg = small(sets=["data.dataset=femnist", f"data.path={tmp_path}", "data.partition.kind=iid",
-                      "data.num_clients=4"])
+    cfg = small(sets=["data.dataset=femnist", f"data.path={tmp_path}", "data.partition.kind=iid", "data.num_clients=4"])
     pooled = build_data(cfg)  # users' training examples re-partitioned
     assert pooled.num_clients == 4 and pooled.client_sizes().sum() == 40
 

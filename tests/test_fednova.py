@@ -16,8 +16,14 @@ from asyncfl.experiment import run_experiment
 
 
 def upd(delta, n, steps, base=0):
-    return ClientUpdate(client_id=0, base_version=base, delta=torch.tensor(delta, dtype=torch.float64),
-                        n_examples=n, steps=steps, loss=0.0)
+    return ClientUpdate(
+        client_id=0,
+        base_version=base,
+        delta=torch.tensor(delta, dtype=torch.float64),
+        n_examples=n,
+        steps=steps,
+        loss=0.0,
+    )
 
 
 def by_n(u, d):
@@ -155,13 +161,20 @@ def test_config_defaults_sync_and_the_quickstart_fedavg_run_accepts_the_name():
     assert isinstance(agg, FedNova) and agg.buffer_size is None
 
 
-@pytest.mark.parametrize("algorithm, scheduler, extra, message", [
-    ({"name": "fednova"}, {"mode": "async"}, {}, "fednova in async mode needs algorithm.buffer_size"),
-    ({"name": "fednova", "aggregation": "median"}, {}, {}, "aggregation"),
-    ({"name": "fednova", "partial_weight": "work_fraction"}, {}, {}, "partial_weight"),
-    ({"name": "fednova"}, {}, {"privacy": {"clip_norm": 1.0, "noise_multiplier": 1.0}},
-     "privacy is not supported for algorithm 'fednova'"),
-])
+@pytest.mark.parametrize(
+    "algorithm, scheduler, extra, message",
+    [
+        ({"name": "fednova"}, {"mode": "async"}, {}, "fednova in async mode needs algorithm.buffer_size"),
+        ({"name": "fednova", "aggregation": "median"}, {}, {}, "aggregation"),
+        ({"name": "fednova", "partial_weight": "work_fraction"}, {}, {}, "partial_weight"),
+        (
+            {"name": "fednova"},
+            {},
+            {"privacy": {"clip_norm": 1.0, "noise_multiplier": 1.0}},
+            "privacy is not supported for algorithm 'fednova'",
+        ),
+    ],
+)
 def test_config_refuses_what_fednova_does_not_do(algorithm, scheduler, extra, message):
     with pytest.raises(ValueError, match=message):
         spec(algorithm, scheduler, **extra)

@@ -52,16 +52,27 @@ def test_build_imports_no_simulator_report_rich_or_matplotlib():
     assert [m for m in result["after"] if m not in result["before"]] == []
 
 
-@pytest.mark.parametrize("entry", ["asyncfl.algorithms.defs.fedbuff", "asyncfl.algorithms.defs.fednova",
-                                   "asyncfl.algorithms.fednova", "asyncfl.algorithms.defs.registry",
-                                   "asyncfl.config.training", "asyncfl.scheduling", "asyncfl.build"])
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "asyncfl.algorithms.defs.fedbuff",
+        "asyncfl.algorithms.defs.fednova",
+        "asyncfl.algorithms.fednova",
+        "asyncfl.algorithms.defs.registry",
+        "asyncfl.config.training",
+        "asyncfl.scheduling",
+        "asyncfl.build",
+    ],
+)
 def test_any_entry_point_sees_every_algorithm(entry):
     """The run schema is built from the registry, whose algorithm modules build on the schema's
     pieces; whichever a process loads first, the `algorithm:` section ends up with every
     registered algorithm."""
-    script = (f"import importlib, typing; importlib.import_module({entry!r}); from asyncfl import config; "
-              "from asyncfl.algorithms.defs.registry import definitions; "
-              "print(len(typing.get_args(typing.get_args(config.AlgorithmConfig)[0])), len(definitions()))")
+    script = (
+        f"import importlib, typing; importlib.import_module({entry!r}); from asyncfl import config; "
+        "from asyncfl.algorithms.defs.registry import definitions; "
+        "print(len(typing.get_args(typing.get_args(config.AlgorithmConfig)[0])), len(definitions()))"
+    )
     n = str(len(MODULES))
     assert python(script).split() == [n, n]
 
@@ -79,8 +90,11 @@ print(json.dumps({{"before": before, "after": loaded()}}))
 
 
 def test_client_runtime_loads_no_simulator_server_or_reports():
-    result = json.loads(python(CLIENT_SCRIPT.format(forbidden=(*FORBIDDEN, "asyncfl.server", "fastapi",
-                                                                "uvicorn"))).strip().splitlines()[-1])
+    result = json.loads(
+        python(CLIENT_SCRIPT.format(forbidden=(*FORBIDDEN, "asyncfl.server", "fastapi", "uvicorn")))
+        .strip()
+        .splitlines()[-1]
+    )
     assert not [m for m in result["before"] if m.startswith("asyncfl")]
     assert [m for m in result["after"] if m not in result["before"]] == []
 
@@ -89,8 +103,7 @@ def module_imports(src: Path) -> dict[str, set[str]]:
     """For every asyncfl module, the asyncfl modules its top-level code imports (imports inside
     functions run later and under TYPE_CHECKING never). Importing a.b.c runs a and a.b first,
     so those count too, except the importer's own packages, which Python has already begun."""
-    files = {".".join(p.relative_to(src).with_suffix("").parts).removesuffix(".__init__"): p
-             for p in src.rglob("*.py")}
+    files = {".".join(p.relative_to(src).with_suffix("").parts).removesuffix(".__init__"): p for p in src.rglob("*.py")}
 
     def top_level(body):
         for node in body:

@@ -11,9 +11,27 @@ from asyncfl import config
 from asyncfl.cli import main
 from asyncfl.study import run_study
 
-ENTRY_FIELDS = {"name", "algorithm", "mode", "concurrency", "final_accuracy", "time_to_target", "trips_to_target",
-                "bytes_to_target", "server_steps", "wall_seconds", "seed", "mean_staleness", "p99_staleness",
-                "trips", "staleness_histogram", "method", "params", "reached_target", "steps_per_hour"}
+ENTRY_FIELDS = {
+    "name",
+    "algorithm",
+    "mode",
+    "concurrency",
+    "final_accuracy",
+    "time_to_target",
+    "trips_to_target",
+    "bytes_to_target",
+    "server_steps",
+    "wall_seconds",
+    "seed",
+    "mean_staleness",
+    "p99_staleness",
+    "trips",
+    "staleness_histogram",
+    "method",
+    "params",
+    "reached_target",
+    "steps_per_hour",
+}
 
 
 def test_full_preset_is_the_study_the_issue_asks_for():
@@ -51,8 +69,12 @@ def test_quick_reaches_the_target_and_reports_ratios(quick):
     out, s = quick
     assert s["preset"] == "papaya" and s["target_accuracy"] == 0.55 and s["seed"] == 0
     keys = {(r["method"], r["concurrency"], r["seed"]) for r in s["runs"]}
-    expected = {(m, c, seed) for m, cs in (("fedavg", (30, 300)), ("fedbuff", (30, 300)), ("fedavgm", (300,)),
-                                          ("fedasync", (300,))) for c in cs for seed in (0, 1)}
+    expected = {
+        (m, c, seed)
+        for m, cs in (("fedavg", (30, 300)), ("fedbuff", (30, 300)), ("fedavgm", (300,)), ("fedasync", (300,)))
+        for c in cs
+        for seed in (0, 1)
+    }
     assert keys == expected and len(s["runs"]) == len(expected)
     for r in s["runs"]:
         assert ENTRY_FIELDS <= set(r), r["name"]
@@ -66,8 +88,12 @@ def test_quick_reaches_the_target_and_reports_ratios(quick):
         else:
             assert r["round_timeout"] is None and r["mean_staleness"] > 0 and r["p99_staleness"] >= r["mean_staleness"]
     blocks = {(b["baseline"], b["method"], b["concurrency"]): b for b in s["ratios"]}
-    assert set(blocks) == {("fedavg", "fedbuff", 30), ("fedavg", "fedbuff", 300), ("fedavgm", "fedbuff", 300),
-                           ("fedasync", "fedbuff", 300)}
+    assert set(blocks) == {
+        ("fedavg", "fedbuff", 30),
+        ("fedavg", "fedbuff", 300),
+        ("fedavgm", "fedbuff", 300),
+        ("fedasync", "fedbuff", 300),
+    }
     for b in blocks.values():
         assert b["seeds_both_reached"] == 2
         for k in ("time", "trips", "bytes"):
@@ -98,15 +124,25 @@ def test_quick_reports_every_grid_point_and_the_choice(quick):
                 best = min(best or math.inf, g["time_to_target"])
     assert {c["method"] for c in s["chosen"]} == {"fedavg", "fedbuff", "fedavgm", "fedasync"}
     assert s["study"]["methods"]["fedbuff"]["grid"]["30"] == {
-        "runs.fedbuff.algorithm.buffer_size": [3], "runs.fedbuff.algorithm.server_opt.lr": [0.3, 1.0]}
+        "runs.fedbuff.algorithm.buffer_size": [3],
+        "runs.fedbuff.algorithm.server_opt.lr": [0.3, 1.0],
+    }
     assert s["study"]["peak_rss_mb"]["main"] > 0 and s["study"]["wall_seconds"] > 0
     assert s["data"]["clients"] == 100_000 and 0.5 < s["data"]["common_model_accuracy"] < 0.8
 
 
 def test_quick_writes_tables_curves_and_plots(quick):
     out, s = quick
-    for name in ("summary.json", "study.md", "config.yaml", "accuracy_vs_time.png", "accuracy_vs_trips.png",
-                 "steps_per_hour.png", "to_target.png", "client_sizes.png"):
+    for name in (
+        "summary.json",
+        "study.md",
+        "config.yaml",
+        "accuracy_vs_time.png",
+        "accuracy_vs_trips.png",
+        "steps_per_hour.png",
+        "to_target.png",
+        "client_sizes.png",
+    ):
         assert (out / name).stat().st_size > 0, name
     for r in s["runs"]:
         rows = list(csv.DictReader(open(out / r["name"] / "metrics.csv")))
@@ -127,10 +163,18 @@ def test_quick_writes_tables_curves_and_plots(quick):
 def _tiny(workers: int) -> config.ExperimentConfig:
     tree = config.preset_dict("papaya")
     config.apply_quick(tree, True)
-    for s in ("population.devices=3000", "study.concurrency=[20]", "study.at_concurrency={}",
-              "study.methods.fedavgm.concurrency=[20]", "study.methods.fedasync.concurrency=[20]",
-              "stop.max_trips=6000", "target_accuracy=0.45", "data.synthetic.test_size=2000",
-              f"study.workers={workers}", "study.ratios=[{baseline: fedavg, method: fedbuff}]"):
+    for s in (
+        "population.devices=3000",
+        "study.concurrency=[20]",
+        "study.at_concurrency={}",
+        "study.methods.fedavgm.concurrency=[20]",
+        "study.methods.fedasync.concurrency=[20]",
+        "stop.max_trips=6000",
+        "target_accuracy=0.45",
+        "data.synthetic.test_size=2000",
+        f"study.workers={workers}",
+        "study.ratios=[{baseline: fedavg, method: fedbuff}]",
+    ):
         config.apply_override(tree, s)
     return config.validate(tree)
 
@@ -149,4 +193,6 @@ def test_a_study_is_deterministic_for_its_seeds_and_any_worker_count(tmp_path):
     assert _strip(a) == _strip(b)
     assert len(a["runs"]) == 8 and len(a["grid"]) == 6
     rows = lambda d: [{k: v for k, v in r.items() if k != "wall_time"} for r in csv.DictReader(open(d))]  # noqa: E731
-    assert rows(tmp_path / "a" / "fedbuff-C20-s1" / "metrics.csv") == rows(tmp_path / "b" / "fedbuff-C20-s1" / "metrics.csv")
+    assert rows(tmp_path / "a" / "fedbuff-C20-s1" / "metrics.csv") == rows(
+        tmp_path / "b" / "fedbuff-C20-s1" / "metrics.csv"
+    )

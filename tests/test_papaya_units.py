@@ -87,8 +87,15 @@ def test_common_model_makes_held_out_devices_predictable():
 def test_config_wires_common_model_and_data_seed(small):
     from asyncfl.build import build_data
 
-    cfg = small(sets=["data.dataset=synthetic", "data.synthetic.common_model=2", "data.synthetic.test_size=200",
-                      "data.synthetic.test_devices=20", "model.name=logreg"])
+    cfg = small(
+        sets=[
+            "data.dataset=synthetic",
+            "data.synthetic.common_model=2",
+            "data.synthetic.test_size=200",
+            "data.synthetic.test_devices=20",
+            "model.name=logreg",
+        ]
+    )
     data = build_data(cfg)
     assert isinstance(data, SyntheticFederated) and data.common_model == 2.0 and data.seed == cfg.seed
     fixed = [build_data(small(seed=s, sets=["data.dataset=synthetic", "data.seed=7"])) for s in (1, 2)]
@@ -100,39 +107,62 @@ def test_config_wires_common_model_and_data_seed(small):
 # ------------------------------------------------------------------------------- study config
 def _tree(**study):
     tree = {
-        "name": "t", "target_accuracy": 0.4, "executor": "batched",
-        "data": {"dataset": "synthetic", "seed": 0,
-                 "synthetic": {"common_model": 2.0, "test_size": 500, "test_devices": 50}},
+        "name": "t",
+        "target_accuracy": 0.4,
+        "executor": "batched",
+        "data": {
+            "dataset": "synthetic",
+            "seed": 0,
+            "synthetic": {"common_model": 2.0, "test_size": 500, "test_devices": 50},
+        },
         "model": {"name": "logreg"},
-        "population": {"devices": 2000, "compute_per_example": {"kind": "pareto", "scale": 0.25, "shape": 1.5},
-                       "dropout": 0.1},
+        "population": {
+            "devices": 2000,
+            "compute_per_example": {"kind": "pareto", "scale": 0.25, "shape": 1.5},
+            "dropout": 0.1,
+        },
         "trainer": {"lr": 0.1, "batch_size": 10, "local_steps": 5},
         "eval": {"every_seconds": None, "every_versions": 1},
         "stop": {"max_time": 3000, "at_target": True},
         "runs": [
             {"name": "fedavg", "algorithm": {"name": "fedavg"}, "scheduler": {"mode": "sync", "over_selection": 0.3}},
-            {"name": "fedbuff", "algorithm": {"name": "fedbuff", "buffer_size": 5,
-                                              "server_opt": {"name": "sgd", "lr": 0.5, "momentum": 0.9}}},
+            {
+                "name": "fedbuff",
+                "algorithm": {
+                    "name": "fedbuff",
+                    "buffer_size": 5,
+                    "server_opt": {"name": "sgd", "lr": 0.5, "momentum": 0.9},
+                },
+            },
         ],
-        "study": {"concurrency": [10, 20], "seeds": [0, 1], "round_timeout_percentile": 95,
-                  "methods": [{"name": "fedavg", "grid": {"trainer.lr": [0.1, 0.3]}},
-                              {"name": "fedbuff", "grid": {"runs.fedbuff.algorithm.server_opt.lr": [0.3, 1.0]}}],
-                  "at_concurrency": {20: {"runs.fedbuff.algorithm.buffer_size": 10}},
-                  "ratios": [{"baseline": "fedavg", "method": "fedbuff"}]},
+        "study": {
+            "concurrency": [10, 20],
+            "seeds": [0, 1],
+            "round_timeout_percentile": 95,
+            "methods": [
+                {"name": "fedavg", "grid": {"trainer.lr": [0.1, 0.3]}},
+                {"name": "fedbuff", "grid": {"runs.fedbuff.algorithm.server_opt.lr": [0.3, 1.0]}},
+            ],
+            "at_concurrency": {20: {"runs.fedbuff.algorithm.buffer_size": 10}},
+            "ratios": [{"baseline": "fedavg", "method": "fedbuff"}],
+        },
     }
     tree["study"].update(study)
     return tree
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"methods": [{"name": "nope"}], "ratios": []}, "study.methods: 'nope' is not a run"),
-    ({"ratios": [{"baseline": "fedavg", "method": "fedasync"}]}, "'fedasync' is not a study method"),
-    ({"seeds": [0, 0]}, "seeds repeat"),
-    ({"at_concurrency": {30: {"stop.max_time": 5}}}, "no method runs at concurrency 30"),
-    ({"concurrency": [0]}, "greater than 0"),
-    ({"round_timeout_percentile": 100}, "less than 100"),
-    ({"methods": [{"name": "fedavg", "grid": {"trainer.lr": []}}]}, "at least 1 item"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"methods": [{"name": "nope"}], "ratios": []}, "study.methods: 'nope' is not a run"),
+        ({"ratios": [{"baseline": "fedavg", "method": "fedasync"}]}, "'fedasync' is not a study method"),
+        ({"seeds": [0, 0]}, "seeds repeat"),
+        ({"at_concurrency": {30: {"stop.max_time": 5}}}, "no method runs at concurrency 30"),
+        ({"concurrency": [0]}, "greater than 0"),
+        ({"round_timeout_percentile": 100}, "less than 100"),
+        ({"methods": [{"name": "fedavg", "grid": {"trainer.lr": []}}]}, "at least 1 item"),
+    ],
+)
 def test_study_block_is_validated(change, message):
     with pytest.raises(ConfigError, match=message):
         config.validate(_tree(**change))
@@ -149,7 +179,11 @@ def test_plan_builds_one_validated_config_per_method_concurrency_and_point():
     cfg = config.validate(_tree())
     groups = study.plan(cfg)
     assert [(g.method, g.concurrency, len(g.grid), g.seeds) for g in groups] == [
-        ("fedavg", 10, 2, [1]), ("fedavg", 20, 2, [1]), ("fedbuff", 10, 2, [1]), ("fedbuff", 20, 2, [1])]
+        ("fedavg", 10, 2, [1]),
+        ("fedavg", 20, 2, [1]),
+        ("fedbuff", 10, 2, [1]),
+        ("fedbuff", 20, 2, [1]),
+    ]
     by = {(g.method, g.concurrency): g for g in groups}
     run = by[("fedbuff", 20)].grid[1]
     assert run.point == {"runs.fedbuff.algorithm.server_opt.lr": 1.0} and run.name == "fedbuff-C20-g1"
@@ -201,24 +235,43 @@ def test_capping_a_grid_point_only_lowers_max_time():
 
 
 def _final(t, trips, nbytes):
-    return {"entry": {"time_to_target": t, "trips_to_target": trips, "bytes_to_target": nbytes,
-                      "reached_target": t is not None}}
+    return {
+        "entry": {
+            "time_to_target": t,
+            "trips_to_target": trips,
+            "bytes_to_target": nbytes,
+            "reached_target": t is not None,
+        }
+    }
 
 
 def test_ratios_per_seed_and_their_spread():
-    st = StudyConfig(concurrency=[10, 100], seeds=[0, 1, 2], methods=[{"name": "a"}, {"name": "b"}],
-                     ratios=[StudyRatio(baseline="a", method="b")])
+    st = StudyConfig(
+        concurrency=[10, 100],
+        seeds=[0, 1, 2],
+        methods=[{"name": "a"}, {"name": "b"}],
+        ratios=[StudyRatio(baseline="a", method="b")],
+    )
     finals = {
-        ("a", 10, 0): _final(500, 1000, 4000), ("b", 10, 0): _final(100, 125, 500),
-        ("a", 10, 1): _final(600, 900, 3600), ("b", 10, 1): _final(200, 300, 1200),
-        ("a", 10, 2): _final(None, None, None), ("b", 10, 2): _final(50, 60, 240),
+        ("a", 10, 0): _final(500, 1000, 4000),
+        ("b", 10, 0): _final(100, 125, 500),
+        ("a", 10, 1): _final(600, 900, 3600),
+        ("b", 10, 1): _final(200, 300, 1200),
+        ("a", 10, 2): _final(None, None, None),
+        ("b", 10, 2): _final(50, 60, 240),
         ("a", 100, 0): _final(10, 10, 10),  # b never ran at 100: no block
     }
     (block,) = ratios(st, finals)
     assert block["concurrency"] == 10 and block["baseline"] == "a" and block["method"] == "b"
     assert [r["time"] for r in block["per_seed"]] == [5.0, 3.0, None]
-    assert block["per_seed"][2] == {"seed": 2, "baseline_reached": False, "method_reached": True,
-                                    "time": None, "trips": None, "bytes": None}
+    assert block["per_seed"][2] == {
+        "seed": 2,
+        "baseline_reached": False,
+        "method_reached": True,
+        "time": None,
+        "trips": None,
+        "bytes": None,
+    }
     assert block["time"]["mean"] == 4.0 and block["time"]["n"] == 2
     assert block["time"]["std"] == pytest.approx(np.std([5, 3], ddof=1))
     assert (block["time"]["min"], block["time"]["max"]) == (3.0, 5.0)

@@ -27,7 +27,10 @@ TOLERANCE = 1e-5
 
 def experiment(run: dict, max_trips: int) -> dict:
     return {
-        "name": "parity", "seed": 3, "target_accuracy": 0.99, "executor": "sequential",
+        "name": "parity",
+        "seed": 3,
+        "target_accuracy": 0.99,
+        "executor": "sequential",
         "data": {"partition": {"kind": "dirichlet", "alpha": 1.0}, "num_clients": PARTITIONS},
         "model": {"name": "mlp", "hidden": [16]},
         "trainer": {"lr": 0.1, "batch_size": 16, "local_steps": 5},
@@ -35,8 +38,14 @@ def experiment(run: dict, max_trips: int) -> dict:
         "stop": {"max_trips": max_trips},
         # no lease may expire, no evaluation or rate limit may interfere, and every version stays
         # downloadable so each one can be compared
-        "server": {"lease_timeout": 3600, "retry_after": 0.2, "eval_every_s": 3600, "rate_per_s": 10_000,
-                   "rate_burst": 10_000, "keep_versions": 1000},
+        "server": {
+            "lease_timeout": 3600,
+            "retry_after": 0.2,
+            "eval_every_s": 3600,
+            "rate_per_s": 10_000,
+            "rate_burst": 10_000,
+            "keep_versions": 1000,
+        },
         "runs": [run],
     }
 
@@ -133,13 +142,21 @@ def check_parity(tree: dict, workdir, reports: int, steps: int) -> None:
 
 def test_parity_fedbuff_async(tmp_path):
     """FedBuff K=5, concurrency 5: 65 trips started, 60 delivered, 12 server steps."""
-    tree = experiment({"name": "fedbuff", "algorithm": {"name": "fedbuff", "buffer_size": COHORT},
-                       "scheduler": {"mode": "async", "concurrency": COHORT}}, max_trips=65)
+    tree = experiment(
+        {
+            "name": "fedbuff",
+            "algorithm": {"name": "fedbuff", "buffer_size": COHORT},
+            "scheduler": {"mode": "async", "concurrency": COHORT},
+        },
+        max_trips=65,
+    )
     check_parity(tree, tmp_path, reports=60, steps=12)
 
 
 def test_parity_fedavg_sync(tmp_path):
     """FedAvg in rounds of 5: 12 rounds started, 11 closed (the run stops as the 12th starts)."""
-    tree = experiment({"name": "fedavg", "algorithm": {"name": "fedavg"},
-                       "scheduler": {"mode": "sync", "concurrency": COHORT}}, max_trips=60)
+    tree = experiment(
+        {"name": "fedavg", "algorithm": {"name": "fedavg"}, "scheduler": {"mode": "sync", "concurrency": COHORT}},
+        max_trips=60,
+    )
     check_parity(tree, tmp_path, reports=55, steps=11)

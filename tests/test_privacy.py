@@ -30,7 +30,13 @@ def reference_epsilon(sigma, q, steps, delta):
 
 @pytest.mark.parametrize(
     "sigma, q, steps, delta",
-    [(1.1, 0.01, 1000, 1e-5), (0.8, 0.05, 200, 1e-6), (2.0, 1.0, 50, 1e-5), (5.0, 0.001, 10_000, 1e-5), (0.5, 0.2, 3, 1e-3)],
+    [
+        (1.1, 0.01, 1000, 1e-5),
+        (0.8, 0.05, 200, 1e-6),
+        (2.0, 1.0, 50, 1e-5),
+        (5.0, 0.001, 10_000, 1e-5),
+        (0.5, 0.2, 3, 1e-3),
+    ],
 )
 def test_epsilon_matches_dp_accounting(sigma, q, steps, delta):
     ours = epsilon(sigma, q, steps, delta)
@@ -220,12 +226,15 @@ def test_update_noise_multiplier_splits_the_budget():
         update_noise_multiplier(1.0, 0.5)
 
 
-@pytest.mark.parametrize("quantile, start, count_noise", [(0.5, 0.01, 0.0), (0.5, 100.0, 5.0), (0.9, 1.0, 5.0), (0.2, 10.0, 0.0)])
+@pytest.mark.parametrize(
+    "quantile, start, count_noise", [(0.5, 0.01, 0.0), (0.5, 100.0, 5.0), (0.9, 1.0, 5.0), (0.2, 10.0, 0.0)]
+)
 def test_adaptive_clipping_converges_to_the_target_quantile(quantile, start, count_noise):
     # norms ~ lognormal(0, 1): the q-quantile is exp(Phi^-1(q))
     m = 100
-    ac = AdaptiveClipping(start, target_quantile=quantile, learning_rate=0.2, expected_count=m,
-                          count_noise_std=count_noise)
+    ac = AdaptiveClipping(
+        start, target_quantile=quantile, learning_rate=0.2, expected_count=m, count_noise_std=count_noise
+    )
     g = torch.Generator().manual_seed(0)
     logs = []
     for r in range(600):
@@ -248,22 +257,34 @@ def test_adaptive_clipping_direction_bounds_and_state():
     ac2 = AdaptiveClipping(5.0)
     ac2.load_state_dict(json.loads(json.dumps(ac.state_dict())))
     assert ac2.clip_norm == 1.01
-    for kwargs, message in [({"target_quantile": 1.5}, "target_quantile"), ({"learning_rate": 0}, "learning_rate"),
-                            ({"expected_count": 0}, "expected_count"), ({"count_noise_std": -1}, "count_noise_std")]:
+    for kwargs, message in [
+        ({"target_quantile": 1.5}, "target_quantile"),
+        ({"learning_rate": 0}, "learning_rate"),
+        ({"expected_count": 0}, "expected_count"),
+        ({"count_noise_std": -1}, "count_noise_std"),
+    ]:
         with pytest.raises(ValueError, match=message):
             AdaptiveClipping(1.0, **kwargs)
 
 
-@pytest.mark.parametrize("norms, noise_seed, fraction", [
-    ([0.1] * 8, None, 1.0),  # 8 updates under C where 4 were expected: 4 / 4 + 1/2 = 1.5
-    ([10.0] * 8, None, 0.0),  # 8 over C: -4 / 4 + 1/2 = -0.5
-    ([0.1, 0.1, 10.0, 10.0], 0, 1.0),  # seed 0 draws +1.54: 1/2 + 154 / 4
-    ([0.1, 0.1, 10.0, 10.0], 4, 0.0),  # seed 4 draws -1.61: 1/2 - 161 / 4
-])
+@pytest.mark.parametrize(
+    "norms, noise_seed, fraction",
+    [
+        ([0.1] * 8, None, 1.0),  # 8 updates under C where 4 were expected: 4 / 4 + 1/2 = 1.5
+        ([10.0] * 8, None, 0.0),  # 8 over C: -4 / 4 + 1/2 = -0.5
+        ([0.1, 0.1, 10.0, 10.0], 0, 1.0),  # seed 0 draws +1.54: 1/2 + 154 / 4
+        ([0.1, 0.1, 10.0, 10.0], 4, 0.0),  # seed 4 draws -1.61: 1/2 - 161 / 4
+    ],
+)
 def test_adaptive_clipping_estimate_is_clamped_to_a_fraction(norms, noise_seed, fraction):
     """An estimate outside [0, 1] moves C as the nearest possible fraction would."""
-    ac = AdaptiveClipping(1.0, target_quantile=0.5, learning_rate=0.2, expected_count=4,
-                          count_noise_std=0.0 if noise_seed is None else 100.0)
+    ac = AdaptiveClipping(
+        1.0,
+        target_quantile=0.5,
+        learning_rate=0.2,
+        expected_count=4,
+        count_noise_std=0.0 if noise_seed is None else 100.0,
+    )
 
     def gen():
         return None if noise_seed is None else torch.Generator().manual_seed(noise_seed)

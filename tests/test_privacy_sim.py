@@ -21,11 +21,20 @@ def update(client, delta, base_version=0):
 
 
 def private(k=4, sigma=1.0, clip=1.0, **kw):
-    return PrivateAggregator(SGD(1.0, 0.0), lambda u, d: 1.0, clip_norm=clip, noise_multiplier=sigma,
-                             denominator=k, sample_rate=0.1, buffer_size=k, **kw)
+    return PrivateAggregator(
+        SGD(1.0, 0.0),
+        lambda u, d: 1.0,
+        clip_norm=clip,
+        noise_multiplier=sigma,
+        denominator=k,
+        sample_rate=0.1,
+        buffer_size=k,
+        **kw,
+    )
 
 
 # ---------------------------------------------------------------- the aggregator alone
+
 
 def test_noise_on_the_average_has_std_sigma_c_over_k():
     n, k, sigma, c = 40_000, 5, 2.0, 0.5
@@ -54,8 +63,15 @@ def test_one_update_per_user_per_aggregate_and_bounded_weights():
     state = ServerState(torch.zeros(4))
     assert agg.submit(state, update(7, torch.ones(4)), state.w) == Verdict.BUFFERED
     assert agg.submit(state, update(7, torch.ones(4)), state.w) == Verdict.DISCARDED
-    heavy = PrivateAggregator(SGD(1.0), lambda u, d: float(u.n_examples), clip_norm=1.0, noise_multiplier=1.0,
-                              denominator=2, sample_rate=0.1, buffer_size=2)
+    heavy = PrivateAggregator(
+        SGD(1.0),
+        lambda u, d: float(u.n_examples),
+        clip_norm=1.0,
+        noise_multiplier=1.0,
+        denominator=2,
+        sample_rate=0.1,
+        buffer_size=2,
+    )
     with pytest.raises(ValueError, match="outside"):
         heavy.submit(state, update(1, torch.ones(4)), state.w)
 
@@ -78,6 +94,7 @@ def test_accountant_steps_once_per_noisy_aggregate_and_state_roundtrips():
 
 # ---------------------------------------------------------------- in the simulator
 
+
 def dp_config(small, privacy_yaml, run="fedbuff", extra=()):
     return small(sets=["executor=batched", "stop.max_time=100", f"runs.{run}.privacy={privacy_yaml}", *extra])
 
@@ -94,8 +111,13 @@ def test_noise_is_added_in_a_run(small):
     w = {}
     for sigma in (0.0, 1.0):
         for seed in (1, 2, 1):
-            sim, _ = final_model(dp_config(small, f"{{clip_norm: 1.0, noise_multiplier: {sigma}, noise_seed: {seed}}}",
-                                           extra=["stop.max_time=40"]))
+            sim, _ = final_model(
+                dp_config(
+                    small,
+                    f"{{clip_norm: 1.0, noise_multiplier: {sigma}, noise_seed: {seed}}}",
+                    extra=["stop.max_time=40"],
+                )
+            )
             w.setdefault(sigma, []).append(sim.state.w)
     assert torch.equal(w[0.0][0], w[0.0][1])
     assert not torch.equal(w[1.0][0], w[1.0][1])
@@ -131,8 +153,12 @@ def test_epsilon_in_summary_metrics_and_plot(small, tmp_path):
 
 
 def test_fedavg_round_noise_and_adaptive_clipping(small):
-    cfg = dp_config(small, "{clip_norm: 5.0, noise_multiplier: 0.5, adaptive: {target_quantile: 0.5}}",
-                    run="fedavg", extra=["stop.max_time=60"])
+    cfg = dp_config(
+        small,
+        "{clip_norm: 5.0, noise_multiplier: 0.5, adaptive: {target_quantile: 0.5}}",
+        run="fedavg",
+        extra=["stop.max_time=60"],
+    )
     sim, m = final_model(cfg, "fedavg")
     s = m.summary(0.8)
     assert s["sample_rate"] == pytest.approx(8 / 40)  # cohort / users
@@ -141,23 +167,38 @@ def test_fedavg_round_noise_and_adaptive_clipping(small):
     assert s["epsilon"] == pytest.approx(privacy.epsilon(0.5, 0.2, s["server_steps"], 1e-5))
 
 
-@pytest.mark.parametrize("sets,message", [
-    (["runs.1.algorithm={name: fedasync}", "runs.1.privacy={clip_norm: 1, noise_multiplier: 1}"],
-     "privacy is not supported for algorithm 'fedasync'"),
-    (["runs.fedbuff.algorithm.example_weight=n", "runs.fedbuff.privacy={clip_norm: 1, noise_multiplier: 1}"],
-     "algorithm.example_weight 'n' is not covered by privacy"),
-    (["runs.fedbuff.algorithm.normalize=weight", "runs.fedbuff.privacy={clip_norm: 1, noise_multiplier: 1}"],
-     "algorithm.normalize 'weight' is not covered"),
-    (["runs.fedbuff.algorithm.clip_norm=2", "runs.fedbuff.privacy={clip_norm: 1, noise_multiplier: 1}"],
-     "algorithm.clip_norm: with privacy"),
-    (["runs.fedavg.algorithm.aggregation=median", "runs.fedavg.privacy={clip_norm: 1, noise_multiplier: 1}"],
-     "algorithm.aggregation 'median' is not covered"),
-    (["runs.fedbuff.privacy={clip_norm: 1, noise_multiplier: 1, adaptive: {}}"],  # K=4: sigma_b 0.2
-     "privacy.adaptive.count_noise_std"),
-    (["runs.fedbuff.privacy={clip_norm: 1, noise_multiplier: -1}"], "runs.1.privacy.noise_multiplier"),
-    (["runs.fedbuff.privacy={clip_norm: 1, noise_multiplier: 1, delta: 2}"], "runs.1.privacy.delta"),
-    (["runs.fedbuff.privacy={noise_multiplier: 1}"], "runs.1.privacy.clip_norm: Field required"),
-])
+@pytest.mark.parametrize(
+    "sets,message",
+    [
+        (
+            ["runs.1.algorithm={name: fedasync}", "runs.1.privacy={clip_norm: 1, noise_multiplier: 1}"],
+            "privacy is not supported for algorithm 'fedasync'",
+        ),
+        (
+            ["runs.fedbuff.algorithm.example_weight=n", "runs.fedbuff.privacy={clip_norm: 1, noise_multiplier: 1}"],
+            "algorithm.example_weight 'n' is not covered by privacy",
+        ),
+        (
+            ["runs.fedbuff.algorithm.normalize=weight", "runs.fedbuff.privacy={clip_norm: 1, noise_multiplier: 1}"],
+            "algorithm.normalize 'weight' is not covered",
+        ),
+        (
+            ["runs.fedbuff.algorithm.clip_norm=2", "runs.fedbuff.privacy={clip_norm: 1, noise_multiplier: 1}"],
+            "algorithm.clip_norm: with privacy",
+        ),
+        (
+            ["runs.fedavg.algorithm.aggregation=median", "runs.fedavg.privacy={clip_norm: 1, noise_multiplier: 1}"],
+            "algorithm.aggregation 'median' is not covered",
+        ),
+        (
+            ["runs.fedbuff.privacy={clip_norm: 1, noise_multiplier: 1, adaptive: {}}"],  # K=4: sigma_b 0.2
+            "privacy.adaptive.count_noise_std",
+        ),
+        (["runs.fedbuff.privacy={clip_norm: 1, noise_multiplier: -1}"], "runs.1.privacy.noise_multiplier"),
+        (["runs.fedbuff.privacy={clip_norm: 1, noise_multiplier: 1, delta: 2}"], "runs.1.privacy.delta"),
+        (["runs.fedbuff.privacy={noise_multiplier: 1}"], "runs.1.privacy.clip_norm: Field required"),
+    ],
+)
 def test_privacy_config_errors(small, sets, message):
     with pytest.raises(config.ConfigError) as err:
         small(sets=sets)
@@ -166,25 +207,45 @@ def test_privacy_config_errors(small, sets, message):
 
 # ---------------------------------------------------------------- command line
 
+
 def reference_epsilon(sigma, q, steps, delta):
     acc = dp_accounting.rdp.RdpAccountant()
-    acc.compose(dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps))
+    acc.compose(
+        dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
+        )
+    )
     return acc.get_epsilon(delta)
 
 
 @pytest.mark.parametrize("sigma,q,steps,delta", [(1.1, 0.01, 1000, 1e-5), (0.8, 0.1, 170, 1e-3), (4.0, 1.0, 10, 1e-6)])
 def test_cli_epsilon_matches_dp_accounting(capsys, sigma, q, steps, delta):
-    rc = main(["privacy", "epsilon", "--noise-multiplier", str(sigma), "--sample-rate", str(q),
-               "--steps", str(steps), "--delta", str(delta)])
+    rc = main(
+        [
+            "privacy",
+            "epsilon",
+            "--noise-multiplier",
+            str(sigma),
+            "--sample-rate",
+            str(q),
+            "--steps",
+            str(steps),
+            "--delta",
+            str(delta),
+        ]
+    )
     assert rc == 0
     printed = float(capsys.readouterr().out.strip())
     assert printed == pytest.approx(reference_epsilon(sigma, q, steps, delta), rel=1e-9)
 
 
 def test_cli_epsilon_rejects_bad_input(capsys):
-    assert main(["privacy", "epsilon", "--noise-multiplier", "1", "--sample-rate", "1.5", "--steps", "3",
-                 "--delta", "1e-5"]) == 2
+    assert (
+        main(
+            ["privacy", "epsilon", "--noise-multiplier", "1", "--sample-rate", "1.5", "--steps", "3", "--delta", "1e-5"]
+        )
+        == 2
+    )
     assert "sample rate must be in (0, 1]" in capsys.readouterr().err
 
 

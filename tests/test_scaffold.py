@@ -24,8 +24,13 @@ def local_sgd(x: torch.Tensor, a: torch.Tensor, correction: torch.Tensor) -> Cli
     step = ClientStep()
     y = x.clone().view(1, -1)
     for h in range(K):
-        step([y], lambda p, slot: ([p[0] - a.view(1, -1)], torch.zeros(1)), h, torch.tensor([ETA]),
-             correction=[correction.view(1, -1)])
+        step(
+            [y],
+            lambda p, slot: ([p[0] - a.view(1, -1)], torch.zeros(1)),
+            h,
+            torch.tensor([ETA]),
+            correction=[correction.view(1, -1)],
+        )
     return ClientUpdate(client_id=0, base_version=0, delta=x - y[0], n_examples=1, steps=K, loss=0.0)
 
 
@@ -114,11 +119,13 @@ def test_definition_declares_state_and_refuses_what_it_does_not_cover():
     with pytest.raises(ValueError, match="scheduler.mode 'async' is not valid for scaffold"):
         config.RunSpec.model_validate({"name": "s", "algorithm": {"name": "scaffold"}, "scheduler": {"mode": "async"}})
     with pytest.raises(ValueError, match="compression is not supported for algorithm 'scaffold'"):
-        config.RunSpec.model_validate({"name": "s", "algorithm": {"name": "scaffold"},
-                                       "compression": {"upload": "int8"}})
+        config.RunSpec.model_validate(
+            {"name": "s", "algorithm": {"name": "scaffold"}, "compression": {"upload": "int8"}}
+        )
     with pytest.raises(ValueError, match="privacy is not supported for algorithm 'scaffold'"):
-        config.RunSpec.model_validate({"name": "s", "algorithm": {"name": "scaffold"},
-                                       "privacy": {"clip_norm": 1.0, "noise_multiplier": 1.0}})
+        config.RunSpec.model_validate(
+            {"name": "s", "algorithm": {"name": "scaffold"}, "privacy": {"clip_norm": 1.0, "noise_multiplier": 1.0}}
+        )
     assert build_aggregator(spec, 0.1, num_users=7).num_clients == 7
     fixed = config.RunSpec.model_validate({"name": "s", "algorithm": {"name": "scaffold", "num_clients": 3}})
     assert build_aggregator(fixed, 0.1, num_users=7).num_clients == 3
@@ -128,8 +135,16 @@ def test_definition_declares_state_and_refuses_what_it_does_not_cover():
 
 
 def scaffold_config(small, **kw):
-    return small(runs=[{"name": "scaffold", "algorithm": {"name": "scaffold"},
-                        "scheduler": {"concurrency": 8, "over_selection": 0.25}}], **kw)
+    return small(
+        runs=[
+            {
+                "name": "scaffold",
+                "algorithm": {"name": "scaffold"},
+                "scheduler": {"concurrency": 8, "over_selection": 0.25},
+            }
+        ],
+        **kw,
+    )
 
 
 def test_simulator_keeps_control_variates_only_for_devices_whose_updates_counted(small):
@@ -178,6 +193,7 @@ def test_a_trip_uses_the_control_variates_of_its_start(small):
 
 # ---- network server ---------------------------------------------------------------------------
 
+
 def scaffold_harness(tmp_path, **settings):
     from test_server_inputs import Harness
 
@@ -187,24 +203,39 @@ def scaffold_harness(tmp_path, **settings):
 def download(h, version):
     """(model, {field: flat tensor}) of a model frame, as a client reads it."""
     frame = wire.decode(h.http.get(f"/v1/model/{version}", headers=h.auth("g")).content, wire.ModelHeader)
-    arrays, fields = wire.split_fields(frame.arrays, h.server.model.names,
-                                       wire.fields_of(frame.header.tensors, h.server.model.names))
+    arrays, fields = wire.split_fields(
+        frame.arrays, h.server.model.names, wire.fields_of(frame.header.tensors, h.server.model.names)
+    )
     return wire.join_flat(arrays), fields
 
 
 def scaffold_frame(h, lease, delta, control_delta, key=None):
     m = h.server.model
-    return wire.encode_update(lease_id=lease["lease_id"], base_version=lease["base_version"],
-                              idempotency_key=key or f"k-{torch.randint(1 << 62, ()).item()}", n_examples=20,
-                              steps=2, loss=1.0, delta=delta, names=m.names, shapes=m.shapes,
-                              extras={CONTROL_DELTA: control_delta})
+    return wire.encode_update(
+        lease_id=lease["lease_id"],
+        base_version=lease["base_version"],
+        idempotency_key=key or f"k-{torch.randint(1 << 62, ()).item()}",
+        n_examples=20,
+        steps=2,
+        loss=1.0,
+        delta=delta,
+        names=m.names,
+        shapes=m.shapes,
+        extras={CONTROL_DELTA: control_delta},
+    )
 
 
 def server_state(h):
     agg = h.server.aggregation
     sd = agg.aggregator.state_dict()
-    return (agg.state.version, agg.state.w.clone(), sd["control"].clone(), sd["count"],
-            None if sd["delta_sum"] is None else sd["delta_sum"].clone(), dict(agg.counts))
+    return (
+        agg.state.version,
+        agg.state.w.clone(),
+        sd["control"].clone(),
+        sd["count"],
+        None if sd["delta_sum"] is None else sd["delta_sum"].clone(),
+        dict(agg.counts),
+    )
 
 
 def assert_same_state(a, b):
@@ -220,7 +251,10 @@ def test_server_sends_c_with_the_model_and_steps_x_and_c_at_the_round_barrier(tm
         p = h.server.model.numel
         x0, fields = download(h, 0)
         assert set(fields) == {CONTROL} and torch.equal(fields[CONTROL], torch.zeros(p))
-        deltas, dcs = [torch.full((p,), 0.01), torch.full((p,), -0.03)], [torch.full((p,), 0.25), torch.full((p,), 0.75)]
+        deltas, dcs = (
+            [torch.full((p,), 0.01), torch.full((p,), -0.03)],
+            [torch.full((p,), 0.25), torch.full((p,), 0.75)],
+        )
         for client, d, dc in zip("ab", deltas, dcs):
             r = h.upload(client, scaffold_frame(h, h.checkin(client), d, dc))
             assert r.status_code == 200, r.text
@@ -239,13 +273,16 @@ def test_server_sends_c_with_the_model_and_steps_x_and_c_at_the_round_barrier(tm
         h.close()
 
 
-@pytest.mark.parametrize("bad, status, code, words", [
-    ("nan", 422, "non_finite", "update's control_delta contains 1 NaN"),
-    ("norm", 422, "norm_too_large", "update's control_delta L2 norm"),
-    ("shape", 422, "bad_shape", "'control_delta:"),
-    ("missing", 422, "bad_tensor_count", "expected 8 (the model's 4 for the delta and for each of control_delta)"),
-    ("name", 422, "bad_tensor_name", "expected 'control_delta:"),
-])
+@pytest.mark.parametrize(
+    "bad, status, code, words",
+    [
+        ("nan", 422, "non_finite", "update's control_delta contains 1 NaN"),
+        ("norm", 422, "norm_too_large", "update's control_delta L2 norm"),
+        ("shape", 422, "bad_shape", "'control_delta:"),
+        ("missing", 422, "bad_tensor_count", "expected 8 (the model's 4 for the delta and for each of control_delta)"),
+        ("name", 422, "bad_tensor_name", "expected 'control_delta:"),
+    ],
+)
 def test_a_bad_control_delta_is_refused_and_changes_nothing(tmp_path, bad, status, code, words):
     from test_server_inputs import assert_rejected
 
@@ -255,8 +292,15 @@ def test_a_bad_control_delta_is_refused_and_changes_nothing(tmp_path, bad, statu
         assert h.upload("a", scaffold_frame(h, a, torch.full((p,), 0.01), torch.full((p,), 0.1))).status_code == 200
         before, snap = server_state(h), h.snapshot()
         m = h.server.model
-        header = {"kind": "update", "lease_id": b["lease_id"], "base_version": 0, "idempotency_key": "key-12345678",
-                  "n_examples": 5, "steps": 2, "loss": 0.5}
+        header = {
+            "kind": "update",
+            "lease_id": b["lease_id"],
+            "base_version": 0,
+            "idempotency_key": "key-12345678",
+            "n_examples": 5,
+            "steps": 2,
+            "loss": 0.5,
+        }
         delta = wire.split_flat(torch.zeros(p), m.names, m.shapes)
         dc = torch.zeros(p)
         names = m.names + wire.field_names(CONTROL_DELTA, m.names)
@@ -280,6 +324,7 @@ def test_a_bad_control_delta_is_refused_and_changes_nothing(tmp_path, bad, statu
 
 # ---- end to end: server and client processes ----------------------------------------------------
 
+
 def test_real_clients_keep_their_control_variates_on_disk_across_restarts(tmp_path):
     """8 client processes, cohort 4: each takes one trip and exits (two rounds), then restarted
     processes train until the server has issued 16 leases (four rounds, whoever checks in first). Every client's c_i is
@@ -296,25 +341,30 @@ def test_real_clients_keep_their_control_variates_on_disk_across_restarts(tmp_pa
     server.start()
 
     def clients(*extra):
-        procs = [spawn_client(server.url, tokens[i], f"digits:client={i}", tmp_path, f"c{i}", *extra)
-                 for i in range(CLIENTS)]
+        procs = [
+            spawn_client(server.url, tokens[i], f"digits:client={i}", tmp_path, f"c{i}", *extra) for i in range(CLIENTS)
+        ]
         try:
-            assert [p.wait(timeout=300) for p in procs] == [0] * CLIENTS, \
-                [(tmp_path / f"c{i}.log").read_text() for i in range(CLIENTS)]
+            assert [p.wait(timeout=300) for p in procs] == [0] * CLIENTS, [
+                (tmp_path / f"c{i}.log").read_text() for i in range(CLIENTS)
+            ]
         finally:
             stop_all(procs)
 
     def server_c():
         version = server.status()["version"]
-        body = httpx.get(f"{server.url}/v1/model/{version}", headers={"Authorization": f"Bearer {tokens[-1]}"},
-                         timeout=10).content
+        body = httpx.get(
+            f"{server.url}/v1/model/{version}", headers={"Authorization": f"Bearer {tokens[-1]}"}, timeout=10
+        ).content
         frame = wire.decode(body, wire.ModelHeader)
         names = [t.name for t in frame.header.tensors][: len(frame.arrays) // 2]
         return wire.split_fields(frame.arrays, names, wire.fields_of(frame.header.tensors, names))[1][CONTROL]
 
     def own_states():
-        return [torch.load(tmp_path / f"c{i}.acks.jsonl.state.pt", weights_only=True)["state"][CONTROL]
-                for i in range(CLIENTS)]
+        return [
+            torch.load(tmp_path / f"c{i}.acks.jsonl.state.pt", weights_only=True)["state"][CONTROL]
+            for i in range(CLIENTS)
+        ]
 
     try:
         clients("--max-trips", "1")

@@ -23,13 +23,16 @@ from asyncfl.server.settings import ServerConfig
 
 
 def experiment_with(algorithm: dict, scheduler: dict, trainer: dict | None = None, **run) -> config.ExperimentConfig:
-    return config.validate({
-        "name": "t", "seed": 0,
-        "data": {"num_clients": 8, "partition": {"kind": "iid"}},
-        "model": {"name": "mlp", "hidden": [16]},
-        "trainer": trainer or {"lr": 0.1, "batch_size": 16, "local_steps": 2},
-        "runs": [{"name": "task1", "algorithm": algorithm, "scheduler": scheduler, **run}],
-    })
+    return config.validate(
+        {
+            "name": "t",
+            "seed": 0,
+            "data": {"num_clients": 8, "partition": {"kind": "iid"}},
+            "model": {"name": "mlp", "hidden": [16]},
+            "trainer": trainer or {"lr": 0.1, "batch_size": 16, "local_steps": 2},
+            "runs": [{"name": "task1", "algorithm": algorithm, "scheduler": scheduler, **run}],
+        }
+    )
 
 
 class CHarness(Harness):
@@ -37,19 +40,34 @@ class CHarness(Harness):
 
     def __init__(self, tmp_path, run: dict, algorithm=None, scheduler=None, trainer=None, **settings):
         self.tmp = tmp_path
-        self.cfg = experiment_with(algorithm or {"name": "fedbuff", "buffer_size": 1},
-                                   scheduler or {"mode": "async", "concurrency": 4}, trainer, **run)
-        self.settings = ServerConfig(**({"max_update_norm": 50.0, "max_body_bytes": 64 * 1024, "rate_per_s": 1000,
-                                         "rate_burst": 1000} | settings))
+        self.cfg = experiment_with(
+            algorithm or {"name": "fedbuff", "buffer_size": 1},
+            scheduler or {"mode": "async", "concurrency": 4},
+            trainer,
+            **run,
+        )
+        self.settings = ServerConfig(
+            **(
+                {"max_update_norm": 50.0, "max_body_bytes": 64 * 1024, "rate_per_s": 1000, "rate_burst": 1000}
+                | settings
+            )
+        )
         self.open()
         self.tokens = {c: self.mint(c, "task1") for c in "abcdefg"}
 
     def cframe(self, lease, payload: bytes, codec: str, **header):
         m = self.server.model
-        fields = dict(lease_id=lease["lease_id"], base_version=lease["base_version"],
-                      idempotency_key=f"k-{np.random.randint(1 << 62)}", n_examples=20, steps=2, loss=1.0)
-        return wire.encode_update(delta=None, names=m.names, shapes=m.shapes, payload=payload, codec=codec,
-                                  **(fields | header))
+        fields = dict(
+            lease_id=lease["lease_id"],
+            base_version=lease["base_version"],
+            idempotency_key=f"k-{np.random.randint(1 << 62)}",
+            n_examples=20,
+            steps=2,
+            loss=1.0,
+        )
+        return wire.encode_update(
+            delta=None, names=m.names, shapes=m.shapes, payload=payload, codec=codec, **(fields | header)
+        )
 
     def weights(self, version: int) -> torch.Tensor:
         return self.server.aggregation.models[version].clone()
@@ -59,9 +77,11 @@ class CHarness(Harness):
         agg = build_aggregator(self.cfg.runs[0], self.cfg.trainer.lr, num_users=8, seed=self.cfg.seed)
         state = ServerState(w=w0.clone(), version=0)
         for i, d in enumerate(deltas):
-            agg.submit(state, ClientUpdate(client_id=i, base_version=state.version, delta=d, n_examples=20, steps=2,
-                                           loss=1.0),
-                       state.w)
+            agg.submit(
+                state,
+                ClientUpdate(client_id=i, base_version=state.version, delta=d, n_examples=20, steps=2, loss=1.0),
+                state.w,
+            )
         return state.w
 
 
@@ -70,6 +90,7 @@ def random_delta(n: int, seed: int, scale: float = 0.01) -> torch.Tensor:
 
 
 # ---- compressed uploads ------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("spec", ["int8", "topk:0.1+int8"])
 def test_compressed_upload_folds_in_exactly_the_decoded_delta(tmp_path, spec):
@@ -140,17 +161,30 @@ def test_truncated_or_inconsistent_payload_is_422_and_changes_nothing(tmp_path):
         other_n = codec.encode(random_delta(n - 10, 2), 0)
         lease = h.checkin("a")
         before = h.snapshot()
-        for payload, words in ((good[:-7], "truncated payload"), (good[:5], "too short for a header"),
-                               (good + b"\0\0", "trailing bytes"), (other_n, "numel mismatch"),
-                               (b"XX" + good[2:], "bad magic")):
+        for payload, words in (
+            (good[:-7], "truncated payload"),
+            (good[:5], "too short for a header"),
+            (good + b"\0\0", "trailing bytes"),
+            (other_n, "numel mismatch"),
+            (b"XX" + good[2:], "bad magic"),
+        ):
             r = h.upload("a", h.cframe(lease, payload, "topk:0.1+int8"))
             assert_rejected(h, r, 422, "bad_payload", words)
         # header tensors unlike the model's are refused before the payload is decoded
         m = h.server.model
-        body = wire.compressed_frame({"kind": "update", "lease_id": lease["lease_id"], "base_version": 0,
-                                      "idempotency_key": "k-shape-1", "n_examples": 20, "steps": 2},
-                                     [(m.names[0], (10**6, 64))] + list(zip(m.names[1:], m.shapes[1:])), good,
-                                     "topk:0.1+int8")
+        body = wire.compressed_frame(
+            {
+                "kind": "update",
+                "lease_id": lease["lease_id"],
+                "base_version": 0,
+                "idempotency_key": "k-shape-1",
+                "n_examples": 20,
+                "steps": 2,
+            },
+            [(m.names[0], (10**6, 64))] + list(zip(m.names[1:], m.shapes[1:])),
+            good,
+            "topk:0.1+int8",
+        )
         assert_rejected(h, h.upload("a", body), 422, "bad_shape", "expected")
         unchanged(h, before)
         assert h.http.get("/status").json()["compression"]["bytes"]["uploads_decoded"] == 0
@@ -177,11 +211,22 @@ def test_plain_runs_keep_the_raw_frame_byte_for_byte(tmp_path):
     """Without compression (or with upload: none) updates are the float32 frames of before."""
     m_names, shapes = ["w"], [(2, 3)]
     delta = torch.arange(6, dtype=torch.float32)
-    body = wire.encode_update(lease_id="l", base_version=0, idempotency_key="key-0001", n_examples=1, steps=1,
-                              loss=None, delta=delta, names=m_names, shapes=shapes)
-    head = (b'{"kind":"update","lease_id":"l","base_version":0,"idempotency_key":"key-0001","n_examples":1,'
-            b'"steps":1,"planned_steps":null,"loss":null,"start_loss":null,"codec":"none",'
-            b'"tensors":[{"name":"w","shape":[2,3],"dtype":"float32"}]}')
+    body = wire.encode_update(
+        lease_id="l",
+        base_version=0,
+        idempotency_key="key-0001",
+        n_examples=1,
+        steps=1,
+        loss=None,
+        delta=delta,
+        names=m_names,
+        shapes=shapes,
+    )
+    head = (
+        b'{"kind":"update","lease_id":"l","base_version":0,"idempotency_key":"key-0001","n_examples":1,'
+        b'"steps":1,"planned_steps":null,"loss":null,"start_loss":null,"codec":"none",'
+        b'"tensors":[{"name":"w","shape":[2,3],"dtype":"float32"}]}'
+    )
     assert body == wire.MAGIC + len(head).to_bytes(4, "little") + head + delta.numpy().tobytes()
     with CHarness(tmp_path, {"compression": {"upload": "none"}}) as h:
         lease = h.checkin("a")
@@ -209,8 +254,11 @@ def test_lossy_download_is_encoded_once_per_version_and_decoded_by_the_client(tm
 def test_client_runtime_error_feedback_delivers_the_true_sum(tmp_path):
     """topk+int8 with EF through the real client runtime: what the server folded in plus the
     client's residual equals the sum of what the trainer computed (nothing lost, only delayed)."""
-    with CHarness(tmp_path, {"compression": {"upload": "topk:0.1+int8", "error_feedback": True}},
-                 scheduler={"mode": "async", "concurrency": 1}) as h:
+    with CHarness(
+        tmp_path,
+        {"compression": {"upload": "topk:0.1+int8", "error_feedback": True}},
+        scheduler={"mode": "async", "concurrency": 1},
+    ) as h:
         rt = in_process_client(h, "a", max_trips=3)
         rt.setup()
         true = []
@@ -235,8 +283,12 @@ def test_client_runtime_error_feedback_delivers_the_true_sum(tmp_path):
 
 
 def test_int8_client_runtime_trains_to_modest_accuracy(tmp_path):
-    with CHarness(tmp_path, {"compression": {"upload": "int8"}}, algorithm={"name": "fedbuff", "buffer_size": 2},
-                 trainer={"lr": 0.1, "batch_size": 16, "local_steps": 10}) as h:
+    with CHarness(
+        tmp_path,
+        {"compression": {"upload": "int8"}},
+        algorithm={"name": "fedbuff", "buffer_size": 2},
+        trainer={"lr": 0.1, "batch_size": 16, "local_steps": 10},
+    ) as h:
         runtimes = [in_process_client(h, c) for c in "abcd"]
         for rt in runtimes:
             rt.setup()
@@ -251,11 +303,14 @@ def test_int8_client_runtime_trains_to_modest_accuracy(tmp_path):
         assert acc >= 0.8, acc
         s = h.http.get("/status").json()
         n = h.server.model.numel
-        assert s["rejected"] == {} and s["compression"]["upload_payload_bytes_per_update"] == parse_codec(
-            "int8").bytes_for(n) < 4 * n / 3.5
+        assert (
+            s["rejected"] == {}
+            and s["compression"]["upload_payload_bytes_per_update"] == parse_codec("int8").bytes_for(n) < 4 * n / 3.5
+        )
 
 
 # ---- central DP on the server -------------------------------------------------------------
+
 
 def dp_run(seed: int) -> dict:
     return {"privacy": {"clip_norm": 0.5, "noise_multiplier": 1.0, "sample_rate": 0.1, "noise_seed": seed}}
@@ -313,15 +368,20 @@ def test_dp_state_survives_a_restart(tmp_path):
 
 
 def test_dp_without_sample_rate_is_a_config_error_at_serve_start(tmp_path, capsys):
-    cfg = experiment_with({"name": "fedbuff", "buffer_size": 2}, {"mode": "async", "concurrency": 4},
-                          privacy={"clip_norm": 1.0, "noise_multiplier": 1.0})
+    cfg = experiment_with(
+        {"name": "fedbuff", "buffer_size": 2},
+        {"mode": "async", "concurrency": 4},
+        privacy={"clip_norm": 1.0, "noise_multiplier": 1.0},
+    )
     with pytest.raises(config.ConfigError, match="privacy.sample_rate is required by `asyncfl serve`"):
         FLServer(cfg, ServerConfig(), tmp_path / "state")
     assert not (tmp_path / "state").exists()  # refused before touching the state dir
     from asyncfl.cli import main
 
     path = tmp_path / "dp.yaml"
-    path.write_text("runs: [{name: x, algorithm: {name: fedbuff, buffer_size: 2}, "
-                    "privacy: {clip_norm: 1.0, noise_multiplier: 1.0}}]\n")
+    path.write_text(
+        "runs: [{name: x, algorithm: {name: fedbuff, buffer_size: 2}, "
+        "privacy: {clip_norm: 1.0, noise_multiplier: 1.0}}]\n"
+    )
     assert main(["serve", "--config", str(path), "--state-dir", str(tmp_path / "state")]) == 2
     assert "privacy.sample_rate is required" in capsys.readouterr().err

@@ -21,14 +21,21 @@ CLIENTS, KILLS, K = 6, 12, 4
 
 def experiment(target_stop: bool) -> dict:
     return {
-        "name": "crash", "seed": 3, "target_accuracy": 0.9,
+        "name": "crash",
+        "seed": 3,
+        "target_accuracy": 0.9,
         "data": {"partition": {"kind": "dirichlet", "alpha": 1.0}, "num_clients": CLIENTS},
         "model": {"name": "mlp", "hidden": [64]},
         "trainer": {"lr": 0.05, "batch_size": 16, "local_steps": 10},
         "stop": {"at_target": target_stop},
         "server": {"lease_timeout": 60, "retry_after": 0.1, "eval_every_s": 0.25, "rate_per_s": 500, "rate_burst": 500},
-        "runs": [{"name": "crashy", "algorithm": {"name": "fedbuff", "buffer_size": K},
-                  "scheduler": {"mode": "async", "concurrency": CLIENTS}}],
+        "runs": [
+            {
+                "name": "crashy",
+                "algorithm": {"name": "fedbuff", "buffer_size": K},
+                "scheduler": {"mode": "async", "concurrency": CLIENTS},
+            }
+        ],
     }
 
 
@@ -88,8 +95,12 @@ def test_sigkill_restarts_lose_nothing_and_count_nothing_twice(tmp_path):
     acks = [json.loads(line) for i in range(CLIENTS) for line in open(tmp_path / f"c{i}.acks.jsonl")]
     counted = [a for a in acks if a["http"] == 200 or a.get("error") == "stale"]
     db = sqlite3.connect(server.state_dir / "state.db")
-    rows = {(c, k): (seq, verdict, applied) for c, k, seq, verdict, applied in
-            db.execute("SELECT client, idem_key, seq, verdict, applied_version FROM updates")}
+    rows = {
+        (c, k): (seq, verdict, applied)
+        for c, k, seq, verdict, applied in db.execute(
+            "SELECT client, idem_key, seq, verdict, applied_version FROM updates"
+        )
+    }
     seq_client = {seq: c for (c, _), (seq, _, _) in rows.items()}
     # every acknowledged update is in the log, with the answer the client got
     for i in range(CLIENTS):
@@ -116,7 +127,10 @@ def test_sigkill_restarts_lose_nothing_and_count_nothing_twice(tmp_path):
             assert a["seq"] in set(in_versions) | set(pending)
     db.close()
     replays = sum(1 for a in acks if a.get("replayed"))
-    retries = sum(int(re.search(r"\((\d+) retries\)", (tmp_path / f"c{i}.log").read_text()).group(1))
-                  for i in range(CLIENTS))
-    print(f"crash test: {KILLS} SIGKILLs, final version {final}, {len(counted)} acknowledged uploads, "
-          f"{replays} answered by idempotent replay, {len(watcher.seen)} status polls, {retries} client retries")
+    retries = sum(
+        int(re.search(r"\((\d+) retries\)", (tmp_path / f"c{i}.log").read_text()).group(1)) for i in range(CLIENTS)
+    )
+    print(
+        f"crash test: {KILLS} SIGKILLs, final version {final}, {len(counted)} acknowledged uploads, "
+        f"{replays} answered by idempotent replay, {len(watcher.seen)} status polls, {retries} client retries"
+    )

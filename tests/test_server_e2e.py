@@ -19,13 +19,21 @@ CLIENTS = 8
 
 def experiment(run: dict) -> dict:
     return {
-        "name": "e2e", "seed": 0, "target_accuracy": 0.9,
+        "name": "e2e",
+        "seed": 0,
+        "target_accuracy": 0.9,
         "data": {"partition": {"kind": "dirichlet", "alpha": 1.0}, "num_clients": CLIENTS},
         "model": {"name": "mlp", "hidden": [64]},
         "trainer": {"lr": 0.1, "batch_size": 16, "local_steps": 10},
         "stop": {"at_target": True},
-        "server": {"lease_timeout": 60, "retry_after": 0.2, "eval_every_s": 0.25, "max_update_norm": 100,
-                   "rate_per_s": 200, "rate_burst": 400},
+        "server": {
+            "lease_timeout": 60,
+            "retry_after": 0.2,
+            "eval_every_s": 0.25,
+            "max_update_norm": 100,
+            "rate_per_s": 200,
+            "rate_burst": 400,
+        },
         "runs": [run],
     }
 
@@ -44,8 +52,14 @@ def train(workdir, run: dict, timeout: float = 400.0) -> dict:
         stop_all(clients)
     status = server.status()
     acks = [json.loads(line) for i in range(CLIENTS) for line in open(workdir / f"c{i}.acks.jsonl")]
-    return {"server": server, "status": status, "acks": acks, "codes": [p.returncode for p in clients],
-            "wall": time.time() - t0, "logs": [(workdir / f"c{i}.log").read_text() for i in range(CLIENTS)]}
+    return {
+        "server": server,
+        "status": status,
+        "acks": acks,
+        "codes": [p.returncode for p in clients],
+        "wall": time.time() - t0,
+        "logs": [(workdir / f"c{i}.log").read_text() for i in range(CLIENTS)],
+    }
 
 
 def check_trained(result: dict) -> None:
@@ -62,8 +76,14 @@ def check_trained(result: dict) -> None:
 @pytest.fixture(scope="module")
 def fedbuff_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("fedbuff")
-    result = train(workdir, {"name": "fedbuff", "algorithm": {"name": "fedbuff", "buffer_size": 4},
-                             "scheduler": {"mode": "async", "concurrency": CLIENTS}})
+    result = train(
+        workdir,
+        {
+            "name": "fedbuff",
+            "algorithm": {"name": "fedbuff", "buffer_size": 4},
+            "scheduler": {"mode": "async", "concurrency": CLIENTS},
+        },
+    )
     yield result
     result["server"].kill()
 
@@ -72,27 +92,41 @@ def test_fedbuff_eight_client_processes_reach_090(fedbuff_run):
     check_trained(fedbuff_run)
     s = fedbuff_run["status"]
     assert s["mode"] == "async" and s["version"] >= 1
-    print(f"fedbuff: target in {fedbuff_run['wall']:.1f} s wall (incl. client start-up), version {s['version']}, "
-          f"{s['leases']['issued']} trips")
+    print(
+        f"fedbuff: target in {fedbuff_run['wall']:.1f} s wall (incl. client start-up), version {s['version']}, "
+        f"{s['leases']['issued']} trips"
+    )
 
 
 def test_fedavg_sync_rounds_reach_090(tmp_path):
-    result = train(tmp_path, {"name": "fedavg", "algorithm": {"name": "fedavg"},
-                              "scheduler": {"mode": "sync", "concurrency": 6, "over_selection": 0.34,
-                                            "round_timeout": 30}})
+    result = train(
+        tmp_path,
+        {
+            "name": "fedavg",
+            "algorithm": {"name": "fedavg"},
+            "scheduler": {"mode": "sync", "concurrency": 6, "over_selection": 0.34, "round_timeout": 30},
+        },
+    )
     check_trained(result)
     s = result["status"]
     assert s["mode"] == "sync" and s["round"]["number"] >= s["version"]
     assert s["updates"]["stepped"] == 0  # FedAvg steps only at the round barrier
-    print(f"fedavg: target in {result['wall']:.1f} s wall, {s['version']} rounds, "
-          f"{s['leases']['ended']['cancelled']} over-selected trips cancelled")
+    print(
+        f"fedavg: target in {result['wall']:.1f} s wall, {s['version']} rounds, "
+        f"{s['leases']['ended']['cancelled']} over-selected trips cancelled"
+    )
     result["server"].kill()
 
 
 def test_fednova_sync_rounds_reach_090(tmp_path):
-    result = train(tmp_path, {"name": "fednova", "algorithm": {"name": "fednova", "mu": 0.01},
-                              "scheduler": {"mode": "sync", "concurrency": 6, "round_timeout": 30,
-                                            "straggler": "partial"}})
+    result = train(
+        tmp_path,
+        {
+            "name": "fednova",
+            "algorithm": {"name": "fednova", "mu": 0.01},
+            "scheduler": {"mode": "sync", "concurrency": 6, "round_timeout": 30, "straggler": "partial"},
+        },
+    )
     check_trained(result)
     s = result["status"]
     assert s["mode"] == "sync" and s["updates"]["stepped"] == 0 and s["version"] >= 1
@@ -104,8 +138,15 @@ def test_dashboard_shows_accuracy_chart_in_headless_chromium(fedbuff_run, tmp_pa
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     assert browser, "Debian chromium is required (apt-get install -y chromium); see the Makefile's test set-up"
     url = fedbuff_run["server"].url + "/"
-    args = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-            f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=4000"]
+    args = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=4000",
+    ]
     dom = subprocess.run(args + ["--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
     line = re.search(r'<polyline id="acc-line"[^>]*>', dom)
     assert line, dom[:2000]
@@ -113,6 +154,9 @@ def test_dashboard_shows_accuracy_chart_in_headless_chromium(fedbuff_run, tmp_pa
     points = re.search(r' points="([^"]*)"', line.group(0)).group(1).split()
     assert n >= 2 and len(points) == n
     assert re.search(r'id="version">\d+<', dom) and re.search(r'id="accuracy">0\.\d{3}<', dom)
-    subprocess.run(args + [f"--screenshot={tmp_path / 'dashboard.png'}", "--window-size=800,560", url],
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        args + [f"--screenshot={tmp_path / 'dashboard.png'}", "--window-size=800,560", url],
+        capture_output=True,
+        timeout=120,
+    )
     assert (tmp_path / "dashboard.png").stat().st_size > 5000

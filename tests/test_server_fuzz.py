@@ -15,9 +15,10 @@ from asyncfl import wire
 
 EXAMPLES = 1100
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=20),
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
-    max_leaves=10)
+    max_leaves=10,
+)
 
 
 def test_fuzz_no_5xx_and_model_unchanged(tmp_path):
@@ -27,8 +28,16 @@ def test_fuzz_no_5xx_and_model_unchanged(tmp_path):
     frame = h.frame(lease)  # one frame: each call draws a new idempotency key, so header lengths differ
     template = json.loads(frame[8 : 8 + int.from_bytes(frame[4:8], "little")])
     before = h.snapshot()
-    auths = st.sampled_from([{}, h.auth("a"), {"Authorization": f"Bearer {h.foreign}"},
-                             {"Authorization": "Bearer afl_x"}, {"Authorization": "Basic Zm9v"}, {"Authorization": ""}])
+    auths = st.sampled_from(
+        [
+            {},
+            h.auth("a"),
+            {"Authorization": f"Bearer {h.foreign}"},
+            {"Authorization": "Bearer afl_x"},
+            {"Authorization": "Basic Zm9v"},
+            {"Authorization": ""},
+        ]
+    )
     sent = []
 
     @st.composite
@@ -41,10 +50,18 @@ def test_fuzz_no_5xx_and_model_unchanged(tmp_path):
             else:
                 header[key] = draw(json_values)
         if draw(st.booleans()):
-            header["tensors"] = draw(st.lists(st.fixed_dictionaries({
-                "name": st.sampled_from(m.names + ["x"]),
-                "shape": st.lists(st.integers(-2, 70), max_size=3),
-                "dtype": st.sampled_from(["float32", "float64", "float16", "int8", "bool", ""])}), max_size=6))
+            header["tensors"] = draw(
+                st.lists(
+                    st.fixed_dictionaries(
+                        {
+                            "name": st.sampled_from(m.names + ["x"]),
+                            "shape": st.lists(st.integers(-2, 70), max_size=3),
+                            "dtype": st.sampled_from(["float32", "float64", "float16", "int8", "bool", ""]),
+                        }
+                    ),
+                    max_size=6,
+                )
+            )
         raw = json.dumps(header).encode()
         payload = draw(st.sampled_from(["good", "random", "nan", "huge"]))
         n = m.numel
@@ -68,15 +85,35 @@ def test_fuzz_no_5xx_and_model_unchanged(tmp_path):
 
     raw_request = st.tuples(
         st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH"]),
-        st.sampled_from(["/v1/update", "/v1/checkin", "/v1/task", "/v1/model/0", "/v1/model/-1", "/v1/model/abc",
-                         "/v1/model/99999999999999999999", "/v1/history?since=x", "/v1/history?since=-5", "/status",
-                         "/metrics", "/", "/nope", "/v1/model/", "/v1/history?since=99999999999999999999999"]),
-        auths, st.binary(max_size=300))
-    checkin = st.tuples(st.just("POST"), st.just("/v1/checkin"), auths,
-                        json_values.map(lambda v: json.dumps(v).encode()))
+        st.sampled_from(
+            [
+                "/v1/update",
+                "/v1/checkin",
+                "/v1/task",
+                "/v1/model/0",
+                "/v1/model/-1",
+                "/v1/model/abc",
+                "/v1/model/99999999999999999999",
+                "/v1/history?since=x",
+                "/v1/history?since=-5",
+                "/status",
+                "/metrics",
+                "/",
+                "/nope",
+                "/v1/model/",
+                "/v1/history?since=99999999999999999999999",
+            ]
+        ),
+        auths,
+        st.binary(max_size=300),
+    )
+    checkin = st.tuples(
+        st.just("POST"), st.just("/v1/checkin"), auths, json_values.map(lambda v: json.dumps(v).encode())
+    )
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck)
+    )
     @given(st.one_of(header_mutation(), byte_mutation(), raw_request, checkin))
     def one(request):
         method, path, headers, body = request

@@ -22,13 +22,16 @@ from asyncfl.server.settings import ServerConfig
 
 
 def experiment(algorithm: dict, scheduler: dict) -> config.ExperimentConfig:
-    return config.validate({
-        "name": "t", "seed": 0,
-        "data": {"num_clients": 8, "partition": {"kind": "iid"}},
-        "model": {"name": "mlp", "hidden": [16]},
-        "trainer": {"lr": 0.1, "batch_size": 16, "local_steps": 2},
-        "runs": [{"name": "task1", "algorithm": algorithm, "scheduler": scheduler}],
-    })
+    return config.validate(
+        {
+            "name": "t",
+            "seed": 0,
+            "data": {"num_clients": 8, "partition": {"kind": "iid"}},
+            "model": {"name": "mlp", "hidden": [16]},
+            "trainer": {"lr": 0.1, "batch_size": 16, "local_steps": 2},
+            "runs": [{"name": "task1", "algorithm": algorithm, "scheduler": scheduler}],
+        }
+    )
 
 
 class Harness:
@@ -39,8 +42,12 @@ class Harness:
         scheduler = scheduler or {"mode": "async", "concurrency": 4}
         self.tmp = tmp_path
         self.cfg = experiment(algorithm, scheduler)
-        self.settings = ServerConfig(**({"max_update_norm": 50.0, "max_body_bytes": 64 * 1024, "rate_per_s": 1000,
-                                         "rate_burst": 1000} | settings))
+        self.settings = ServerConfig(
+            **(
+                {"max_update_norm": 50.0, "max_body_bytes": 64 * 1024, "rate_per_s": 1000, "rate_burst": 1000}
+                | settings
+            )
+        )
         self.open(background)
         self.tokens = {c: self.mint(c, "task1") for c in "abcdefg"}
         self.foreign = self.mint("z", "other-task")
@@ -75,8 +82,14 @@ class Harness:
     def frame(self, lease, delta=None, key=None, **header):
         m = self.server.model
         delta = torch.full((m.numel,), 0.01) if delta is None else delta
-        fields = dict(lease_id=lease["lease_id"], base_version=lease["base_version"],
-                      idempotency_key=key or f"k-{np.random.randint(1 << 62)}", n_examples=20, steps=2, loss=1.0)
+        fields = dict(
+            lease_id=lease["lease_id"],
+            base_version=lease["base_version"],
+            idempotency_key=key or f"k-{np.random.randint(1 << 62)}",
+            n_examples=20,
+            steps=2,
+            loss=1.0,
+        )
         fields.update(header)
         return wire.encode_update(delta=delta, names=m.names, shapes=m.shapes, **fields)
 
@@ -114,6 +127,7 @@ def unchanged(h, before):
 
 # ---- authentication -------------------------------------------------------------------------
 
+
 def test_missing_and_invalid_token_are_401(h):
     lease = h.checkin("a")
     before = h.snapshot()
@@ -146,14 +160,18 @@ def test_tokens_are_stored_hashed_and_revocable(h):
 
 # ---- malformed and invalid bodies --------------------------------------------------------------
 
-@pytest.mark.parametrize("body, words", [
-    (b"", "not an asyncfl frame"),
-    (b"hello world, not a frame", "not an asyncfl frame"),
-    (wire.MAGIC + (10**6).to_bytes(4, "little") + b"{}", "exceeds"),
-    (wire.MAGIC + (50).to_bytes(4, "little") + b"{}", "runs past the end"),
-    (wire.MAGIC + (5).to_bytes(4, "little") + b"{oops", "not valid UTF-8 JSON"),
-    (wire.MAGIC + (2).to_bytes(4, "little") + b"[]", "must be a JSON object"),
-])
+
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        (b"", "not an asyncfl frame"),
+        (b"hello world, not a frame", "not an asyncfl frame"),
+        (wire.MAGIC + (10**6).to_bytes(4, "little") + b"{}", "exceeds"),
+        (wire.MAGIC + (50).to_bytes(4, "little") + b"{}", "runs past the end"),
+        (wire.MAGIC + (5).to_bytes(4, "little") + b"{oops", "not valid UTF-8 JSON"),
+        (wire.MAGIC + (2).to_bytes(4, "little") + b"[]", "must be a JSON object"),
+    ],
+)
 def test_malformed_body_is_400(h, body, words):
     h.checkin("a")
     before = h.snapshot()
@@ -167,8 +185,12 @@ def test_header_missing_or_bad_field_is_400_naming_it(h):
     good = h.frame(lease)
     hlen = int.from_bytes(good[4:8], "little")
     header = json.loads(good[8 : 8 + hlen])
-    for field, value, named in (("n_examples", None, "n_examples"), ("base_version", "3", "base_version"),
-                                ("n_examples", 0, "n_examples"), ("idempotency_key", "x", "idempotency_key")):
+    for field, value, named in (
+        ("n_examples", None, "n_examples"),
+        ("base_version", "3", "base_version"),
+        ("n_examples", 0, "n_examples"),
+        ("idempotency_key", "x", "idempotency_key"),
+    ):
         broken = dict(header)
         if value is None:
             broken.pop(field)
@@ -187,8 +209,15 @@ def test_wrong_tensor_count_shape_dtype_are_422(h):
     before = h.snapshot()
     m = h.server.model
     arrays = wire.split_flat(torch.zeros(m.numel), m.names, m.shapes)
-    key = {"kind": "update", "lease_id": lease["lease_id"], "base_version": 0, "idempotency_key": "key-12345678",
-           "n_examples": 5, "steps": 1, "loss": 0.5}
+    key = {
+        "kind": "update",
+        "lease_id": lease["lease_id"],
+        "base_version": 0,
+        "idempotency_key": "key-12345678",
+        "n_examples": 5,
+        "steps": 1,
+        "loss": 0.5,
+    }
     body = wire.encode(dict(key, names=m.names[:-1]), arrays[:-1])
     assert_rejected(h, h.upload("a", body), 422, "bad_tensor_count", f"update has {len(arrays) - 1} tensors")
     bad_shape = [a for a in arrays]
@@ -255,6 +284,7 @@ def test_body_above_limit_is_413_before_it_is_read(h):
 
 
 # ---- run-state rules ---------------------------------------------------------------------------
+
 
 def test_staleness_above_max_is_409_and_counted_discarded(h):
     late = h.checkin("a")  # base 0, max_staleness 1, K = 3
@@ -353,6 +383,7 @@ def test_checkin_body_must_be_json_object(h):
 
 # ---- sync rounds over the same SyncPolicy ------------------------------------------------------
 
+
 def test_sync_round_over_selection_closes_at_cohort_and_cancels_the_rest(tmp_path):
     with Harness(tmp_path, {"name": "fedavg"}, {"mode": "sync", "concurrency": 2, "over_selection": 0.5}) as h:
         leases = [h.checkin(c) for c in "abc"]
@@ -395,8 +426,11 @@ def test_fednova_round_normalizes_each_update_by_its_reported_steps(tmp_path):
 
 
 def test_fedasync_mixes_with_the_model_the_client_started_from(tmp_path):
-    with Harness(tmp_path, {"name": "fedasync", "alpha": 0.5, "staleness": {"kind": "polynomial", "a": 1.0}},
-                {"mode": "async", "concurrency": 2}) as h:
+    with Harness(
+        tmp_path,
+        {"name": "fedasync", "alpha": 0.5, "staleness": {"kind": "polynomial", "a": 1.0}},
+        {"mode": "async", "concurrency": 2},
+    ) as h:
         a, b = h.checkin("a"), h.checkin("b")
         w0 = h.server.aggregation.state.w.clone()
         da, db = torch.randn(w0.numel()) * 0.01, torch.randn(w0.numel()) * 0.01
@@ -410,6 +444,7 @@ def test_fedasync_mixes_with_the_model_the_client_started_from(tmp_path):
 
 
 # ---- durability ---------------------------------------------------------------------------------
+
 
 def test_restart_resumes_version_buffer_and_leases(tmp_path):
     with Harness(tmp_path) as h:
@@ -456,8 +491,13 @@ def test_status_metrics_and_dashboard(h):
     assert s["version"] == 0 and s["buffer"] == {"fill": 1, "size": 3} and s["leases"]["active"] == 0
     assert s["rejected"] == {"malformed": 1} and s["last_eval"]["accuracy"] >= 0
     text = h.http.get("/metrics").text
-    for line in ("asyncfl_model_version 0.0", "asyncfl_buffer_fill 1.0", 'asyncfl_rejected_total{reason="malformed"} 1.0',
-                 "# TYPE asyncfl_updates_total counter", "asyncfl_test_accuracy "):
+    for line in (
+        "asyncfl_model_version 0.0",
+        "asyncfl_buffer_fill 1.0",
+        'asyncfl_rejected_total{reason="malformed"} 1.0',
+        "# TYPE asyncfl_updates_total counter",
+        "asyncfl_test_accuracy ",
+    ):
         assert line in text
     page = h.http.get("/").text
     assert "acc-chart" in page and "http" not in page.split("<body>")[1].replace("/v1/history", "")

@@ -79,8 +79,13 @@ def test_sync_over_selection_cancels_the_late_clients(small):
 
 
 def test_sync_partial_work_is_accepted_with_fewer_steps(small):
-    cfg = small(sets=["runs.fedavg.scheduler.round_timeout=6", "runs.fedavg.scheduler.straggler=partial",
-                      "runs.fedavg.scheduler.over_selection=0"])
+    cfg = small(
+        sets=[
+            "runs.fedavg.scheduler.round_timeout=6",
+            "runs.fedavg.scheduler.straggler=partial",
+            "runs.fedavg.scheduler.over_selection=0",
+        ]
+    )
     sim = sim_with_recorder(cfg, "fedavg")
     m = sim.run()
     steps = [u.steps for u in sim.executor.updates]

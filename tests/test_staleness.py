@@ -32,8 +32,15 @@ def test_inverse_sqrt_is_fedbuff_default():
     assert s(8) == pytest.approx(1 / 3)
 
 
-@pytest.mark.parametrize("bad", [lambda: staleness.polynomial(0), lambda: staleness.hinge(0, 1),
-                                 lambda: staleness.hinge(1, -1), lambda: staleness.make("exp")])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda: staleness.polynomial(0),
+        lambda: staleness.hinge(0, 1),
+        lambda: staleness.hinge(1, -1),
+        lambda: staleness.make("exp"),
+    ],
+)
 def test_bad_parameters_are_rejected(bad):
     with pytest.raises(ValueError):
         bad()

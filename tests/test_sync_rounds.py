@@ -25,8 +25,14 @@ def folded_per_round(sim):
 
 
 def test_partial_stragglers_never_push_a_round_past_its_cohort(small):
-    cfg = small(sets=["runs.fedavg.scheduler.concurrency=10", "runs.fedavg.scheduler.over_selection=0.3",
-                      "runs.fedavg.scheduler.round_timeout=6", "runs.fedavg.scheduler.straggler=partial"])
+    cfg = small(
+        sets=[
+            "runs.fedavg.scheduler.concurrency=10",
+            "runs.fedavg.scheduler.over_selection=0.3",
+            "runs.fedavg.scheduler.round_timeout=6",
+            "runs.fedavg.scheduler.straggler=partial",
+        ]
+    )
     sim = build_simulation(cfg, cfg.run("fedavg"))
     assert sim.policy.selected == 13
     counts = folded_per_round(sim)

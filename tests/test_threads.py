@@ -11,8 +11,10 @@ from asyncfl.sim import threads
 
 def _slow_with(n_slow: int):
     """A workload that takes 20 ms under `n_slow` threads and 2 ms otherwise."""
+
     def run():
         time.sleep(0.02 if torch.get_num_threads() == n_slow else 0.002)
+
     return run
 
 
@@ -73,7 +75,22 @@ def test_summary_records_the_choice(tmp_path, two_threads):
 
     from asyncfl.cli import main
 
-    assert main(["simulate", "--preset", "quickstart", "--run", "fedbuff", "--set", "stop.max_time=100", "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "simulate",
+                "--preset",
+                "quickstart",
+                "--run",
+                "fedbuff",
+                "--set",
+                "stop.max_time=100",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["threads"]["mode"] == "auto" and set(summary["threads"]["probe_seconds"]) == {"1", "2"}
     assert summary["torch_threads"] == summary["threads"]["threads"]

@@ -40,7 +40,8 @@ def test_proximal_term_changes_the_result_as_the_formula_says(task):
 def test_update_reports_examples_steps_and_loss(task):
     model, x, y = task
     u = LocalTrainer(model, 0.1, batch_size=5, local_epochs=2.0).train(
-        model.initial_weights(), x, y, seed=0, client_id=4, base_version=9)
+        model.initial_weights(), x, y, seed=0, client_id=4, base_version=9
+    )
     assert (u.client_id, u.base_version, u.n_examples, u.steps) == (4, 9, 12, 5)  # ceil(2 * 12 / 5)
     assert u.loss > 0
 

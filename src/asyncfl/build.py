@@ -25,9 +25,21 @@ from asyncfl.data.synthetic import SyntheticFederated
 from asyncfl.models import FlatModel, build_model
 from asyncfl.scheduling import build_policy
 
-__all__ = ["build_aggregator", "build_client_rule", "build_codecs", "build_data", "build_flat_model", "build_policy",
-           "build_private_aggregator", "build_server_opt", "build_staleness", "build_trainer", "client_options",
-           "num_users", "split_client_tests"]
+__all__ = [
+    "build_aggregator",
+    "build_client_rule",
+    "build_codecs",
+    "build_data",
+    "build_flat_model",
+    "build_policy",
+    "build_private_aggregator",
+    "build_server_opt",
+    "build_staleness",
+    "build_trainer",
+    "client_options",
+    "num_users",
+    "split_client_tests",
+]
 
 
 def _load_pool(cfg: ExperimentConfig) -> FederatedDataset | tuple:
@@ -52,10 +64,20 @@ def build_data(cfg: ExperimentConfig) -> FederatedDataset | SyntheticFederated:
     num_clients = d.num_clients or cfg.population.devices
     if d.dataset == "synthetic":
         s = d.synthetic
-        synth = SyntheticFederated(num_clients, s.alpha, s.beta, cfg.seed, num_features=s.num_features,
-                                   num_classes=s.num_classes, size_median=s.size_median, size_sigma=s.size_sigma,
-                                   max_size=s.max_size, test_size=s.test_size, test_devices=s.test_devices,
-                                   common_model=s.common_model)
+        synth = SyntheticFederated(
+            num_clients,
+            s.alpha,
+            s.beta,
+            cfg.seed,
+            num_features=s.num_features,
+            num_classes=s.num_classes,
+            size_median=s.size_median,
+            size_sigma=s.size_sigma,
+            max_size=s.max_size,
+            test_size=s.test_size,
+            test_devices=s.test_devices,
+            common_model=s.common_model,
+        )
         if d.client_test_fraction == 0:
             return synth  # generated per device on demand
         # per-client test splits need the examples stored: fine for the populations they are used with
@@ -71,8 +93,15 @@ def build_data(cfg: ExperimentConfig) -> FederatedDataset | SyntheticFederated:
         pool = (pool.x[train], pool.y[train], pool.x_test, pool.y_test, pool.num_classes)
     x, y, x_test, y_test, classes = pool
     try:
-        parts = partition(p.kind, y.numpy(), num_clients, cfg.seed, alpha=p.alpha,
-                          classes_per_client=p.classes_per_client, exponent=p.exponent)
+        parts = partition(
+            p.kind,
+            y.numpy(),
+            num_clients,
+            cfg.seed,
+            alpha=p.alpha,
+            classes_per_client=p.classes_per_client,
+            exponent=p.exponent,
+        )
     except ValueError as err:
         raise ConfigError(f"data.partition: {err}") from None
     return split_client_tests(FederatedDataset(x, y, parts, x_test, y_test, classes), d.client_test_fraction, cfg.seed)
@@ -112,8 +141,9 @@ def build_flat_model(cfg: ExperimentConfig, data) -> FlatModel:
         raise ConfigError(f"model ({m.name}): {err}") from None
 
 
-def build_aggregator(spec: RunSpec, trainer_lr: float | None = None, *, num_users: int | None = None,
-                     seed: int = 0) -> aggregators.Aggregator:
+def build_aggregator(
+    spec: RunSpec, trainer_lr: float | None = None, *, num_users: int | None = None, seed: int = 0
+) -> aggregators.Aggregator:
     """`trainer_lr` sets q-FedAvg's default L = 1 / lr. With `spec.privacy`, the DP aggregator;
     `num_users` (distinct users who may contribute) sets its default sample rate, `seed` its noise,
     and is SCAFFOLD's N unless its config sets `algorithm.num_clients`."""
@@ -145,8 +175,18 @@ def build_client_rule(spec: RunSpec, trainer_lr: float):
 def build_trainer(cfg: ExperimentConfig, spec: RunSpec, model: FlatModel) -> LocalTrainer:
     """The local trainer a run uses: the shared SGD, with the algorithm's client-side terms."""
     t, o = cfg.trainer, client_options(spec)
-    return LocalTrainer(model, t.lr, t.batch_size, t.local_steps, t.local_epochs, o.prox_mu, meta=o.meta,
-                        meta_lr=o.meta_lr, meta_delta=o.meta_delta, start_loss=o.start_loss)
+    return LocalTrainer(
+        model,
+        t.lr,
+        t.batch_size,
+        t.local_steps,
+        t.local_epochs,
+        o.prox_mu,
+        meta=o.meta,
+        meta_lr=o.meta_lr,
+        meta_delta=o.meta_delta,
+        start_loss=o.start_loss,
+    )
 
 
 def num_users(cfg: ExperimentConfig, data) -> int:

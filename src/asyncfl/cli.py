@@ -31,16 +31,25 @@ def _add_config_args(p: argparse.ArgumentParser, allow_file: bool) -> None:
     if allow_file:
         src.add_argument("--config", type=Path, help="experiment YAML file")
     src.add_argument("--preset", help=f"built-in experiment: {', '.join(config.preset_names())}")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set population.devices=500 "
-                        "or --set runs.fedbuff.algorithm.buffer_size=5 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set population.devices=500 "
+        "or --set runs.fedbuff.algorithm.buffer_size=5 (repeatable)",
+    )
     p.add_argument("--seed", type=int, help="override the experiment seed")
     p.add_argument("--out", type=Path, required=True, help="results directory")
     p.add_argument("--quick", action="store_true", help="apply the experiment's quick: block (a small variant)")
-    p.add_argument("--threads", default="auto",
-                   help="torch intra-op threads, or 'auto' (default): time one training pass with one thread and "
-                        "with torch's default (one per core) and keep the faster; waiting threads slow small "
-                        "models down many times on a busy machine")
+    p.add_argument(
+        "--threads",
+        default="auto",
+        help="torch intra-op threads, or 'auto' (default): time one training pass with one thread and "
+        "with torch's default (one per core) and keep the faster; waiting threads slow small "
+        "models down many times on a busy machine",
+    )
 
 
 def _add_network_commands(sub) -> None:
@@ -48,8 +57,14 @@ def _add_network_commands(sub) -> None:
     srv.add_argument("--config", type=Path, required=True, help="experiment YAML (may hold a server: section)")
     srv.add_argument("--run", help="which of the config's runs (default: the first)")
     srv.add_argument("--server-config", type=Path, help="server settings YAML (limits, leases, rate limits)")
-    srv.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config field, e.g. --set server.lease_timeout=30")
+    srv.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set server.lease_timeout=30",
+    )
     srv.add_argument("--seed", type=int)
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8080)
@@ -66,8 +81,12 @@ def _add_network_commands(sub) -> None:
     cli.add_argument("--max-trips", type=int, help="stop after this many trips")
     cli.add_argument("--eligibility", help="module:function returning True when the device may train")
     cli.add_argument("--ack-log", type=Path, help="append each upload's answer as a JSON line")
-    cli.add_argument("--state", type=Path, help="file keeping the algorithm's per-client state between trips and "
-                                                 "restarts (SCAFFOLD's control variate); default: ACK_LOG.state.pt")
+    cli.add_argument(
+        "--state",
+        type=Path,
+        help="file keeping the algorithm's per-client state between trips and "
+        "restarts (SCAFFOLD's control variate); default: ACK_LOG.state.pt",
+    )
     cli.add_argument("--backoff-cap", type=float, default=10.0, help="longest wait between retries (s)")
     cli.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     tok = sub.add_parser("token", help="create, list or revoke client tokens (stored hashed)")
@@ -89,6 +108,7 @@ def _network_command(args) -> int:
         from asyncfl.client.main import client as run
     else:
         from asyncfl.server.commands import serve, token
+
         run = serve if args.command == "serve" else token
     try:
         return run(args)
@@ -142,15 +162,17 @@ def main(argv: list[str] | None = None) -> int:
                 console.print(name)
             return 0
         threads = _threads(args.threads)
-        cfg = config.load(getattr(args, "config", None), args.preset, args.overrides, args.seed,
-                          quick=getattr(args, "quick", False))
+        cfg = config.load(
+            getattr(args, "config", None), args.preset, args.overrides, args.seed, quick=getattr(args, "quick", False)
+        )
         runs = [cfg.run(args.run).name] if args.command == "simulate" else None
         if args.command == "compare" and cfg.study is not None:
             from asyncfl.study import run_study  # a study: grids, seeds and ratios (asyncfl.study)
 
             if args.seed is not None:
-                raise config.ConfigError("--seed does not apply to a study: its seeds are study.seeds "
-                                         "(e.g. --set 'study.seeds=[3, 4, 5]')")
+                raise config.ConfigError(
+                    "--seed does not apply to a study: its seeds are study.seeds (e.g. --set 'study.seeds=[3, 4, 5]')"
+                )
 
             run_study(cfg, args.out, console, threads)
             return 0

@@ -43,15 +43,22 @@ from asyncfl.sim.simulator import RunParts, Simulation
 PROBE_CLIENTS = 128
 
 
-def build_simulation(cfg: ExperimentConfig, spec: RunSpec, data: FederatedDataset | None = None,
-                     progress=None) -> Simulation:
+def build_simulation(
+    cfg: ExperimentConfig, spec: RunSpec, data: FederatedDataset | None = None, progress=None
+) -> Simulation:
     data = data or build_data(cfg)
     model = build_flat_model(cfg, data)
     trainer = build_trainer(cfg, spec, model)
-    parts = RunParts(model, data, trainer, make_executor(cfg.executor, trainer, data, cfg.executor_memory_mb),
-                     build_aggregator(spec, cfg.trainer.lr, num_users=num_users(cfg, data), seed=cfg.seed),
-                     build_policy(spec.scheduler), build_client_rule(spec, cfg.trainer.lr),
-                     definition(spec.algorithm.name).upload_fields)
+    parts = RunParts(
+        model,
+        data,
+        trainer,
+        make_executor(cfg.executor, trainer, data, cfg.executor_memory_mb),
+        build_aggregator(spec, cfg.trainer.lr, num_users=num_users(cfg, data), seed=cfg.seed),
+        build_policy(spec.scheduler),
+        build_client_rule(spec, cfg.trainer.lr),
+        definition(spec.algorithm.name).upload_fields,
+    )
     return Simulation(parts, cfg, model.initial_weights(), build_codecs(spec), progress)
 
 
@@ -95,8 +102,13 @@ def run_entry(cfg: ExperimentConfig, spec: RunSpec, m: Metrics) -> dict:
     }
 
 
-def run_experiment(cfg: ExperimentConfig, out: Path, runs: list[str] | None = None,
-                   console: Console | None = None, threads: int | str = "auto") -> dict:
+def run_experiment(
+    cfg: ExperimentConfig,
+    out: Path,
+    runs: list[str] | None = None,
+    console: Console | None = None,
+    threads: int | str = "auto",
+) -> dict:
     """Run the named runs (all by default) and write everything under `out`; `threads` is
     torch's intra-op thread count, or "auto" (see `choose_threads`)."""
     console = console or Console()
@@ -107,8 +119,14 @@ def run_experiment(cfg: ExperimentConfig, out: Path, runs: list[str] | None = No
     data = build_data(cfg)
     threads_used = choose_threads(cfg, specs[0], data, threads)
     results: dict[str, Metrics] = {}
-    progress = Progress(TextColumn("{task.description:>12}"), BarColumn(), TextColumn("{task.fields[acc]}"),
-                        TimeElapsedColumn(), console=console, transient=False)
+    progress = Progress(
+        TextColumn("{task.description:>12}"),
+        BarColumn(),
+        TextColumn("{task.fields[acc]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
     with progress if console.is_terminal else nullcontext():
         for spec in specs:
             task = progress.add_task(spec.name, total=cfg.stop.max_time, acc="")
@@ -117,15 +135,15 @@ def run_experiment(cfg: ExperimentConfig, out: Path, runs: list[str] | None = No
                 progress.update(_task, completed=t)
 
             m = run_one(cfg, spec, data, progress=tick)
-            progress.update(task, completed=cfg.stop.max_time,
-                            acc=f"acc {m.rows[-1]['test_accuracy']:.3f}")
+            progress.update(task, completed=cfg.stop.max_time, acc=f"acc {m.rows[-1]['test_accuracy']:.3f}")
             results[spec.name] = m
             run_dir = out / spec.name
             run_dir.mkdir(exist_ok=True)
             m.write_csv(run_dir / "metrics.csv")
             if not console.is_terminal:
-                console.print(f"{spec.name}: final accuracy {m.rows[-1]['test_accuracy']:.3f} "
-                              f"in {m.wall_seconds:.1f} s wall")
+                console.print(
+                    f"{spec.name}: final accuracy {m.rows[-1]['test_accuracy']:.3f} in {m.wall_seconds:.1f} s wall"
+                )
     summary = {
         "preset": cfg.name,
         "target_accuracy": cfg.target_accuracy,
@@ -134,13 +152,21 @@ def run_experiment(cfg: ExperimentConfig, out: Path, runs: list[str] | None = No
         "threads": threads_used.summary(),  # how it was chosen: asked for, or measured (probe seconds)
         "runs": [run_entry(cfg, spec, results[spec.name]) for spec in specs],
         # examples per client: the imbalance every run above trained on
-        "data": {"dataset": cfg.data.dataset, "partition": cfg.data.partition.kind,
-                 **plot_client_sizes(data.client_sizes(), out / "client_sizes.png",
-                                     f"{cfg.data.dataset}, {cfg.data.partition.kind} partition")},
+        "data": {
+            "dataset": cfg.data.dataset,
+            "partition": cfg.data.partition.kind,
+            **plot_client_sizes(
+                data.client_sizes(),
+                out / "client_sizes.png",
+                f"{cfg.data.dataset}, {cfg.data.partition.kind} partition",
+            ),
+        },
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     write_plots(results, cfg.target_accuracy, out, cfg.name)
     console.print(summary_table(summary))
-    console.print(f"results in {out}/ (summary.json, config.yaml, */metrics.csv, accuracy_vs_time.png, "
-                  "accuracy_vs_trips.png, staleness.png, client_sizes.png)")
+    console.print(
+        f"results in {out}/ (summary.json, config.yaml, */metrics.csv, accuracy_vs_time.png, "
+        "accuracy_vs_trips.png, staleness.png, client_sizes.png)"
+    )
     return summary

@@ -95,7 +95,9 @@ class SyncPolicy:
 
     mode = "sync"
 
-    def __init__(self, cohort: int, over_selection: float = 0.0, round_timeout: float | None = None, straggler: str = "drop"):
+    def __init__(
+        self, cohort: int, over_selection: float = 0.0, round_timeout: float | None = None, straggler: str = "drop"
+    ):
         self.cohort = cohort
         self.selected = math.ceil(cohort * (1 + over_selection) - 1e-9)
         self.round_timeout = round_timeout if straggler != "wait" else None

@@ -87,8 +87,15 @@ def base_tree(cfg: ExperimentConfig) -> dict:
     return tree
 
 
-def run_tree(cfg: ExperimentConfig, method: StudyMethod, concurrency: int, seed: int, point: dict, name: str,
-             round_timeouts: dict | None = None) -> dict:
+def run_tree(
+    cfg: ExperimentConfig,
+    method: StudyMethod,
+    concurrency: int,
+    seed: int,
+    point: dict,
+    name: str,
+    round_timeouts: dict | None = None,
+) -> dict:
     """The validated single-run experiment of one (method, concurrency, seed, grid point)."""
     st = cfg.study
     tree = base_tree(cfg)
@@ -138,9 +145,18 @@ def trip_durations(cfg: ExperimentConfig) -> np.ndarray:
 
 def round_timeout(cfg: ExperimentConfig, percentile: float, cache: dict | None = None) -> float:
     """The `percentile`-th percentile of trip durations (seconds, 3 significant digits)."""
-    key = json.dumps([cfg.seed, percentile, cfg.population.model_dump(mode="json"), cfg.trainer.model_dump(
-        mode="json"), cfg.model.model_dump(mode="json"), cfg.data.model_dump(mode="json"),
-        cfg.runs[0].compression and cfg.runs[0].compression.model_dump(mode="json")], sort_keys=True)
+    key = json.dumps(
+        [
+            cfg.seed,
+            percentile,
+            cfg.population.model_dump(mode="json"),
+            cfg.trainer.model_dump(mode="json"),
+            cfg.model.model_dump(mode="json"),
+            cfg.data.model_dump(mode="json"),
+            cfg.runs[0].compression and cfg.runs[0].compression.model_dump(mode="json"),
+        ],
+        sort_keys=True,
+    )
     if cache is not None and key in cache:
         return cache[key]
     value = float(np.percentile(trip_durations(cfg), percentile))
@@ -162,8 +178,17 @@ def plan(cfg: ExperimentConfig) -> list[Group]:
             runs = []
             for i, point in enumerate(points):
                 name = f"{m.name}-C{c}-g{i}"
-                runs.append(PlannedRun(m.name, c, st.grid_seed, point, i,
-                                       run_tree(cfg, m, c, st.grid_seed, point, name, timeouts), name))
+                runs.append(
+                    PlannedRun(
+                        m.name,
+                        c,
+                        st.grid_seed,
+                        point,
+                        i,
+                        run_tree(cfg, m, c, st.grid_seed, point, name, timeouts),
+                        name,
+                    )
+                )
             groups.append(Group(m.name, c, runs, [s for s in st.seeds if s != st.grid_seed]))
     return groups
 
@@ -172,8 +197,9 @@ def seed_run(cfg: ExperimentConfig, g: Group, seed: int) -> PlannedRun:
     m = next(m for m in cfg.study.methods if m.name == g.method)
     point = g.grid[g.chosen].point
     name = f"{g.method}-C{g.concurrency}-s{seed}"
-    return PlannedRun(g.method, g.concurrency, seed, point, None,
-                      run_tree(cfg, m, g.concurrency, seed, point, name), name)
+    return PlannedRun(
+        g.method, g.concurrency, seed, point, None, run_tree(cfg, m, g.concurrency, seed, point, name), name
+    )
 
 
 # ---------------------------------------------------------------------------- execution
@@ -209,8 +235,9 @@ def choose(results: list[dict]) -> int:
     """Least time to target, then fewer trips, then grid order; none reached: best accuracy."""
     reached = [i for i, r in enumerate(results) if r["entry"]["time_to_target"] is not None]
     if reached:
-        return min(reached, key=lambda i: (results[i]["entry"]["time_to_target"],
-                                           results[i]["entry"]["trips_to_target"], i))
+        return min(
+            reached, key=lambda i: (results[i]["entry"]["time_to_target"], results[i]["entry"]["trips_to_target"], i)
+        )
     return max(range(len(results)), key=lambda i: (results[i]["entry"]["best_accuracy"], -i))
 
 
@@ -220,8 +247,9 @@ def tune(grid: list[PlannedRun], cap_at_best: bool) -> list[dict]:
     for run in grid:
         tree, cap = _capped(run.tree, best if cap_at_best else None)
         r = execute(tree)
-        r["entry"].update(stage="grid", method=run.method, params=run.point, grid_index=run.grid_index,
-                          grid_cap=cap)  # grid_cap: stopped at this virtual time, it could no longer be the fastest
+        r["entry"].update(
+            stage="grid", method=run.method, params=run.point, grid_index=run.grid_index, grid_cap=cap
+        )  # grid_cap: stopped at this virtual time, it could no longer be the fastest
         results.append(r)
         t = r["entry"]["time_to_target"]
         if t is not None and (best is None or t < best):
@@ -255,8 +283,11 @@ class _Inline:
 
 
 def _entry_line(e: dict) -> str:
-    hit = (f"target at {e['time_to_target']:.0f} s, {e['trips_to_target']:,} trips" if e["time_to_target"] is not None
-           else f"no target (best {e['best_accuracy']:.3f} by {e['virtual_time']:.0f} s)")
+    hit = (
+        f"target at {e['time_to_target']:.0f} s, {e['trips_to_target']:,} trips"
+        if e["time_to_target"] is not None
+        else f"no target (best {e['best_accuracy']:.3f} by {e['virtual_time']:.0f} s)"
+    )
     return f"{e['name']}: {hit}, {e['server_steps']} steps, {e['wall_seconds']:.1f} s wall"
 
 
@@ -271,21 +302,34 @@ def run_study(cfg: ExperimentConfig, out: Path, console: Console | None = None, 
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     n_grid = sum(len(g.grid) for g in groups)
-    console.print(f"{cfg.name}: {len(groups)} (method, concurrency) groups, {n_grid} grid runs (seed {st.grid_seed}), "
-                  f"then {sum(len(g.seeds) for g in groups)} seed runs; {st.workers} worker(s)")
-    pool = (_Inline() if st.workers == 1 else
-            ProcessPoolExecutor(st.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker))
+    console.print(
+        f"{cfg.name}: {len(groups)} (method, concurrency) groups, {n_grid} grid runs (seed {st.grid_seed}), "
+        f"then {sum(len(g.seeds) for g in groups)} seed runs; {st.workers} worker(s)"
+    )
+    pool = (
+        _Inline()
+        if st.workers == 1
+        else ProcessPoolExecutor(st.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker)
+    )
     finals: dict[tuple[str, int, int], dict] = {}
     # runs done out of all planned (grids count whole: a group's grid finishes as one task)
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=console, disable=not console.is_terminal)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not console.is_terminal,
+    )
     bar = progress.add_task("study runs", total=n_grid + sum(len(g.seeds) for g in groups))
     progress.start()
     failed = True
     try:
         # largest concurrency first: the longest tasks start first and the pool stays busy
-        pending = {pool.submit(tune, g.grid, st.cap_grid_at_best): ("grid", g, None)
-                   for g in sorted(groups, key=lambda g: -g.concurrency)}
+        pending = {
+            pool.submit(tune, g.grid, st.cap_grid_at_best): ("grid", g, None)
+            for g in sorted(groups, key=lambda g: -g.concurrency)
+        }
         while pending:
             done, _ = wait(list(pending), return_when=FIRST_COMPLETED) if st.workers > 1 else (list(pending), None)
             for fut in done:
@@ -297,8 +341,10 @@ def run_study(cfg: ExperimentConfig, out: Path, console: Console | None = None, 
                     for r in g.results:
                         write_run(r, out / "grid" / r["entry"]["name"])
                         console.print("  grid " + _entry_line(r["entry"]), highlight=False)
-                    console.print(f"{g.method} at C={g.concurrency}: chose grid point {g.chosen} "
-                                  f"{g.grid[g.chosen].point}", highlight=False)
+                    console.print(
+                        f"{g.method} at C={g.concurrency}: chose grid point {g.chosen} {g.grid[g.chosen].point}",
+                        highlight=False,
+                    )
                     if st.grid_seed in st.seeds:
                         finals[(g.method, g.concurrency, st.grid_seed)] = _as_seed_run(g)
                     for s in g.seeds:
@@ -344,8 +390,13 @@ def _as_seed_run(g: Group) -> dict:
         assert e["reached_target"]
         e["stop_max_time"] = r["config"]["stop"]["max_time"] = g.grid[g.chosen].tree["stop"]["max_time"]
         e["grid_cap"] = None
-    e.update(name=f"{g.method}-C{g.concurrency}-s{e['seed']}", stage="seed", method=g.method,
-             params=g.grid[g.chosen].point, grid_index=g.chosen)
+    e.update(
+        name=f"{g.method}-C{g.concurrency}-s{e['seed']}",
+        stage="seed",
+        method=g.method,
+        params=g.grid[g.chosen].point,
+        grid_index=g.chosen,
+    )
     r["config"]["runs"][0]["name"] = e["name"]
     return r
 

@@ -33,8 +33,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MAGIC = b"AFL1"
 MAX_HEADER_BYTES = 64 * 1024
-DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "float64": np.dtype("<f8"),
-          "int8": np.dtype("i1"), "uint8": np.dtype("u1"), "int32": np.dtype("<i4")}
+DTYPES = {
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    "float64": np.dtype("<f8"),
+    "int8": np.dtype("i1"),
+    "uint8": np.dtype("u1"),
+    "int32": np.dtype("<i4"),
+}
 
 
 class WireError(ValueError):
@@ -123,15 +129,20 @@ def dtype_name(a: np.ndarray) -> str:
 
 def encode(header: dict, arrays: list[np.ndarray], codec: str = "none") -> bytes:
     """Frame `arrays` under `header` (tensor specs and codec are filled in here)."""
-    head = dict(header, codec=codec,
-                tensors=[{"name": n, "shape": list(a.shape), "dtype": dtype_name(a)}
-                         for n, a in zip(header.pop("names"), arrays)])
+    head = dict(
+        header,
+        codec=codec,
+        tensors=[
+            {"name": n, "shape": list(a.shape), "dtype": dtype_name(a)} for n, a in zip(header.pop("names"), arrays)
+        ],
+    )
     raw = json.dumps(head, separators=(",", ":")).encode()
     return MAGIC + struct.pack("<I", len(raw)) + raw + CODECS[codec][0](arrays)
 
 
-def decode(body: bytes, header_model: type[_Header], codecs: dict[str, Decoder] | None = None,
-           expected: str | None = None) -> Frame:
+def decode(
+    body: bytes, header_model: type[_Header], codecs: dict[str, Decoder] | None = None, expected: str | None = None
+) -> Frame:
     """Parse and check a frame's structure; raises WireError naming what is wrong. `codecs`
     maps the codec names this peer accepts to their decoders (default: `CODECS`); `expected`
     is what an unsupported codec's error names as the one to use."""
@@ -168,8 +179,9 @@ def _numels(specs: list[TensorSpec]) -> list[int]:
     out = []
     for i, s in enumerate(specs):
         if s.dtype != "float32":
-            raise WireError(f"tensor {i} ({s.name!r}) has dtype {s.dtype}; a compressed frame holds float32",
-                            422, "bad_dtype")
+            raise WireError(
+                f"tensor {i} ({s.name!r}) has dtype {s.dtype}; a compressed frame holds float32", 422, "bad_dtype"
+            )
         if any(d < 0 for d in s.shape):
             raise WireError(f"tensor {i} ({s.name!r}): negative dimension in shape {s.shape}", 422, "bad_shape")
         out.append(int(np.prod(s.shape, dtype=np.int64)))
@@ -192,8 +204,9 @@ def compressed_decoder(codec, check_specs: Callable[[list[TensorSpec]], None] | 
         try:
             flat = decode_payload(payload, sum(numels), expect=codec)
         except ValueError as err:
-            raise WireError(f"{codec.spec} payload of {len(payload)} bytes cannot be decoded: {err}", 422,
-                            "bad_payload") from None
+            raise WireError(
+                f"{codec.spec} payload of {len(payload)} bytes cannot be decoded: {err}", 422, "bad_payload"
+            ) from None
         out, pos, arr = [], 0, flat.numpy()
         for s, n in zip(specs, numels):
             out.append(arr[pos : pos + n].reshape(s.shape))
@@ -242,8 +255,9 @@ def field_names(field: str, names: list[str]) -> list[str]:
     return [f"{field}:{n}" for n in names]
 
 
-def _with_fields(names: list[str], shapes: list[tuple[int, ...]], w: torch.Tensor,
-                 fields: dict[str, torch.Tensor]) -> tuple[list[str], list[np.ndarray]]:
+def _with_fields(
+    names: list[str], shapes: list[tuple[int, ...]], w: torch.Tensor, fields: dict[str, torch.Tensor]
+) -> tuple[list[str], list[np.ndarray]]:
     """Names and arrays of the flat `w` (the model or the delta) followed by the `fields`."""
     all_names, arrays = list(names), split_flat(w, names, shapes)
     for field, t in fields.items():
@@ -257,25 +271,37 @@ def fields_of(specs: list[TensorSpec], names: list[str]) -> tuple[str, ...]:
     unless they are whole sets named `FIELD:NAME` for the model's names."""
     n, got = len(names), [s.name for s in specs]
     if got[:n] != list(names) or len(got) % n:
-        raise WireError(f"frame tensors {got[:4]}... are not the model's {list(names)[:4]}... followed by whole "
-                        "tensor sets", 422, "bad_tensor_name")
+        raise WireError(
+            f"frame tensors {got[:4]}... are not the model's {list(names)[:4]}... followed by whole tensor sets",
+            422,
+            "bad_tensor_name",
+        )
     fields = tuple(got[i].partition(":")[0] for i in range(n, len(got), n))
     for i, f in enumerate(fields):
         if got[n * (i + 1) : n * (i + 2)] != field_names(f, names):
-            raise WireError(f"frame tensor set {f!r} is not named {f}:NAME after the model's tensors", 422,
-                            "bad_tensor_name")
+            raise WireError(
+                f"frame tensor set {f!r} is not named {f}:NAME after the model's tensors", 422, "bad_tensor_name"
+            )
     return fields
 
 
-def split_fields(arrays: list[np.ndarray], names: list[str], fields: tuple[str, ...]
-                 ) -> tuple[list[np.ndarray], dict[str, torch.Tensor]]:
+def split_fields(
+    arrays: list[np.ndarray], names: list[str], fields: tuple[str, ...]
+) -> tuple[list[np.ndarray], dict[str, torch.Tensor]]:
     """A frame's model arrays and its field sets as flat tensors (the names were checked)."""
     n = len(names)
     return arrays[:n], {f: join_flat(arrays[n * (i + 1) : n * (i + 2)]) for i, f in enumerate(fields)}
 
 
-def encode_model(version: int, w: torch.Tensor, names: list[str], shapes: list[tuple[int, ...]],
-                 codec=None, generator=None, extras: dict[str, torch.Tensor] | None = None) -> bytes:
+def encode_model(
+    version: int,
+    w: torch.Tensor,
+    names: list[str],
+    shapes: list[tuple[int, ...]],
+    codec=None,
+    generator=None,
+    extras: dict[str, torch.Tensor] | None = None,
+) -> bytes:
     """A model frame: raw float32, or with `codec` (an `asyncfl.compression.Codec`, lossy
     downloads) its payload for the flat weights, header codec = `codec.spec`. `extras`: tensor
     sets the clients download with the model (raw frames only)."""
@@ -284,25 +310,49 @@ def encode_model(version: int, w: torch.Tensor, names: list[str], shapes: list[t
         return encode({"kind": "model", "version": version, "names": all_names}, arrays)
     if extras:
         raise ValueError("tensors besides the model travel in raw frames only")
-    return compressed_frame({"kind": "model", "version": version}, list(zip(names, shapes)),
-                            codec.encode(w.detach().to(torch.float32).reshape(-1), generator), codec.spec)
+    return compressed_frame(
+        {"kind": "model", "version": version},
+        list(zip(names, shapes)),
+        codec.encode(w.detach().to(torch.float32).reshape(-1), generator),
+        codec.spec,
+    )
 
 
 def _finite_or_none(x: float | None) -> float | None:
     return float(x) if x is not None and math.isfinite(x) else None
 
 
-def encode_update(*, lease_id: str, base_version: int, idempotency_key: str, n_examples: int, steps: int,
-                  loss: float | None, delta: torch.Tensor, names: list[str], shapes: list[tuple[int, ...]],
-                  start_loss: float | None = None, planned_steps: int | None = None,
-                  payload: bytes | None = None, codec: str = "none",
-                  extras: dict[str, torch.Tensor] | None = None) -> bytes:
+def encode_update(
+    *,
+    lease_id: str,
+    base_version: int,
+    idempotency_key: str,
+    n_examples: int,
+    steps: int,
+    loss: float | None,
+    delta: torch.Tensor,
+    names: list[str],
+    shapes: list[tuple[int, ...]],
+    start_loss: float | None = None,
+    planned_steps: int | None = None,
+    payload: bytes | None = None,
+    codec: str = "none",
+    extras: dict[str, torch.Tensor] | None = None,
+) -> bytes:
     """An update frame. With `codec` other than none, `payload` is the delta already encoded by
     that codec (the client's error feedback needs the payload, so it encodes itself). `extras`:
     the algorithm's upload fields (raw frames only)."""
-    header = {"kind": "update", "lease_id": lease_id, "base_version": base_version,
-              "idempotency_key": idempotency_key, "n_examples": n_examples, "steps": steps,
-              "planned_steps": planned_steps, "loss": _finite_or_none(loss), "start_loss": _finite_or_none(start_loss)}
+    header = {
+        "kind": "update",
+        "lease_id": lease_id,
+        "base_version": base_version,
+        "idempotency_key": idempotency_key,
+        "n_examples": n_examples,
+        "steps": steps,
+        "planned_steps": planned_steps,
+        "loss": _finite_or_none(loss),
+        "start_loss": _finite_or_none(start_loss),
+    }
     if codec == "none":
         all_names, arrays = _with_fields(names, shapes, delta, extras or {})
         return encode(header | {"names": all_names}, arrays)
@@ -311,4 +361,3 @@ def encode_update(*, lease_id: str, base_version: int, idempotency_key: str, n_e
     if payload is None:
         raise ValueError(f"codec {codec!r}: pass the encoded payload")
     return compressed_frame(header, list(zip(names, shapes)), payload, codec)
-

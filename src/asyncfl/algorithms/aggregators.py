@@ -167,16 +167,18 @@ class BufferedAggregator(BufferingAggregator):
         self.server_opt.load_state_dict(state["server_opt"])
 
 
-def fedavg(server_opt: ServerOptimizer, clip_norm: float | None = None,
-           partial_weight: str = "full") -> BufferedAggregator:
+def fedavg(
+    server_opt: ServerOptimizer, clip_norm: float | None = None, partial_weight: str = "full"
+) -> BufferedAggregator:
     """Example-weighted average of a round's updates, p_k = n_k / sum n. A straggler's partial
     update counts at its full n_k, as in FedProx's reference implementation; with
     partial_weight 'work_fraction' at n_k times the share of its planned steps it did."""
     if partial_weight == "full":
         return BufferedAggregator(server_opt, lambda u, d: u.n_examples, normalize="weight", clip_norm=clip_norm)
     if partial_weight == "work_fraction":
-        return BufferedAggregator(server_opt, lambda u, d: u.n_examples * u.work_fraction, normalize="weight",
-                                  clip_norm=clip_norm)
+        return BufferedAggregator(
+            server_opt, lambda u, d: u.n_examples * u.work_fraction, normalize="weight", clip_norm=clip_norm
+        )
     raise ValueError(f"partial_weight must be 'full' or 'work_fraction', got {partial_weight!r}")
 
 
@@ -231,8 +233,14 @@ class RobustAggregator(Aggregator):
 
     RULES = ("median", "trimmed_mean")
 
-    def __init__(self, server_opt: ServerOptimizer, rule: str, trim_fraction: float = 0.1,
-                 clip_norm: float | None = None, max_staleness: int | None = None):
+    def __init__(
+        self,
+        server_opt: ServerOptimizer,
+        rule: str,
+        trim_fraction: float = 0.1,
+        clip_norm: float | None = None,
+        max_staleness: int | None = None,
+    ):
         super().__init__(max_staleness)
         if rule not in self.RULES:
             raise ValueError(f"robust rule must be one of {self.RULES}, got {rule!r}")
@@ -281,8 +289,7 @@ class QFedAvg(BufferingAggregator):
     w <- w - sum_k F_k^q dw_k / sum_k (q F_k^(q-1) |dw_k|^2 + L F_k^q), at the round barrier, or
     every `buffer_size` updates when run asynchronously."""
 
-    def __init__(self, q: float, lipschitz: float, buffer_size: int | None = None,
-                 max_staleness: int | None = None):
+    def __init__(self, q: float, lipschitz: float, buffer_size: int | None = None, max_staleness: int | None = None):
         if q < 0 or lipschitz <= 0:
             raise ValueError(f"q-FedAvg needs q >= 0 and L > 0, got q={q}, L={lipschitz}")
         self.q, self.lipschitz = q, lipschitz
@@ -315,8 +322,11 @@ class QFedAvg(BufferingAggregator):
         return True
 
     def state_dict(self):
-        return {"numerator": None if self.numerator is None else self.numerator.clone(),
-                "denominator": self.denominator, "count": self.count}
+        return {
+            "numerator": None if self.numerator is None else self.numerator.clone(),
+            "denominator": self.denominator,
+            "count": self.count,
+        }
 
     def load_state_dict(self, state):
         self.numerator = None if state["numerator"] is None else state["numerator"].clone()

@@ -38,8 +38,7 @@ class ClientStep:
     BATCHES_PER_STEP = {None: 1, "fo": 2, "hf": 3}
     GRADIENTS_PER_STEP = {None: 1, "fo": 2, "hf": 4}
 
-    def __init__(self, prox_mu: float = 0.0, meta: str | None = None, meta_lr: float = 0.01,
-                 meta_delta: float = 1e-3):
+    def __init__(self, prox_mu: float = 0.0, meta: str | None = None, meta_lr: float = 0.01, meta_delta: float = 1e-3):
         if meta not in self.BATCHES_PER_STEP:
             raise ValueError(f"meta must be None, 'fo' or 'hf', got {meta!r}")
         self.prox_mu = prox_mu
@@ -56,9 +55,15 @@ class ClientStep:
     def gradients_per_step(self) -> int:
         return self.GRADIENTS_PER_STEP[self.meta]
 
-    def __call__(self, params: Layers, grads: GradFn, h: int, lr: torch.Tensor,
-                 starts: Sequence[StartSegment] = (), correction: Layers | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self,
+        params: Layers,
+        grads: GradFn,
+        h: int,
+        lr: torch.Tensor,
+        starts: Sequence[StartSegment] = (),
+        correction: Layers | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Step h in place for every client, with per-client learning rates `lr` [J] (0: the
         client does not step). `starts` must cover the rows when prox_mu is set. Returns the
         step's per-client losses and the losses at the parameters on the step's first batch

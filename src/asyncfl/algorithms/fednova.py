@@ -38,12 +38,22 @@ class FedNova(BufferingAggregator):
     normalize by and is discarded.
     """
 
-    def __init__(self, server_opt: ServerOptimizer, weight: Callable[[ClientUpdate, int], float], lr: float,
-                 mu: float = 0.0, buffer_size: int | None = None, max_staleness: int | None = None,
-                 clip_norm: float | None = None, max_steps: int | None = None):
+    def __init__(
+        self,
+        server_opt: ServerOptimizer,
+        weight: Callable[[ClientUpdate, int], float],
+        lr: float,
+        mu: float = 0.0,
+        buffer_size: int | None = None,
+        max_staleness: int | None = None,
+        clip_norm: float | None = None,
+        max_steps: int | None = None,
+    ):
         if mu < 0 or lr <= 0 or lr * mu >= 1:
-            raise ValueError(f"FedNova needs lr > 0, mu >= 0 and lr x mu < 1 (the proximal term would "
-                             f"overshoot), got lr={lr:g}, mu={mu:g}")
+            raise ValueError(
+                f"FedNova needs lr > 0, mu >= 0 and lr x mu < 1 (the proximal term would "
+                f"overshoot), got lr={lr:g}, mu={mu:g}"
+            )
         if max_steps is not None and max_steps < 1:
             raise ValueError(f"FedNova max_steps must be at least 1, got {max_steps}")
         self.server_opt, self.weight, self.lr, self.mu = server_opt, weight, lr, mu
@@ -88,8 +98,13 @@ class FedNova(BufferingAggregator):
         return stepped
 
     def state_dict(self):
-        return {"normalized": None if self.normalized is None else self.normalized.clone(), "work": self.work,
-                "weight_sum": self.weight_sum, "count": self.count, "server_opt": self.server_opt.state_dict()}
+        return {
+            "normalized": None if self.normalized is None else self.normalized.clone(),
+            "work": self.work,
+            "weight_sum": self.weight_sum,
+            "count": self.count,
+            "server_opt": self.server_opt.state_dict(),
+        }
 
     def load_state_dict(self, state):
         self.normalized = None if state["normalized"] is None else state["normalized"].clone()

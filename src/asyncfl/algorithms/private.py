@@ -82,7 +82,8 @@ class PrivateAggregator(BufferingAggregator):
         # noise on the update sum: with adaptive clipping part of the budget goes to the count
         self.sum_noise_multiplier = (
             update_noise_multiplier(self.noise_multiplier, adaptive.count_noise_std)
-            if adaptive is not None and self.noise_multiplier > 0 else self.noise_multiplier
+            if adaptive is not None and self.noise_multiplier > 0
+            else self.noise_multiplier
         )
         self.accountant = Accountant(self.noise_multiplier, self.sample_rate) if self.noise_multiplier > 0 else None
         self.generator = torch.Generator().manual_seed(int(seed) & (2**63 - 1))
@@ -101,7 +102,9 @@ class PrivateAggregator(BufferingAggregator):
             return Verdict.DISCARDED  # one update per user per aggregate: the sensitivity is C
         a = float(self.weight(update, state.version - update.base_version))
         if not 0.0 <= a <= self.max_weight * (1 + 1e-9):
-            raise ValueError(f"update weight {a} outside [0, max_weight={self.max_weight}]: the noise would not cover it")
+            raise ValueError(
+                f"update weight {a} outside [0, max_weight={self.max_weight}]: the noise would not cover it"
+            )
         clipped, norm = clip(update.delta, self.clip_norm)
         if self.total is None:
             self.total = clipped.to(torch.float32) * a  # a new tensor: never alias the client's delta
@@ -114,8 +117,9 @@ class PrivateAggregator(BufferingAggregator):
     def flush(self, state: ServerState) -> bool:
         if self.count == 0:
             return False
-        noisy = add_gaussian_noise(self.total, self.sum_noise_multiplier, self.clip_norm,
-                                   max_weight=self.max_weight, generator=self.generator)
+        noisy = add_gaussian_noise(
+            self.total, self.sum_noise_multiplier, self.clip_norm, max_weight=self.max_weight, generator=self.generator
+        )
         state.w = self.server_opt.step(state.w, noisy / self.denominator)
         state.version += 1
         self.noisy_steps += 1

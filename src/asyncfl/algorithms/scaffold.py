@@ -77,10 +77,13 @@ class ScaffoldAggregator(Aggregator):
         return super().status() | {"control_norm": None if self.control is None else float(self.control.norm())}
 
     def state_dict(self) -> dict:
-        return {"control": None if self.control is None else self.control.clone(), "count": self.count,
-                "delta_sum": None if self.delta_sum is None else self.delta_sum.clone(),
-                "control_delta_sum": None if self.control_delta_sum is None else self.control_delta_sum.clone(),
-                "server_opt": self.server_opt.state_dict()}
+        return {
+            "control": None if self.control is None else self.control.clone(),
+            "count": self.count,
+            "delta_sum": None if self.delta_sum is None else self.delta_sum.clone(),
+            "control_delta_sum": None if self.control_delta_sum is None else self.control_delta_sum.clone(),
+            "server_opt": self.server_opt.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         def copy(t):
@@ -104,8 +107,9 @@ class ControlVariates:
         c = downloaded[CONTROL]
         return c if own is None else c - own
 
-    def uploads(self, downloaded: dict[str, torch.Tensor], own: torch.Tensor | None,
-                update: ClientUpdate) -> dict[str, torch.Tensor]:
+    def uploads(
+        self, downloaded: dict[str, torch.Tensor], own: torch.Tensor | None, update: ClientUpdate
+    ) -> dict[str, torch.Tensor]:
         """dc_i = c_i+ - c_i = delta / (K eta) - c, K the steps actually taken (a trip with no
         step leaves c_i as it is)."""
         if update.steps == 0:

@@ -42,11 +42,23 @@ def _tls_failure(err: BaseException) -> bool:
 
 
 class ServerApi:
-    def __init__(self, url: str, token: str, verify: bool | str = True, timeout: float = 30.0,
-                 backoff: Backoff | None = None, transport: httpx.BaseTransport | None = None):
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        verify: bool | str = True,
+        timeout: float = 30.0,
+        backoff: Backoff | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ):
         self.url = url.rstrip("/")
-        self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {token}"},
-                                 verify=verify, timeout=timeout, transport=transport)
+        self.http = httpx.Client(
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {token}"},
+            verify=verify,
+            timeout=timeout,
+            transport=transport,
+        )
         self.backoff = backoff or Backoff()
         self.retries = 0
 
@@ -71,8 +83,9 @@ class ServerApi:
                 problem = f"HTTP {resp.status_code}"
             except httpx.TransportError as err:
                 if _tls_failure(err):
-                    raise TlsError(f"{self.url}: TLS certificate verification failed ({err}); "
-                                   "pass the server's CA with --ca-cert") from None
+                    raise TlsError(
+                        f"{self.url}: TLS certificate verification failed ({err}); pass the server's CA with --ca-cert"
+                    ) from None
                 problem = f"{type(err).__name__}: {err}"
             delay = self.backoff.delay(attempt) if wait is None else wait * random.uniform(1.0, 1.5)
             attempt += 1

@@ -22,8 +22,15 @@ def client(args) -> int:
     verify = False if args.insecure else (ssl.create_default_context(cafile=args.ca_cert) if args.ca_cert else True)
     api = ServerApi(args.server, token, verify=verify, backoff=Backoff(cap=args.backoff_cap))
     t0 = time.time()
-    rt = ClientRuntime(api, args.data, load_hook(args.eligibility), args.ack_log, args.max_trips,
-                       log=lambda s: print(s, file=sys.stderr, flush=True), state_path=args.state)
+    rt = ClientRuntime(
+        api,
+        args.data,
+        load_hook(args.eligibility),
+        args.ack_log,
+        args.max_trips,
+        log=lambda s: print(s, file=sys.stderr, flush=True),
+        state_path=args.state,
+    )
     try:
         stats = rt.run()
     except (ClientError, TlsError) as err:

@@ -61,7 +61,9 @@ def load_data(spec: str, cfg, num_features: int) -> tuple[torch.Tensor, torch.Te
         data = build_data(cfg)
         k = int(value)
         if k >= data.num_clients:
-            raise ClientError(f"--data {spec!r}: the task has {data.num_clients} partitions (0..{data.num_clients - 1})")
+            raise ClientError(
+                f"--data {spec!r}: the task has {data.num_clients} partitions (0..{data.num_clients - 1})"
+            )
         return data.client_data(k)
     path = Path(spec)
     if not path.is_file():
@@ -86,9 +88,17 @@ def load_hook(path: str | None) -> Callable[[], bool]:
 
 
 class ClientRuntime:
-    def __init__(self, api: ServerApi, data: str, eligible: Callable[[], bool] | None = None,
-                 ack_log: str | Path | None = None, max_trips: int | None = None, idle_wait: float = 5.0,
-                 log: Callable[[str], None] = lambda s: None, state_path: str | Path | None = None):
+    def __init__(
+        self,
+        api: ServerApi,
+        data: str,
+        eligible: Callable[[], bool] | None = None,
+        ack_log: str | Path | None = None,
+        max_trips: int | None = None,
+        idle_wait: float = 5.0,
+        log: Callable[[str], None] = lambda s: None,
+        state_path: str | Path | None = None,
+    ):
         self.api, self.data_spec = api, data
         self.eligible = eligible or (lambda: True)
         self.ack_log = Path(ack_log) if ack_log else None
@@ -114,7 +124,9 @@ class ClientRuntime:
     def _fatal(self, resp) -> None:
         if resp.status_code in (401, 403):
             body = self._json(resp)
-            raise ClientError(f"server refused the token ({resp.status_code} {body.get('error')}: {body.get('detail')})")
+            raise ClientError(
+                f"server refused the token ({resp.status_code} {body.get('error')}: {body.get('detail')})"
+            )
 
     def setup(self) -> None:
         resp = self.api.request("GET", "/v1/task")
@@ -125,8 +137,9 @@ class ClientRuntime:
         cfg = validate(task["config"])
         self.x, self.y = load_data(self.data_spec, cfg, task["num_features"])
         # what build_flat_model reads of a dataset; the local data stands in for the test split
-        shape = SimpleNamespace(num_features=task["num_features"], num_classes=task["num_classes"], x=self.x,
-                                x_test=self.x)
+        shape = SimpleNamespace(
+            num_features=task["num_features"], num_classes=task["num_classes"], x=self.x, x_test=self.x
+        )
         self.model = build_flat_model(cfg, shape)
         self.trainer = build_trainer(cfg, cfg.runs[0], self.model)  # the simulator's trainer, same settings
         if [list(s) for s in self.model.shapes] != [x["shape"] for x in task["tensors"]]:
@@ -147,16 +160,20 @@ class ClientRuntime:
         """The algorithm's per-client state, from its file when a previous run left one."""
         algorithm = definition(cfg.runs[0].algorithm.name)
         if list(algorithm.upload_fields) != task.get("upload_fields", []):
-            raise ClientError(f"the server expects upload fields {task.get('upload_fields', [])}, this client sends "
-                              f"{list(algorithm.upload_fields)}: update the client")
+            raise ClientError(
+                f"the server expects upload fields {task.get('upload_fields', [])}, this client sends "
+                f"{list(algorithm.upload_fields)}: update the client"
+            )
         self.client_rule = build_client_rule(cfg.runs[0], cfg.trainer.lr)
         if self.client_rule is None:
             return
         self.state_name, self.task_name = algorithm.client_state, task["task"]
         if self.state_path is None:
             if self.ack_log is None:
-                raise ClientError(f"task {task['task']!r} keeps per-client state ({algorithm.client_state}) between "
-                                  "trips: give --state PATH (or --ack-log, next to which it is kept)")
+                raise ClientError(
+                    f"task {task['task']!r} keeps per-client state ({algorithm.client_state}) between "
+                    "trips: give --state PATH (or --ack-log, next to which it is kept)"
+                )
             self.state_path = self.ack_log.with_name(self.ack_log.name + ".state.pt")
         if self.state_path.is_file():
             saved = torch.load(self.state_path, weights_only=True)
@@ -201,8 +218,9 @@ class ClientRuntime:
             return None
         try:
             frame = wire.decode(resp.content, wire.ModelHeader, self.model_codecs)
-            arrays, downloaded = wire.split_fields(frame.arrays, self.model.names,
-                                                   wire.fields_of(frame.header.tensors, self.model.names))
+            arrays, downloaded = wire.split_fields(
+                frame.arrays, self.model.names, wire.fields_of(frame.header.tensors, self.model.names)
+            )
         except wire.WireError as err:
             self.log(f"unreadable model download: {err}")
             self.stats["lost"] += 1
@@ -213,21 +231,40 @@ class ClientRuntime:
         rule, own = self.client_rule, self.own_state
         steps = self._step_budget(task.get("round_deadline_in"))
         t0 = time.perf_counter()
-        update = self.trainer.train(w0, self.x, self.y, seed=task["seed"], base_version=task["base_version"],
-                                    steps=steps, correction=None if rule is None else rule.correction(downloaded, own))
+        update = self.trainer.train(
+            w0,
+            self.x,
+            self.y,
+            seed=task["seed"],
+            base_version=task["base_version"],
+            steps=steps,
+            correction=None if rule is None else rule.correction(downloaded, own),
+        )
         self.sec_per_step = (time.perf_counter() - t0) / max(1, update.steps)
         self.stats["trips"] += 1
         key = uuid.uuid4().hex
         payload, residual = self._encode(update.delta, task["seed"])
         extras = None if rule is None else rule.uploads(downloaded, own, update)
-        body = wire.encode_update(lease_id=task["lease_id"], base_version=update.base_version, idempotency_key=key,
-                                  n_examples=update.n_examples, steps=update.steps, planned_steps=update.planned_steps,
-                                  loss=update.loss, start_loss=update.start_loss, delta=update.delta,
-                                  names=self.model.names, shapes=self.model.shapes, payload=payload,
-                                  codec=self.upload_spec, extras=extras)
+        body = wire.encode_update(
+            lease_id=task["lease_id"],
+            base_version=update.base_version,
+            idempotency_key=key,
+            n_examples=update.n_examples,
+            steps=update.steps,
+            planned_steps=update.planned_steps,
+            loss=update.loss,
+            start_loss=update.start_loss,
+            delta=update.delta,
+            names=self.model.names,
+            shapes=self.model.shapes,
+            payload=payload,
+            codec=self.upload_spec,
+            extras=extras,
+        )
         self.upload_payload_bytes.append(wire.payload_length(body))
-        resp = self.api.request("POST", "/v1/update", content=body,
-                                headers={"Content-Type": "application/vnd.asyncfl.frame"})
+        resp = self.api.request(
+            "POST", "/v1/update", content=body, headers={"Content-Type": "application/vnd.asyncfl.frame"}
+        )
         self._fatal(resp)
         answer = self._json(resp)
         if resp.status_code == 200:

@@ -42,12 +42,7 @@ from asyncfl.compression.spec import parse_codec
 
 
 class ErrorFeedback:
-    def __init__(
-        self,
-        codec: Codec | str,
-        storage_dtype: torch.dtype = torch.float32,
-        max_devices: int | None = None,
-    ):
+    def __init__(self, codec: Codec | str, storage_dtype: torch.dtype = torch.float32, max_devices: int | None = None):
         if storage_dtype not in (torch.float32, torch.float16):
             raise ValueError(f"storage_dtype must be torch.float32 or torch.float16, got {storage_dtype}")
         if max_devices is not None and max_devices < 1:
@@ -66,7 +61,9 @@ class ErrorFeedback:
         if res is None:
             return update.clone()
         if res.shape != update.shape:
-            raise ValueError(f"device {device_id!r}: residual has shape {tuple(res.shape)}, update {tuple(update.shape)}")
+            raise ValueError(
+                f"device {device_id!r}: residual has shape {tuple(res.shape)}, update {tuple(update.shape)}"
+            )
         return update + res.to(torch.float32)
 
     def record(self, device_id: Hashable, compensated: torch.Tensor, decoded: torch.Tensor) -> None:
@@ -85,7 +82,9 @@ class ErrorFeedback:
                 self.evicted += 1
 
     # -- the whole step
-    def encode(self, device_id: Hashable, update: torch.Tensor, generator: Generator = None) -> tuple[bytes, torch.Tensor]:
+    def encode(
+        self, device_id: Hashable, update: torch.Tensor, generator: Generator = None
+    ) -> tuple[bytes, torch.Tensor]:
         """Encode update + residual; returns (payload, decoded vector) and updates the residual."""
         upload = encode_upload(self.codec, update, generator, self, device_id)
         self.record(device_id, upload.compensated, upload.decoded)

@@ -21,5 +21,7 @@ class RunCodecs:
         """(download, upload) bytes of one model and one update of `numel` floats: exact and
         data independent, so a trip can be timed before anything is encoded."""
         dense = DENSE_BYTES_PER_FLOAT * numel
-        return (self.download.bytes_for(numel) if self.download else dense,
-                self.upload.bytes_for(numel) if self.upload else dense)
+        return (
+            self.download.bytes_for(numel) if self.download else dense,
+            self.upload.bytes_for(numel) if self.upload else dense,
+        )

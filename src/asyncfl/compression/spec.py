@@ -66,9 +66,7 @@ def _value_codec(part: str, full: str) -> Codec:
             raise ValueError(f"codec spec {full!r}: {e}") from None
     if name == "topk":
         raise ValueError(f"codec spec {full!r}: top-k must come first, e.g. 'topk:0.1+int8'")
-    raise ValueError(
-        f"codec spec {full!r}: unknown codec {name!r} (known: none, fp16, int8, int4, int2, topk)"
-    )
+    raise ValueError(f"codec spec {full!r}: unknown codec {name!r} (known: none, fp16, int8, int4, int2, topk)")
 
 
 def parse_codec(spec: str) -> Codec:

@@ -24,10 +24,13 @@ from asyncfl.config.study import StudyConfig, StudyMethod, StudyRatio
 from asyncfl.config.training import RoundAggregation, ServerOptConfig, StalenessConfig, TrainerConfig
 from asyncfl.config.transport import CompressionConfig
 
-_LAZY = {name: "experiment" for name in ("AlgorithmConfig", "EvalConfig", "ExperimentConfig", "RunSpec",
-                                         "StopConfig", "privacy_denominator")}
-_LAZY |= {name: "loader" for name in ("apply_override", "apply_quick", "load", "preset_dict", "preset_names",
-                                      "validate")}
+_LAZY = {
+    name: "experiment"
+    for name in ("AlgorithmConfig", "EvalConfig", "ExperimentConfig", "RunSpec", "StopConfig", "privacy_denominator")
+}
+_LAZY |= {
+    name: "loader" for name in ("apply_override", "apply_quick", "load", "preset_dict", "preset_names", "validate")
+}
 
 
 def __getattr__(name: str):
@@ -37,11 +40,42 @@ def __getattr__(name: str):
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
 __all__ = [
-    "AdaptiveClipConfig", "AlgorithmConfig", "AttackConfig", "Availability", "CompressionConfig", "ConfigError",
-    "DataConfig", "Dist", "EvalConfig", "ExperimentConfig", "ModelConfig", "PartitionConfig", "PopulationConfig",
-    "PrivacyConfig", "RoundAggregation", "RunSpec", "SchedulerConfig", "ServerConfig", "ServerOptConfig",
-    "ShakespeareConfig", "StalenessConfig", "StopConfig", "Strict", "StudyConfig", "StudyMethod", "StudyRatio",
-    "SyntheticConfig", "TrainerConfig", "USER_DATASETS", "apply_override", "apply_quick", "load",
-    "preset_dict", "preset_names", "privacy_denominator", "validate",
+    "AdaptiveClipConfig",
+    "AlgorithmConfig",
+    "AttackConfig",
+    "Availability",
+    "CompressionConfig",
+    "ConfigError",
+    "DataConfig",
+    "Dist",
+    "EvalConfig",
+    "ExperimentConfig",
+    "ModelConfig",
+    "PartitionConfig",
+    "PopulationConfig",
+    "PrivacyConfig",
+    "RoundAggregation",
+    "RunSpec",
+    "SchedulerConfig",
+    "ServerConfig",
+    "ServerOptConfig",
+    "ShakespeareConfig",
+    "StalenessConfig",
+    "StopConfig",
+    "Strict",
+    "StudyConfig",
+    "StudyMethod",
+    "StudyRatio",
+    "SyntheticConfig",
+    "TrainerConfig",
+    "USER_DATASETS",
+    "apply_override",
+    "apply_quick",
+    "load",
+    "preset_dict",
+    "preset_names",
+    "privacy_denominator",
+    "validate",
 ]

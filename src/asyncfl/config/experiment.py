@@ -38,8 +38,9 @@ class RunSpec(Strict):
         name = v.get("name") if isinstance(v, dict) else None
         if isinstance(v, dict) and not (isinstance(name, str) and name in definitions()):
             problem = f"unknown algorithm {name!r}" if "name" in v else "name the algorithm (algorithm.name)"
-            raise PydanticCustomError("unknown_algorithm", "{problem}; valid: {valid}",
-                                      {"problem": problem, "valid": valid_names()})
+            raise PydanticCustomError(
+                "unknown_algorithm", "{problem}; valid: {valid}", {"problem": problem, "valid": valid_names()}
+            )
         return v
 
     @model_validator(mode="after")
@@ -69,9 +70,11 @@ class RunSpec(Strict):
             return self
         if not definition(a.name).private:
             private = [name for name, d in definitions().items() if d.private]
-            raise ValueError(f"privacy is not supported for algorithm {a.name!r} (its aggregate's sensitivity is not "
-                             f"bounded by clip_norm); use one of {', '.join(private)} "
-                             "(fedbuff with buffer_size 1 for per-update noise)")
+            raise ValueError(
+                f"privacy is not supported for algorithm {a.name!r} (its aggregate's sensitivity is not "
+                f"bounded by clip_norm); use one of {', '.join(private)} "
+                "(fedbuff with buffer_size 1 for per-update noise)"
+            )
         if getattr(a, "aggregation", "mean") != "mean":
             raise ValueError(f"algorithm.aggregation {a.aggregation!r} is not covered by privacy: only 'mean'")
         if a.clip_norm is not None:
@@ -81,16 +84,19 @@ class RunSpec(Strict):
             sb = p.adaptive.count_noise_std
             sb = privacy_denominator(self) / 20 if sb is None else sb
             if not 2 * sb > p.noise_multiplier:
-                raise ValueError(f"privacy.adaptive.count_noise_std: 2 x {sb:g} must exceed privacy.noise_multiplier "
-                                 f"{p.noise_multiplier:g} (the count query shares the budget); raise it")
+                raise ValueError(
+                    f"privacy.adaptive.count_noise_std: 2 x {sb:g} must exceed privacy.noise_multiplier "
+                    f"{p.noise_multiplier:g} (the count query shares the budget); raise it"
+                )
         return self
 
 
 class EvalConfig(Strict):
     every_seconds: float | None = Field(default=10.0, gt=0, description="virtual seconds between evaluations")
     every_versions: int | None = Field(default=None, gt=0, description="also evaluate every N server steps")
-    personalize: bool = Field(default=False, description="also report accuracy after one local step per "
-                                                          "client (always on for perfedavg)")
+    personalize: bool = Field(
+        default=False, description="also report accuracy after one local step per client (always on for perfedavg)"
+    )
 
     @model_validator(mode="after")
     def _some(self):
@@ -103,8 +109,6 @@ class StopConfig(Strict):
     max_time: float = Field(default=3600.0, gt=0, description="virtual seconds")
     max_trips: int | None = Field(default=None, gt=0)
     at_target: bool = Field(default=False, description="stop once the target accuracy is reached")
-
-
 
 
 class ExperimentConfig(Strict):
@@ -121,8 +125,9 @@ class ExperimentConfig(Strict):
     stop: StopConfig = StopConfig()
     runs: list[RunSpec] = Field(min_length=1)
     server: ServerConfig = ServerConfig()
-    study: StudyConfig | None = Field(default=None, description="compare runs a study (asyncfl.study) instead of "
-                                                                "the runs side by side")
+    study: StudyConfig | None = Field(
+        default=None, description="compare runs a study (asyncfl.study) instead of the runs side by side"
+    )
 
     @model_validator(mode="after")
     def _unique_names(self):
@@ -143,4 +148,3 @@ class ExperimentConfig(Strict):
             if r.name == name:
                 return r
         raise ConfigError(f"run {name!r} not in this config; runs: {[r.name for r in self.runs]}")
-

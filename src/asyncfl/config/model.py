@@ -14,4 +14,3 @@ class ModelConfig(Strict):
     hidden: list[Annotated[int, Field(gt=0)]] = Field(default=[64], description="mlp layers; char_gru: [state size]")
     width: int = Field(default=16, gt=0, description="cnn channels")
     embed: int = Field(default=8, gt=0, description="char_gru embedding size")
-

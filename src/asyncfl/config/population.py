@@ -47,4 +47,3 @@ class PopulationConfig(Strict):
     availability: Availability = Availability()
     retry_interval: float = Field(default=60.0, gt=0, description="wait when no device is eligible")
     attack: AttackConfig = AttackConfig()
-

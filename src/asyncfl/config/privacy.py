@@ -23,8 +23,8 @@ class PrivacyConfig(Strict):
     clip_norm: float = Field(gt=0, description="C: L2 bound per update (initial value when adaptive)")
     noise_multiplier: float = Field(ge=0, description="sigma: noise std / C on the sum; 0 = clip only, no epsilon")
     delta: float = Field(default=1e-5, gt=0, lt=1)
-    sample_rate: float | None = Field(default=None, gt=0, le=1,
-                                      description="q per server step; default expected updates per step / users")
+    sample_rate: float | None = Field(
+        default=None, gt=0, le=1, description="q per server step; default expected updates per step / users"
+    )
     adaptive: AdaptiveClipConfig | None = None
     noise_seed: int | None = Field(default=None, ge=0, description="default: derived from the experiment seed")
-

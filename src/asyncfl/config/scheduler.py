@@ -15,4 +15,3 @@ class SchedulerConfig(Strict):
     over_selection: float = Field(default=0.0, ge=0, description="sync: extra fraction selected")
     round_timeout: float | None = Field(default=None, gt=0, description="sync: virtual seconds")
     straggler: Literal["drop", "wait", "partial"] = "drop"
-

@@ -19,4 +19,3 @@ class ServerConfig(Strict):
     rate_burst: float = Field(default=40.0, ge=1, description="bucket size")
     eval_every_s: float = Field(default=2.0, gt=0, description="wall seconds between evaluations")
     keep_versions: int = Field(default=8, ge=1, description="past model versions kept besides leased ones")
-

@@ -14,12 +14,16 @@ class StudyMethod(Strict):
 
     name: str = Field(min_length=1, description="a run of runs:")
     concurrency: list[Annotated[int, Field(gt=0)]] | None = Field(
-        default=None, min_length=1, description="concurrencies this method runs at; default study.concurrency")
+        default=None, min_length=1, description="concurrencies this method runs at; default study.concurrency"
+    )
     grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(
-        default_factory=dict, description="dotted key (as for --set) -> values tried; the grid is their product")
+        default_factory=dict, description="dotted key (as for --set) -> values tried; the grid is their product"
+    )
     grid_at: dict[int, dict[str, Annotated[list[Any], Field(min_length=1)]]] = Field(
-        default_factory=dict, description="concurrency -> grid entries that replace or extend `grid` there "
-                                          "(e.g. FedBuff's K as a share of C)")
+        default_factory=dict,
+        description="concurrency -> grid entries that replace or extend `grid` there "
+        "(e.g. FedBuff's K as a share of C)",
+    )
     set: dict[str, Any] = Field(default_factory=dict, description="dotted key -> value for all this method's runs")
 
     @field_validator("grid_at", mode="before")
@@ -67,12 +71,19 @@ class StudyConfig(Strict):
     methods: list[StudyMethod] = Field(min_length=1)
     ratios: list[StudyRatio] = Field(default_factory=list)
     at_concurrency: dict[int, dict[str, Any]] = Field(
-        default_factory=dict, description="concurrency -> {dotted key: value} for every run at it")
+        default_factory=dict, description="concurrency -> {dotted key: value} for every run at it"
+    )
     round_timeout_percentile: float | None = Field(
-        default=None, gt=0, lt=100, description="sync runs without round_timeout get this percentile of the "
-                                                "population's trip durations")
-    cap_grid_at_best: bool = Field(default=True, description="stop a grid point once it can no longer beat the best "
-                                                             "point so far (virtual time past the best time to target)")
+        default=None,
+        gt=0,
+        lt=100,
+        description="sync runs without round_timeout get this percentile of the population's trip durations",
+    )
+    cap_grid_at_best: bool = Field(
+        default=True,
+        description="stop a grid point once it can no longer beat the best "
+        "point so far (virtual time past the best time to target)",
+    )
     workers: int = Field(default=1, ge=1, description="runs in parallel processes (one torch thread each)")
 
     @field_validator("at_concurrency", mode="before")
@@ -107,4 +118,3 @@ class StudyConfig(Strict):
     @property
     def grid_seed(self) -> int:
         return self.seeds[0] if self.tune_seed is None else self.tune_seed
-

@@ -52,6 +52,7 @@ class RoundAggregation(ServerStepConfig):
     aggregation: Literal["mean", "median", "trimmed_mean"] = "mean"
     trim_fraction: float = Field(default=0.1, ge=0, lt=0.5, description="trimmed_mean: cut from each end")
     partial_weight: Literal["full", "work_fraction"] = Field(
-        default="full", description="mean: a straggler's partial update weighs n_k (full, as FedProx's reference "
-                                    "implementation) or n_k x the share of its planned steps done (work_fraction)")
-
+        default="full",
+        description="mean: a straggler's partial update weighs n_k (full, as FedProx's reference "
+        "implementation) or n_k x the share of its planned steps done (work_fraction)",
+    )

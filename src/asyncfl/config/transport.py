@@ -15,8 +15,10 @@ class CompressionConfig(Strict):
 
     upload: str = Field(default="none", description="codec for client updates")
     download: str = Field(default="none", description="codec for the model sent to clients (no top-k)")
-    error_feedback: bool = Field(default=False, description="keep what the upload codec dropped per device "
-                                                            "and add it to the device's next update")
+    error_feedback: bool = Field(
+        default=False,
+        description="keep what the upload codec dropped per device and add it to the device's next update",
+    )
 
     @field_validator("upload", "download")
     @classmethod
@@ -27,4 +29,3 @@ class CompressionConfig(Strict):
         if info.field_name == "download" and isinstance(codec, TopK):
             raise ValueError("top-k would zero most of the model; use none, fp16 or intN for downloads")
         return v
-

@@ -20,10 +20,16 @@ FEATURES = 3 * 32 * 32
 HINT = "download CIFAR-10 (python version) and set data.path to its cifar-10-batches-py folder"
 
 _ALLOWED = {
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("builtins", "list"), ("builtins", "dict"), ("collections", "OrderedDict"), ("_codecs", "encode"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("builtins", "list"),
+    ("builtins", "dict"),
+    ("collections", "OrderedDict"),
+    ("_codecs", "encode"),
 }
 
 
@@ -33,7 +39,7 @@ class _SafeUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of a CIFAR-10 batch")
         if module.startswith("numpy.core"):  # pickles from numpy 1.x; numpy 2 moved it to numpy._core
             try:
-                return super().find_class("numpy._core" + module[len("numpy.core"):], name)
+                return super().find_class("numpy._core" + module[len("numpy.core") :], name)
             except (ImportError, AttributeError):
                 pass
         return super().find_class(module, name)
@@ -55,8 +61,16 @@ def read_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with path.open("rb") as f:
             blob = _SafeUnpickler(f, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError,
-            IndexError, KeyError) as err:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        ImportError,
+        IndexError,
+        KeyError,
+    ) as err:
         raise ValueError(f"{path}: not a readable CIFAR-10 batch pickle ({type(err).__name__}: {err})") from None
     if not isinstance(blob, dict):
         raise ValueError(f"{path}: expected a pickled dict, found {type(blob).__name__}")

@@ -21,8 +21,14 @@ DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
 INSTALL_HINT = "install Debian package dataset-fashion-mnist (make data) or set data.path"
 
 # type code -> numpy dtype (big-endian where it matters)
-_DTYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
-           0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+_DTYPES = {
+    0x08: np.dtype("u1"),
+    0x09: np.dtype("i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
 
 # base names as published; the '.' variant appears on some mirrors
 _FILES = {
@@ -52,8 +58,10 @@ def read_idx(path: str | Path) -> np.ndarray:
     if len(raw) < 4:
         raise ValueError(f"{path}: not an IDX file (only {len(raw)} bytes)")
     if raw[0] != 0 or raw[1] != 0 or raw[2] not in _DTYPES:
-        raise ValueError(f"{path}: bad IDX magic number 0x{raw[:4].hex()} "
-                         f"(expected 0x0000TTDD with type TT in {sorted(f'{c:02x}' for c in _DTYPES)})")
+        raise ValueError(
+            f"{path}: bad IDX magic number 0x{raw[:4].hex()} "
+            f"(expected 0x0000TTDD with type TT in {sorted(f'{c:02x}' for c in _DTYPES)})"
+        )
     dtype, ndim = _DTYPES[raw[2]], raw[3]
     header = 4 + 4 * ndim
     if ndim == 0:
@@ -76,8 +84,7 @@ def _find(directory: Path, names: tuple[str, ...]) -> Path:
         for candidate in (name + ".gz", name):
             if (directory / candidate).is_file():
                 return directory / candidate
-    raise FileNotFoundError(
-        f"Fashion-MNIST: {names[0]}(.gz) not found in {directory}; {INSTALL_HINT}")
+    raise FileNotFoundError(f"Fashion-MNIST: {names[0]}(.gz) not found in {directory}; {INSTALL_HINT}")
 
 
 def _images_labels(directory: Path, images_key: str, labels_key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -94,8 +101,9 @@ def _images_labels(directory: Path, images_key: str, labels_key: str) -> tuple[n
     return images, labels
 
 
-def load_fashion_mnist(path: str | Path | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+def load_fashion_mnist(
+    path: str | Path | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """(x_train [60000, 784] float32 in [0, 1], y_train int64, x_test, y_test, 10).
 
     `path` is the directory holding the four IDX files (default /usr/share/datasets/fashion-mnist).

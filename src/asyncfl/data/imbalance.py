@@ -66,9 +66,12 @@ def plot_client_sizes(sizes, path: str | Path, title: str | None = None) -> dict
             ax.set_yscale("log")
         ax.set_xlabel("examples per client")
         ax.set_ylabel("clients")
-        ax.set_title(f"{title or 'examples per client'}\n{stats['clients']} clients, median {stats['median']:g}, "
-                     f"mean {stats['mean']:.1f}, p90 {stats['p90']:g}, max {stats['max']:g}, "
-                     f"Gini {stats['gini']:.3f}", fontsize=9)
+        ax.set_title(
+            f"{title or 'examples per client'}\n{stats['clients']} clients, median {stats['median']:g}, "
+            f"mean {stats['mean']:.1f}, p90 {stats['p90']:g}, max {stats['max']:g}, "
+            f"Gini {stats['gini']:.3f}",
+            fontsize=9,
+        )
         fig.tight_layout()
         fig.savefig(path, dpi=100)
     finally:

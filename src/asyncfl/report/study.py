@@ -35,8 +35,9 @@ from asyncfl.report.table import summary_table  # noqa: E402
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
 
 
-def write_outputs(cfg, groups, finals: dict, out: Path, wall: float, rss: dict, console: Console,
-                  threads: dict | None = None) -> dict:
+def write_outputs(
+    cfg, groups, finals: dict, out: Path, wall: float, rss: dict, console: Console, threads: dict | None = None
+) -> dict:
     from asyncfl.build import build_data
     from asyncfl.data.imbalance import plot_client_sizes
 
@@ -56,16 +57,23 @@ def write_outputs(cfg, groups, finals: dict, out: Path, wall: float, rss: dict, 
         "seed": st.grid_seed,
         "runs": runs,
         "grid": grid,
-        "chosen": [{"method": g.method, "concurrency": g.concurrency, "grid_index": g.chosen,
-                    "params": g.grid[g.chosen].point} for g in groups],
+        "chosen": [
+            {"method": g.method, "concurrency": g.concurrency, "grid_index": g.chosen, "params": g.grid[g.chosen].point}
+            for g in groups
+        ],
         "ratios": ratio_blocks,
         "study": {
             "concurrency": st.concurrency,
             "seeds": st.seeds,
             "tune_seed": st.grid_seed,
-            "methods": {m.name: {"concurrency": st.method_concurrency(m), "set": m.set,
-                                 "grid": {str(c): m.grid_for(c) for c in st.method_concurrency(m)}}
-                        for m in st.methods},
+            "methods": {
+                m.name: {
+                    "concurrency": st.method_concurrency(m),
+                    "set": m.set,
+                    "grid": {str(c): m.grid_for(c) for c in st.method_concurrency(m)},
+                }
+                for m in st.methods
+            },
             "at_concurrency": {str(c): v for c, v in st.at_concurrency.items()},
             "round_timeout_percentile": st.round_timeout_percentile,
             "cap_grid_at_best": st.cap_grid_at_best,
@@ -75,20 +83,30 @@ def write_outputs(cfg, groups, finals: dict, out: Path, wall: float, rss: dict, 
             "peak_rss_mb": rss,
             "runs_executed": len(grid) + sum(1 for e in runs if e["stage"] == "seed" and e.get("grid_index") is None),
         },
-        "data": {"dataset": cfg.data.dataset, "partition": cfg.data.partition.kind,
-                 **({"common_model_accuracy": common()} if common else {}),
-                 **plot_client_sizes(data.client_sizes(), out / "client_sizes.png",
-                                     f"{cfg.data.dataset}, {cfg.data.partition.kind} partition")},
+        "data": {
+            "dataset": cfg.data.dataset,
+            "partition": cfg.data.partition.kind,
+            **({"common_model_accuracy": common()} if common else {}),
+            **plot_client_sizes(
+                data.client_sizes(),
+                out / "client_sizes.png",
+                f"{cfg.data.dataset}, {cfg.data.partition.kind} partition",
+            ),
+        },
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "study.md").write_text(markdown(summary))
     plot_study(summary, finals, out, methods)
     console.print(summary_table(summary))
     console.print(ratio_table(summary))
-    console.print(f"{cfg.name}: {wall:.0f} s wall, peak RSS {rss['main']:.0f} MB (main)"
-                  + (f", {rss['largest_worker']:.0f} MB (largest worker)" if rss.get("largest_worker") else ""))
-    console.print(f"results in {out}/ (summary.json, study.md, config.yaml, */metrics.csv, grid/*/metrics.csv, "
-                  "accuracy_vs_time.png, accuracy_vs_trips.png, steps_per_hour.png, to_target.png, client_sizes.png)")
+    console.print(
+        f"{cfg.name}: {wall:.0f} s wall, peak RSS {rss['main']:.0f} MB (main)"
+        + (f", {rss['largest_worker']:.0f} MB (largest worker)" if rss.get("largest_worker") else "")
+    )
+    console.print(
+        f"results in {out}/ (summary.json, study.md, config.yaml, */metrics.csv, grid/*/metrics.csv, "
+        "accuracy_vs_time.png, accuracy_vs_trips.png, steps_per_hour.png, to_target.png, client_sizes.png)"
+    )
     return summary
 
 
@@ -104,18 +122,26 @@ def _pm(s: dict, fmt: str = ".2f", unit: str = "x", extent: bool = True) -> str:
 
 
 def ratio_table(summary: dict) -> Table:
-    t = Table(title=f"{summary['preset']}: baseline / method to target accuracy {summary['target_accuracy']:g} "
-                    "(mean ± sd over seeds, min–max)")
+    t = Table(
+        title=f"{summary['preset']}: baseline / method to target accuracy {summary['target_accuracy']:g} "
+        "(mean ± sd over seeds, min–max)"
+    )
     for col in ("C", "baseline / method", "time", "trips", "bytes", "seeds reaching"):
         t.add_column(col, justify="left" if col == "baseline / method" else "right")
     for b in summary["ratios"]:
-        t.add_row(f"{b['concurrency']:,}", f"{b['baseline']} / {b['method']}", _pm(b["time"]), _pm(b["trips"]),
-                  _pm(b["bytes"]), f"{b['seeds_both_reached']}/{len(b['per_seed'])}")
+        t.add_row(
+            f"{b['concurrency']:,}",
+            f"{b['baseline']} / {b['method']}",
+            _pm(b["time"]),
+            _pm(b["trips"]),
+            _pm(b["bytes"]),
+            f"{b['seeds_both_reached']}/{len(b['per_seed'])}",
+        )
     return t
 
 
 def _stat(values: list, fmt: str) -> str:
-    """"mean ± sd" over the seeds that have a value."""
+    """ "mean ± sd" over the seeds that have a value."""
     return _pm(spread([x for x in values if x is not None]), fmt, unit="", extent=False)
 
 
@@ -125,49 +151,76 @@ def per_method_rows(summary: dict) -> list[dict]:
         groups.setdefault((e["method"], e["concurrency"]), []).append(e)
     rows = []
     for (method, c), es in groups.items():
-        rows.append({
-            "method": method, "mode": es[0]["mode"], "concurrency": c,
-            "reached": f"{sum(e['reached_target'] for e in es)}/{len(es)}",
-            "time": _stat([e["time_to_target"] for e in es], ",.0f"),
-            "trips": _stat([e["trips_to_target"] for e in es], ",.0f"),
-            "bytes": _stat([e["bytes_to_target"] / 1e6 if e["bytes_to_target"] is not None else None for e in es],
-                           ",.1f"),
-            "steps": _stat([e["server_steps"] for e in es], ",.0f"),
-            "steps_per_hour": _stat([e["steps_per_hour"] for e in es], ",.0f"),
-            "staleness": _stat([e["mean_staleness"] for e in es], ".1f"),
-            "p99": _stat([e["p99_staleness"] for e in es], ".0f"),
-            "wall": _stat([e["wall_seconds"] for e in es], ".1f"),
-            "params": es[0]["params"],
-        })
+        rows.append(
+            {
+                "method": method,
+                "mode": es[0]["mode"],
+                "concurrency": c,
+                "reached": f"{sum(e['reached_target'] for e in es)}/{len(es)}",
+                "time": _stat([e["time_to_target"] for e in es], ",.0f"),
+                "trips": _stat([e["trips_to_target"] for e in es], ",.0f"),
+                "bytes": _stat(
+                    [e["bytes_to_target"] / 1e6 if e["bytes_to_target"] is not None else None for e in es], ",.1f"
+                ),
+                "steps": _stat([e["server_steps"] for e in es], ",.0f"),
+                "steps_per_hour": _stat([e["steps_per_hour"] for e in es], ",.0f"),
+                "staleness": _stat([e["mean_staleness"] for e in es], ".1f"),
+                "p99": _stat([e["p99_staleness"] for e in es], ".0f"),
+                "wall": _stat([e["wall_seconds"] for e in es], ".1f"),
+                "params": es[0]["params"],
+            }
+        )
     return rows
 
 
 def markdown(summary: dict) -> str:
     st = summary["study"]
-    lines = [f"# {summary['preset']}: target accuracy {summary['target_accuracy']:g}", "",
-             f"Seeds {st['seeds']} (grid on seed {st['tune_seed']}); wall time {st['wall_seconds']:.0f} s with "
-             f"{st['workers']} worker(s); peak RSS {st['peak_rss_mb']['main']:.0f} MB (main process)"
-             + (f", {st['peak_rss_mb']['largest_worker']:.0f} MB (largest worker)"
-                if st["peak_rss_mb"].get("largest_worker") else "") + ".", "",
-             "## Ratios (baseline / method; > 1: method is better)", "",
-             "| C | baseline / method | time to target | trips to target | bytes to target | seeds where both reached |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"# {summary['preset']}: target accuracy {summary['target_accuracy']:g}",
+        "",
+        f"Seeds {st['seeds']} (grid on seed {st['tune_seed']}); wall time {st['wall_seconds']:.0f} s with "
+        f"{st['workers']} worker(s); peak RSS {st['peak_rss_mb']['main']:.0f} MB (main process)"
+        + (
+            f", {st['peak_rss_mb']['largest_worker']:.0f} MB (largest worker)"
+            if st["peak_rss_mb"].get("largest_worker")
+            else ""
+        )
+        + ".",
+        "",
+        "## Ratios (baseline / method; > 1: method is better)",
+        "",
+        "| C | baseline / method | time to target | trips to target | bytes to target | seeds where both reached |",
+        "|---|---|---|---|---|---|",
+    ]
     for b in summary["ratios"]:
-        lines.append(f"| {b['concurrency']:,} | {b['baseline']} / {b['method']} | {_pm(b['time'])} | {_pm(b['trips'])} "
-                     f"| {_pm(b['bytes'])} | {b['seeds_both_reached']}/{len(b['per_seed'])} |")
-    lines += ["", "mean ± sample sd over seeds (min–max).", "",
-              "## Per method (mean ± sd over seeds)", "",
-              "| method | mode | C | reached | time to target (s) | trips to target | MB to target | server steps "
-              "| steps / hour | mean staleness | p99 staleness | wall (s) | chosen grid point |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {b['concurrency']:,} | {b['baseline']} / {b['method']} | {_pm(b['time'])} | {_pm(b['trips'])} "
+            f"| {_pm(b['bytes'])} | {b['seeds_both_reached']}/{len(b['per_seed'])} |"
+        )
+    lines += [
+        "",
+        "mean ± sample sd over seeds (min–max).",
+        "",
+        "## Per method (mean ± sd over seeds)",
+        "",
+        "| method | mode | C | reached | time to target (s) | trips to target | MB to target | server steps "
+        "| steps / hour | mean staleness | p99 staleness | wall (s) | chosen grid point |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in per_method_rows(summary):
         params = ", ".join(f"`{k}`={v}" for k, v in r["params"].items()) or "—"
-        lines.append(f"| {r['method']} | {r['mode']} | {r['concurrency']:,} | {r['reached']} | {r['time']} | {r['trips']} "
-                     f"| {r['bytes']} | {r['steps']} | {r['steps_per_hour']} | {r['staleness']} | {r['p99']} "
-                     f"| {r['wall']} | {params} |")
-    lines += ["", f"## Grid (seed {st['tune_seed']}; chosen: least time to target)", "",
-              "| method | C | point | time to target (s) | trips to target | best accuracy | status | wall (s) |",
-              "|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['method']} | {r['mode']} | {r['concurrency']:,} | {r['reached']} | {r['time']} | {r['trips']} "
+            f"| {r['bytes']} | {r['steps']} | {r['steps_per_hour']} | {r['staleness']} | {r['p99']} "
+            f"| {r['wall']} | {params} |"
+        )
+    lines += [
+        "",
+        f"## Grid (seed {st['tune_seed']}; chosen: least time to target)",
+        "",
+        "| method | C | point | time to target (s) | trips to target | best accuracy | status | wall (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for e in summary["grid"]:
         params = ", ".join(f"`{k}`={v}" for k, v in e["params"].items()) or "—"
         if e["chosen"]:
@@ -180,8 +233,10 @@ def markdown(summary: dict) -> str:
             status = ""
         tt = "—" if e["time_to_target"] is None else f"{e['time_to_target']:,.0f}"
         tr = "—" if e["trips_to_target"] is None else f"{e['trips_to_target']:,}"
-        lines.append(f"| {e['method']} | {e['concurrency']:,} | {params} | {tt} | {tr} | {e['best_accuracy']:.3f} "
-                     f"| {status} | {e['wall_seconds']:.1f} |")
+        lines.append(
+            f"| {e['method']} | {e['concurrency']:,} | {params} | {tt} | {tr} | {e['best_accuracy']:.3f} "
+            f"| {status} | {e['wall_seconds']:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -194,12 +249,17 @@ def _panels(finals: dict, x: str, xlabel: str, target: float, path: Path, title:
             runs = [finals[k] for k in sorted(finals) if k[0] == m and k[1] == c]
             for j, r in enumerate(runs):
                 rows = [row for row in r["rows"] if row["test_accuracy"] == row["test_accuracy"]]
-                ax.plot([row[x] for row in rows], [row["test_accuracy"] for row in rows], color=COLORS[i % len(COLORS)],
-                        lw=1.3, alpha=0.85, label=m if j == 0 else None)
+                ax.plot(
+                    [row[x] for row in rows],
+                    [row["test_accuracy"] for row in rows],
+                    color=COLORS[i % len(COLORS)],
+                    lw=1.3,
+                    alpha=0.85,
+                    label=m if j == 0 else None,
+                )
         ax.axhline(target, color="grey", ls="--", lw=1)
         if x == "trips_started":
-            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(
-                lambda v, _: f"{v / 1000:g}k" if v else "0"))
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1000:g}k" if v else "0"))
         ax.set_title(f"C = {c:,}")
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
@@ -238,10 +298,24 @@ def _versus_c(ax, summary: dict, field: str, methods: list[str], ylabel: str) ->
 
 def plot_study(summary: dict, finals: dict, out: Path, methods: list[str]) -> None:
     target, name = summary["target_accuracy"], summary["preset"]
-    _panels(finals, "virtual_time", "virtual time (s)", target, out / "accuracy_vs_time.png",
-            f"{name}: accuracy vs virtual time (one line per seed)", methods)
-    _panels(finals, "trips_started", "client trips started", target, out / "accuracy_vs_trips.png",
-            f"{name}: accuracy vs client trips (one line per seed)", methods)
+    _panels(
+        finals,
+        "virtual_time",
+        "virtual time (s)",
+        target,
+        out / "accuracy_vs_time.png",
+        f"{name}: accuracy vs virtual time (one line per seed)",
+        methods,
+    )
+    _panels(
+        finals,
+        "trips_started",
+        "client trips started",
+        target,
+        out / "accuracy_vs_trips.png",
+        f"{name}: accuracy vs client trips (one line per seed)",
+        methods,
+    )
     fig, ax = plt.subplots(figsize=(6, 4.2))
     _versus_c(ax, summary, "steps_per_hour", methods, "server steps per virtual hour")
     ax.set_title(f"{name}: server steps per hour (mean, min–max over seeds)")

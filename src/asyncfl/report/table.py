@@ -25,18 +25,28 @@ def summary_table(summary: dict) -> Table:
     codec = any(r.get("codec") is not None for r in summary["runs"])
     eps = any(r.get("epsilon") is not None for r in summary["runs"])
     spread = any(r.get("client_accuracy") for r in summary["runs"])  # per-device test splits
-    cols = ["run", "mode", "C"] + (["codec"] if codec else []) + [
-        "final acc", "time to target (s)", "trips to target", "bytes to target", "server steps",
-        "mean staleness"] + (["epsilon"] if eps else []) + (
-        ["device acc mean", "device acc std", "device acc p10"] if spread else []) + ["wall (s)"]
+    cols = (
+        ["run", "mode", "C"]
+        + (["codec"] if codec else [])
+        + ["final acc", "time to target (s)", "trips to target", "bytes to target", "server steps", "mean staleness"]
+        + (["epsilon"] if eps else [])
+        + (["device acc mean", "device acc std", "device acc p10"] if spread else [])
+        + ["wall (s)"]
+    )
     for col in cols:
         t.add_column(col, justify="left" if col in ("run", "mode", "codec") else "right")
     for r in summary["runs"]:
         cells = [r["name"], r["mode"], str(r["concurrency"])]
         if codec:
             cells.append((r.get("codec") or "dense") + (" +EF" if r.get("error_feedback") else ""))
-        cells += [f"{r['final_accuracy']:.3f}", _fmt(r["time_to_target"], ".0f"), _fmt(r["trips_to_target"], "d"),
-                  _bytes(r["bytes_to_target"]), str(r["server_steps"]), _fmt(r["mean_staleness"], ".1f")]
+        cells += [
+            f"{r['final_accuracy']:.3f}",
+            _fmt(r["time_to_target"], ".0f"),
+            _fmt(r["trips_to_target"], "d"),
+            _bytes(r["bytes_to_target"]),
+            str(r["server_steps"]),
+            _fmt(r["mean_staleness"], ".1f"),
+        ]
         if eps:
             cells.append(_fmt(r.get("epsilon"), ".2f"))
         if spread:

@@ -63,7 +63,10 @@ class AggregationRole:
         self.upload_fields = tuple(settings.upload_fields)
         # an upload's tensors: the delta's, then each upload field's, all shaped like the model's
         self.expected = list(zip(self.names, self.shapes)) + [
-            (name, shape) for f in self.upload_fields for name, shape in zip(wire.field_names(f, self.names), self.shapes)]
+            (name, shape)
+            for f in self.upload_fields
+            for name, shape in zip(wire.field_names(f, self.names), self.shapes)
+        ]
         self.state = ServerState(w=w0.clone(), version=0)
         self.models: dict[int, torch.Tensor] = {0: self.state.w}
         # what clients download with each kept version besides the model (the aggregator's
@@ -112,8 +115,10 @@ class AggregationRole:
         if len(specs) != len(self.expected):
             expected = f"the model has {len(self.shapes)}"
             if self.upload_fields:
-                expected = (f"expected {len(self.expected)} (the model's {len(self.shapes)} for the delta and for "
-                            f"each of {', '.join(self.upload_fields)})")
+                expected = (
+                    f"expected {len(self.expected)} (the model's {len(self.shapes)} for the delta and for "
+                    f"each of {', '.join(self.upload_fields)})"
+                )
             raise ApiError(422, "bad_tensor_count", f"update has {len(specs)} tensors, {expected}")
         for i, (spec, (name, shape)) in enumerate(zip(specs, self.expected)):
             if spec.dtype != "float32":
@@ -121,8 +126,9 @@ class AggregationRole:
             if spec.name != name:
                 raise ApiError(422, "bad_tensor_name", f"tensor {i} is named {spec.name!r}; expected {name!r}")
             if tuple(spec.shape) != shape:
-                raise ApiError(422, "bad_shape", f"tensor {i} ({name!r}) has shape {list(spec.shape)}; "
-                               f"expected {list(shape)}")
+                raise ApiError(
+                    422, "bad_shape", f"tensor {i} ({name!r}) has shape {list(spec.shape)}; expected {list(shape)}"
+                )
 
     # ---- folding ----------------------------------------------------------------------
     def downloads_of(self, version: int) -> dict[str, torch.Tensor] | None:
@@ -201,7 +207,9 @@ class AggregationRole:
         obsolete = []
         if snap["kept"] is not None:
             marks = ",".join("?" * len(snap["kept"]))
-            obsolete = [f for (f,) in db.execute(f"SELECT file FROM models WHERE version NOT IN ({marks})", snap["kept"])]
+            obsolete = [
+                f for (f,) in db.execute(f"SELECT file FROM models WHERE version NOT IN ({marks})", snap["kept"])
+            ]
             db.execute(f"DELETE FROM models WHERE version NOT IN ({marks})", snap["kept"])
         if snap["state"] is not None:
             current = db.execute("SELECT file FROM blobs WHERE name='aggregator'").fetchall()
@@ -213,15 +221,21 @@ class AggregationRole:
 
     def restore(self, store: Store) -> None:
         self.state.version = store.get_meta("version")
-        self.models = {v: tensor_load(store.read_file(f, crc)) for v, f, crc in
-                       store.query("SELECT version, file, crc FROM models")}
+        self.models = {
+            v: tensor_load(store.read_file(f, crc))
+            for v, f, crc in store.query("SELECT version, file, crc FROM models")
+        }
         self.state.w = self.models[self.state.version]
         (name, crc) = store.query("SELECT file, crc FROM blobs WHERE name='aggregator'")[0]
         self.aggregator.load_state_dict(tensor_load(store.read_file(name, crc)))
         self.downloads = {self.state.version: self.aggregator.downloads(self.state.w)}
-        self.pending_seqs = [s for (s,) in store.query(
-            "SELECT seq FROM updates WHERE applied_version IS NULL AND verdict IN ('buffered', 'stepped') "
-            "ORDER BY seq")]
+        self.pending_seqs = [
+            s
+            for (s,) in store.query(
+                "SELECT seq FROM updates WHERE applied_version IS NULL AND verdict IN ('buffered', 'stepped') "
+                "ORDER BY seq"
+            )
+        ]
         for verdict, n in store.query("SELECT verdict, count(*) FROM updates GROUP BY verdict"):
             if verdict in self.counts:
                 self.counts[verdict] = n
@@ -231,4 +245,3 @@ class AggregationRole:
     def model_frame(self, version: int) -> bytes:
         w = self.models[version]
         return wire.encode_model(version, w, self.names, self.shapes)
-

@@ -69,8 +69,11 @@ def create_app(server: FLServer, background: bool = True) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
-        return JSONResponse({"error": code, "detail": str(err.detail)}, status_code=err.status_code,
-                            headers=getattr(err, "headers", None))
+        return JSONResponse(
+            {"error": code, "detail": str(err.detail)},
+            status_code=err.status_code,
+            headers=getattr(err, "headers", None),
+        )
 
     @app.post("/v1/checkin")
     async def checkin(request: Request):
@@ -85,7 +88,7 @@ def create_app(server: FLServer, background: bool = True) -> FastAPI:
                 raise ApiError(400, "malformed", f"check-in body is not JSON: {err}") from None
             if not isinstance(body, dict) or not isinstance(body.get("eligible", True), bool):
                 server.reject(ApiError(400, "malformed", ""))
-                raise ApiError(400, "malformed", "check-in body must be an object like {\"eligible\": true}")
+                raise ApiError(400, "malformed", 'check-in body must be an object like {"eligible": true}')
             eligible = body.get("eligible", True)
         return await run_in_threadpool(server.checkin, client, eligible)
 

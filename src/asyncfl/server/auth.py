@@ -26,13 +26,18 @@ class Authenticator:
     def client_of(self, authorization: str | None) -> str:
         """The client id behind an `Authorization: Bearer ...` header, or a 401/403."""
         if not authorization:
-            raise ApiError(401, "unauthorized", "missing bearer token (send 'Authorization: Bearer <token>')",
-                           {"WWW-Authenticate": "Bearer"})
+            raise ApiError(
+                401,
+                "unauthorized",
+                "missing bearer token (send 'Authorization: Bearer <token>')",
+                {"WWW-Authenticate": "Bearer"},
+            )
         scheme, _, token = authorization.partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
-            raise ApiError(401, "unauthorized", "authorization header must be 'Bearer <token>'",
-                           {"WWW-Authenticate": "Bearer"})
+            raise ApiError(
+                401, "unauthorized", "authorization header must be 'Bearer <token>'", {"WWW-Authenticate": "Bearer"}
+            )
         now = time.monotonic()
         hit = self._cache.get(token)
         if hit is None or now - hit[2] > self.ttl:
@@ -68,7 +73,11 @@ class RateLimiter:
                 self._buckets[client] = (level, now)
                 self.limited += 1
                 wait = (1.0 - level) / self.rate
-                raise ApiError(429, "rate_limited", f"client {client!r} exceeds {self.rate:g} requests/s; "
-                               f"retry in {wait:.2f} s", {"Retry-After": str(max(1, round(wait + 0.5)))},
-                               {"retry_after": wait})
+                raise ApiError(
+                    429,
+                    "rate_limited",
+                    f"client {client!r} exceeds {self.rate:g} requests/s; retry in {wait:.2f} s",
+                    {"Retry-After": str(max(1, round(wait + 0.5)))},
+                    {"retry_after": wait},
+                )
             self._buckets[client] = (level - 1.0, now)

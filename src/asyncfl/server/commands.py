@@ -24,10 +24,20 @@ def serve(args) -> int:
         raise ConfigError("give both --ssl-certfile and --ssl-keyfile for TLS")
     server = FLServer(cfg, settings, args.state_dir, args.run)
     scheme = "https" if args.ssl_certfile else "http"
-    print(f"asyncfl server: task {server.task!r}, version {server.aggregation.state.version}, "
-          f"{scheme}://{args.host}:{args.port}/", flush=True)
-    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level,
-                ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, access_log=False)
+    print(
+        f"asyncfl server: task {server.task!r}, version {server.aggregation.state.version}, "
+        f"{scheme}://{args.host}:{args.port}/",
+        flush=True,
+    )
+    uvicorn.run(
+        create_app(server),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
+        access_log=False,
+    )
     return 0
 
 

@@ -52,8 +52,14 @@ def _seed_of(stored: int) -> int:
 
 
 class Coordinator:
-    def __init__(self, policy: Any, aggregation: AggregationRole, lease_timeout: float, seed: int,
-                 clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        policy: Any,
+        aggregation: AggregationRole,
+        lease_timeout: float,
+        seed: int,
+        clock: Callable[[], float] = time.time,
+    ):
         self.policy, self.aggregation = policy, aggregation
         self.lease_timeout, self.seed, self.clock = lease_timeout, seed, clock
         self.leases: dict[str, Lease] = {}  # active only
@@ -111,8 +117,14 @@ class Coordinator:
         self.issued += 1
         now = self.clock()
         seed = int(trip_seed(self.seed, self.issued - 1)[0])  # trip numbers count from 0, as in the simulator
-        lease = Lease(f"L{self.issued}-{secrets.token_hex(6)}", client, self.aggregation.state.version, seed,
-                      now, now + self.lease_timeout)
+        lease = Lease(
+            f"L{self.issued}-{secrets.token_hex(6)}",
+            client,
+            self.aggregation.state.version,
+            seed,
+            now,
+            now + self.lease_timeout,
+        )
         self.leases[lease.lease_id] = lease
         self.by_client[client] = lease.lease_id
         self._dirty[lease.lease_id] = lease
@@ -131,18 +143,28 @@ class Coordinator:
                 return lease
             state = lease.state
         else:
-            rows = [] if lease is not None else store.query("SELECT client, state FROM leases WHERE lease_id=?",
-                                                            (lease_id,))
+            rows = (
+                []
+                if lease is not None
+                else store.query("SELECT client, state FROM leases WHERE lease_id=?", (lease_id,))
+            )
             if not rows or rows[0][0] != client:
-                raise ApiError(409, "no_lease", f"lease {lease_id!r} was not issued to client {client!r}; "
-                               "check in first")
+                raise ApiError(
+                    409, "no_lease", f"lease {lease_id!r} was not issued to client {client!r}; check in first"
+                )
             state = rows[0][1]
-        reason = {EXPIRED: ("lease_expired", "lease expired before the upload arrived; the slot went to "
-                            "another client and the update is not counted"),
-                  CANCELLED: ("lease_cancelled", "the round this lease belonged to has closed; the update "
-                              "is not counted"),
-                  DONE: ("lease_used", "this lease already delivered an update (re-send with the same "
-                         "idempotency key to get its result)")}.get(state, ("no_lease", f"lease state {state}"))
+        reason = {
+            EXPIRED: (
+                "lease_expired",
+                "lease expired before the upload arrived; the slot went to "
+                "another client and the update is not counted",
+            ),
+            CANCELLED: ("lease_cancelled", "the round this lease belonged to has closed; the update is not counted"),
+            DONE: (
+                "lease_used",
+                "this lease already delivered an update (re-send with the same idempotency key to get its result)",
+            ),
+        }.get(state, ("no_lease", f"lease state {state}"))
         raise ApiError(409, *reason)
 
     def report(self, lease: Lease, update: ClientUpdate, seq: int) -> Verdict | None:
@@ -183,17 +205,37 @@ class Coordinator:
     # ---- durability -------------------------------------------------------------------
     def snapshot(self) -> dict:
         """Under the state lock: changed leases and the policy's state, as plain data."""
-        leases = [(lease.lease_id, lease.client, lease.base_version, _sql_seed(lease.seed), lease.issued_at,
-                   lease.expires_at, lease.state) for lease in self._dirty.values()]
+        leases = [
+            (
+                lease.lease_id,
+                lease.client,
+                lease.base_version,
+                _sql_seed(lease.seed),
+                lease.issued_at,
+                lease.expires_at,
+                lease.state,
+            )
+            for lease in self._dirty.values()
+        ]
         self._dirty = {}
-        return {"leases": leases, "meta": {
-            "open_slots": self.open_slots, "issued": self.issued, "ended": dict(self.ended),
-            "timers": [[t, p] for t, _, p in sorted(self.timers)], "policy": self.policy.state_dict()}}
+        return {
+            "leases": leases,
+            "meta": {
+                "open_slots": self.open_slots,
+                "issued": self.issued,
+                "ended": dict(self.ended),
+                "timers": [[t, p] for t, _, p in sorted(self.timers)],
+                "policy": self.policy.state_dict(),
+            },
+        }
 
     @staticmethod
     def persist(snap: dict, db: sqlite3.Connection) -> None:
-        db.executemany("INSERT OR REPLACE INTO leases(lease_id, client, base_version, seed, issued_at, expires_at, "
-                       "state) VALUES(?, ?, ?, ?, ?, ?, ?)", snap["leases"])
+        db.executemany(
+            "INSERT OR REPLACE INTO leases(lease_id, client, base_version, seed, issued_at, expires_at, "
+            "state) VALUES(?, ?, ?, ?, ?, ?, ?)",
+            snap["leases"],
+        )
         Store.put_meta(db, "coordinator", snap["meta"])
 
     def restore(self, store: Store) -> None:
@@ -203,8 +245,10 @@ class Coordinator:
         heapq.heapify(self.timers)
         self.policy.load_state_dict(saved["policy"])
         self.leases, self.by_client, self.recent = {}, {}, collections.OrderedDict()
-        for row in store.query("SELECT lease_id, client, base_version, seed, issued_at, expires_at, state "
-                               "FROM leases WHERE state=?", (ACTIVE,)):
+        for row in store.query(
+            "SELECT lease_id, client, base_version, seed, issued_at, expires_at, state FROM leases WHERE state=?",
+            (ACTIVE,),
+        ):
             lease = Lease(*row)
             lease.seed = _seed_of(lease.seed)
             self.leases[lease.lease_id] = lease

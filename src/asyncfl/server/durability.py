@@ -26,8 +26,9 @@ STATE_FORMAT = 2
 
 
 def storage_error() -> ApiError:
-    return ApiError(503, "storage_error", "the server could not make the change durable; retry later",
-                    {"Retry-After": "1"})
+    return ApiError(
+        503, "storage_error", "the server could not make the change durable; retry later", {"Retry-After": "1"}
+    )
 
 
 class GroupCommit:
@@ -72,9 +73,12 @@ class GroupCommit:
             new_files: list[str] = []
             try:
                 with sh.store.transaction() as db:
-                    db.executemany("INSERT INTO updates(seq, client, idem_key, lease_id, base_version, "
-                                   "version_at_submit, staleness, n_examples, steps, loss, norm, verdict, received_at, "
-                                   "status, response) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                    db.executemany(
+                        "INSERT INTO updates(seq, client, idem_key, lease_id, base_version, "
+                        "version_at_submit, staleness, n_examples, steps, loss, norm, verdict, received_at, "
+                        "status, response) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        rows,
+                    )
                     obsolete = AggregationRole.persist(agg, db, sh.store, new_files)
                     Coordinator.persist(coord, db)
                     Store.put_meta(db, "rejected", rejected)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None,
-                 extra: dict | None = None):
+    def __init__(
+        self, status: int, code: str, detail: str, headers: dict[str, str] | None = None, extra: dict | None = None
+    ):
         super().__init__(detail)
         self.status, self.code, self.detail = status, code, detail
         self.headers = headers or {}

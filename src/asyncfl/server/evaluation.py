@@ -21,8 +21,10 @@ class Evaluation:
     def restore(self) -> None:
         store = self.shared.store
         self.reached_target = bool(store.get_meta("reached_target", False))
-        self.evals = [dict(zip(("id", "t", "version", "accuracy", "loss"), r)) for r in
-                      store.query("SELECT id, t, version, accuracy, loss FROM evals ORDER BY id")]
+        self.evals = [
+            dict(zip(("id", "t", "version", "accuracy", "loss"), r))
+            for r in store.query("SELECT id, t, version, accuracy, loss FROM evals ORDER BY id")
+        ]
 
     def history(self, since: int = 0) -> list[dict]:
         with self.shared.lock:
@@ -35,12 +37,15 @@ class Evaluation:
         last = self.evals[-1] if self.evals else None
         with sh.lock:
             version, w = sh.aggregation.state.version, sh.aggregation.state.w
-        if last is not None and (now - last["t"] < self.every_s
-                                 or (last["version"] == version and now - last["t"] < 30)):
+        if last is not None and (
+            now - last["t"] < self.every_s or (last["version"] == version and now - last["t"] < 30)
+        ):
             return
         acc, loss = self.model.evaluate(w, self.data.x_test, self.data.y_test)
         with sh.store.transaction() as db:
-            cur = db.execute("INSERT INTO evals(t, version, accuracy, loss) VALUES(?, ?, ?, ?)", (now, version, acc, loss))
+            cur = db.execute(
+                "INSERT INTO evals(t, version, accuracy, loss) VALUES(?, ?, ?, ?)", (now, version, acc, loss)
+            )
             row = {"id": cur.lastrowid, "t": now, "version": version, "accuracy": acc, "loss": loss}
             if acc >= self.target_accuracy and not self.reached_target:
                 Store.put_meta(db, "reached_target", True)

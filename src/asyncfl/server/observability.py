@@ -33,28 +33,54 @@ def prometheus(status: dict, upload_latency: list[float]) -> str:
     metric("buffer_fill", "gauge", "Updates in the aggregation buffer.", [({}, status["buffer"]["fill"])])
     metric("leases_active", "gauge", "Clients holding a lease.", [({}, status["leases"]["active"])])
     metric("slots_open", "gauge", "Slots open for check-in.", [({}, status["leases"]["open_slots"])])
-    metric("concurrency_limit", "gauge", "Configured concurrency (async) or cohort (sync).",
-           [({}, status["concurrency"])])
-    metric("leases_total", "counter", "Leases by outcome.",
-           [({"outcome": k}, v) for k, v in sorted(status["leases"]["ended"].items())]
-           + [({"outcome": "issued"}, status["leases"]["issued"])])
-    metric("updates_total", "counter", "Updates folded by verdict.",
-           [({"verdict": k}, v) for k, v in sorted(status["updates"].items())])
-    metric("rejected_total", "counter", "Requests rejected, by reason.",
-           [({"reason": k}, v) for k, v in sorted(status["rejected"].items())])
+    metric(
+        "concurrency_limit", "gauge", "Configured concurrency (async) or cohort (sync).", [({}, status["concurrency"])]
+    )
+    metric(
+        "leases_total",
+        "counter",
+        "Leases by outcome.",
+        [({"outcome": k}, v) for k, v in sorted(status["leases"]["ended"].items())]
+        + [({"outcome": "issued"}, status["leases"]["issued"])],
+    )
+    metric(
+        "updates_total",
+        "counter",
+        "Updates folded by verdict.",
+        [({"verdict": k}, v) for k, v in sorted(status["updates"].items())],
+    )
+    metric(
+        "rejected_total",
+        "counter",
+        "Requests rejected, by reason.",
+        [({"reason": k}, v) for k, v in sorted(status["rejected"].items())],
+    )
     traffic = (status.get("compression") or {}).get("bytes")
     if traffic:
-        metric("received_bytes_total", "counter", "Update bytes received: whole bodies, and the codec payloads "
-               "of validated updates.", [({"part": "body"}, traffic["upload_body_bytes"]),
-                                         ({"part": "payload"}, traffic["upload_payload_bytes"])])
-        metric("updates_decoded_total", "counter", "Updates whose payload was decoded and validated.",
-               [({"codec": status["compression"]["upload_codec"]}, traffic["uploads_decoded"])])
+        metric(
+            "received_bytes_total",
+            "counter",
+            "Update bytes received: whole bodies, and the codec payloads of validated updates.",
+            [({"part": "body"}, traffic["upload_body_bytes"]), ({"part": "payload"}, traffic["upload_payload_bytes"])],
+        )
+        metric(
+            "updates_decoded_total",
+            "counter",
+            "Updates whose payload was decoded and validated.",
+            [({"codec": status["compression"]["upload_codec"]}, traffic["uploads_decoded"])],
+        )
         metric("sent_bytes_total", "counter", "Model frame bytes served.", [({}, traffic["download_bytes"])])
     privacy = status.get("privacy")
     if privacy:
-        metric("privacy_epsilon", "gauge", f"Epsilon spent at delta={privacy['delta']:g} (NaN without noise).",
-               [({}, privacy["epsilon"])])
-        metric("privacy_steps_total", "counter", "Noisy server steps (DP aggregates).", [({}, privacy["privacy_steps"])])
+        metric(
+            "privacy_epsilon",
+            "gauge",
+            f"Epsilon spent at delta={privacy['delta']:g} (NaN without noise).",
+            [({}, privacy["epsilon"])],
+        )
+        metric(
+            "privacy_steps_total", "counter", "Noisy server steps (DP aggregates).", [({}, privacy["privacy_steps"])]
+        )
         metric("privacy_clip_norm", "gauge", "Current clip norm C.", [({}, privacy["clip_norm"])])
     ev = status.get("last_eval") or {}
     metric("test_accuracy", "gauge", "Test accuracy at the last evaluation.", [({}, ev.get("accuracy", math.nan))])

@@ -43,8 +43,10 @@ PROTOCOL = 1
 def fingerprint(cfg: ExperimentConfig, run: str, task: str) -> str:
     """What must not change under a state dir: data, model, algorithm, schedule, seed."""
     tree = cfg.model_dump(mode="json")
-    tree = {k: tree[k] for k in ("seed", "data", "model", "trainer")} | {"run": cfg.run(run).model_dump(mode="json"),
-                                                                         "task": task}
+    tree = {k: tree[k] for k in ("seed", "data", "model", "trainer")} | {
+        "run": cfg.run(run).model_dump(mode="json"),
+        "task": task,
+    }
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -58,7 +60,8 @@ class FLServer:
             raise ConfigError(
                 f"run {self.spec.name!r}: privacy.sample_rate is required by `asyncfl serve`: the server cannot know how "
                 "many users will take part, so it cannot derive the rate epsilon is accounted at; set it to the "
-                "expected share of all users contributing to one server step (e.g. buffer_size / users)")
+                "expected share of all users contributing to one server step (e.g. buffer_size / users)"
+            )
         self.data = build_data(cfg)
         self.model = build_flat_model(cfg, self.data)
         comp = self.spec.compression
@@ -68,9 +71,19 @@ class FLServer:
         self.store = Store(state_dir)
         self.algorithm = definition(self.spec.algorithm.name)
         aggregator = build_aggregator(self.spec, cfg.trainer.lr, num_users=num_users(cfg, self.data), seed=cfg.seed)
-        self.aggregation = AggregationRole(aggregator, self.model.initial_weights(), AggregationSettings(
-            self.model.names, self.model.shapes, settings.max_update_norm, settings.keep_versions,
-            self.upload_codec, comp.upload if comp is not None else None, self.algorithm.upload_fields))
+        self.aggregation = AggregationRole(
+            aggregator,
+            self.model.initial_weights(),
+            AggregationSettings(
+                self.model.names,
+                self.model.shapes,
+                settings.max_update_norm,
+                settings.keep_versions,
+                self.upload_codec,
+                comp.upload if comp is not None else None,
+                self.algorithm.upload_fields,
+            ),
+        )
         self.policy = build_policy(self.spec.scheduler)
         self.coordinator = Coordinator(self.policy, self.aggregation, settings.lease_timeout, cfg.seed)
         self.shared = Shared(self.store, threading.RLock(), self.aggregation, self.coordinator, Counters())
@@ -98,11 +111,15 @@ class FLServer:
             return
         found = self.store.get_meta("state_format", 1)
         if found != STATE_FORMAT:
-            raise ConfigError(f"state dir {self.store.dir} was written in state format {found}; this server reads "
-                              f"format {STATE_FORMAT} only; use a fresh --state-dir")
+            raise ConfigError(
+                f"state dir {self.store.dir} was written in state format {found}; this server reads "
+                f"format {STATE_FORMAT} only; use a fresh --state-dir"
+            )
         if saved != fp:
-            raise ConfigError(f"state dir {self.store.dir} holds a run with another configuration "
-                              f"(fingerprint {saved}, this one {fp}); use a fresh --state-dir")
+            raise ConfigError(
+                f"state dir {self.store.dir} holds a run with another configuration "
+                f"(fingerprint {saved}, this one {fp}); use a fresh --state-dir"
+            )
         self._restore()
 
     def _restore(self) -> None:
@@ -172,20 +189,27 @@ class FLServer:
             frame = self._frames.get(version)
             if frame is None:
                 if version not in self.aggregation.models:
-                    raise ApiError(404, "version_unavailable", f"model version {version} is not available; "
-                                   f"current version is {self.aggregation.state.version}")
+                    raise ApiError(
+                        404,
+                        "version_unavailable",
+                        f"model version {version} is not available; "
+                        f"current version is {self.aggregation.state.version}",
+                    )
                 w = self.aggregation.models[version]
                 extras = self.aggregation.downloads_of(version)
                 if extras is None:
-                    raise ApiError(404, "version_unavailable", f"model version {version} is no longer available with "
-                                   f"what it needs besides the model; current version is "
-                                   f"{self.aggregation.state.version}")
+                    raise ApiError(
+                        404,
+                        "version_unavailable",
+                        f"model version {version} is no longer available with "
+                        f"what it needs besides the model; current version is "
+                        f"{self.aggregation.state.version}",
+                    )
         if frame is None:
             gen = None
             if self.download_codec is not None:
                 gen = download_rounding_generator(self.cfg.seed, version)
-            frame = wire.encode_model(version, w, self.model.names, self.model.shapes, self.download_codec, gen,
-                                      extras)
+            frame = wire.encode_model(version, w, self.model.names, self.model.shapes, self.download_codec, gen, extras)
             with self.lock:
                 if len(self._frames) > 4:
                     self._frames.pop(min(self._frames))

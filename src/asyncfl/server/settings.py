@@ -14,8 +14,9 @@ from asyncfl.config import ConfigError, ExperimentConfig, ServerConfig
 __all__ = ["ServerConfig", "load_serve_config"]
 
 
-def load_serve_config(path: str | Path, overrides: list[str] = (), server_path: str | Path | None = None,
-                      seed: int | None = None) -> tuple[ExperimentConfig, ServerConfig]:
+def load_serve_config(
+    path: str | Path, overrides: list[str] = (), server_path: str | Path | None = None, seed: int | None = None
+) -> tuple[ExperimentConfig, ServerConfig]:
     """Experiment config plus server settings. `--set server.lease_timeout=30` works too."""
     extra = []
     if server_path is not None:

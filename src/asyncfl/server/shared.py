@@ -13,8 +13,7 @@ from asyncfl.server.store import Store
 
 # bytes over the wire: update bodies read (any outcome), codec payloads of the updates that passed
 # validation (what the upload codec produced; frame header excluded), model frames served
-TRAFFIC = {"upload_body_bytes": 0, "upload_payload_bytes": 0, "uploads_decoded": 0, "download_bytes": 0,
-           "downloads": 0}
+TRAFFIC = {"upload_body_bytes": 0, "upload_payload_bytes": 0, "uploads_decoded": 0, "download_bytes": 0, "downloads": 0}
 
 
 @dataclass

@@ -22,18 +22,26 @@ class StatusView:
         with sh.lock:
             agg, co = sh.aggregation, sh.coordinator
             answer = {
-                "task": s.task, "run": s.spec.name, "algorithm": s.spec.algorithm.name,
-                "mode": s.policy.mode, "version": s.commit.durable_version,
+                "task": s.task,
+                "run": s.spec.name,
+                "algorithm": s.spec.algorithm.name,
+                "mode": s.policy.mode,
+                "version": s.commit.durable_version,
                 **agg.aggregator.status(),  # buffer and privacy
                 "concurrency": s.spec.scheduler.concurrency,
-                "leases": {"active": len(co.leases), "open_slots": co.open_slots, "issued": co.issued,
-                           "ended": dict(co.ended)},
+                "leases": {
+                    "active": len(co.leases),
+                    "open_slots": co.open_slots,
+                    "issued": co.issued,
+                    "ended": dict(co.ended),
+                },
                 "updates": dict(agg.counts),
-                "rejected": dict(sh.counters.rejected) | ({"rate_limited": s.limiter.limited} if s.limiter.limited
-                                                          else {}),
+                "rejected": dict(sh.counters.rejected)
+                | ({"rate_limited": s.limiter.limited} if s.limiter.limited else {}),
                 "last_eval": s.evaluation.evals[-1] if s.evaluation.evals else None,
                 "target_accuracy": s.cfg.target_accuracy,
-                "reached_target": s.evaluation.reached_target, "done": s.done,
+                "reached_target": s.evaluation.reached_target,
+                "done": s.done,
                 "uptime_s": round(time.time() - s.started, 3),
             }
             answer["compression"] = self._compression_status()
@@ -42,12 +50,15 @@ class StatusView:
     def _compression_status(self) -> dict:
         s = self.server
         t = s.shared.counters.traffic
-        return {"upload_codec": s.shared.aggregation.expected_codec or "none",
-                "download_codec": s.download_codec.spec if s.download_codec is not None else "none",
-                "error_feedback": bool(s.spec.compression and s.spec.compression.error_feedback),
-                "bytes": dict(t),
-                "upload_payload_bytes_per_update": (t["upload_payload_bytes"] / t["uploads_decoded"]
-                                                    if t["uploads_decoded"] else None)}
+        return {
+            "upload_codec": s.shared.aggregation.expected_codec or "none",
+            "download_codec": s.download_codec.spec if s.download_codec is not None else "none",
+            "error_feedback": bool(s.spec.compression and s.spec.compression.error_feedback),
+            "bytes": dict(t),
+            "upload_payload_bytes_per_update": (
+                t["upload_payload_bytes"] / t["uploads_decoded"] if t["uploads_decoded"] else None
+            ),
+        }
 
     def metrics_text(self) -> str:
         return observability.prometheus(self.status(), list(self.server.shared.counters.latency))

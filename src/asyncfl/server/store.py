@@ -73,8 +73,9 @@ def tensor_bytes(obj: Any) -> bytes:
 
     head = json.dumps(walk(obj)).encode()
     sizes = json.dumps([len(b) for b in blobs]).encode()
-    return b"".join([_PACK_MAGIC, len(head).to_bytes(4, "little"), head, len(sizes).to_bytes(4, "little"), sizes,
-                     *blobs])
+    return b"".join(
+        [_PACK_MAGIC, len(head).to_bytes(4, "little"), head, len(sizes).to_bytes(4, "little"), sizes, *blobs]
+    )
 
 
 def tensor_load(data: bytes) -> Any:
@@ -166,7 +167,7 @@ class Store:
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -237,8 +238,10 @@ class Store:
     # ---- tokens -----------------------------------------------------------------------
     def create_token(self, token: str, client: str, task: str) -> None:
         with self.transaction() as db:
-            db.execute("INSERT INTO tokens(hash, client, task, created_at) VALUES(?, ?, ?, ?)",
-                       (hash_token(token), client, task, time.time()))
+            db.execute(
+                "INSERT INTO tokens(hash, client, task, created_at) VALUES(?, ?, ?, ?)",
+                (hash_token(token), client, task, time.time()),
+            )
 
     def lookup_token(self, token: str) -> tuple[str, str] | None:
         """(client, task) of a live token, or None."""

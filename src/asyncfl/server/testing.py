@@ -23,8 +23,16 @@ import yaml
 from asyncfl.server.auth import new_token
 from asyncfl.server.store import Store
 
-PRELOAD = ["asyncfl.server.app", "asyncfl.server.service", "asyncfl.server.commands", "asyncfl.client.main",
-           "asyncfl.client.runtime", "uvicorn", "fastapi", "httpx"]
+PRELOAD = [
+    "asyncfl.server.app",
+    "asyncfl.server.service",
+    "asyncfl.server.commands",
+    "asyncfl.client.main",
+    "asyncfl.client.runtime",
+    "uvicorn",
+    "fastapi",
+    "httpx",
+]
 _ctx = None
 
 
@@ -98,8 +106,14 @@ def mint_tokens(state_dir: Path, task: str, clients: list[str]) -> list[str]:
 
 
 class ServerProcess:
-    def __init__(self, config: dict, workdir: Path, port: int | None = None, run: str | None = None,
-                 tls: tuple[Path, Path] | None = None):
+    def __init__(
+        self,
+        config: dict,
+        workdir: Path,
+        port: int | None = None,
+        run: str | None = None,
+        tls: tuple[Path, Path] | None = None,
+    ):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = self.workdir / "experiment.yaml"
@@ -117,8 +131,15 @@ class ServerProcess:
         self.config_path.write_text(yaml.safe_dump(config))
 
     def start(self, timeout: float = 120.0) -> None:
-        argv = ["serve", "--config", str(self.config_path), "--state-dir", str(self.state_dir),
-                "--port", str(self.port)] + (["--run", self.run] if self.run else [])
+        argv = [
+            "serve",
+            "--config",
+            str(self.config_path),
+            "--state-dir",
+            str(self.state_dir),
+            "--port",
+            str(self.port),
+        ] + (["--run", self.run] if self.run else [])
         if self.tls:
             argv += ["--ssl-certfile", str(self.tls[0]), "--ssl-keyfile", str(self.tls[1])]
         self.proc = Child(argv, self.workdir / f"server-{self.starts}.log")
@@ -151,8 +172,18 @@ class ServerProcess:
 
 
 def spawn_client(url: str, token: str, data: str, workdir: Path, name: str, *extra: str) -> Child:
-    argv = ["client", "--server", url, "--data", data, "--ack-log", str(Path(workdir) / f"{name}.acks.jsonl"),
-            "--backoff-cap", "1.0", *extra]
+    argv = [
+        "client",
+        "--server",
+        url,
+        "--data",
+        data,
+        "--ack-log",
+        str(Path(workdir) / f"{name}.acks.jsonl"),
+        "--backoff-cap",
+        "1.0",
+        *extra,
+    ]
     return Child(argv, Path(workdir) / f"{name}.log", {"ASYNCFL_TOKEN": token})
 
 

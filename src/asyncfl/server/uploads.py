@@ -62,32 +62,79 @@ class Uploads:
         sh, counters = self.shared, self.shared.counters
         lease = sh.coordinator.active_lease(h.lease_id, client, sh.store)
         if h.base_version != lease.base_version:
-            raise ApiError(409, "base_mismatch", f"base_version {h.base_version} does not match lease "
-                           f"{lease.lease_id}'s version {lease.base_version}")
-        update = ClientUpdate(client_id=zlib.crc32(client.encode()), base_version=h.base_version,
-                              delta=checked.delta, n_examples=h.n_examples, steps=h.steps,
-                              loss=math.nan if h.loss is None else h.loss,
-                              start_loss=math.nan if h.start_loss is None else h.start_loss,
-                              planned_steps=h.planned_steps, extras=checked.extras)
+            raise ApiError(
+                409,
+                "base_mismatch",
+                f"base_version {h.base_version} does not match lease {lease.lease_id}'s version {lease.base_version}",
+            )
+        update = ClientUpdate(
+            client_id=zlib.crc32(client.encode()),
+            base_version=h.base_version,
+            delta=checked.delta,
+            n_examples=h.n_examples,
+            steps=h.steps,
+            loss=math.nan if h.loss is None else h.loss,
+            start_loss=math.nan if h.start_loss is None else h.start_loss,
+            planned_steps=h.planned_steps,
+            extras=checked.extras,
+        )
         seq = self.next_seq
         version_before = sh.aggregation.state.version
         staleness = version_before - h.base_version
         verdict = sh.coordinator.report(lease, update, seq)
         version = sh.aggregation.state.version
         if verdict == Verdict.DISCARDED:
-            status, answer = 409, {"error": "stale", "seq": seq, "version": version,
-                                   "detail": f"staleness {staleness} exceeds max_staleness "
-                                             f"{sh.aggregation.aggregator.max_staleness}; update discarded"}
+            status, answer = (
+                409,
+                {
+                    "error": "stale",
+                    "seq": seq,
+                    "version": version,
+                    "detail": f"staleness {staleness} exceeds max_staleness "
+                    f"{sh.aggregation.aggregator.max_staleness}; update discarded",
+                },
+            )
             counters.rejected["stale"] += 1
         elif verdict is None:  # the policy did not submit it
-            status, answer = 409, {"error": "lease_cancelled", "seq": seq, "version": version,
-                                   "detail": "the round closed before this update could count"}
+            status, answer = (
+                409,
+                {
+                    "error": "lease_cancelled",
+                    "seq": seq,
+                    "version": version,
+                    "detail": "the round closed before this update could count",
+                },
+            )
         else:
-            status, answer = 200, {"status": "accepted", "verdict": verdict.value, "seq": seq,
-                                   "staleness": staleness, "version": version}
-        self.commit.rows.append((seq, client, h.idempotency_key, h.lease_id, h.base_version, version_before,
-                                 staleness, h.n_examples, h.steps, h.loss, checked.norm,
-                                 verdict.value if verdict else "none", time.time(), status, json.dumps(answer)))
+            status, answer = (
+                200,
+                {
+                    "status": "accepted",
+                    "verdict": verdict.value,
+                    "seq": seq,
+                    "staleness": staleness,
+                    "version": version,
+                },
+            )
+        self.commit.rows.append(
+            (
+                seq,
+                client,
+                h.idempotency_key,
+                h.lease_id,
+                h.base_version,
+                version_before,
+                staleness,
+                h.n_examples,
+                h.steps,
+                h.loss,
+                checked.norm,
+                verdict.value if verdict else "none",
+                time.time(),
+                status,
+                json.dumps(answer),
+            )
+        )
         self.next_seq += 1
         counters.traffic["upload_payload_bytes"] += checked.payload_bytes
         counters.traffic["uploads_decoded"] += 1

@@ -36,8 +36,9 @@ def _storage_users(t: torch.Tensor) -> int:
 
 # ---- the executor ---------------------------------------------------------------------------
 class BatchedExecutor(Executor):
-    def __init__(self, trainer: LocalTrainer, data: FederatedDataset, memory_mb: float = 512.0,
-                 kernel: Kernel | None = None):
+    def __init__(
+        self, trainer: LocalTrainer, data: FederatedDataset, memory_mb: float = 512.0, kernel: Kernel | None = None
+    ):
         super().__init__(trainer, data)
         sample_x = data.x_test[:8]
         self.kernel = kernel or build_kernel(trainer, sample_x)
@@ -139,8 +140,15 @@ class BatchedExecutor(Executor):
         x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         return x, y, np.arange(len(y)), starts[where]
 
-    def _minibatches(self, jobs: list[TrainJob], ns: np.ndarray, batches: np.ndarray, bs: np.ndarray,
-                     index: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    def _minibatches(
+        self,
+        jobs: list[TrainJob],
+        ns: np.ndarray,
+        batches: np.ndarray,
+        bs: np.ndarray,
+        index: np.ndarray,
+        offsets: np.ndarray,
+    ) -> np.ndarray:
         """[batches, J, B] indices into the pass's examples of every job's minibatches, zero-padded."""
         tr = self.trainer
         if type(tr).batch_indices is LocalTrainer.batch_indices:  # one vectorised call
@@ -179,11 +187,20 @@ class BatchedExecutor(Executor):
     def _layers(self, name: str, j: int) -> list[torch.Tensor]:
         """Per-layer [j, *shape] tensors, each contiguous, carved from one scratch buffer."""
         flat = self._buffer(name, j * self.trainer.model.numel)
-        return [t.view(j, *shape) for t, shape in
-                zip(torch.split(flat, [j * n for n in self.trainer.model.sizes]), self.trainer.model.shapes)]
+        return [
+            t.view(j, *shape)
+            for t, shape in zip(torch.split(flat, [j * n for n in self.trainer.model.sizes]), self.trainer.model.shapes)
+        ]
 
-    def _full_losses(self, segments: list[tuple[int, int, torch.Tensor]], ns: np.ndarray, x_all: torch.Tensor,
-                     y_all: torch.Tensor, index: np.ndarray, offsets: np.ndarray) -> torch.Tensor:
+    def _full_losses(
+        self,
+        segments: list[tuple[int, int, torch.Tensor]],
+        ns: np.ndarray,
+        x_all: torch.Tensor,
+        y_all: torch.Tensor,
+        index: np.ndarray,
+        offsets: np.ndarray,
+    ) -> torch.Tensor:
         """Each job's mean loss over all its client's examples at its start model: per start model,
         one forward over its jobs' examples, in chunks, summed per job."""
         out = torch.empty(len(ns), dtype=torch.float64)
@@ -245,8 +262,11 @@ class BatchedExecutor(Executor):
         ws = [t.unflatten(1, shape) for t, shape in zip(torch.split(flat, model.sizes, 1), model.shapes)]
         t1 = time.perf_counter()
         losses = torch.zeros(j)
-        start_losses = self._full_losses(segments, ns, x_all, y_all, index, offsets) \
-            if tr.start_loss == "full" else torch.full((j,), float("nan"))
+        start_losses = (
+            self._full_losses(segments, ns, x_all, y_all, index, offsets)
+            if tr.start_loss == "full"
+            else torch.full((j,), float("nan"))
+        )
         gbuf = self._layers("g", j)
         xbuf = self._buffer("x", j * b_max * x_all.shape[1], x_all.dtype).view(j * b_max, x_all.shape[1])
         k = tr.batches_per_step
@@ -272,8 +292,17 @@ class BatchedExecutor(Executor):
         loss_mean = (losses / torch.from_numpy(np.maximum(steps, 1))).tolist()
         planned = [tr.num_steps(n) for n in ns.tolist()] if tr.local_steps is None else [tr.local_steps] * j
         # one pass over the jobs in C: a view per row (unbind), an update per job (map)
-        updates = map(ClientUpdate, [job.client for job in jobs], [job.base_version for job in jobs], flat.unbind(0),
-                      ns.tolist(), steps.tolist(), loss_mean, start_losses.tolist(), planned)
+        updates = map(
+            ClientUpdate,
+            [job.client for job in jobs],
+            [job.base_version for job in jobs],
+            flat.unbind(0),
+            ns.tolist(),
+            steps.tolist(),
+            loss_mean,
+            start_losses.tolist(),
+            planned,
+        )
         self.done.update(zip(ids, zip(jobs, updates)))
         self.trained += j
         self.passes += 1
@@ -296,8 +325,13 @@ class BatchedExecutor(Executor):
         return out
 
 
-def make_executor(kind: str, trainer: LocalTrainer, data: FederatedDataset, memory_mb: float = 512.0,
-                  notify: Callable[[str], None] | None = None) -> Executor:
+def make_executor(
+    kind: str,
+    trainer: LocalTrainer,
+    data: FederatedDataset,
+    memory_mb: float = 512.0,
+    notify: Callable[[str], None] | None = None,
+) -> Executor:
     """The executor a config names; a model the batched one cannot train faithfully falls back
     to the sequential reference with a one-line notice rather than a wrong result."""
     if kind == "sequential":

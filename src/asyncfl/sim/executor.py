@@ -66,6 +66,12 @@ class SequentialExecutor(Executor):
         x, y = self.data.client_data(job.client)
         self.trained += 1
         return self.trainer.train(
-            job.base_w, x, y, seed=job.seed, client_id=job.client, base_version=job.base_version, steps=job.steps,
+            job.base_w,
+            x,
+            y,
+            seed=job.seed,
+            client_id=job.client,
+            base_version=job.base_version,
+            steps=job.steps,
             correction=job.correction,
         )

@@ -12,9 +12,18 @@ import numpy as np
 from asyncfl.algorithms.types import Verdict
 
 COLUMNS = [
-    "virtual_time", "version", "trips_started", "trips_completed", "trips_dropped",
-    "trips_discarded", "trips_cancelled", "bytes_down", "bytes_up", "test_accuracy",
-    "test_loss", "wall_time",
+    "virtual_time",
+    "version",
+    "trips_started",
+    "trips_completed",
+    "trips_dropped",
+    "trips_discarded",
+    "trips_cancelled",
+    "bytes_down",
+    "bytes_up",
+    "test_accuracy",
+    "test_loss",
+    "wall_time",
 ]
 OPTIONAL_COLUMNS = ["epsilon"]  # written when some row has it (differentially private runs)
 
@@ -36,13 +45,22 @@ class Metrics:
             self.staleness[staleness] += 1
 
     def record(self, t: float, version: int, acc: float, loss: float, wall: float) -> None:
-        self.rows.append({
-            "virtual_time": t, "version": version, "trips_started": self.started,
-            "trips_completed": self.completed, "trips_dropped": self.dropped,
-            "trips_discarded": self.discarded, "trips_cancelled": self.cancelled,
-            "bytes_down": self.bytes_down, "bytes_up": self.bytes_up,
-            "test_accuracy": acc, "test_loss": loss, "wall_time": wall,
-        })
+        self.rows.append(
+            {
+                "virtual_time": t,
+                "version": version,
+                "trips_started": self.started,
+                "trips_completed": self.completed,
+                "trips_dropped": self.dropped,
+                "trips_discarded": self.discarded,
+                "trips_cancelled": self.cancelled,
+                "bytes_down": self.bytes_down,
+                "bytes_up": self.bytes_up,
+                "test_accuracy": acc,
+                "test_loss": loss,
+                "wall_time": wall,
+            }
+        )
 
     def first_at(self, target: float) -> dict | None:
         return next((r for r in self.rows if r["test_accuracy"] >= target), None)
@@ -71,8 +89,11 @@ class Metrics:
             "wall_seconds": self.wall_seconds,
             "client_updates": self.client_updates,
             "trips": {
-                "started": self.started, "completed": self.completed, "dropped": self.dropped,
-                "discarded": self.discarded, "cancelled": self.cancelled,
+                "started": self.started,
+                "completed": self.completed,
+                "dropped": self.dropped,
+                "discarded": self.discarded,
+                "cancelled": self.cancelled,
             },
             "bytes_down": self.bytes_down,
             "bytes_up": self.bytes_up,

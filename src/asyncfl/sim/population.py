@@ -21,8 +21,9 @@ def sample(dist: Dist, n: int, rng: np.random.Generator) -> np.ndarray:
     return np.maximum(v, dist.minimum).astype(np.float32)
 
 
-def trip_timing(compute_per_example, download_bandwidth, upload_bandwidth, steps, per_step,
-                download_bytes, upload_bytes):
+def trip_timing(
+    compute_per_example, download_bandwidth, upload_bandwidth, steps, per_step, download_bytes, upload_bytes
+):
     """(download time, time per local step, whole trip duration) in virtual seconds: the model's
     download, `steps` steps of `per_step` gradient examples each, then the update's upload.
 
@@ -51,13 +52,20 @@ class Population:
         self.attack_multiplier = a.factor if a.kind == "scale" else -a.factor
         self._stream: list[int] = []  # pre-drawn uniform device ids for small picks
 
-    def trip_durations(self, steps: np.ndarray, per_step: np.ndarray, download_bytes: int,
-                       upload_bytes: int) -> np.ndarray:
+    def trip_durations(
+        self, steps: np.ndarray, per_step: np.ndarray, download_bytes: int, upload_bytes: int
+    ) -> np.ndarray:
         """Every device's trip duration (seconds), device i training steps[i] steps of per_step[i]
         examples (the simulator times one trip with `trip_timing` on the same device's values)."""
-        return trip_timing(self.compute_per_example.astype(np.float64), self.download_bandwidth.astype(np.float64),
-                           self.upload_bandwidth.astype(np.float64), steps, per_step, download_bytes,
-                           upload_bytes)[2]
+        return trip_timing(
+            self.compute_per_example.astype(np.float64),
+            self.download_bandwidth.astype(np.float64),
+            self.upload_bandwidth.astype(np.float64),
+            steps,
+            per_step,
+            download_bytes,
+            upload_bytes,
+        )[2]
 
     def available(self, ids: np.ndarray, t: float) -> np.ndarray:
         if self.phase is None:

@@ -27,6 +27,7 @@ from asyncfl.config import ExperimentConfig
 from asyncfl.data.federated import FederatedDataset
 from asyncfl.models.flat import FlatModel
 from asyncfl.scheduling import WAKE, AsyncPolicy, SyncPolicy
+from asyncfl.sim.evaluation import Evaluations
 from asyncfl.sim.events import EventQueue
 from asyncfl.sim.executor import Executor, TrainJob
 from asyncfl.sim.metrics import Metrics
@@ -72,8 +73,14 @@ DENSE = RunCodecs()  # no compression: dense float32 both ways
 
 
 class Simulation:
-    def __init__(self, parts: RunParts, cfg: ExperimentConfig, w0: torch.Tensor, codecs: RunCodecs = DENSE,
-                 progress: Callable[[float], None] | None = None):
+    def __init__(
+        self,
+        parts: RunParts,
+        cfg: ExperimentConfig,
+        w0: torch.Tensor,
+        codecs: RunCodecs = DENSE,
+        progress: Callable[[float], None] | None = None,
+    ):
         """`cfg` gives the population, evaluation, stop rule, target and seed; `codecs` the
         transfer encodings; `progress(t)` is called at every evaluation tick."""
         model, data, trainer = parts.model, parts.data, parts.trainer
@@ -114,14 +121,11 @@ class Simulation:
         self.trips: dict[int, Trip] = {}
         self.wake_pending = False
         self.metrics = Metrics()
-        self.last_eval_version = 0
-        self.reached_target = False
         self.progress = progress
-        self._wall0 = 0.0
         self._draw_base, self._seeds, self._drops = 0, [], []
-        self._eval_queue: list[tuple[dict, torch.Tensor]] = []
-        self.eval_batch = 32
-        self.eval_seconds = 0.0
+        self.evaluations = Evaluations(
+            self.metrics, self.executor, data.x_test, data.y_test, self.target, at_once=self.stop.at_target
+        )
         # optional observer of trips, called as trace(event, trip) with event "start", "report"
         # (before the policy sees it; partial reports included), "drop" or "cancel": what another
         # runtime needs to replay this run (tests/test_parity.py)
@@ -145,8 +149,9 @@ class Simulation:
         verdict = self.aggregator.submit(self.state, update, trip.base_w)
         self.metrics.on_verdict(verdict, staleness)
         if update.extras is not None and verdict != Verdict.DISCARDED:  # the device keeps what was accepted
-            self.client_state[trip.device] = self.client_rule.advanced(self.client_state.get(trip.device),
-                                                                       update.extras)
+            self.client_state[trip.device] = self.client_rule.advanced(
+                self.client_state.get(trip.device), update.extras
+            )
         if verdict == Verdict.STEPPED:
             self._after_step()
         return verdict
@@ -179,7 +184,7 @@ class Simulation:
             steps = min(trip.steps, math.floor((self.clock - trip.download_end) / trip.step_time))
             if steps >= 1:
                 worked.append((steps, trip))
-        chosen = sorted(worked, key=lambda st: (-st[0], st[1].job_id))[:max(0, limit)]
+        chosen = sorted(worked, key=lambda st: (-st[0], st[1].job_id))[: max(0, limit)]
         partial = []
         for steps, trip in sorted(chosen, key=lambda st: st[1].job_id):
             self._end_trip(trip.job_id)
@@ -212,13 +217,31 @@ class Simulation:
             work = self._work[client] = (self.trainer.num_steps(n), self.trainer.examples_per_step(n))
         steps, per_step = work
         download, step_time, duration = trip_timing(
-            pop.compute_per_example.item(device), pop.download_bandwidth.item(device),
-            pop.upload_bandwidth.item(device), steps, per_step, self.download_bytes, self.upload_bytes)
+            pop.compute_per_example.item(device),
+            pop.download_bandwidth.item(device),
+            pop.upload_bandwidth.item(device),
+            steps,
+            per_step,
+            self.download_bytes,
+            self.upload_bytes,
+        )
         seed, drop_at = self._trip_draws(trip_id)
         clock = self.clock
         end = clock + duration if drop_at is None else clock + drop_at * duration
-        trip = Trip(trip_id, client, self.state.version, self._downloaded_model(), seed, steps, drop_at is None,
-                    device, clock, clock + download, step_time, end)
+        trip = Trip(
+            trip_id,
+            client,
+            self.state.version,
+            self._downloaded_model(),
+            seed,
+            steps,
+            drop_at is None,
+            device,
+            clock,
+            clock + download,
+            step_time,
+            end,
+        )
         if self.client_rule is not None:
             trip.base_extras = self.aggregator.downloads(self.state.w)
             trip.correction = self.client_rule.correction(trip.base_extras, self.client_state.get(device))
@@ -288,33 +311,13 @@ class Simulation:
     # ---- evaluation -------------------------------------------------------------------
     def _after_step(self) -> None:
         every = self.eval_cfg.every_versions
-        if every and self.state.version - self.last_eval_version >= every:
+        if every and self.state.version - self.evaluations.last_version >= every:
             self._evaluate()
 
     def _evaluate(self) -> None:
-        """Record a row now, score it later: snapshots are evaluated together in one batched
-        pass, unless stopping at the target needs each accuracy at once. Models are never
-        modified in place, so holding a version's tensor is a snapshot."""
-        self.last_eval_version = self.state.version
-        self.metrics.record(self.clock, self.state.version, math.nan, math.nan, time.perf_counter() - self._wall0)
         privacy = self.aggregator.privacy_report()
-        if privacy is not None and privacy["epsilon"] is not None:
-            self.metrics.rows[-1]["epsilon"] = privacy["epsilon"]
-        self._eval_queue.append((self.metrics.rows[-1], self.state.w))
-        if self.stop.at_target or len(self._eval_queue) >= self.eval_batch:
-            self._score_evaluations()
-
-    def _score_evaluations(self) -> None:
-        if not self._eval_queue:
-            return
-        t0 = time.perf_counter()
-        scores = self.executor.evaluate_many([w for _, w in self._eval_queue], self.data.x_test, self.data.y_test)
-        for (row, _), (acc, loss) in zip(self._eval_queue, scores):
-            row["test_accuracy"], row["test_loss"] = acc, loss
-            if acc >= self.target:
-                self.reached_target = True
-        self._eval_queue.clear()
-        self.eval_seconds += time.perf_counter() - t0
+        epsilon = privacy["epsilon"] if privacy is not None else None
+        self.evaluations.record(self.clock, self.state.version, self.state.w, epsilon)
 
     # ---- main loop --------------------------------------------------------------------
     def run(self) -> Metrics:
@@ -333,7 +336,7 @@ class Simulation:
             gc.unfreeze()
 
     def _run(self) -> Metrics:
-        self._wall0 = time.perf_counter()
+        self.evaluations.wall0 = time.perf_counter()
         self._evaluate()
         if self.eval_cfg.every_seconds:
             self.events.push(self.eval_cfg.every_seconds, EVAL, None)
@@ -342,7 +345,8 @@ class Simulation:
         events, trips, metrics, policy, pop = self.events, self.trips, self.metrics, self.policy, self.events.pop
         max_trips = math.inf if self.stop.max_trips is None else self.stop.max_trips
         at_target = self.stop.at_target
-        while events and metrics.started < max_trips and not (at_target and self.reached_target):
+        evaluations = self.evaluations
+        while events and metrics.started < max_trips and not (at_target and evaluations.reached_target):
             t, kind, payload = pop()
             self.clock = t
             if kind <= DROP:  # the common case first: a trip ends, unless it was cancelled meanwhile
@@ -371,8 +375,8 @@ class Simulation:
                 policy.on_timer(self, payload)
         if self.metrics.rows[-1]["virtual_time"] < self.clock or self.metrics.rows[-1]["version"] != self.state.version:
             self._evaluate()
-        self._score_evaluations()
-        self.metrics.wall_seconds = time.perf_counter() - self._wall0
+        evaluations.score()
+        self.metrics.wall_seconds = time.perf_counter() - evaluations.wall0
         self.metrics.virtual_time = self.clock
         self.metrics.server_steps = self.state.version
         self.metrics.client_updates = self.executor.trained

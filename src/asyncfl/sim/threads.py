@@ -34,8 +34,11 @@ class ThreadChoice:
     seconds: dict[int, float] = field(default_factory=dict)  # best probe time per thread count
 
     def summary(self) -> dict:
-        return {"mode": self.mode, "threads": self.threads,
-                "probe_seconds": {str(k): round(v, 6) for k, v in self.seconds.items()}}
+        return {
+            "mode": self.mode,
+            "threads": self.threads,
+            "probe_seconds": {str(k): round(v, 6) for k, v in self.seconds.items()},
+        }
 
 
 def measure(workload: Callable[[], None], candidates: list[int], repeats: int = 3) -> dict[int, float]:
@@ -69,8 +72,9 @@ def choose(seconds: dict[int, float]) -> int:
     return max((n for n, s in seconds.items() if n == 1 or one >= MIN_SPEEDUP * s), default=1)
 
 
-def training_probe(make: Callable[[], Executor], w0: torch.Tensor, clients: int, num_clients: int,
-                   seed: int = 0) -> Callable[[], None]:
+def training_probe(
+    make: Callable[[], Executor], w0: torch.Tensor, clients: int, num_clients: int, seed: int = 0
+) -> Callable[[], None]:
     """A workload of one training pass: `clients` jobs from w0 submitted to a fresh executor and
     the first result asked for (a batched executor trains them all in one pass, the sequential
     one trains that client alone, as in a run)."""

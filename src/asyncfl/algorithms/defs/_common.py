@@ -28,8 +28,7 @@ def build_staleness(c: StalenessConfig) -> staleness.StalenessFn:
 def round_aggregator(a: RoundAggregation, trainer_lr: float | None = None) -> aggregators.Aggregator:
     """FedAvg, FedProx, Per-FedAvg: the example-weighted mean of a round, or a robust rule."""
     if a.aggregation != "mean":
-        return aggregators.RobustAggregator(build_server_opt(a.server_opt), a.aggregation, a.trim_fraction,
-                                            a.clip_norm)
+        return aggregators.RobustAggregator(build_server_opt(a.server_opt), a.aggregation, a.trim_fraction, a.clip_norm)
     return aggregators.fedavg(build_server_opt(a.server_opt), a.clip_norm, a.partial_weight)
 
 
@@ -39,9 +38,14 @@ def round_private_aggregator(spec, num_users: int | None, seed: int = 0) -> Priv
     return private_aggregator(spec, num_users, seed, lambda u, d: u.work_fraction)
 
 
-def private_aggregator(spec, num_users: int | None, seed: int,
-                       weight: Callable[[ClientUpdate, int], float], buffer_size: int | None = None,
-                       max_staleness: int | None = None) -> PrivateAggregator:
+def private_aggregator(
+    spec,
+    num_users: int | None,
+    seed: int,
+    weight: Callable[[ClientUpdate, int], float],
+    buffer_size: int | None = None,
+    max_staleness: int | None = None,
+) -> PrivateAggregator:
     """The DP aggregator (`asyncfl.algorithms.private`) with the algorithm's per-update weights
     (each <= 1). Sample rate: privacy.sample_rate, else (updates per server step) / num_users."""
     p, a = spec.privacy, spec.algorithm
@@ -56,10 +60,24 @@ def private_aggregator(spec, num_users: int | None, seed: int,
     if p.adaptive is not None:
         ad = p.adaptive
         sb = m / 20 if ad.count_noise_std is None else ad.count_noise_std
-        adaptive = AdaptiveClipping(p.clip_norm, ad.target_quantile, ad.learning_rate, expected_count=m,
-                                    count_noise_std=sb if p.noise_multiplier > 0 else ad.count_noise_std or 0.0)
+        adaptive = AdaptiveClipping(
+            p.clip_norm,
+            ad.target_quantile,
+            ad.learning_rate,
+            expected_count=m,
+            count_noise_std=sb if p.noise_multiplier > 0 else ad.count_noise_std or 0.0,
+        )
     noise_seed = p.noise_seed if p.noise_seed is not None else int(mix(seed, 0xD1FF)[0])
-    return PrivateAggregator(build_server_opt(a.server_opt), weight, clip_norm=p.clip_norm,
-                             noise_multiplier=p.noise_multiplier, denominator=m, sample_rate=q,
-                             buffer_size=buffer_size, max_staleness=max_staleness, adaptive=adaptive,
-                             delta=p.delta, seed=noise_seed)
+    return PrivateAggregator(
+        build_server_opt(a.server_opt),
+        weight,
+        clip_norm=p.clip_norm,
+        noise_multiplier=p.noise_multiplier,
+        denominator=m,
+        sample_rate=q,
+        buffer_size=buffer_size,
+        max_staleness=max_staleness,
+        adaptive=adaptive,
+        delta=p.delta,
+        seed=noise_seed,
+    )

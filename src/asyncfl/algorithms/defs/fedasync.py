@@ -21,9 +21,14 @@ class FedAsyncConfig(Strict):
     max_staleness: int | None = Field(default=None, ge=0)
 
 
-DEFINITION = register(AlgorithmDefinition(
-    name="fedasync", config=FedAsyncConfig, modes=("async",),
-    build_aggregator=lambda a, trainer_lr: aggregators.FedAsync(a.alpha, build_staleness(a.staleness),
-                                                                a.max_staleness),
-    client_options=lambda a: ClientOptions(prox_mu=a.rho),
-))
+DEFINITION = register(
+    AlgorithmDefinition(
+        name="fedasync",
+        config=FedAsyncConfig,
+        modes=("async",),
+        build_aggregator=lambda a, trainer_lr: aggregators.FedAsync(
+            a.alpha, build_staleness(a.staleness), a.max_staleness
+        ),
+        client_options=lambda a: ClientOptions(prox_mu=a.rho),
+    )
+)

@@ -13,7 +13,13 @@ class FedAvgConfig(RoundAggregation):
     name: Literal["fedavg"]
 
 
-DEFINITION = register(AlgorithmDefinition(
-    name="fedavg", config=FedAvgConfig, modes=("sync",), build_aggregator=round_aggregator,
-    build_private_aggregator=round_private_aggregator, secure_aggregation=True,
-))
+DEFINITION = register(
+    AlgorithmDefinition(
+        name="fedavg",
+        config=FedAvgConfig,
+        modes=("sync",),
+        build_aggregator=round_aggregator,
+        build_private_aggregator=round_private_aggregator,
+        secure_aggregation=True,
+    )
+)

@@ -27,8 +27,15 @@ class FedBuffConfig(Strict):
 
 
 def _aggregator(a: FedBuffConfig, trainer_lr: float | None = None) -> aggregators.BufferedAggregator:
-    return aggregators.fedbuff(build_server_opt(a.server_opt), a.buffer_size, build_staleness(a.staleness),
-                               a.example_weight, a.normalize, a.max_staleness, a.clip_norm)
+    return aggregators.fedbuff(
+        build_server_opt(a.server_opt),
+        a.buffer_size,
+        build_staleness(a.staleness),
+        a.example_weight,
+        a.normalize,
+        a.max_staleness,
+        a.clip_norm,
+    )
 
 
 def _private_aggregator(spec, num_users: int | None, seed: int = 0) -> PrivateAggregator:
@@ -40,15 +47,25 @@ def _private_aggregator(spec, num_users: int | None, seed: int = 0) -> PrivateAg
 
 def _validate_privacy(a: FedBuffConfig) -> None:
     if a.example_weight != "uniform":
-        raise ValueError(f"algorithm.example_weight {a.example_weight!r} is not covered by privacy (unbounded "
-                         "weights): use 'uniform'")
+        raise ValueError(
+            f"algorithm.example_weight {a.example_weight!r} is not covered by privacy (unbounded "
+            "weights): use 'uniform'"
+        )
     if a.normalize != "count":
-        raise ValueError("algorithm.normalize 'weight' is not covered by privacy (the weight sum is data "
-                         "dependent): use 'count'")
+        raise ValueError(
+            "algorithm.normalize 'weight' is not covered by privacy (the weight sum is data dependent): use 'count'"
+        )
 
 
-DEFINITION = register(AlgorithmDefinition(
-    name="fedbuff", config=FedBuffConfig, modes=("async", "sync"), build_aggregator=_aggregator,
-    build_private_aggregator=_private_aggregator, secure_aggregation=True, validate_privacy=_validate_privacy,
-    updates_per_step=lambda a, scheduler: a.buffer_size,
-))
+DEFINITION = register(
+    AlgorithmDefinition(
+        name="fedbuff",
+        config=FedBuffConfig,
+        modes=("async", "sync"),
+        build_aggregator=_aggregator,
+        build_private_aggregator=_private_aggregator,
+        secure_aggregation=True,
+        validate_privacy=_validate_privacy,
+        updates_per_step=lambda a, scheduler: a.buffer_size,
+    )
+)

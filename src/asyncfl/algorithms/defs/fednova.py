@@ -23,7 +23,8 @@ class FedNovaConfig(ServerStepConfig):
     buffer_size: int | None = Field(default=None, gt=0, description="async: step every K updates")
     staleness: StalenessConfig = StalenessConfig()
     example_weight: Literal["uniform", "n", "sqrt", "log"] = Field(
-        default="n", description="p_i ∝ s(staleness) e(n_i), normalized over the round or buffer")
+        default="n", description="p_i ∝ s(staleness) e(n_i), normalized over the round or buffer"
+    )
     max_staleness: int | None = Field(default=None, ge=0)
     max_steps: int | None = Field(default=None, gt=0, description="clamp the local steps a client reports")
 
@@ -34,8 +35,16 @@ def _aggregator(a: FedNovaConfig, trainer_lr: float | None) -> FedNova:
         raise ConfigError("fednova with mu > 0 needs the trainer's learning rate to normalize by")
     s, e = build_staleness(a.staleness), EXAMPLE_WEIGHTS[a.example_weight]
     try:
-        return FedNova(build_server_opt(a.server_opt), lambda u, d: s(d) * e(u.n_examples), trainer_lr or 1.0,
-                       a.mu, a.buffer_size, a.max_staleness, a.clip_norm, a.max_steps)
+        return FedNova(
+            build_server_opt(a.server_opt),
+            lambda u, d: s(d) * e(u.n_examples),
+            trainer_lr or 1.0,
+            a.mu,
+            a.buffer_size,
+            a.max_staleness,
+            a.clip_norm,
+            a.max_steps,
+        )
     except ValueError as err:
         raise ConfigError(f"algorithm.mu with trainer.lr: {err}") from None
 
@@ -50,7 +59,14 @@ def _validate(a: FedNovaConfig, scheduler: SchedulerConfig) -> None:
 # does not bound the sensitivity.
 # Secure aggregation: yes. A client knows its n_i, steps and mu, so it can send w_i d_i and
 # w_i ||a_i||_1 (and w_i); the server needs only the three sums.
-DEFINITION = register(AlgorithmDefinition(
-    name="fednova", config=FedNovaConfig, modes=("sync", "async"), build_aggregator=_aggregator,
-    secure_aggregation=True, client_options=lambda a: ClientOptions(prox_mu=a.mu), validate=_validate,
-))
+DEFINITION = register(
+    AlgorithmDefinition(
+        name="fednova",
+        config=FedNovaConfig,
+        modes=("sync", "async"),
+        build_aggregator=_aggregator,
+        secure_aggregation=True,
+        client_options=lambda a: ClientOptions(prox_mu=a.mu),
+        validate=_validate,
+    )
+)

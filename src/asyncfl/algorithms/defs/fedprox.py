@@ -16,8 +16,14 @@ class FedProxConfig(RoundAggregation):
     mu: float = Field(default=0.01, ge=0, description="proximal coefficient")
 
 
-DEFINITION = register(AlgorithmDefinition(
-    name="fedprox", config=FedProxConfig, modes=("sync",), build_aggregator=round_aggregator,
-    build_private_aggregator=round_private_aggregator, secure_aggregation=True,
-    client_options=lambda a: ClientOptions(prox_mu=a.mu),
-))
+DEFINITION = register(
+    AlgorithmDefinition(
+        name="fedprox",
+        config=FedProxConfig,
+        modes=("sync",),
+        build_aggregator=round_aggregator,
+        build_private_aggregator=round_private_aggregator,
+        secure_aggregation=True,
+        client_options=lambda a: ClientOptions(prox_mu=a.mu),
+    )
+)

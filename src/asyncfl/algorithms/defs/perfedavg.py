@@ -18,8 +18,14 @@ class PerFedAvgConfig(RoundAggregation):
     meta_delta: float = Field(default=1e-3, gt=0, description="hf: finite-difference step")
 
 
-DEFINITION = register(AlgorithmDefinition(
-    name="perfedavg", config=PerFedAvgConfig, modes=("sync",), build_aggregator=round_aggregator,
-    build_private_aggregator=round_private_aggregator, secure_aggregation=True,
-    client_options=lambda a: ClientOptions(meta=a.variant, meta_lr=a.meta_lr, meta_delta=a.meta_delta),
-))
+DEFINITION = register(
+    AlgorithmDefinition(
+        name="perfedavg",
+        config=PerFedAvgConfig,
+        modes=("sync",),
+        build_aggregator=round_aggregator,
+        build_private_aggregator=round_private_aggregator,
+        secure_aggregation=True,
+        client_options=lambda a: ClientOptions(meta=a.variant, meta_lr=a.meta_lr, meta_delta=a.meta_delta),
+    )
+)

@@ -19,8 +19,10 @@ class QFedAvgConfig(Strict):
     buffer_size: int | None = Field(default=None, gt=0, description="async: step every K updates")
     max_staleness: int | None = Field(default=None, ge=0)
     loss_estimate: Literal["full", "first_batch"] = Field(
-        default="full", description="F_k, the client's loss at the downloaded model: over all its training "
-                                    "examples (the paper's), or on its first minibatch (cheaper, noisier)")
+        default="full",
+        description="F_k, the client's loss at the downloaded model: over all its training "
+        "examples (the paper's), or on its first minibatch (cheaper, noisier)",
+    )
 
 
 def _aggregator(a: QFedAvgConfig, trainer_lr: float | None) -> aggregators.QFedAvg:
@@ -35,7 +37,13 @@ def _validate(a: QFedAvgConfig, scheduler: SchedulerConfig) -> None:
         raise ValueError("qfedavg in async mode needs algorithm.buffer_size (updates per server step)")
 
 
-DEFINITION = register(AlgorithmDefinition(
-    name="qfedavg", config=QFedAvgConfig, modes=("sync", "async"), build_aggregator=_aggregator,
-    validate=_validate, client_options=lambda a: ClientOptions(start_loss=a.loss_estimate),
-))
+DEFINITION = register(
+    AlgorithmDefinition(
+        name="qfedavg",
+        config=QFedAvgConfig,
+        modes=("sync", "async"),
+        build_aggregator=_aggregator,
+        validate=_validate,
+        client_options=lambda a: ClientOptions(start_loss=a.loss_estimate),
+    )
+)

@@ -7,7 +7,9 @@ this package (plus its entry in `MODULES`) and its tests.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
@@ -138,4 +140,5 @@ def privacy_denominator(spec) -> int:
 
 def config_union() -> Any:
     """The `algorithm:` section's type: the algorithms' config classes, told apart by `name`."""
-    return Annotated[tuple(d.config for d in definitions().values()), Field(discriminator="name")]
+    union = functools.reduce(operator.or_, (d.config for d in definitions().values()))
+    return Annotated[union, Field(discriminator="name")]

@@ -36,8 +36,9 @@ from asyncfl.config.training import ServerOptConfig
 class ScaffoldConfig(Strict):
     name: Literal["scaffold"]
     server_opt: ServerOptConfig = ServerOptConfig()
-    num_clients: int | None = Field(default=None, gt=0, description="N, the number of users c averages over; "
-                                                                    "default: the config's data partitions")
+    num_clients: int | None = Field(
+        default=None, gt=0, description="N, the number of users c averages over; default: the config's data partitions"
+    )
 
 
 def _aggregator(a: ScaffoldConfig, trainer_lr: float | None, num_users: int | None) -> ScaffoldAggregator:
@@ -51,8 +52,17 @@ def _client_rule(a: ScaffoldConfig, trainer_lr: float) -> ControlVariates:
     return ControlVariates(trainer_lr)
 
 
-DEFINITION = register(AlgorithmDefinition(
-    name="scaffold", config=ScaffoldConfig, modes=("sync",), build_aggregator=_aggregator, compression=False,
-    secure_aggregation=True, client_state=CONTROL, upload_fields=(CONTROL_DELTA,), client_rule=_client_rule,
-    sized_by_users=True,
-))
+DEFINITION = register(
+    AlgorithmDefinition(
+        name="scaffold",
+        config=ScaffoldConfig,
+        modes=("sync",),
+        build_aggregator=_aggregator,
+        compression=False,
+        secure_aggregation=True,
+        client_state=CONTROL,
+        upload_fields=(CONTROL_DELTA,),
+        client_rule=_client_rule,
+        sized_by_users=True,
+    )
+)
