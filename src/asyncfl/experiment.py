@@ -29,7 +29,7 @@ from asyncfl.build import (  # noqa: F401
 )
 from asyncfl.config import ExperimentConfig, RunSpec
 from asyncfl.data.federated import FederatedDataset
-from asyncfl.data.imbalance import plot_client_sizes
+from asyncfl.data.imbalance import data_summary
 from asyncfl.report.clients import client_accuracies, spread
 from asyncfl.report.plots import write_plots
 from asyncfl.report.table import summary_table
@@ -152,15 +152,7 @@ def run_experiment(
         "threads": threads_used.summary(),  # how it was chosen: asked for, or measured (probe seconds)
         "runs": [run_entry(cfg, spec, results[spec.name]) for spec in specs],
         # examples per client: the imbalance every run above trained on
-        "data": {
-            "dataset": cfg.data.dataset,
-            "partition": cfg.data.partition.kind,
-            **plot_client_sizes(
-                data.client_sizes(),
-                out / "client_sizes.png",
-                f"{cfg.data.dataset}, {cfg.data.partition.kind} partition",
-            ),
-        },
+        "data": data_summary(cfg.data, data.client_sizes(), out),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     write_plots(results, cfg.target_accuracy, out, cfg.name)

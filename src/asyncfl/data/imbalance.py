@@ -77,3 +77,16 @@ def plot_client_sizes(sizes, path: str | Path, title: str | None = None) -> dict
     finally:
         plt.close(fig)
     return stats
+
+
+def data_summary(cfg_data, sizes, out: Path, **extra) -> dict:
+    """The `data` block of a summary: dataset, partition, `extra` fields and the imbalance of the
+    examples per client every run trained on (its histogram written to out/client_sizes.png)."""
+    kind = cfg_data.partition.kind
+    title = f"{cfg_data.dataset}, {kind} partition"
+    return {
+        "dataset": cfg_data.dataset,
+        "partition": kind,
+        **extra,
+        **plot_client_sizes(sizes, out / "client_sizes.png", title),
+    }

@@ -39,7 +39,7 @@ def write_outputs(
     cfg, groups, finals: dict, out: Path, wall: float, rss: dict, console: Console, threads: dict | None = None
 ) -> dict:
     from asyncfl.build import build_data
-    from asyncfl.data.imbalance import plot_client_sizes
+    from asyncfl.data.imbalance import data_summary
 
     st = cfg.study
     methods = [m.name for m in st.methods]
@@ -83,16 +83,9 @@ def write_outputs(
             "peak_rss_mb": rss,
             "runs_executed": len(grid) + sum(1 for e in runs if e["stage"] == "seed" and e.get("grid_index") is None),
         },
-        "data": {
-            "dataset": cfg.data.dataset,
-            "partition": cfg.data.partition.kind,
-            **({"common_model_accuracy": common()} if common else {}),
-            **plot_client_sizes(
-                data.client_sizes(),
-                out / "client_sizes.png",
-                f"{cfg.data.dataset}, {cfg.data.partition.kind} partition",
-            ),
-        },
+        "data": data_summary(
+            cfg.data, data.client_sizes(), out, **({"common_model_accuracy": common()} if common else {})
+        ),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "study.md").write_text(markdown(summary))

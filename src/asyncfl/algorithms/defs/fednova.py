@@ -10,10 +10,9 @@ from pydantic import Field
 
 from asyncfl.algorithms.aggregators import EXAMPLE_WEIGHTS
 from asyncfl.algorithms.defs._common import build_server_opt, build_staleness
-from asyncfl.algorithms.defs.registry import AlgorithmDefinition, ClientOptions, register
+from asyncfl.algorithms.defs.registry import AlgorithmDefinition, ClientOptions, needs_buffer_when_async, register
 from asyncfl.algorithms.fednova import FedNova
 from asyncfl.config.base import ConfigError
-from asyncfl.config.scheduler import SchedulerConfig
 from asyncfl.config.training import ServerStepConfig, StalenessConfig
 
 
@@ -49,11 +48,6 @@ def _aggregator(a: FedNovaConfig, trainer_lr: float | None) -> FedNova:
         raise ConfigError(f"algorithm.mu with trainer.lr: {err}") from None
 
 
-def _validate(a: FedNovaConfig, scheduler: SchedulerConfig) -> None:
-    if scheduler.mode == "async" and a.buffer_size is None:
-        raise ValueError("fednova in async mode needs algorithm.buffer_size (updates per server step)")
-
-
 # Privacy: no. The step is sum_i p_i delta_i tau_eff / ||a_i||_1, and tau_eff depends on every
 # client's reported steps, so one client moves everyone's contribution: a per-update clip norm
 # does not bound the sensitivity.
@@ -67,6 +61,6 @@ DEFINITION = register(
         build_aggregator=_aggregator,
         secure_aggregation=True,
         client_options=lambda a: ClientOptions(prox_mu=a.mu),
-        validate=_validate,
+        validate=needs_buffer_when_async,
     )
 )

@@ -7,9 +7,8 @@ from typing import Literal
 from pydantic import Field
 
 from asyncfl.algorithms import aggregators
-from asyncfl.algorithms.defs.registry import AlgorithmDefinition, ClientOptions, register
+from asyncfl.algorithms.defs.registry import AlgorithmDefinition, ClientOptions, needs_buffer_when_async, register
 from asyncfl.config.base import ConfigError, Strict
-from asyncfl.config.scheduler import SchedulerConfig
 
 
 class QFedAvgConfig(Strict):
@@ -32,18 +31,13 @@ def _aggregator(a: QFedAvgConfig, trainer_lr: float | None) -> aggregators.QFedA
     return aggregators.QFedAvg(a.q, a.lipschitz or 1.0 / trainer_lr, a.buffer_size, a.max_staleness)
 
 
-def _validate(a: QFedAvgConfig, scheduler: SchedulerConfig) -> None:
-    if scheduler.mode == "async" and a.buffer_size is None:
-        raise ValueError("qfedavg in async mode needs algorithm.buffer_size (updates per server step)")
-
-
 DEFINITION = register(
     AlgorithmDefinition(
         name="qfedavg",
         config=QFedAvgConfig,
         modes=("sync", "async"),
         build_aggregator=_aggregator,
-        validate=_validate,
+        validate=needs_buffer_when_async,
         client_options=lambda a: ClientOptions(start_loss=a.loss_estimate),
     )
 )

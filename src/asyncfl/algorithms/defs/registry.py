@@ -43,6 +43,13 @@ def _no_checks(a, *args) -> None:
     pass
 
 
+def needs_buffer_when_async(a, scheduler: SchedulerConfig) -> None:
+    """A `validate` for algorithms that step at the round barrier in sync mode and every
+    `buffer_size` updates in async mode, which therefore needs one."""
+    if scheduler.mode == "async" and a.buffer_size is None:
+        raise ValueError(f"{a.name} in async mode needs algorithm.buffer_size (updates per server step)")
+
+
 def _plain_client(a) -> ClientOptions:
     return ClientOptions()
 
