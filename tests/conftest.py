@@ -30,6 +30,16 @@ def small_config(**overrides) -> config.ExperimentConfig:
 
 
 @pytest.fixture
+def torch_threads():
+    """`torch_threads(n)` sets torch's intra-op threads for one test; the count is restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def small():
     return small_config
 

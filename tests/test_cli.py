@@ -1,9 +1,6 @@
 import csv
 import json
 
-import pytest
-import torch
-
 from asyncfl.cli import main
 
 CONTRACT = {
@@ -18,14 +15,7 @@ CONTRACT = {
 }
 
 
-@pytest.fixture
-def keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
-def test_simulate_writes_the_output_contract(tmp_path, capsys, keep_threads):
+def test_simulate_writes_the_output_contract(tmp_path, capsys, torch_threads):
     out = tmp_path / "run"
     rc = main(
         [
@@ -76,7 +66,7 @@ def test_bad_config_exits_2_with_the_field_named(tmp_path, capsys):
     assert not (tmp_path / "summary.json").exists()
 
 
-def test_threads_below_one_are_refused(tmp_path, capsys, keep_threads):
+def test_threads_below_one_are_refused(tmp_path, capsys, torch_threads):
     assert main(["compare", "--preset", "quickstart", "--threads", "0", "--out", str(tmp_path)]) == 2
     assert "--threads must be at least 1, got 0" in capsys.readouterr().out
     assert not (tmp_path / "summary.json").exists()

@@ -6,9 +6,6 @@ import itertools
 import json
 from pathlib import Path
 
-import pytest
-import torch
-
 from asyncfl import config
 from asyncfl.experiment import run_experiment
 
@@ -48,16 +45,8 @@ def test_preset_holds_the_papers_grid():
     assert len(cfg.runs) == 14
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models: one intra-op thread avoids oversubscription on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_shortened_runs_respect_staleness_bounds_and_learn(tmp_path, one_thread):
+def test_shortened_runs_respect_staleness_bounds_and_learn(tmp_path, torch_threads):
+    torch_threads(1)  # tiny models: one intra-op thread avoids oversubscription on a shared machine
     names = ["sgd", "s4-poly-a0.9", "s16-const-a0.9"]
     cfg = config.load(preset=PRESET, overrides=["stop.max_trips=150"])
     run_experiment(cfg, tmp_path, runs=names)

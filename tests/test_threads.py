@@ -19,11 +19,8 @@ def _slow_with(n_slow: int):
 
 
 @pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+def two_threads(torch_threads):
+    torch_threads(2)
 
 
 def test_more_threads_only_when_clearly_faster():
