@@ -6,7 +6,7 @@ import torch
 
 from asyncfl import privacy
 from asyncfl.algorithms.aggregators import FedAsync, fedbuff
-from asyncfl.algorithms.private import PrivateAggregator
+from asyncfl.algorithms.private import DPMechanism, PrivateAggregator
 from asyncfl.algorithms.server_opt import SGD
 from asyncfl.algorithms.types import ClientUpdate, ServerState
 
@@ -24,9 +24,8 @@ def test_buffer_fill_and_size():
 
 
 def test_private_status_is_the_privacy_report_and_epsilon_follows_each_step():
-    agg = PrivateAggregator(
-        SGD(1.0), lambda u, d: 1.0, clip_norm=1.0, noise_multiplier=1.1, denominator=2, sample_rate=0.1, buffer_size=2
-    )
+    mechanism = DPMechanism(clip_norm=1.0, noise_multiplier=1.1, denominator=2, sample_rate=0.1)
+    agg = PrivateAggregator(SGD(1.0), lambda u, d: 1.0, mechanism, buffer_size=2)
     state = ServerState(torch.zeros(4))
     seen = []
     for i in range(6):

@@ -12,6 +12,7 @@ from asyncfl.config import ConfigError, Dist, StudyConfig, StudyRatio
 from asyncfl.data.synthetic import SyntheticFederated
 from asyncfl.report.ratios import ratios, spread
 from asyncfl.sim.population import sample
+from asyncfl.study.tuning import _capped
 
 
 # ------------------------------------------------------------------------------------ Pareto
@@ -228,10 +229,10 @@ def test_choose_least_time_then_trips_then_order():
 
 def test_capping_a_grid_point_only_lowers_max_time():
     tree = {"stop": {"max_time": 1000.0}}
-    assert study._capped(tree, None) == (tree, None)
-    capped, cap = study._capped(tree, 200.0)
+    assert _capped(tree, None) == (tree, None)
+    capped, cap = _capped(tree, 200.0)
     assert cap == pytest.approx(202.0) and capped["stop"]["max_time"] == cap and tree["stop"]["max_time"] == 1000.0
-    assert study._capped(tree, 999.0) == (tree, None)
+    assert _capped(tree, 999.0) == (tree, None)
 
 
 def _final(t, trips, nbytes):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from asyncfl import config, privacy
-from asyncfl.algorithms.private import PrivateAggregator
+from asyncfl.algorithms.private import DPMechanism, PrivateAggregator
 from asyncfl.algorithms.server_opt import SGD
 from asyncfl.algorithms.types import ClientUpdate, ServerState, Verdict
 from asyncfl.cli import main
@@ -21,16 +21,8 @@ def update(client, delta, base_version=0):
 
 
 def private(k=4, sigma=1.0, clip=1.0, **kw):
-    return PrivateAggregator(
-        SGD(1.0, 0.0),
-        lambda u, d: 1.0,
-        clip_norm=clip,
-        noise_multiplier=sigma,
-        denominator=k,
-        sample_rate=0.1,
-        buffer_size=k,
-        **kw,
-    )
+    mechanism = DPMechanism(clip_norm=clip, noise_multiplier=sigma, denominator=k, sample_rate=0.1, **kw)
+    return PrivateAggregator(SGD(1.0, 0.0), lambda u, d: 1.0, mechanism, buffer_size=k)
 
 
 # ---------------------------------------------------------------- the aggregator alone
@@ -63,15 +55,8 @@ def test_one_update_per_user_per_aggregate_and_bounded_weights():
     state = ServerState(torch.zeros(4))
     assert agg.submit(state, update(7, torch.ones(4)), state.w) == Verdict.BUFFERED
     assert agg.submit(state, update(7, torch.ones(4)), state.w) == Verdict.DISCARDED
-    heavy = PrivateAggregator(
-        SGD(1.0),
-        lambda u, d: float(u.n_examples),
-        clip_norm=1.0,
-        noise_multiplier=1.0,
-        denominator=2,
-        sample_rate=0.1,
-        buffer_size=2,
-    )
+    mechanism = DPMechanism(clip_norm=1.0, noise_multiplier=1.0, denominator=2, sample_rate=0.1)
+    heavy = PrivateAggregator(SGD(1.0), lambda u, d: float(u.n_examples), mechanism, buffer_size=2)
     with pytest.raises(ValueError, match="outside"):
         heavy.submit(state, update(1, torch.ones(4)), state.w)
 
@@ -90,6 +75,30 @@ def test_accountant_steps_once_per_noisy_aggregate_and_state_roundtrips():
         agg.submit(s1, update(i, torch.ones(8)), s1.w)
         twin.submit(s2, update(i, torch.ones(8)), s2.w)
     assert torch.equal(s1.w, s2.w) and twin.epsilon() == agg.epsilon()
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"denominator": 0}, "denominator must be a positive number"),
+        ({"noise_multiplier": -0.5}, "noise multiplier must be >= 0"),
+        ({"adaptive": privacy.AdaptiveClipping(1.0, count_noise_std=0.0)}, "needs count_noise_std > 0"),
+    ],
+)
+def test_mechanism_settings_are_checked_when_made(settings, message):
+    with pytest.raises(ValueError, match=message):
+        DPMechanism(**{"clip_norm": 1.0, "noise_multiplier": 1.0, "denominator": 2, "sample_rate": 0.1, **settings})
+
+
+def test_aggregators_sharing_a_mechanism_adapt_their_own_clip_norm():
+    start = privacy.AdaptiveClipping(1.0, learning_rate=0.5, expected_count=2, count_noise_std=0.3)
+    mechanism = DPMechanism(clip_norm=1.0, noise_multiplier=0.5, denominator=2, sample_rate=0.1, adaptive=start)
+    moved, idle = (PrivateAggregator(SGD(1.0), lambda u, d: 1.0, mechanism, buffer_size=2) for _ in range(2))
+    state = ServerState(torch.zeros(4))
+    for i in range(2):
+        moved.submit(state, update(i, torch.full((4,), 10.0)), state.w)  # norm 20: both clipped, C grows
+    assert moved.clip_norm > 1.0
+    assert idle.clip_norm == idle.adaptive.clip_norm == start.clip_norm == mechanism.clip_norm == 1.0
 
 
 # ---------------------------------------------------------------- in the simulator

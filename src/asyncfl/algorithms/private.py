@@ -27,8 +27,10 @@ Pure tensor math, no clock: the simulator and the network server can both drive 
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -38,58 +40,78 @@ from asyncfl.algorithms.types import ClientUpdate, ServerState, Verdict
 from asyncfl.privacy import Accountant, AdaptiveClipping, add_gaussian_noise, clip, update_noise_multiplier
 
 
+@dataclass(frozen=True)
+class DPMechanism:
+    """The Gaussian mechanism's settings: what bounds one user's influence on an aggregate (clip
+    norm C, weights within [0, max_weight]), the noise on the sum (sigma = `noise_multiplier`; 0
+    clips only and reports no epsilon), the fixed denominator m, and what the accountant needs
+    (`sample_rate`, and `delta`, the one epsilon is reported at). `seed` seeds the noise
+    generator (deterministic runs). `adaptive` is where C starts from when it follows a quantile
+    of the update norms; each aggregator adapts its own copy."""
+
+    clip_norm: float
+    noise_multiplier: float
+    denominator: float
+    sample_rate: float
+    max_weight: float = 1.0
+    delta: float = 1e-5
+    seed: int = 0
+    adaptive: AdaptiveClipping | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("clip_norm", "noise_multiplier", "denominator", "sample_rate", "max_weight", "delta"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        if not (math.isfinite(self.denominator) and self.denominator > 0):
+            raise ValueError(f"denominator must be a positive number, got {self.denominator}")
+        if self.noise_multiplier < 0 or not math.isfinite(self.noise_multiplier):
+            raise ValueError(f"noise multiplier must be >= 0, got {self.noise_multiplier}")
+        if self.adaptive is not None and self.noise_multiplier > 0 and self.adaptive.count_noise_std <= 0:
+            raise ValueError("adaptive clipping with noise needs count_noise_std > 0 (the clipped count is released)")
+
+    @property
+    def sum_noise_multiplier(self) -> float:
+        """Noise on the update sum: with adaptive clipping, part of the budget goes to the count."""
+        if self.adaptive is not None and self.noise_multiplier > 0:
+            return update_noise_multiplier(self.noise_multiplier, self.adaptive.count_noise_std)
+        return self.noise_multiplier
+
+
 class PrivateAggregator(BufferingAggregator):
     """Clip each update, noise each aggregate's sum, divide by a fixed denominator, account.
 
-    `weight(update, staleness)` must stay within [0, max_weight]; `buffer_size` None means the
-    scheduling policy flushes at a round barrier (FedAvg). `noise_multiplier` 0 clips only and
-    reports no epsilon. `delta` is the one epsilon is reported at. `seed` seeds the noise generator (deterministic runs).
+    `weight(update, staleness)` must stay within [0, mechanism.max_weight]; `buffer_size` None
+    means the scheduling policy flushes at a round barrier (FedAvg).
     """
 
     def __init__(
         self,
         server_opt: ServerOptimizer,
         weight: Callable[[ClientUpdate, int], float],
+        mechanism: DPMechanism,
         *,
-        clip_norm: float,
-        noise_multiplier: float,
-        denominator: float,
-        sample_rate: float,
         buffer_size: int | None = None,
         max_staleness: int | None = None,
-        max_weight: float = 1.0,
-        adaptive: AdaptiveClipping | None = None,
-        delta: float = 1e-5,
-        seed: int = 0,
     ):
         super().__init__(buffer_size, max_staleness)
-        if not (math.isfinite(denominator) and denominator > 0):
-            raise ValueError(f"denominator must be a positive number, got {denominator}")
-        if noise_multiplier < 0 or not math.isfinite(noise_multiplier):
-            raise ValueError(f"noise multiplier must be >= 0, got {noise_multiplier}")
-        if adaptive is not None and noise_multiplier > 0 and adaptive.count_noise_std <= 0:
-            raise ValueError("adaptive clipping with noise needs count_noise_std > 0 (the clipped count is released)")
         self.server_opt = server_opt
         self.weight = weight
-        self.clip_norm = float(clip_norm)
-        self.noise_multiplier = float(noise_multiplier)
-        self.denominator = float(denominator)
-        self.sample_rate = float(sample_rate)
-        self.max_weight = float(max_weight)
-        self.adaptive = adaptive
-        if adaptive is not None:
-            adaptive.clip_norm = self.clip_norm
-        # noise on the update sum: with adaptive clipping part of the budget goes to the count
-        self.sum_noise_multiplier = (
-            update_noise_multiplier(self.noise_multiplier, adaptive.count_noise_std)
-            if adaptive is not None and self.noise_multiplier > 0
-            else self.noise_multiplier
+        self.mechanism = mechanism
+        self.clip_norm = mechanism.clip_norm  # the current C: adaptive clipping moves it
+        self.adaptive = copy.deepcopy(mechanism.adaptive)
+        if self.adaptive is not None:
+            self.adaptive.clip_norm = self.clip_norm
+        self.sum_noise_multiplier = mechanism.sum_noise_multiplier
+        self.accountant = (
+            Accountant(mechanism.noise_multiplier, mechanism.sample_rate) if mechanism.noise_multiplier > 0 else None
         )
-        self.accountant = Accountant(self.noise_multiplier, self.sample_rate) if self.noise_multiplier > 0 else None
-        self.generator = torch.Generator().manual_seed(int(seed) & (2**63 - 1))
-        self.delta = float(delta)
+        self.generator = torch.Generator().manual_seed(int(mechanism.seed) & (2**63 - 1))
         self.noisy_steps = 0
         self._epsilon: tuple[int, float, float] | None = None  # (noisy steps, delta, epsilon)
+
+    @property
+    def denominator(self) -> float:
+        """m, what every noisy sum is divided by."""
+        return self.mechanism.denominator
 
     def _reset(self) -> None:
         super()._reset()
@@ -101,10 +123,9 @@ class PrivateAggregator(BufferingAggregator):
         if self.too_stale(state, update) or update.client_id in self.users:
             return Verdict.DISCARDED  # one update per user per aggregate: the sensitivity is C
         a = float(self.weight(update, state.version - update.base_version))
-        if not 0.0 <= a <= self.max_weight * (1 + 1e-9):
-            raise ValueError(
-                f"update weight {a} outside [0, max_weight={self.max_weight}]: the noise would not cover it"
-            )
+        max_weight = self.mechanism.max_weight
+        if not 0.0 <= a <= max_weight * (1 + 1e-9):
+            raise ValueError(f"update weight {a} outside [0, max_weight={max_weight}]: the noise would not cover it")
         clipped, norm = clip(update.delta, self.clip_norm)
         if self.total is None:
             self.total = clipped.to(torch.float32) * a  # a new tensor: never alias the client's delta
@@ -118,9 +139,13 @@ class PrivateAggregator(BufferingAggregator):
         if self.count == 0:
             return False
         noisy = add_gaussian_noise(
-            self.total, self.sum_noise_multiplier, self.clip_norm, max_weight=self.max_weight, generator=self.generator
+            self.total,
+            self.sum_noise_multiplier,
+            self.clip_norm,
+            max_weight=self.mechanism.max_weight,
+            generator=self.generator,
         )
-        state.w = self.server_opt.step(state.w, noisy / self.denominator)
+        state.w = self.server_opt.step(state.w, noisy / self.mechanism.denominator)
         state.version += 1
         self.noisy_steps += 1
         if self.accountant is not None:
@@ -136,21 +161,22 @@ class PrivateAggregator(BufferingAggregator):
         Recomputed only after a noisy step: /status and evaluations ask far more often."""
         if self.accountant is None:
             return None
-        delta = self.delta if delta is None else delta
+        delta = self.mechanism.delta if delta is None else delta
         if self._epsilon is None or self._epsilon[:2] != (self.noisy_steps, delta):
             self._epsilon = (self.noisy_steps, delta, self.accountant.epsilon(delta))
         return self._epsilon[2]
 
     def privacy_report(self) -> dict:
         """What a run reports about its privacy: epsilon at the configured delta, and the knobs."""
+        m = self.mechanism
         return {
             "epsilon": self.epsilon(),
-            "delta": self.delta,
-            "noise_multiplier": self.noise_multiplier,
+            "delta": m.delta,
+            "noise_multiplier": m.noise_multiplier,
             "clip_norm": self.clip_norm,
-            "sample_rate": self.sample_rate,
+            "sample_rate": m.sample_rate,
             "privacy_steps": self.noisy_steps,
-            "noise_std_per_step": self.sum_noise_multiplier * self.clip_norm * self.max_weight / self.denominator,
+            "noise_std_per_step": self.sum_noise_multiplier * self.clip_norm * m.max_weight / m.denominator,
         }
 
     # ---- persistence --------------------------------------------------------------------

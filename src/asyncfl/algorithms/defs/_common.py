@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from asyncfl.algorithms import aggregators, server_opt, staleness
 from asyncfl.algorithms.defs.registry import privacy_denominator
-from asyncfl.algorithms.private import PrivateAggregator
+from asyncfl.algorithms.private import DPMechanism, PrivateAggregator
 from asyncfl.algorithms.shuffle import mix
 from asyncfl.algorithms.types import ClientUpdate
 from asyncfl.config.base import ConfigError
@@ -68,16 +68,9 @@ def private_aggregator(
             count_noise_std=sb if p.noise_multiplier > 0 else ad.count_noise_std or 0.0,
         )
     noise_seed = p.noise_seed if p.noise_seed is not None else int(mix(seed, 0xD1FF)[0])
+    mechanism = DPMechanism(
+        p.clip_norm, p.noise_multiplier, denominator=m, sample_rate=q, delta=p.delta, seed=noise_seed, adaptive=adaptive
+    )
     return PrivateAggregator(
-        build_server_opt(a.server_opt),
-        weight,
-        clip_norm=p.clip_norm,
-        noise_multiplier=p.noise_multiplier,
-        denominator=m,
-        sample_rate=q,
-        buffer_size=buffer_size,
-        max_staleness=max_staleness,
-        adaptive=adaptive,
-        delta=p.delta,
-        seed=noise_seed,
+        build_server_opt(a.server_opt), weight, mechanism, buffer_size=buffer_size, max_staleness=max_staleness
     )
