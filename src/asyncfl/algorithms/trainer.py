@@ -126,11 +126,12 @@ class LocalTrainer:
         steps = planned if steps is None else steps
         batches = steps * self.batches_per_step
         idx = torch.from_numpy(self.batch_indices(n, batches, seed))
-        sizes = self.batch_sizes(n, batches).tolist()
+        # epochs mode: a short batch's row is padded past its size
+        sizes = None if self.local_epochs is None else self.batch_sizes(n, batches).tolist()
 
         def grads(params: Layers, slot: int) -> tuple[Layers, torch.Tensor]:
             wg = params[0][0].detach().requires_grad_(True)
-            rows = idx[slot, : sizes[slot]]
+            rows = idx[slot] if sizes is None else idx[slot, : sizes[slot]]
             loss = self.model.loss(wg, x[rows], y[rows])
             (g,) = torch.autograd.grad(loss, wg)
             return [g.view(1, -1)], loss.detach().view(1)
