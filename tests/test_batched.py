@@ -78,6 +78,58 @@ def test_per_fedavg_meta_steps_equal(data, meta, force_generic):
         assert_same(bat.result(k), seq.result(k), tol=1e-5)  # HF's finite difference amplifies rounding
 
 
+# ---- local_epochs: batch sizes vary by step (an epoch's last batch is short) ---------------------
+@pytest.fixture(scope="module")
+def sized():
+    """Clients around B = 16: smaller, equal, larger and not a multiple, multiples."""
+    x, y, xt, yt, c = digits.load(0.2, 0)
+    sizes = [1, 3, 7, 16, 17, 20, 33, 32, 48, 5]
+    ends = np.cumsum(sizes)
+    return FederatedDataset(x, y, [np.arange(e - s, e) for s, e in zip(sizes, ends)], xt, yt, c)
+
+
+def epochs_jobs(tr, data, count, seed):
+    """Jobs of every client; every third one partial (fewer steps than planned)."""
+    w0 = tr.model.initial_weights()
+    sizes = data.client_sizes()
+    jobs = []
+    for k in range(count):
+        c = k % data.num_clients
+        steps = tr.num_steps(int(sizes[c]))
+        jobs.append(TrainJob(k, c, k % 2, w0 + 0.01 * (k % 2), seed + k, max(1, steps - 1) if k % 3 == 0 else steps))
+    return jobs
+
+
+@pytest.mark.parametrize("epochs", [1.0, 2.0, 1.5, 0.3])
+@pytest.mark.parametrize("force_generic", [False, True])
+def test_local_epochs_equal_with_short_batches(sized, epochs, force_generic):
+    tr = mlp_trainer(sized, local_epochs=epochs)
+    jobs = epochs_jobs(tr, sized, 30, 500)
+    seq, bat = both(tr, sized, jobs, force_generic)
+    for j in jobs:
+        u = seq.result(j.job_id)
+        assert_same(bat.result(j.job_id), u)
+        assert u.planned_steps == tr.num_steps(int(sized.client_sizes()[j.client]))
+
+
+@pytest.mark.parametrize("meta", ["fo", "hf"])
+@pytest.mark.parametrize("force_generic", [False, True])
+def test_per_fedavg_with_local_epochs_equal(sized, meta, force_generic):
+    tr = mlp_trainer(sized, mu=0.0, local_epochs=2.0, meta=meta, meta_lr=0.05)
+    jobs = epochs_jobs(tr, sized, 20, 800)
+    seq, bat = both(tr, sized, jobs, force_generic)
+    for j in jobs:
+        assert_same(bat.result(j.job_id), seq.result(j.job_id), tol=1e-5)
+
+
+def test_local_epochs_full_start_loss_equal(sized):
+    tr = mlp_trainer(sized, local_epochs=1.5, start_loss="full")
+    jobs = epochs_jobs(tr, sized, 10, 900)
+    seq, bat = both(tr, sized, jobs)
+    for j in jobs:
+        assert_same(bat.result(j.job_id), seq.result(j.job_id))
+
+
 def test_partial_steps_cancel_and_late_submits(data):
     tr = mlp_trainer(data, local_steps=8)
     w0 = tr.model.initial_weights()

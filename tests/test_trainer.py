@@ -42,7 +42,7 @@ def test_update_reports_examples_steps_and_loss(task):
     u = LocalTrainer(model, 0.1, batch_size=5, local_epochs=2.0).train(
         model.initial_weights(), x, y, seed=0, client_id=4, base_version=9
     )
-    assert (u.client_id, u.base_version, u.n_examples, u.steps) == (4, 9, 12, 5)  # ceil(2 * 12 / 5)
+    assert (u.client_id, u.base_version, u.n_examples, u.steps) == (4, 9, 12, 6)  # 2 epochs of ceil(12 / 5) batches
     assert u.loss > 0
 
 

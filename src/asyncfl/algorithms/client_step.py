@@ -35,11 +35,11 @@ class ClientStep:
     mu / FedAsync rho).
     """
 
-    BATCHES_PER_STEP = {None: 1, "fo": 2, "hf": 3}
-    GRADIENTS_PER_STEP = {None: 1, "fo": 2, "hf": 4}
+    # a step's minibatches, and the gradient evaluations on each ("hf" takes two on its third)
+    GRADIENTS_PER_BATCH = {None: (1,), "fo": (1, 1), "hf": (1, 1, 2)}
 
     def __init__(self, prox_mu: float = 0.0, meta: str | None = None, meta_lr: float = 0.01, meta_delta: float = 1e-3):
-        if meta not in self.BATCHES_PER_STEP:
+        if meta not in self.GRADIENTS_PER_BATCH:
             raise ValueError(f"meta must be None, 'fo' or 'hf', got {meta!r}")
         self.prox_mu = prox_mu
         self.meta = meta
@@ -49,11 +49,15 @@ class ClientStep:
     @property
     def batches_per_step(self) -> int:
         """Minibatches one step reads: batch slots h k ... h k + k - 1 for step h."""
-        return self.BATCHES_PER_STEP[self.meta]
+        return len(self.gradients_per_batch)
+
+    @property
+    def gradients_per_batch(self) -> tuple[int, ...]:
+        return self.GRADIENTS_PER_BATCH[self.meta]
 
     @property
     def gradients_per_step(self) -> int:
-        return self.GRADIENTS_PER_STEP[self.meta]
+        return sum(self.gradients_per_batch)
 
     def __call__(
         self,

@@ -89,3 +89,17 @@ def minibatches(ns, steps, bs, seeds) -> np.ndarray:
             return perm[flat]
         out[:, sel, :] = perm[flat]
     return out
+
+
+def epoch_batches(n: int, batches: int, batch_size: int, seed) -> np.ndarray:
+    """[batches, min(batch_size, n)] local example indices of one client in epochs mode: epoch e
+    is a fresh permutation (the one `minibatches` gives the same client's epoch e) cut into
+    ceil(n / batch_size) batches in order, the last holding what is left; a short batch's row
+    is padded with 0 past its size (callers weigh padding zero). Row t is batch t % per_epoch of
+    epoch t // per_epoch, so any prefix of rows is the start of the same sequence."""
+    per_epoch = -(-n // batch_size)
+    epoch, slot = np.divmod(np.arange(batches), per_epoch)
+    epoch_keys = mix(seed, np.arange(int(epoch.max(initial=-1)) + 1))
+    order = np.argsort(_fmix(epoch_keys[:, None] ^ (np.arange(n, dtype=np.uint64) * _GOLDEN)[None, :]), axis=1)
+    pos = slot[:, None] * batch_size + np.arange(min(batch_size, n))[None, :]
+    return np.where(pos < n, order[epoch[:, None], np.minimum(pos, n - 1)], 0)

@@ -2,8 +2,8 @@
 
 Minibatch SGD with the algorithm's client-side terms (`ClientStep`), run for one client on its
 flat parameter vector. The minibatch order is a pure function of (n_examples, steps, seed)
-(`shuffle.minibatches`), so a deferred or batched execution of the same client gives the same
-result.
+(`shuffle.minibatches`; `shuffle.epoch_batches` with `local_epochs`), so a deferred or batched
+execution of the same client gives the same result.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from asyncfl.algorithms.client_step import ClientStep, Layers
-from asyncfl.algorithms.shuffle import minibatches, mix
+from asyncfl.algorithms.shuffle import epoch_batches, minibatches, mix
 from asyncfl.algorithms.types import ClientUpdate
 from asyncfl.models.flat import FlatModel
 
@@ -61,24 +61,50 @@ class LocalTrainer:
     def batches_per_step(self) -> int:
         return self.step.batches_per_step
 
+    def num_batches(self, n_examples: int) -> int:
+        """Minibatches of the local budget in epochs mode, as the reference FedAvg loop takes them:
+        each epoch a fresh permutation cut into ceil(n / B) batches, the last one short when B
+        does not divide n. A fractional E adds the first ceil(frac(E) ceil(n / B)) batches of
+        one more epoch (frac(E) rounded to 9 digits, so that 1.1 is not read as 1.1000...01)."""
+        per_epoch = -(-n_examples // self.batch_size)
+        whole = math.floor(self.local_epochs)
+        return whole * per_epoch + math.ceil(round((self.local_epochs - whole) * per_epoch, 9))
+
     def num_steps(self, n_examples: int) -> int:
-        """Steps for the local budget. With `local_epochs` E, E passes over the client's data:
-        every step reads k minibatches (k = batches_per_step) of b = min(batch_size, n) examples,
-        taken consecutively from the client's stream of epochs, so E epochs are E n examples,
-        ceil(E n / (k b)) steps, rounded up so that every example is seen at least floor(E)
-        times. That is E ceil(n / B) steps when B divides n or n <= B (a small client's step
-        reads all its examples: E steps, one epoch each); otherwise fewer, as no batch is short."""
+        """Steps for the local budget: `local_steps`, or in epochs mode the steps that read the
+        epochs' batches, k (= batches_per_step: Per-FedAvg's 2 or 3) consecutive batches a step,
+        ceil(batches / k) (the last step reads on into the next epoch); at least one."""
         if self.local_steps is not None:
             return self.local_steps
-        b = min(self.batch_size, n_examples)
-        return max(1, math.ceil(self.local_epochs * n_examples / (b * self.batches_per_step)))
+        return max(1, -(-self.num_batches(n_examples) // self.batches_per_step))
 
-    def examples_per_step(self, n_examples: int) -> int:
-        """Per-example gradient evaluations in one step: what a device's compute time scales with."""
-        return min(self.batch_size, n_examples) * self.step.gradients_per_step
+    def batch_sizes(self, n_examples: int, batches: int) -> np.ndarray:
+        """Examples in each of the first `batches` minibatches: b = min(B, n) with `local_steps`;
+        in epochs mode B, ..., B, n - B (ceil(n / B) - 1) per epoch. A step's loss is the mean
+        over its batch's actual examples."""
+        if self.local_epochs is None:
+            return np.full(batches, min(self.batch_size, n_examples))
+        per_epoch = -(-n_examples // self.batch_size)
+        epoch = np.full(per_epoch, self.batch_size)
+        epoch[-1] = n_examples - self.batch_size * (per_epoch - 1)
+        return np.resize(epoch, batches)
+
+    def examples_per_step(self, n_examples: int) -> float:
+        """Per-example gradient evaluations in one step, what a device's compute time scales
+        with: b times the step's gradients with `local_steps`; in epochs mode the mean over the
+        trip's steps (short batches cost less), so that steps x this is the trip's exact work."""
+        if self.local_steps is not None:
+            return min(self.batch_size, n_examples) * self.step.gradients_per_step
+        steps, k = self.num_steps(n_examples), self.batches_per_step
+        sizes = self.batch_sizes(n_examples, steps * k).reshape(steps, k)
+        return float((sizes @ np.array(self.step.gradients_per_batch)).sum()) / steps
 
     def batch_indices(self, n_examples: int, batches: int, seed: int) -> np.ndarray:
-        """[batches, b] local example indices: consecutive epochs of fresh permutations."""
+        """[batches, b] local example indices, b = min(B, n): with `local_steps` consecutive
+        epochs of fresh permutations, batches straddling them; in epochs mode each epoch cut
+        into its own batches, a short one padded with 0 past `batch_sizes`."""
+        if self.local_epochs is not None:
+            return epoch_batches(n_examples, batches, self.batch_size, mix(seed))
         b = min(self.batch_size, n_examples)
         return minibatches([n_examples], [batches], [b], mix(seed))[:, 0, :b]
 
@@ -98,11 +124,15 @@ class LocalTrainer:
         n = len(y)
         planned = self.num_steps(n)
         steps = planned if steps is None else steps
-        idx = torch.from_numpy(self.batch_indices(n, steps * self.batches_per_step, seed))
+        batches = steps * self.batches_per_step
+        idx = torch.from_numpy(self.batch_indices(n, batches, seed))
+        # epochs mode: a short batch's row is padded past its size
+        sizes = None if self.local_epochs is None else self.batch_sizes(n, batches).tolist()
 
         def grads(params: Layers, slot: int) -> tuple[Layers, torch.Tensor]:
             wg = params[0][0].detach().requires_grad_(True)
-            loss = self.model.loss(wg, x[idx[slot]], y[idx[slot]])
+            rows = idx[slot] if sizes is None else idx[slot, : sizes[slot]]
+            loss = self.model.loss(wg, x[rows], y[rows])
             (g,) = torch.autograd.grad(loss, wg)
             return [g.view(1, -1)], loss.detach().view(1)
 

@@ -5,7 +5,9 @@ result is not yet needed waits in a pool; the first `result` call trains the who
 once, with per-client stacked parameters, and caches the other updates. The minibatch order
 comes from `LocalTrainer.batch_indices`, so each update equals the sequential one up to float
 rounding. Clients with fewer steps or fewer examples than the batch size share the pass: their
-extra steps are masked (w unchanged) and their missing examples weigh zero.
+extra steps are masked (w unchanged) and their missing examples weigh zero. With
+`local_epochs` batch sizes vary by step (an epoch's last batch may be short), so the example
+weights are per step, [batch slots, J, B], and each slot reads only as wide as its widest batch.
 """
 
 from __future__ import annotations
@@ -117,10 +119,12 @@ class BatchedExecutor(Executor):
             jobs.sort(key=lambda j: j.job_id != first)
         for j in jobs:
             del self.pending[j.job_id]
-        if self.kernel.mixes_examples:  # no padding: group by examples per step
+        if self.kernel.mixes_examples:  # no padding: group by the sequence of batch sizes
+            epochs = self.trainer.local_epochs is not None  # sizes follow n, else min(B, n)
             groups: dict[int, list[TrainJob]] = {}
             for job in jobs:
-                groups.setdefault(min(self.trainer.batch_size, int(self.sizes[job.client])), []).append(job)
+                n = int(self.sizes[job.client])
+                groups.setdefault(n if epochs else min(self.trainer.batch_size, n), []).append(job)
             batches = list(groups.values())
         else:
             batches = [jobs]
@@ -151,9 +155,9 @@ class BatchedExecutor(Executor):
     ) -> np.ndarray:
         """[batches, J, B] indices into the pass's examples of every job's minibatches, zero-padded."""
         tr = self.trainer
-        if type(tr).batch_indices is LocalTrainer.batch_indices:  # one vectorised call
+        if tr.local_epochs is None and type(tr).batch_indices is LocalTrainer.batch_indices:  # one vectorised call
             local = minibatches(ns, batches, bs, mix(np.array([job.seed for job in jobs], dtype=np.uint64)))
-        else:  # a trainer with its own order: ask it job by job
+        else:  # epochs mode, or a trainer with its own order: ask it job by job
             local = np.zeros((int(batches.max(initial=0)), len(jobs), int(bs.max(initial=0))), dtype=np.int64)
             for k, job in enumerate(jobs):
                 local[: batches[k], k, : bs[k]] = tr.batch_indices(int(ns[k]), int(batches[k]), job.seed)
@@ -247,9 +251,19 @@ class BatchedExecutor(Executor):
         ns = self.sizes[[job.client for job in jobs]]
         bs = np.minimum(tr.batch_size, ns)
         x_all, y_all, index, offsets = self._examples(jobs)
-        gidx_t = torch.from_numpy(self._minibatches(jobs, ns, steps * tr.batches_per_step, bs, index, offsets))
+        batches = steps * tr.batches_per_step
+        gidx_t = torch.from_numpy(self._minibatches(jobs, ns, batches, bs, index, offsets))
         s_max, b_max = int(steps.max(initial=0)), gidx_t.shape[2]
-        weight = torch.from_numpy(np.where(np.arange(b_max) < bs[:, None], 1.0 / bs[:, None], 0.0)).float()
+        if tr.local_epochs is None:  # every batch full: one [J, B] weight for the whole pass
+            widths = None
+            weight = torch.from_numpy(np.where(np.arange(b_max) < bs[:, None], 1.0 / bs[:, None], 0.0)).float()
+        else:  # [slots, J, B]: each step's mean over its own batch; 0 past a job's batches
+            sizes = np.zeros((gidx_t.shape[0], j), dtype=np.int64)
+            for c, (n, count) in enumerate(zip(ns.tolist(), batches.tolist())):
+                sizes[:count, c] = tr.batch_sizes(n, count)
+            widths = sizes.max(1, initial=0).tolist()
+            share = np.where(np.arange(b_max) < sizes[..., None], 1.0 / np.maximum(sizes, 1)[..., None], 0.0)
+            weight = torch.from_numpy(share).float()
         active = torch.from_numpy(np.arange(s_max)[:, None] < steps[None, :])  # [S, J]
         lr_mask = active.float() * tr.lr
         # per-layer start models, for the proximal term's pull
@@ -273,10 +287,14 @@ class BatchedExecutor(Executor):
         corrections = self._corrections(jobs)
 
         def grads(params, slot):
-            gi = gidx_t[slot].view(-1)
-            xb = torch.index_select(x_all, 0, gi, out=xbuf).view(j, b_max, -1)
+            if widths is None:
+                width, gi, a = b_max, gidx_t[slot].view(-1), weight
+            else:
+                width = widths[slot]
+                gi, a = gidx_t[slot, :, :width].reshape(-1), weight[slot, :, :width]
+            xb = torch.index_select(x_all, 0, gi, out=xbuf[: len(gi)]).view(j, width, -1)
             # a step's first gradient goes to the reused buffer: the step consumes it
-            return self.kernel.grads(params, xb, y_all[gi].view(j, b_max), weight, out=gbuf if slot % k == 0 else None)
+            return self.kernel.grads(params, xb, y_all[gi].view(j, width), a, out=gbuf if slot % k == 0 else None)
 
         for h in range(s_max):
             per, first = tr.step(ws, grads, h, lr_mask[h], starts, corrections)
