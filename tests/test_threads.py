@@ -23,12 +23,13 @@ def two_threads(torch_threads):
     torch_threads(2)
 
 
-def test_more_threads_only_when_clearly_faster():
-    assert threads.choose({1: 1.0, 2: 0.95}) == 1
-    assert threads.choose({1: 1.0, 2: 0.7}) == 1  # 1.43x: not worth the risk of waiting threads
-    assert threads.choose({1: 1.0, 2: 0.5}) == 2
-    assert threads.choose({1: 1.0, 2: 0.6, 4: 0.3}) == 4
-    assert threads.choose({1: 0.2, 2: 1.0}) == 1
+def test_more_threads_only_when_clearly_faster_in_every_round():
+    assert threads.choose([{1: 1.0, 2: 0.95}]) == 1
+    assert threads.choose([{1: 1.0, 2: 0.7}]) == 1  # 1.43x: not worth the risk of waiting threads
+    assert threads.choose([{1: 1.0, 2: 0.5}]) == 2
+    assert threads.choose([{1: 1.0, 2: 0.6, 4: 0.3}]) == 4
+    assert threads.choose([{1: 0.2, 2: 1.0}]) == 1
+    assert threads.choose([{1: 1.0, 2: 0.5}, {1: 1.0, 2: 0.9}, {1: 1.0, 2: 0.5}]) == 1  # one lucky round
 
 
 def test_auto_avoids_threads_that_wait_on_a_loaded_machine(two_threads):
@@ -50,9 +51,10 @@ def test_fixed_count_and_bad_values(two_threads):
             threads.resolve(bad, None)
 
 
-def test_measure_restores_the_thread_count(two_threads):
-    threads.measure(_slow_with(1), [1, 2], repeats=1)
+def test_measure_restores_the_thread_count_and_times_long_enough(two_threads):
+    (times,) = threads.measure(_slow_with(2), [1, 2], repeats=3, min_seconds=0.02)
     assert torch.get_num_threads() == 2
+    assert times[1] == pytest.approx(0.002, rel=0.5) and times[2] > 5 * times[1]
 
 
 @pytest.mark.parametrize("executor", ["sequential", "batched"])
@@ -63,8 +65,8 @@ def test_auto_probes_the_runs_own_training_pass(small, two_threads, executor):
     cfg = small(executor=executor)
     choice = choose_threads(cfg, cfg.runs[1], build_data(cfg), "auto")
     assert set(choice.seconds) == {1, 2} and all(0 < s < 5 for s in choice.seconds.values())
-    assert (choice.seconds[1] >= threads.MIN_SPEEDUP * choice.seconds[2]) == (choice.threads == 2)
-    assert choice.threads == threads.choose(choice.seconds) == torch.get_num_threads()
+    assert choice.threads in (1, 2)
+    assert choice.threads == torch.get_num_threads()
 
 
 def test_summary_records_the_choice(tmp_path, two_threads):

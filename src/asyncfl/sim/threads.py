@@ -14,6 +14,7 @@ be at least MIN_SPEEDUP times faster, which a loaded machine never shows.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,43 +42,54 @@ class ThreadChoice:
         }
 
 
-def measure(workload: Callable[[], None], candidates: list[int], repeats: int = 3) -> dict[int, float]:
-    """Best wall time of `workload` under each thread count, the counts interleaved so that a
-    change of load hits them alike; a round in which one thread is the fastest ends the probe
-    (the answer is one thread then, and threads that wait are what make a probe expensive).
-    Leaves torch's thread count as it found it."""
+def measure(
+    workload: Callable[[], None], candidates: list[int], repeats: int = 3, min_seconds: float = 0.02
+) -> list[dict[int, float]]:
+    """Wall time of `workload` under each thread count, per round, the counts interleaved so that
+    a change of load hits them alike. A timing repeats the workload until it spans about
+    `min_seconds` (a millisecond's timing is mostly noise); a round in which one thread is the
+    fastest ends the probe, and a timing of more threads stops as soon as it is slower than one
+    thread's (the answer is one thread then; threads that wait are what would make a probe
+    expensive). Leaves torch's thread count as it found it."""
     before = torch.get_num_threads()
-    best = dict.fromkeys(candidates, float("inf"))
+    rounds: list[dict[int, float]] = []
     try:
         torch.set_num_threads(1)
-        workload()  # warm-up: first-call allocations and kernel choices
+        t0 = time.perf_counter()
+        workload()  # warm-up (first-call allocations, kernel choices) and a first estimate
+        reps = min(100, max(1, math.ceil(min_seconds / max(time.perf_counter() - t0, 1e-6))))
         for _ in range(repeats):
-            times = {}
+            times: dict[int, float] = {}
             for n in candidates:
                 torch.set_num_threads(n)
-                t0 = time.perf_counter()
-                workload()
-                times[n] = time.perf_counter() - t0
-                best[n] = min(best[n], times[n])
+                t0, done = time.perf_counter(), 0
+                while done < reps:  # more threads stop once they are slower than one thread was
+                    workload()
+                    done += 1
+                    if n > 1 and time.perf_counter() - t0 > times.get(1, math.inf) * reps:
+                        break
+                times[n] = (time.perf_counter() - t0) / done
+            rounds.append(times)
             if min(times, key=times.get) == 1:
                 break
     finally:
         torch.set_num_threads(before)
-    return best
+    return rounds
 
 
-def choose(seconds: dict[int, float]) -> int:
-    """The most threads that are MIN_SPEEDUP times faster than one thread, else one."""
-    one = seconds[1]
-    return max((n for n, s in seconds.items() if n == 1 or one >= MIN_SPEEDUP * s), default=1)
+def choose(rounds: list[dict[int, float]]) -> int:
+    """The most threads that were at least MIN_SPEEDUP times faster than one thread in every
+    round, else one: a single lucky timing must not pick the fragile setting."""
+    return max(n for n in rounds[0] if n == 1 or all(r[1] >= MIN_SPEEDUP * r[n] for r in rounds))
 
 
 def training_probe(
     make: Callable[[], Executor], w0: torch.Tensor, clients: int, num_clients: int, seed: int = 0
 ) -> Callable[[], None]:
-    """A workload of one training pass: `clients` jobs from w0 submitted to a fresh executor and
-    the first result asked for (a batched executor trains them all in one pass, the sequential
-    one trains that client alone, as in a run)."""
+    """A workload of what a run repeats: one training pass (`clients` jobs from w0 submitted to a
+    fresh executor and the first result asked for: a batched executor trains them all in one
+    pass, the sequential one that client alone, as in a run) and one evaluation of the model on
+    the test set, whose larger operations are where waiting threads cost most."""
     picks = np.random.default_rng(seed).integers(0, num_clients, size=clients)
 
     def run() -> None:
@@ -86,6 +98,7 @@ def training_probe(
         for k, client in enumerate(picks.tolist()):
             executor.submit(TrainJob(k, client, 0, w0, seed + k, executor.trainer.num_steps(int(sizes[client]))))
         executor.result(0)
+        executor.evaluate_many([w0], executor.data.x_test, executor.data.y_test)
 
     return run
 
@@ -101,7 +114,7 @@ def resolve(threads: int | str, workload: Callable[[], None] | None) -> ThreadCh
     if default <= 1 or workload is None:
         torch.set_num_threads(1)
         return ThreadChoice(1, "auto")
-    seconds = measure(workload, sorted({1, default}))
-    n = choose(seconds)
+    rounds = measure(workload, sorted({1, default}))
+    n = choose(rounds)
     torch.set_num_threads(n)
-    return ThreadChoice(n, "auto", seconds)
+    return ThreadChoice(n, "auto", {k: min(r[k] for r in rounds) for k in rounds[0]})
