@@ -210,19 +210,7 @@ def download(h, version):
 
 
 def scaffold_frame(h, lease, delta, control_delta, key=None):
-    m = h.server.model
-    return wire.encode_update(
-        lease_id=lease["lease_id"],
-        base_version=lease["base_version"],
-        idempotency_key=key or f"k-{torch.randint(1 << 62, ()).item()}",
-        n_examples=20,
-        steps=2,
-        loss=1.0,
-        delta=delta,
-        names=m.names,
-        shapes=m.shapes,
-        extras={CONTROL_DELTA: control_delta},
-    )
+    return h.frame(lease, delta, key, extras={CONTROL_DELTA: control_delta})
 
 
 def server_state(h):
