@@ -21,11 +21,11 @@ from asyncfl.server.service import FLServer
 from asyncfl.server.settings import ServerConfig
 
 
-def experiment(algorithm: dict, scheduler: dict) -> config.ExperimentConfig:
+def experiment(algorithm: dict, scheduler: dict, seed: int = 0) -> config.ExperimentConfig:
     return config.validate(
         {
             "name": "t",
-            "seed": 0,
+            "seed": seed,
             "data": {"num_clients": 8, "partition": {"kind": "iid"}},
             "model": {"name": "mlp", "hidden": [16]},
             "trainer": {"lr": 0.1, "batch_size": 16, "local_steps": 2},

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
+from test_server_inputs import experiment
 
 from asyncfl import config
 from asyncfl.algorithms.seeds import trip_seed
@@ -14,22 +15,8 @@ from asyncfl.server.settings import ServerConfig
 
 
 def sync_experiment() -> config.ExperimentConfig:
-    return config.validate(
-        {
-            "name": "t",
-            "seed": 5,
-            "data": {"num_clients": 8, "partition": {"kind": "iid"}},
-            "model": {"name": "mlp", "hidden": [16]},
-            "trainer": {"lr": 0.1, "batch_size": 16, "local_steps": 2},
-            "runs": [
-                {
-                    "name": "task1",
-                    "algorithm": {"name": "fedavg"},
-                    "scheduler": {"mode": "sync", "concurrency": 3, "round_timeout": 600, "straggler": "partial"},
-                }
-            ],
-        }
-    )
+    scheduler = {"mode": "sync", "concurrency": 3, "round_timeout": 600, "straggler": "partial"}
+    return experiment({"name": "fedavg"}, scheduler, seed=5)
 
 
 def test_a_restart_keeps_the_round_its_deadline_and_the_lease_seeds(tmp_path):
