@@ -54,6 +54,7 @@ class CHarness(Harness):
         )
         self.open()
         self.tokens = {c: self.mint(c, "task1") for c in "abcdefg"}
+        self.sign_in()
 
     def cframe(self, lease, payload: bytes, codec: str, **header):
         m = self.server.model

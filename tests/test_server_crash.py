@@ -42,14 +42,14 @@ def experiment(target_stop: bool) -> dict:
 class Watcher(threading.Thread):
     """Polls /status; records every version seen, across restarts."""
 
-    def __init__(self, url):
+    def __init__(self, url, headers):
         super().__init__(daemon=True)
-        self.url, self.seen, self.stop = url, [], threading.Event()
+        self.url, self.headers, self.seen, self.stop = url, headers, [], threading.Event()
 
     def run(self):
         while not self.stop.is_set():
             try:
-                self.seen.append(httpx.get(self.url + "/status", timeout=1).json()["version"])
+                self.seen.append(httpx.get(self.url + "/status", headers=self.headers, timeout=1).json()["version"])
             except (httpx.HTTPError, ValueError):
                 pass
             time.sleep(0.02)
@@ -60,7 +60,7 @@ def test_sigkill_restarts_lose_nothing_and_count_nothing_twice(tmp_path):
     server = ServerProcess(experiment(target_stop=False), tmp_path)  # no stopping while we kill it
     tokens = mint_tokens(server.state_dir, "crashy", [f"c{i}" for i in range(CLIENTS)])
     server.start()
-    watcher = Watcher(server.url)
+    watcher = Watcher(server.url, server.operator)
     watcher.start()
     clients = [spawn_client(server.url, tok, f"digits:client={i}", tmp_path, f"c{i}") for i, tok in enumerate(tokens)]
     try:

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from asyncfl import config, wire
 from asyncfl.server.app import create_app, read_limited
-from asyncfl.server.auth import new_token
+from asyncfl.server.auth import CLIENT, OPERATOR, OPERATOR_COOKIE, new_token
 from asyncfl.server.errors import ApiError
 from asyncfl.server.service import FLServer
 from asyncfl.server.settings import ServerConfig
@@ -51,11 +51,20 @@ class Harness:
         self.open(background)
         self.tokens = {c: self.mint(c, "task1") for c in "abcdefg"}
         self.foreign = self.mint("z", "other-task")
+        self.sign_in()
+
+    operator = None  # an operator token, sent as the dashboard's cookie to the operator endpoints
 
     def open(self, background=False):
         self.server = FLServer(self.cfg, self.settings, self.tmp / "state")
         self.http = TestClient(create_app(self.server, background=background))
         self.http.__enter__()
+        if self.operator:
+            self.http.cookies.set(OPERATOR_COOKIE, self.operator)
+
+    def sign_in(self):
+        self.operator = self.mint("op", "task1", OPERATOR)
+        self.http.cookies.set(OPERATOR_COOKIE, self.operator)
 
     def close(self):
         self.http.__exit__(None, None, None)
@@ -66,9 +75,9 @@ class Harness:
     def __exit__(self, *exc):
         self.close()
 
-    def mint(self, client, task):
+    def mint(self, client, task, role=CLIENT):
         tok = new_token()
-        self.server.store.create_token(tok, client, task)
+        self.server.store.create_token(tok, client, task, role)
         return tok
 
     def auth(self, client):
@@ -153,7 +162,6 @@ def test_tokens_are_stored_hashed_and_revocable(h):
     assert rows and all(h.tokens["a"] not in r[0] for r in rows)
     assert h.tokens["a"] not in (h.server.store.path.read_bytes().decode("latin-1"))
     h.server.store.revoke_client("b")
-    h.server.auth._cache.clear()
     r = h.http.post("/v1/checkin", headers=h.auth("b"))
     assert_rejected(h, r, 401, "unauthorized", "revoked")
 

@@ -77,7 +77,11 @@ def _add_network_commands(sub) -> None:
     cli.add_argument("--token", help="client token (or env ASYNCFL_TOKEN)")
     cli.add_argument("--data", required=True, help="digits:client=K or a path to an .npz with arrays x, y")
     cli.add_argument("--ca-cert", help="CA bundle to verify the server's TLS certificate")
-    cli.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (testing only)")
+    cli.add_argument(
+        "--insecure",
+        action="store_true",
+        help="do not verify TLS certificates, and allow plain http to another host (testing only)",
+    )
     cli.add_argument("--max-trips", type=int, help="stop after this many trips")
     cli.add_argument("--eligibility", help="module:function returning True when the device may train")
     cli.add_argument("--ack-log", type=Path, help="append each upload's answer as a JSON line")
@@ -89,12 +93,19 @@ def _add_network_commands(sub) -> None:
     )
     cli.add_argument("--backoff-cap", type=float, default=10.0, help="longest wait between retries (s)")
     cli.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    tok = sub.add_parser("token", help="create, list or revoke client tokens (stored hashed)")
+    tok = sub.add_parser("token", help="create, list or revoke client and operator tokens (stored hashed)")
     tsub = tok.add_subparsers(dest="token_command", required=True)
     create = tsub.add_parser("create", help="mint a token and print it once")
     create.add_argument("--state-dir", type=Path, default=Path("server-state"))
-    create.add_argument("--task", required=True, help="task id (the run's name unless server.task is set)")
-    create.add_argument("--client", required=True, help="client id the token authenticates")
+    create.add_argument(
+        "--task", help="task id (the run's name unless server.task is set); optional for --operator: any task"
+    )
+    create.add_argument("--client", required=True, help="client id (or operator name) the token authenticates")
+    create.add_argument(
+        "--operator",
+        action="store_true",
+        help="an operator token: reads /status, /metrics, /v1/history, the dashboard and the API docs; cannot upload",
+    )
     for name, help_ in (("list", "list clients and tasks (never the tokens)"), ("revoke", "revoke a client's tokens")):
         p = tsub.add_parser(name, help=help_)
         p.add_argument("--state-dir", type=Path, default=Path("server-state"))

@@ -4,6 +4,7 @@ when it comes back."""
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import ssl
 import time
@@ -29,6 +30,31 @@ class GaveUp(RuntimeError):
 
 class TlsError(RuntimeError):
     """The server's certificate did not verify: retrying cannot help, so it is not retried."""
+
+
+class UnsafeUrl(RuntimeError):
+    """A URL the client will not send its token to: another origin, or plain http off this host."""
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    return url.scheme, url.host, url.port or {"http": 80, "https": 443}.get(url.scheme)
+
+
+def check_server_url(url: str, insecure: bool) -> None:
+    """Plain http sends the token in the clear: only to this machine, unless `insecure`."""
+    parsed = httpx.URL(url)
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise UnsafeUrl(f"server URL {url!r} must be http(s)://host[:port]")
+    if parsed.scheme == "http" and not insecure:
+        try:
+            loopback = ipaddress.ip_address(parsed.host).is_loopback
+        except ValueError:
+            loopback = parsed.host == "localhost"
+        if not loopback:
+            raise UnsafeUrl(
+                f"refusing plain http to {parsed.host}: the token would travel in the clear; "
+                "use https, or pass --insecure (testing only)"
+            )
 
 
 def _tls_failure(err: BaseException) -> bool:
@@ -66,7 +92,12 @@ class ServerApi:
         self.http.close()
 
     def request(self, method: str, path: str, budget: float = 300.0, **kw: Any) -> httpx.Response:
-        """Send until a non-retryable answer arrives; 4xx other than 429 are returned as is."""
+        """Send until a non-retryable answer arrives; 4xx other than 429 are returned as is.
+        `path` may be a URL the server handed out (a model_url): it must be on the server's
+        origin, since every request carries the token."""
+        target = httpx.URL(path)
+        if (target.scheme or target.host) and _origin(target) != _origin(self.http.base_url):
+            raise UnsafeUrl(f"refusing to send the token to {path!r}: not on the server's origin {self.url}")
         deadline = time.monotonic() + budget
         attempt = 0
         while True:

@@ -11,13 +11,18 @@ import time
 def client(args) -> int:
     import torch
 
-    from asyncfl.client.http import Backoff, ServerApi, TlsError
+    from asyncfl.client.http import Backoff, ServerApi, TlsError, UnsafeUrl, check_server_url
     from asyncfl.client.runtime import ClientError, ClientRuntime, load_hook
 
     torch.set_num_threads(args.threads)
     token = args.token or os.environ.get("ASYNCFL_TOKEN")
     if not token:
         print("error: give --token or set ASYNCFL_TOKEN", file=sys.stderr)
+        return 2
+    try:
+        check_server_url(args.server, args.insecure)
+    except UnsafeUrl as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     verify = False if args.insecure else (ssl.create_default_context(cafile=args.ca_cert) if args.ca_cert else True)
     api = ServerApi(args.server, token, verify=verify, backoff=Backoff(cap=args.backoff_cap))
@@ -33,7 +38,7 @@ def client(args) -> int:
     )
     try:
         stats = rt.run()
-    except (ClientError, TlsError) as err:
+    except (ClientError, TlsError, UnsafeUrl) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

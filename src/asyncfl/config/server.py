@@ -19,3 +19,8 @@ class ServerConfig(Strict):
     rate_burst: float = Field(default=40.0, ge=1, description="bucket size")
     eval_every_s: float = Field(default=2.0, gt=0, description="wall seconds between evaluations")
     keep_versions: int = Field(default=8, ge=1, description="past model versions kept besides leased ones")
+    public_status: bool = Field(default=False, description="serve /status and /metrics without an operator token")
+    anonymous_rate_per_s: float = Field(
+        default=2.0, gt=0, description="requests per second per address without a valid token (token bucket)"
+    )
+    anonymous_burst: float = Field(default=20.0, ge=1, description="bucket size for requests without a valid token")

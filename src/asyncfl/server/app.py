@@ -1,8 +1,11 @@
 """HTTP surface of the server (FastAPI). Handlers only translate between HTTP and the roles in
 service.py; every error leaves as JSON {"error": code, "detail": message} with a 4xx status.
 
-Endpoints: POST /v1/checkin, GET /v1/task, GET /v1/model/{version}, POST /v1/update (binary
-frame, see wire.py), GET /status, GET /metrics, GET /v1/history, GET /healthz, GET / (dashboard).
+Endpoints for clients (client token): POST /v1/checkin, GET /v1/task, GET /v1/model/{version},
+POST /v1/update (binary frame, see wire.py). For operators (operator token, as a bearer header
+or the cookie POST /v1/session sets for the dashboard): GET /status, GET /metrics (both public
+with `server.public_status`), GET /v1/history, GET / (dashboard), GET /docs, /redoc,
+/openapi.json. Open: GET /healthz.
 """
 
 from __future__ import annotations
@@ -11,15 +14,17 @@ import json
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from asyncfl.server.dashboard import PAGE
+from asyncfl.server.auth import OPERATOR_COOKIE, bearer
+from asyncfl.server.dashboard import PAGE, SIGN_IN
 from asyncfl.server.errors import ApiError
-from asyncfl.server.service import FLServer
+from asyncfl.server.service import HISTORY_LIMIT, HISTORY_MAX_LIMIT, FLServer
 
 log = logging.getLogger("asyncfl.server")
 CHECKIN_LIMIT = 16 * 1024
@@ -52,8 +57,21 @@ def create_app(server: FLServer, background: bool = True) -> FastAPI:
         yield
         server.close()
 
-    app = FastAPI(title="asyncfl server", version="1", lifespan=lifespan)
+    app = FastAPI(
+        title="asyncfl server", version="1", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
     app.state.server = server
+
+    def address(request: Request) -> str:
+        return request.client.host if request.client else "unknown"
+
+    def client_of(request: Request) -> str:
+        return server.authenticate(request.headers.get("authorization"), address(request))
+
+    def operator(request: Request) -> str:
+        return server.authorize_operator(
+            request.headers.get("authorization"), request.cookies.get(OPERATOR_COOKIE), address(request)
+        )
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError):
@@ -77,7 +95,7 @@ def create_app(server: FLServer, background: bool = True) -> FastAPI:
 
     @app.post("/v1/checkin")
     async def checkin(request: Request):
-        client = server.authenticate(request.headers.get("authorization"))
+        client = client_of(request)
         raw = await read_limited(request, CHECKIN_LIMIT)
         eligible = True
         if raw.strip():
@@ -94,18 +112,18 @@ def create_app(server: FLServer, background: bool = True) -> FastAPI:
 
     @app.get("/v1/task")
     async def task(request: Request):
-        server.authenticate(request.headers.get("authorization"))
+        client_of(request)
         return server.task_info()
 
     @app.get("/v1/model/{version}")
     async def model(version: int, request: Request):
-        server.authenticate(request.headers.get("authorization"))
+        client_of(request)
         frame = await run_in_threadpool(server.model_frame, version)
         return Response(frame, media_type=FRAME_TYPE)
 
     @app.post("/v1/update")
     async def update(request: Request):
-        client = server.authenticate(request.headers.get("authorization"))
+        client = client_of(request)
         try:
             body = await read_limited(request, server.settings.max_body_bytes)
         except ApiError as err:
@@ -115,23 +133,65 @@ def create_app(server: FLServer, background: bool = True) -> FastAPI:
         return JSONResponse(answer, status_code=status)
 
     @app.get("/status")
-    async def status():
+    async def status(request: Request):
+        if not server.settings.public_status:
+            operator(request)
         return server.status()
 
     @app.get("/metrics")
-    async def metrics():
+    async def metrics(request: Request):
+        if not server.settings.public_status:
+            operator(request)
         return PlainTextResponse(server.metrics_text(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/history")
-    async def history(since: int = 0):
-        return server.history(since)
+    async def history(request: Request, since: int = 0, limit: int = Query(HISTORY_LIMIT, ge=1, le=HISTORY_MAX_LIMIT)):
+        operator(request)
+        return server.history(since, limit)
+
+    @app.post("/v1/session", status_code=204)
+    async def session(request: Request):
+        """Trades an operator bearer token for the dashboard's cookie: HttpOnly (page scripts
+        cannot read it), SameSite=Strict (other sites' pages cannot send it)."""
+        authorization = request.headers.get("authorization")
+        server.authorize_operator(authorization, None, address(request))  # a bearer token, not the cookie
+        answer = Response(status_code=204)
+        answer.set_cookie(
+            OPERATOR_COOKIE,
+            bearer(authorization),
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+        )
+        return answer
 
     @app.get("/healthz")
     async def healthz():
         return {"ok": True}
 
     @app.get("/", response_class=HTMLResponse)
-    async def dashboard():
+    async def dashboard(request: Request):
+        try:
+            operator(request)
+        except ApiError as err:
+            if err.status == 429:
+                raise
+            return HTMLResponse(SIGN_IN, status_code=err.status)
         return HTMLResponse(PAGE)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request):
+        operator(request)
+        return app.openapi()
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request):
+        operator(request)
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=app.title)
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request):
+        operator(request)
+        return get_redoc_html(openapi_url="/openapi.json", title=app.title)
 
     return app

@@ -1,8 +1,12 @@
-"""Client authentication (bearer tokens, stored hashed, bound to one task) and per-client
-rate limiting. Tokens are minted by `asyncfl token create`, never by the running server."""
+"""Authentication (bearer tokens, stored hashed) and rate limiting. Tokens are minted by
+`asyncfl token create`, never by the running server. A *client* token is bound to one task and
+may train and upload; an *operator* token may read the run (/status, /metrics, /v1/history, the
+dashboard, the API docs) and nothing else. Each request looks its token up in the store, so a
+revocation holds from the next request on."""
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import threading
 import time
@@ -11,73 +15,87 @@ from asyncfl.server.errors import ApiError
 from asyncfl.server.store import Store
 
 TOKEN_PREFIX = "afl_"
+CLIENT, OPERATOR = "client", "operator"
+ANY_TASK = "*"  # the task of an operator token not bound to one
+OPERATOR_COOKIE = "asyncfl_operator"  # the dashboard's credential (HttpOnly, SameSite=Strict)
+_CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
 def new_token() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
+def user_id(name: str) -> int:
+    """The id updates carry (DP counts distinct users by it): 63 bits of SHA-256 of the full
+    name, so distinct names share an id only by a 2^-63 accident (crc32 merged users)."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") >> 1
+
+
+def bearer(authorization: str | None) -> str:
+    """The token of an `Authorization: Bearer ...` header, or a 401."""
+    if not authorization:
+        raise ApiError(401, "unauthorized", "missing bearer token (send 'Authorization: Bearer <token>')", _CHALLENGE)
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise ApiError(401, "unauthorized", "authorization header must be 'Bearer <token>'", _CHALLENGE)
+    return token
+
+
 class Authenticator:
     def __init__(self, store: Store, task: str):
         self.store, self.task = store, task
-        self._cache: dict[str, tuple[str, str, float]] = {}  # token -> (client, task, checked at)
-        self.ttl = 5.0  # a revoked token stops working within this many seconds
+
+    def identify(self, token: str, role: str) -> str:
+        """The name behind a live token of `role` for this task, or a 401/403."""
+        found = self.store.lookup_token(token, role) if len(token) <= 256 else None
+        if found is None:
+            other = OPERATOR if role == CLIENT else CLIENT
+            if len(token) <= 256 and self.store.lookup_token(token, other) is not None:
+                raise ApiError(403, "forbidden", f"this endpoint needs a token of role {role!r}, not {other!r}")
+            raise ApiError(401, "unauthorized", "invalid or revoked token", _CHALLENGE)
+        name, task = found
+        if task != self.task and not (role == OPERATOR and task == ANY_TASK):
+            raise ApiError(403, "forbidden", f"token belongs to task {task!r}; this server runs task {self.task!r}")
+        return name
 
     def client_of(self, authorization: str | None) -> str:
-        """The client id behind an `Authorization: Bearer ...` header, or a 401/403."""
-        if not authorization:
-            raise ApiError(
-                401,
-                "unauthorized",
-                "missing bearer token (send 'Authorization: Bearer <token>')",
-                {"WWW-Authenticate": "Bearer"},
-            )
-        scheme, _, token = authorization.partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            raise ApiError(
-                401, "unauthorized", "authorization header must be 'Bearer <token>'", {"WWW-Authenticate": "Bearer"}
-            )
-        now = time.monotonic()
-        hit = self._cache.get(token)
-        if hit is None or now - hit[2] > self.ttl:
-            found = self.store.lookup_token(token) if len(token) <= 256 else None
-            if found is None:
-                self._cache.pop(token, None)
-                raise ApiError(401, "unauthorized", "invalid or revoked token", {"WWW-Authenticate": "Bearer"})
-            hit = (found[0], found[1], now)
-            if len(self._cache) > 100_000:
-                self._cache.clear()
-            self._cache[token] = hit
-        client, task, _ = hit
-        if task != self.task:
-            raise ApiError(403, "forbidden", f"token belongs to task {task!r}; this server runs task {self.task!r}")
-        return client
+        """The client behind an `Authorization: Bearer ...` header, or a 401/403."""
+        return self.identify(bearer(authorization), CLIENT)
+
+    def operator_of(self, authorization: str | None, cookie: str | None) -> str:
+        """The operator behind a bearer header or, without one, the dashboard's cookie."""
+        return self.identify(bearer(authorization) if authorization or not cookie else cookie, OPERATOR)
 
 
 class RateLimiter:
-    """Token bucket per client: `rate` requests/s on average, bursts up to `burst`."""
+    """Token bucket per key (a client, or an address): `rate` requests/s on average, bursts up
+    to `burst`."""
 
-    def __init__(self, rate: float, burst: float):
-        self.rate, self.burst = rate, burst
+    def __init__(self, rate: float, burst: float, what: str = "client"):
+        self.rate, self.burst, self.what = rate, burst, what
         self._buckets: dict[str, tuple[float, float]] = {}
         self._lock = threading.Lock()
         self.limited = 0
 
-    def check(self, client: str) -> None:
+    def check(self, key: str) -> None:
         now = time.monotonic()
         with self._lock:
-            level, last = self._buckets.get(client, (self.burst, now))
+            level, last = self._buckets.get(key, (self.burst, now))
             level = min(self.burst, level + (now - last) * self.rate)
             if level < 1.0:
-                self._buckets[client] = (level, now)
+                self._buckets[key] = (level, now)
                 self.limited += 1
                 wait = (1.0 - level) / self.rate
                 raise ApiError(
                     429,
                     "rate_limited",
-                    f"client {client!r} exceeds {self.rate:g} requests/s; retry in {wait:.2f} s",
+                    f"{self.what} {key!r} exceeds {self.rate:g} requests/s; retry in {wait:.2f} s",
                     {"Retry-After": str(max(1, round(wait + 0.5)))},
                     {"retry_after": wait},
                 )
-            self._buckets[client] = (level - 1.0, now)
+            if len(self._buckets) > 100_000:  # many keys: forget the buckets that have refilled
+                self._buckets = {k: v for k, v in self._buckets.items() if v[0] + (now - v[1]) * self.rate < self.burst}
+                if len(self._buckets) > 100_000:
+                    self._buckets.clear()
+            self._buckets[key] = (level - 1.0, now)

@@ -42,19 +42,21 @@ def serve(args) -> int:
 
 
 def token(args) -> int:
-    from asyncfl.server.auth import new_token
+    from asyncfl.server.auth import ANY_TASK, CLIENT, OPERATOR, new_token
     from asyncfl.server.store import Store
 
     store = Store(args.state_dir)
     try:
         if args.token_command == "create":
+            if args.task is None and not args.operator:
+                raise ConfigError("a client token needs --task")
             tok = new_token()
-            store.create_token(tok, args.client, args.task)
+            store.create_token(tok, args.client, args.task or ANY_TASK, OPERATOR if args.operator else CLIENT)
             print(tok)
         elif args.token_command == "list":
-            for client, task, created, revoked in store.list_tokens():
+            for client, task, created, revoked, role in store.list_tokens():
                 when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created))
-                print(f"{client}\t{task}\t{when}\t{'revoked' if revoked else 'active'}")
+                print(f"{client}\t{task}\t{when}\t{'revoked' if revoked else 'active'}\t{role}")
         else:
             print(f"revoked {store.revoke_client(args.client)} token(s) of {args.client}")
     finally:

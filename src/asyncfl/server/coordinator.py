@@ -1,10 +1,14 @@
 """The coordinator role: task configuration, the concurrency limit, leases and timers.
 
-It implements the scheduling policies' `Runtime` protocol over wall-clock time, so the same
+It implements the scheduling policies' `Runtime` protocol over real time, so the same
 AsyncPolicy / SyncPolicy objects the simulator drives decide here when slots open, when a round
 closes and what happens to stragglers. A slot opened by `request_clients` becomes a *lease*
 when a client checks in; the lease ends with an upload, an expiry (the client vanished: the
 policy sees `on_lost` and frees the slot) or a cancellation (the round closed without it).
+
+Deadlines run on a monotonic clock, so setting the wall clock neither expires nor extends a
+lease; they are stored as wall-clock times (a monotonic clock restarts with the process) and
+converted back on restore, so a lease keeps the time it had left, less the downtime.
 """
 
 from __future__ import annotations
@@ -58,10 +62,11 @@ class Coordinator:
         aggregation: AggregationRole,
         lease_timeout: float,
         seed: int,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ):
         self.policy, self.aggregation = policy, aggregation
-        self.lease_timeout, self.seed, self.clock = lease_timeout, seed, clock
+        self.lease_timeout, self.seed, self.clock, self.wall = lease_timeout, seed, clock, wall
         self.leases: dict[str, Lease] = {}  # active only
         self.by_client: dict[str, str] = {}
         self.open_slots = 0
@@ -203,16 +208,22 @@ class Coordinator:
         return {lease.base_version for lease in self.leases.values()} | {self.aggregation.state.version}
 
     # ---- durability -------------------------------------------------------------------
+    def _offset(self) -> float:
+        """Wall-clock time minus clock time, now."""
+        return self.wall() - self.clock()
+
     def snapshot(self) -> dict:
-        """Under the state lock: changed leases and the policy's state, as plain data."""
+        """Under the state lock: changed leases and the policy's state, as plain data, with
+        wall-clock deadlines."""
+        offset = self._offset()
         leases = [
             (
                 lease.lease_id,
                 lease.client,
                 lease.base_version,
                 _sql_seed(lease.seed),
-                lease.issued_at,
-                lease.expires_at,
+                lease.issued_at + offset,
+                lease.expires_at + offset,
                 lease.state,
             )
             for lease in self._dirty.values()
@@ -224,7 +235,7 @@ class Coordinator:
                 "open_slots": self.open_slots,
                 "issued": self.issued,
                 "ended": dict(self.ended),
-                "timers": [[t, p] for t, _, p in sorted(self.timers)],
+                "timers": [[t + offset, p] for t, _, p in sorted(self.timers)],
                 "policy": self.policy.state_dict(),
             },
         }
@@ -240,8 +251,9 @@ class Coordinator:
 
     def restore(self, store: Store) -> None:
         saved = store.get_meta("coordinator")
+        offset = self._offset()
         self.open_slots, self.issued, self.ended = saved["open_slots"], saved["issued"], saved["ended"]
-        self.timers = [(t, next(self._timer_seq), p) for t, p in saved["timers"]]
+        self.timers = [(t - offset, next(self._timer_seq), p) for t, p in saved["timers"]]
         heapq.heapify(self.timers)
         self.policy.load_state_dict(saved["policy"])
         self.leases, self.by_client, self.recent = {}, {}, collections.OrderedDict()
@@ -251,6 +263,7 @@ class Coordinator:
         ):
             lease = Lease(*row)
             lease.seed = _seed_of(lease.seed)
+            lease.issued_at, lease.expires_at = lease.issued_at - offset, lease.expires_at - offset
             self.leases[lease.lease_id] = lease
             self.by_client[lease.client] = lease.lease_id
         self._dirty = {}

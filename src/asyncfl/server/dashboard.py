@@ -1,5 +1,24 @@
 """The live dashboard at `/`: one self-contained HTML page (inline CSS, JS and SVG, no external
-assets) that polls /status and /v1/history and draws test accuracy against wall time."""
+assets) that polls /status and /v1/history and draws test accuracy against wall time.
+
+It needs an operator token. Without one `/` answers SIGN_IN, which takes the token from the
+URL fragment (`/#token=...`: browsers never send the fragment, so it reaches no server or proxy
+log), removes it from the address bar and history, trades it at POST /v1/session for an HttpOnly
+cookie, and reloads."""
+
+SIGN_IN = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>asyncfl server: sign in</title></head><body>
+<p id="msg">This dashboard needs an operator token (<code>asyncfl token create --operator</code>):
+open it as <code>/#token=YOUR_TOKEN</code>.</p>
+<script>
+"use strict";
+const token = new URLSearchParams(location.hash.slice(1)).get("token");
+history.replaceState(null, "", location.pathname);
+if (token) fetch("/v1/session", {method: "POST", headers: {Authorization: "Bearer " + token}}).then(r => {
+  if (r.ok) location.reload(); else document.getElementById("msg").textContent = "token refused (" + r.status + ")";
+});
+</script></body></html>
+"""
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>asyncfl server</title>
@@ -49,9 +68,14 @@ function draw(){
     g += `<text class="lbl" x="${x}" y="275" text-anchor="middle">${(tmax * i / 4).toFixed(0)}</text>`; }
   el("grid").innerHTML = g;
 }
+async function get(url){
+  const r = await fetch(url);
+  if (r.status === 401 || r.status === 403) location.reload();  /* revoked or expired: sign in again */
+  return r.json();
+}
 async function poll(){
   try {
-    const s = await (await fetch("/status")).json();
+    const s = await get("/status");
     target = s.target_accuracy;
     el("task").textContent = s.task + " (" + s.algorithm + ", " + s.mode + ")";
     el("version").textContent = s.version;
@@ -62,8 +86,11 @@ async function poll(){
     el("rejected").textContent = total;
     el("reasons").innerHTML = Object.keys(rej).sort().map(k => `<tr><td>${k}</td><td>${rej[k]}</td></tr>`).join("");
     if (s.last_eval) el("accuracy").textContent = s.last_eval.accuracy.toFixed(3);
-    const h = await (await fetch("/v1/history?since=" + lastId)).json();
-    for (const e of h) { if (t0 === null) t0 = e.t; pts.push(e); lastId = Math.max(lastId, e.id); }
+    for (let more = true; more; ) {
+      const h = await get("/v1/history?since=" + lastId);
+      for (const e of h.evals) { if (t0 === null) t0 = e.t; pts.push(e); lastId = Math.max(lastId, e.id); }
+      more = h.next !== null;
+    }
     draw();
   } catch (err) { /* server restarting: keep polling */ }
 }

@@ -38,6 +38,7 @@ from asyncfl.server.uploads import Uploads
 
 log = logging.getLogger("asyncfl.server")
 PROTOCOL = 1
+HISTORY_LIMIT, HISTORY_MAX_LIMIT = 1000, 10_000  # evaluations per /v1/history page: default, most
 
 
 def fingerprint(cfg: ExperimentConfig, run: str, task: str) -> str:
@@ -95,6 +96,7 @@ class FLServer:
         self.selector = Selector(self.coordinator, settings.retry_after, lambda: self.done)
         self.auth = Authenticator(self.store, self.task)
         self.limiter = RateLimiter(settings.rate_per_s, settings.rate_burst)
+        self.anonymous = RateLimiter(settings.anonymous_rate_per_s, settings.anonymous_burst, "address")
         self.started = time.time()
         self._frames: dict[int, bytes] = {}
         self._stop = threading.Event()
@@ -133,11 +135,24 @@ class FLServer:
         self.commit.reset()
 
     # ---- requests ---------------------------------------------------------------------
-    def authenticate(self, authorization: str | None) -> str:
+    def authenticate(self, authorization: str | None, address: str) -> str:
+        """The client behind a request; requests without a valid client token count against
+        their address's bucket, and get 429 once it is empty."""
+        return self._limited(lambda: self.auth.client_of(authorization), address, self.limiter)
+
+    def authorize_operator(self, authorization: str | None, cookie: str | None, address: str) -> str:
+        return self._limited(lambda: self.auth.operator_of(authorization, cookie), address)
+
+    def _limited(self, identify, address: str, per_name: RateLimiter | None = None) -> str:
         try:
-            client = self.auth.client_of(authorization)
-            self.limiter.check(client)
-            return client
+            try:
+                name = identify()
+            except ApiError:
+                self.anonymous.check(address)
+                raise
+            if per_name is not None:
+                per_name.check(name)
+            return name
         except ApiError as err:
             self.reject(err)
             raise
@@ -260,5 +275,8 @@ class FLServer:
     def metrics_text(self) -> str:
         return self.view.metrics_text()
 
-    def history(self, since: int = 0) -> list[dict]:
-        return self.evaluation.history(since)
+    def history(self, since: int = 0, limit: int = HISTORY_LIMIT) -> dict:
+        """Evaluations after id `since`, at most `limit`; `next` is the `since` of the next page
+        (None on the last one)."""
+        rows = self.evaluation.history(since)
+        return {"evals": rows[:limit], "next": rows[limit - 1]["id"] if len(rows) > limit else None}

@@ -134,6 +134,7 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
+        self._add_token_roles()
         self.lock = threading.Lock()
         # readers get their own connection: in WAL mode they see the last commit without
         # waiting for a commit in progress (its fsync) to finish
@@ -236,16 +237,24 @@ class Store:
         db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?, ?)", (key, json.dumps(value)))
 
     # ---- tokens -----------------------------------------------------------------------
-    def create_token(self, token: str, client: str, task: str) -> None:
+    def _add_token_roles(self) -> None:
+        """Tokens carry a role (client or operator); state dirs from before roles hold clients only."""
+        if "role" not in {row[1] for row in self.db.execute("PRAGMA table_info(tokens)")}:
+            self.db.execute("ALTER TABLE tokens ADD COLUMN role TEXT NOT NULL DEFAULT 'client'")
+
+    def create_token(self, token: str, client: str, task: str, role: str = "client") -> None:
         with self.transaction() as db:
             db.execute(
-                "INSERT INTO tokens(hash, client, task, created_at) VALUES(?, ?, ?, ?)",
-                (hash_token(token), client, task, time.time()),
+                "INSERT INTO tokens(hash, client, task, created_at, role) VALUES(?, ?, ?, ?, ?)",
+                (hash_token(token), client, task, time.time(), role),
             )
 
-    def lookup_token(self, token: str) -> tuple[str, str] | None:
-        """(client, task) of a live token, or None."""
-        rows = self.query("SELECT client, task FROM tokens WHERE hash=? AND revoked=0", (hash_token(token),))
+    def lookup_token(self, token: str, role: str = "client") -> tuple[str, str] | None:
+        """(name, task) of a live token of that role, or None. Read on every request (an indexed
+        read of the last commit), so a revocation holds from the next request on."""
+        rows = self.query(
+            "SELECT client, task FROM tokens WHERE hash=? AND revoked=0 AND role=?", (hash_token(token), role)
+        )
         return (rows[0][0], rows[0][1]) if rows else None
 
     def revoke_client(self, client: str) -> int:
@@ -253,4 +262,4 @@ class Store:
             return db.execute("UPDATE tokens SET revoked=1 WHERE client=? AND revoked=0", (client,)).rowcount
 
     def list_tokens(self) -> list[tuple]:
-        return self.query("SELECT client, task, created_at, revoked FROM tokens ORDER BY created_at")
+        return self.query("SELECT client, task, created_at, revoked, role FROM tokens ORDER BY created_at")

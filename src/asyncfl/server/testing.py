@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from asyncfl.server.auth import new_token
+from asyncfl.server.auth import ANY_TASK, CLIENT, OPERATOR, new_token
 from asyncfl.server.store import Store
 
 PRELOAD = [
@@ -94,12 +94,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def mint_tokens(state_dir: Path, task: str, clients: list[str]) -> list[str]:
+def mint_tokens(state_dir: Path, task: str, clients: list[str], role: str = CLIENT) -> list[str]:
     store = Store(state_dir)
     try:
         tokens = [new_token() for _ in clients]
         for tok, client in zip(tokens, clients):
-            store.create_token(tok, client, task)
+            store.create_token(tok, client, task, role)
         return tokens
     finally:
         store.close()
@@ -126,6 +126,7 @@ class ServerProcess:
         self.run = run
         self.proc: Child | None = None
         self.starts = 0
+        self._operator: dict[str, str] | None = None
 
     def write_config(self, config: dict) -> None:
         self.config_path.write_text(yaml.safe_dump(config))
@@ -164,11 +165,27 @@ class ServerProcess:
             self.proc.send_signal(sig)
             self.proc.wait(timeout=30)
 
+    @property
+    def operator(self) -> dict[str, str]:
+        """Headers with an operator token (minted in the state dir on first use)."""
+        if self._operator is None:
+            (tok,) = mint_tokens(self.state_dir, ANY_TASK, ["test-operator"], OPERATOR)
+            self._operator = {"Authorization": f"Bearer {tok}"}
+        return self._operator
+
     def status(self) -> dict:
-        return httpx.get(self.url + "/status", timeout=10, verify=self.verify).json()
+        return httpx.get(self.url + "/status", headers=self.operator, timeout=10, verify=self.verify).json()
 
     def history(self) -> list[dict]:
-        return httpx.get(self.url + "/v1/history", timeout=10, verify=self.verify).json()
+        """Every evaluation, page after page."""
+        evals, since = [], 0
+        while since is not None:
+            page = httpx.get(
+                self.url + "/v1/history", params={"since": since}, headers=self.operator, timeout=10, verify=self.verify
+            ).json()
+            evals += page["evals"]
+            since = page["next"]
+        return evals
 
 
 def spawn_client(url: str, token: str, data: str, workdir: Path, name: str, *extra: str) -> Child:

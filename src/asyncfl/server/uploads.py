@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import math
 import time
-import zlib
 
 from asyncfl.algorithms.types import ClientUpdate, Verdict
+from asyncfl.server.auth import user_id
 from asyncfl.server.durability import GroupCommit
 from asyncfl.server.errors import ApiError
 from asyncfl.server.shared import Shared
@@ -68,7 +68,7 @@ class Uploads:
                 f"base_version {h.base_version} does not match lease {lease.lease_id}'s version {lease.base_version}",
             )
         update = ClientUpdate(
-            client_id=zlib.crc32(client.encode()),
+            client_id=user_id(client),
             base_version=h.base_version,
             delta=checked.delta,
             n_examples=h.n_examples,
