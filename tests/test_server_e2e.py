@@ -137,7 +137,7 @@ def test_fednova_sync_rounds_reach_090(tmp_path):
 def test_dashboard_shows_accuracy_chart_in_headless_chromium(fedbuff_run, tmp_path):
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     assert browser, "Debian chromium is required (apt-get install -y chromium); see the Makefile's test set-up"
-    url = fedbuff_run["server"].url + "/"
+    url = fedbuff_run["server"].url + "/#token=" + fedbuff_run["server"].operator_token  # never sent to the server
     args = [
         browser,
         "--headless",

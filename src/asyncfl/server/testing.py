@@ -126,7 +126,7 @@ class ServerProcess:
         self.run = run
         self.proc: Child | None = None
         self.starts = 0
-        self._operator: dict[str, str] | None = None
+        self._operator: str | None = None
 
     def write_config(self, config: dict) -> None:
         self.config_path.write_text(yaml.safe_dump(config))
@@ -166,12 +166,15 @@ class ServerProcess:
             self.proc.wait(timeout=30)
 
     @property
-    def operator(self) -> dict[str, str]:
-        """Headers with an operator token (minted in the state dir on first use)."""
+    def operator_token(self) -> str:
+        """An operator token, minted in the state dir on first use."""
         if self._operator is None:
-            (tok,) = mint_tokens(self.state_dir, ANY_TASK, ["test-operator"], OPERATOR)
-            self._operator = {"Authorization": f"Bearer {tok}"}
+            (self._operator,) = mint_tokens(self.state_dir, ANY_TASK, ["test-operator"], OPERATOR)
         return self._operator
+
+    @property
+    def operator(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.operator_token}"}
 
     def status(self) -> dict:
         return httpx.get(self.url + "/status", headers=self.operator, timeout=10, verify=self.verify).json()
