@@ -18,9 +18,16 @@ from pathlib import Path
 
 from asyncfl import wire
 from asyncfl.algorithms.defs.registry import definition
-from asyncfl.algorithms.norm_guard import NormGuard, initial_bound
 from asyncfl.algorithms.seeds import download_rounding_generator
-from asyncfl.build import build_aggregator, build_data, build_flat_model, build_trainer, client_options, num_users
+from asyncfl.build import (
+    build_aggregator,
+    build_data,
+    build_flat_model,
+    build_norm_guard,
+    build_trainer,
+    client_options,
+    num_users,
+)
 from asyncfl.compression import parse_codec
 from asyncfl.config import ConfigError, ExperimentConfig
 from asyncfl.scheduling import build_policy
@@ -74,8 +81,6 @@ class FLServer:
         self.algorithm = definition(self.spec.algorithm.name)
         aggregator = build_aggregator(self.spec, cfg.trainer.lr, num_users=num_users(cfg, self.data), seed=cfg.seed)
         w0 = self.model.initial_weights()
-        g = settings.norm_guard
-        guard = None if g is None else NormGuard(g.multiple, g.window, g.warmup, initial_bound(w0, g.multiple))
         self.aggregation = AggregationRole(
             aggregator,
             w0,
@@ -88,7 +93,7 @@ class FLServer:
                 comp.upload if comp is not None else None,
                 self.algorithm.upload_fields,
             ),
-            guard,
+            build_norm_guard(settings.norm_guard, w0),
         )
         self.policy = build_policy(self.spec.scheduler)
         self.coordinator = Coordinator(self.policy, self.aggregation, settings.lease_timeout, cfg.seed)
