@@ -39,7 +39,7 @@ def honest(h, n):
 
 def test_defaults_guard_and_bound_reports():
     s = ServerConfig()
-    assert s.norm_guard is not None and s.norm_guard.multiple == 10 and s.max_examples is None
+    assert s.norm_guard is not None and s.norm_guard.multiple == 50 and s.max_examples is None
     assert s.max_loss == 1e4
 
 
@@ -67,12 +67,12 @@ def test_guard_adapts_after_warmup_and_survives_a_restart(tmp_path):
             assert h.upload(c, h.frame(h.checkin(c), honest(h, i))).status_code == 200
         norm = float(honest(h, 0).norm())
         bound = h.http.get("/status").json()["norm_guard"]["bound"]
-        assert bound == pytest.approx(10 * norm, rel=0.2)
+        assert bound == pytest.approx(50 * norm, rel=0.2)
         h.close()
         h.open()
         assert h.http.get("/status").json()["norm_guard"]["bound"] == bound
         before = model_state(h)
-        r = h.upload("e", h.frame(h.checkin("e"), honest(h, 9) * 12))
+        r = h.upload("e", h.frame(h.checkin("e"), honest(h, 9) * 60))
         assert_rejected(h, r, 422, "norm_rejected", "median of the last 4")
         assert model_state(h) == before
 

@@ -13,7 +13,7 @@ class NormGuardConfig(Strict):
     updates are accepted, `multiple` x the initial model's norm (at least 1), which also stays
     an upper bound afterwards."""
 
-    multiple: float = Field(default=10.0, gt=1, description="refuse norms above this many times the median")
+    multiple: float = Field(default=50.0, gt=1, description="refuse norms above this many times the median")
     window: int = Field(default=50, ge=1, description="accepted norms the median is taken over")
     warmup: int = Field(default=10, ge=1, description="accepted updates before the median applies")
 
