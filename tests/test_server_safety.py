@@ -43,11 +43,12 @@ def test_defaults_guard_and_bound_reports():
     assert s.max_loss == 1e4
 
 
-def test_one_huge_fedbuff_update_is_rejected_and_changes_nothing(tmp_path):
+@pytest.mark.parametrize("value", [1e30, 3e38])
+def test_one_huge_fedbuff_update_is_rejected_and_changes_nothing(tmp_path, value):
     with Harness(tmp_path, **DEFAULTS) as h:
         lease = h.checkin("a")
         before = model_state(h)
-        r = h.upload("a", h.frame(lease, torch.full((h.server.model.numel,), 1e30)))
+        r = h.upload("a", h.frame(lease, torch.full((h.server.model.numel,), value)))
         assert_rejected(h, r, 422, "norm_rejected", "warm-up bound")
         assert model_state(h) == before
         assert slots(h) == (0, 4)  # the lease ended, its slot reopened
