@@ -14,10 +14,12 @@ import torch
 from asyncfl.algorithms import aggregators
 from asyncfl.algorithms.defs._common import build_server_opt, build_staleness
 from asyncfl.algorithms.defs.registry import ClientOptions, definition
+from asyncfl.algorithms.norm_guard import NormGuard, initial_bound
 from asyncfl.algorithms.private import PrivateAggregator
 from asyncfl.algorithms.trainer import LocalTrainer
 from asyncfl.compression import RunCodecs, parse_codec
 from asyncfl.config import ConfigError, ExperimentConfig, RunSpec
+from asyncfl.config.server import NormGuardConfig
 from asyncfl.data import cifar, digits, idx, leaf, shakespeare
 from asyncfl.data.federated import FederatedDataset
 from asyncfl.data.partition import partition
@@ -31,6 +33,7 @@ __all__ = [
     "build_codecs",
     "build_data",
     "build_flat_model",
+    "build_norm_guard",
     "build_policy",
     "build_private_aggregator",
     "build_server_opt",
@@ -187,6 +190,11 @@ def build_trainer(cfg: ExperimentConfig, spec: RunSpec, model: FlatModel) -> Loc
         meta_delta=o.meta_delta,
         start_loss=o.start_loss,
     )
+
+
+def build_norm_guard(c: NormGuardConfig | None, w0: torch.Tensor) -> NormGuard | None:
+    """The adaptive norm defence for a task whose model starts at w0; None when off."""
+    return None if c is None else NormGuard(c.multiple, c.window, c.warmup, initial_bound(w0, c.multiple))
 
 
 def num_users(cfg: ExperimentConfig, data) -> int:

@@ -18,6 +18,7 @@ from asyncfl.build import (  # noqa: F401
     build_codecs,
     build_data,
     build_flat_model,
+    build_norm_guard,
     build_policy,
     build_private_aggregator,
     build_server_opt,
@@ -58,6 +59,7 @@ def build_simulation(
         build_policy(spec.scheduler),
         build_client_rule(spec, cfg.trainer.lr),
         definition(spec.algorithm.name).upload_fields,
+        build_norm_guard(spec.norm_guard, model.initial_weights()),
     )
     return Simulation(parts, cfg, model.initial_weights(), build_codecs(spec), progress)
 

@@ -19,7 +19,7 @@ from asyncfl.config.model import ModelConfig
 from asyncfl.config.population import AttackConfig, Availability, Dist, PopulationConfig
 from asyncfl.config.privacy import AdaptiveClipConfig, PrivacyConfig
 from asyncfl.config.scheduler import SchedulerConfig
-from asyncfl.config.server import ServerConfig
+from asyncfl.config.server import NormGuardConfig, ServerConfig
 from asyncfl.config.study import StudyConfig, StudyMethod, StudyRatio
 from asyncfl.config.training import RoundAggregation, ServerOptConfig, StalenessConfig, TrainerConfig
 from asyncfl.config.transport import CompressionConfig
@@ -53,6 +53,7 @@ __all__ = [
     "EvalConfig",
     "ExperimentConfig",
     "ModelConfig",
+    "NormGuardConfig",
     "PartitionConfig",
     "PopulationConfig",
     "PrivacyConfig",

@@ -15,7 +15,7 @@ from asyncfl.config.model import ModelConfig
 from asyncfl.config.population import PopulationConfig
 from asyncfl.config.privacy import PrivacyConfig
 from asyncfl.config.scheduler import SchedulerConfig
-from asyncfl.config.server import ServerConfig
+from asyncfl.config.server import NormGuardConfig, ServerConfig
 from asyncfl.config.study import StudyConfig
 from asyncfl.config.training import TrainerConfig
 from asyncfl.config.transport import CompressionConfig
@@ -30,6 +30,9 @@ class RunSpec(Strict):
     scheduler: SchedulerConfig = SchedulerConfig()
     compression: CompressionConfig | None = None
     privacy: PrivacyConfig | None = None
+    norm_guard: NormGuardConfig | None = Field(
+        default=None, description="simulation: the server's adaptive norm defence (server.norm_guard); default off"
+    )
 
     @field_validator("algorithm", mode="before")
     @classmethod

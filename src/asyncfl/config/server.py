@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from asyncfl.config.base import Strict
+
+
+class NormGuardConfig(Strict):
+    """The adaptive norm defence (`asyncfl.algorithms.norm_guard`): refuse an update whose L2
+    norm exceeds `multiple` x the median of the last `window` accepted norms; until `warmup`
+    updates are accepted, `multiple` x the initial model's norm (at least 1), which also stays
+    an upper bound afterwards."""
+
+    multiple: float = Field(default=50.0, gt=1, description="refuse norms above this many times the median")
+    window: int = Field(default=50, ge=1, description="accepted norms the median is taken over")
+    warmup: int = Field(default=10, ge=1, description="accepted updates before the median applies")
+
+    @model_validator(mode="after")
+    def _warmup_fits(self):
+        if self.warmup > self.window:
+            raise ValueError(f"warmup ({self.warmup}) must not exceed window ({self.window})")
+        return self
 
 
 class ServerConfig(Strict):
@@ -15,6 +32,15 @@ class ServerConfig(Strict):
     retry_after: float = Field(default=2.0, gt=0, description="seconds a client waits when not needed")
     max_body_bytes: int = Field(default=64 * 2**20, gt=0, description="largest upload accepted (413 above)")
     max_update_norm: float | None = Field(default=None, gt=0, description="L2 bound on an update (422 above)")
+    norm_guard: NormGuardConfig | None = Field(
+        default=NormGuardConfig(), description="adaptive norm defence (422 norm_rejected); null: off"
+    )
+    max_examples: int | None = Field(
+        default=None,
+        gt=0,
+        description="largest n_examples an upload may report (422 above); default: the task's largest client partition",
+    )
+    max_loss: float = Field(default=1e4, gt=0, description="largest loss / start_loss an upload may report")
     rate_per_s: float = Field(default=20.0, gt=0, description="requests per second per client (token bucket)")
     rate_burst: float = Field(default=40.0, ge=1, description="bucket size")
     eval_every_s: float = Field(default=2.0, gt=0, description="wall seconds between evaluations")

@@ -5,6 +5,7 @@ of the durable state. It knows nothing of HTTP or leases."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sqlite3
 import time
@@ -14,10 +15,13 @@ import torch
 
 from asyncfl import wire
 from asyncfl.algorithms.aggregators import Aggregator
+from asyncfl.algorithms.norm_guard import NormGuard
 from asyncfl.algorithms.types import ClientUpdate, ServerState, Verdict
 from asyncfl.compression import Codec, Raw
 from asyncfl.server.errors import ApiError
 from asyncfl.server.store import Store, tensor_bytes, tensor_load
+
+log = logging.getLogger("asyncfl.server")
 
 
 @dataclass
@@ -51,12 +55,44 @@ class AggregationSettings:
 @dataclass
 class _Dirty:
     state: bool = False
+    guard: bool = False
     new_versions: list[tuple[int, float, list[int]]] = field(default_factory=list)
+    discarded: list[int] = field(default_factory=list)  # buffered updates a refused step threw away
+
+
+def _cloned(tree):
+    """A deep copy of a state_dict: tensors cloned, so later in-place changes do not reach it."""
+    if isinstance(tree, torch.Tensor):
+        return tree.clone()
+    if isinstance(tree, dict):
+        return {k: _cloned(v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return type(tree)(_cloned(v) for v in tree)
+    return tree
+
+
+def _all_finite(tree) -> bool:
+    if isinstance(tree, torch.Tensor):
+        return bool(torch.isfinite(tree).all()) if tree.is_floating_point() else True
+    if isinstance(tree, dict):
+        return all(_all_finite(v) for v in tree.values())
+    if isinstance(tree, list | tuple):
+        return all(_all_finite(v) for v in tree)
+    return not isinstance(tree, float) or math.isfinite(tree)
 
 
 class AggregationRole:
-    def __init__(self, aggregator: Aggregator, w0: torch.Tensor, settings: AggregationSettings):
+    """`guard` (None: none) screens each update's norm before it folds in. Every server step is
+    checked: a step that would leave the model or the aggregator's state (server optimizer
+    moments, control variates) non-finite is refused, and the aggregator goes back to its state
+    right after the last step, so the model, its version and the optimizer state stay as they
+    were and the buffered updates that caused it are discarded."""
+
+    def __init__(
+        self, aggregator: Aggregator, w0: torch.Tensor, settings: AggregationSettings, guard: NormGuard | None = None
+    ):
         self.aggregator = aggregator
+        self.guard = guard
         self.names, self.shapes = list(settings.names), [tuple(s) for s in settings.shapes]
         self.max_norm = settings.max_norm
         self.keep_versions = settings.keep_versions
@@ -74,7 +110,9 @@ class AggregationRole:
         self.downloads: dict[int, dict[str, torch.Tensor]] = {0: aggregator.downloads(self.state.w)}
         self.pending_seqs: list[int] = []  # accepted updates folded into the buffer, not yet in a version
         self.counts = {v.value: 0 for v in Verdict}
-        self._dirty = _Dirty(state=True, new_versions=[(0, time.time(), [])])
+        self._dirty = _Dirty(state=True, guard=True, new_versions=[(0, time.time(), [])])
+        # where a refused step returns to, and the buffered updates that state holds
+        self._after_step, self._after_step_seqs = _cloned(aggregator.state_dict()), []
         codec = settings.upload_codec
         self.upload_codec = None if codec is None or isinstance(codec, Raw) else codec
         self.codecs, self.expected_codec = None, None  # None: wire.CODECS, i.e. raw frames only
@@ -142,29 +180,77 @@ class AggregationRole:
     def base_weights(self, version: int) -> torch.Tensor | None:
         return self.models.get(version)
 
-    def fold(self, update: ClientUpdate, seq: int | None) -> Verdict:
+    def screen(self, norm: float) -> None:
+        """422 when the norm guard refuses an update of this L2 norm (under the state lock, before
+        it folds in)."""
+        if self.guard is None:
+            return
+        reason = self.guard.check(norm)
+        if reason is not None:
+            self._dirty.guard = True
+            raise ApiError(422, "norm_rejected", f"update {reason}; it was not folded in")
+
+    def fold(self, update: ClientUpdate, seq: int | None, norm: float | None = None) -> Verdict:
         """Runtime.submit's body: the shared aggregator decides; we version and log. `seq` is
         the update log's number of the upload (None: not in the log), recorded in the version
-        it ends up in."""
+        it ends up in; `norm` its L2 norm, which the guard records once it is taken in. Raises
+        422 `step_not_finite` when the step it triggers is refused."""
         base_w = self.models.get(update.base_version)
         if base_w is None:  # only FedAsync reads base_w; the lease kept it unless the run state was lost
             base_w = self.state.w
+        w, version = self.state.w, self.state.version
         verdict = self.aggregator.submit(self.state, update, base_w)
+        if verdict == Verdict.STEPPED and not self._step_finite():
+            self._refuse_step(w, version)
+            raise ApiError(
+                422,
+                "step_not_finite",
+                "the server step this update completed would have made the model non-finite; the step was "
+                "refused and the buffered updates discarded, the model is unchanged",
+            )
         self.counts[verdict.value] += 1
         if verdict != Verdict.DISCARDED:
             self._dirty.state = True
             if seq is not None:
                 self.pending_seqs.append(seq)
+            if self.guard is not None and norm is not None:
+                self.guard.accept(norm)
+                self._dirty.guard = True
         if verdict == Verdict.STEPPED:
             self._stepped()
         return verdict
 
     def flush(self) -> bool:
+        w, version = self.state.w, self.state.version
         stepped = self.aggregator.flush(self.state)
         self._dirty.state = True
+        if stepped and not self._step_finite():
+            self._refuse_step(w, version)
+            return False
         if stepped:
             self._stepped()
         return stepped
+
+    def _step_finite(self) -> bool:
+        return bool(torch.isfinite(self.state.w).all()) and _all_finite(self.aggregator.state_dict())
+
+    def _refuse_step(self, w: torch.Tensor, version: int) -> None:
+        """Back to the model and aggregator state of the last step (or of the restart); the
+        updates buffered since are logged as discarded."""
+        self.state.w, self.state.version = w, version
+        self.aggregator.load_state_dict(_cloned(self._after_step))
+        self._dirty.state = True
+        dropped = [s for s in self.pending_seqs if s not in self._after_step_seqs]
+        self.pending_seqs = list(self._after_step_seqs)
+        self._dirty.discarded.extend(dropped)
+        self.counts[Verdict.BUFFERED.value] -= len(dropped)
+        self.counts[Verdict.DISCARDED.value] += len(dropped)
+        log.warning(
+            "server step refused: it would have made the model non-finite; version %d kept, buffered updates %s "
+            "discarded",
+            version,
+            dropped,
+        )
 
     def _stepped(self) -> None:
         v = self.state.version
@@ -172,6 +258,7 @@ class AggregationRole:
         self.downloads[v] = self.aggregator.downloads(self.state.w)
         self._dirty.new_versions.append((v, time.time(), self.pending_seqs))
         self.pending_seqs = []
+        self._after_step, self._after_step_seqs = _cloned(self.aggregator.state_dict()), []
 
     def prune(self, needed: set[int]) -> None:
         keep = needed | {v for v in self.models if v > self.state.version - self.keep_versions}
@@ -188,6 +275,8 @@ class AggregationRole:
             "versions": [(v, t, seqs, tensor_bytes(self.models.get(v, self.state.w))) for v, t, seqs in d.new_versions],
             "kept": sorted(self.models) if d.new_versions else None,
             "state": tensor_bytes(self.aggregator.state_dict()) if d.state else None,
+            "guard": self.guard.state_dict() if d.guard and self.guard is not None else None,
+            "discarded": d.discarded,
             "version": self.state.version,
         }
 
@@ -204,6 +293,9 @@ class AggregationRole:
             db.execute("INSERT INTO versions(version, created_at, updates) VALUES(?, ?, ?)", (v, t, json.dumps(seqs)))
             if seqs:
                 db.executemany("UPDATE updates SET applied_version=? WHERE seq=?", [(v, s) for s in seqs])
+        db.executemany("UPDATE updates SET verdict='discarded' WHERE seq=?", [(s,) for s in snap["discarded"]])
+        if snap["guard"] is not None:
+            Store.put_meta(db, "norm_guard", snap["guard"])
         obsolete = []
         if snap["kept"] is not None:
             marks = ",".join("?" * len(snap["kept"]))
@@ -228,6 +320,9 @@ class AggregationRole:
         self.state.w = self.models[self.state.version]
         (name, crc) = store.query("SELECT file, crc FROM blobs WHERE name='aggregator'")[0]
         self.aggregator.load_state_dict(tensor_load(store.read_file(name, crc)))
+        guard = store.get_meta("norm_guard")
+        if self.guard is not None and guard is not None:
+            self.guard.load_state_dict(guard)
         self.downloads = {self.state.version: self.aggregator.downloads(self.state.w)}
         self.pending_seqs = [
             s
@@ -236,6 +331,8 @@ class AggregationRole:
                 "ORDER BY seq"
             )
         ]
+        # after a restart a refused step goes back to the buffer as restored
+        self._after_step, self._after_step_seqs = _cloned(self.aggregator.state_dict()), list(self.pending_seqs)
         for verdict, n in store.query("SELECT verdict, count(*) FROM updates GROUP BY verdict"):
             if verdict in self.counts:
                 self.counts[verdict] = n

@@ -44,6 +44,7 @@ class Lease:
     expires_at: float
     state: str = ACTIVE
     upload_seq: int | None = None  # the update log's number of the upload that ended it
+    upload_norm: float | None = None  # that upload's L2 norm (for the norm guard)
 
 
 def _sql_seed(seed: int) -> int:
@@ -89,7 +90,7 @@ class Coordinator:
         return n
 
     def submit(self, trip: Lease, update: ClientUpdate) -> Verdict:
-        return self.aggregation.fold(update, trip.upload_seq)
+        return self.aggregation.fold(update, trip.upload_seq, trip.upload_norm)
 
     def flush(self) -> bool:
         return self.aggregation.flush()
@@ -172,12 +173,21 @@ class Coordinator:
         }.get(state, ("no_lease", f"lease state {state}"))
         raise ApiError(409, *reason)
 
-    def report(self, lease: Lease, update: ClientUpdate, seq: int) -> Verdict | None:
+    def report(self, lease: Lease, update: ClientUpdate, seq: int, norm: float | None = None) -> Verdict | None:
         """Upload number `seq` against a live lease: the trip ends, the policy folds it in.
-        Returns its verdict; None when the policy did not submit it."""
-        lease.upload_seq = seq
+        Returns its verdict; None when the policy did not submit it. `norm` is the update's L2
+        norm, for the norm guard."""
+        lease.upload_seq, lease.upload_norm = seq, norm
         self._end(lease, DONE)
         return self.policy.on_report(self, lease, update)
+
+    def release(self, lease: Lease, seq: int) -> None:
+        """Upload number `seq` against a live lease was refused (before or while folding it
+        in): the trip ends all the same and the policy sees it lost, so its slot reopens."""
+        if lease.state == ACTIVE:
+            lease.upload_seq = seq
+            self._end(lease, DONE)
+        self.policy.on_lost(self, lease)
 
     def _end(self, lease: Lease, state: str) -> None:
         lease.state = state

@@ -19,7 +19,15 @@ from pathlib import Path
 from asyncfl import wire
 from asyncfl.algorithms.defs.registry import definition
 from asyncfl.algorithms.seeds import download_rounding_generator
-from asyncfl.build import build_aggregator, build_data, build_flat_model, client_options, num_users
+from asyncfl.build import (
+    build_aggregator,
+    build_data,
+    build_flat_model,
+    build_norm_guard,
+    build_trainer,
+    client_options,
+    num_users,
+)
 from asyncfl.compression import parse_codec
 from asyncfl.config import ConfigError, ExperimentConfig
 from asyncfl.scheduling import build_policy
@@ -29,6 +37,7 @@ from asyncfl.server.coordinator import Coordinator
 from asyncfl.server.durability import STATE_FORMAT, GroupCommit
 from asyncfl.server.errors import ApiError
 from asyncfl.server.evaluation import Evaluation
+from asyncfl.server.reports import STEPS_MARGIN, ReportBounds
 from asyncfl.server.selector import Selector
 from asyncfl.server.settings import ServerConfig
 from asyncfl.server.shared import Counters, Shared
@@ -72,9 +81,10 @@ class FLServer:
         self.store = Store(state_dir)
         self.algorithm = definition(self.spec.algorithm.name)
         aggregator = build_aggregator(self.spec, cfg.trainer.lr, num_users=num_users(cfg, self.data), seed=cfg.seed)
+        w0 = self.model.initial_weights()
         self.aggregation = AggregationRole(
             aggregator,
-            self.model.initial_weights(),
+            w0,
             AggregationSettings(
                 self.model.names,
                 self.model.shapes,
@@ -84,13 +94,14 @@ class FLServer:
                 comp.upload if comp is not None else None,
                 self.algorithm.upload_fields,
             ),
+            build_norm_guard(settings.norm_guard, w0),
         )
         self.policy = build_policy(self.spec.scheduler)
         self.coordinator = Coordinator(self.policy, self.aggregation, settings.lease_timeout, cfg.seed)
         self.shared = Shared(self.store, threading.RLock(), self.aggregation, self.coordinator, Counters())
         self.lock = self.shared.lock
         self.commit = GroupCommit(self.shared, self._restore)
-        self.uploads = Uploads(self.shared, self.commit)
+        self.uploads = Uploads(self.shared, self.commit, self._report_bounds(), self.algorithm.name)
         self.evaluation = Evaluation(self.shared, self.model, self.data, cfg.target_accuracy, settings.eval_every_s)
         self.view = StatusView(self)
         self.selector = Selector(self.coordinator, settings.retry_after, lambda: self.done)
@@ -102,6 +113,14 @@ class FLServer:
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
         self._open(fingerprint(cfg, self.spec.name, self.task))
+
+    def _report_bounds(self) -> ReportBounds:
+        """What an upload may report: n_examples up to server.max_examples, else the task's
+        largest client partition; steps up to STEPS_MARGIN x what the trainer plans for that
+        many examples."""
+        max_examples = self.settings.max_examples or int(self.data.client_sizes().max())
+        max_steps = STEPS_MARGIN * build_trainer(self.cfg, self.spec, self.model).num_steps(max_examples)
+        return ReportBounds(max_examples, max_steps, self.settings.max_loss, self.algorithm.reported)
 
     # ---- start-up ---------------------------------------------------------------------
     def _open(self, fp: str) -> None:

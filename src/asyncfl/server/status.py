@@ -36,6 +36,7 @@ class StatusView:
                     "ended": dict(co.ended),
                 },
                 "updates": dict(agg.counts),
+                "norm_guard": agg.guard.status() if agg.guard is not None else None,
                 "rejected": dict(sh.counters.rejected)
                 | ({"rate_limited": s.limiter.limited} if s.limiter.limited else {}),
                 "last_eval": s.evaluation.evals[-1] if s.evaluation.evals else None,

@@ -5,6 +5,7 @@ first answer, from memory while recent, else from the update log."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 
@@ -12,12 +13,21 @@ from asyncfl.algorithms.types import ClientUpdate, Verdict
 from asyncfl.server.auth import user_id
 from asyncfl.server.durability import GroupCommit
 from asyncfl.server.errors import ApiError
+from asyncfl.server.reports import ReportBounds
 from asyncfl.server.shared import Shared
+
+log = logging.getLogger("asyncfl.server")
 
 
 class Uploads:
-    def __init__(self, shared: Shared, commit: GroupCommit):
+    """Once an upload names a live lease, the trip is over whatever comes of it: an upload
+    refused after that point (a reported value out of bounds, the norm guard, a refused step,
+    or a server fault) ends the lease, reopens its slot for the policy (`on_lost`) and is
+    logged with its answer, so a re-send gets the same answer."""
+
+    def __init__(self, shared: Shared, commit: GroupCommit, bounds: ReportBounds, algorithm: str):
         self.shared, self.commit = shared, commit
+        self.bounds, self.algorithm = bounds, algorithm
         self.next_seq = 1
         self._inflight: dict[tuple[str, str], tuple[int, dict, int]] = {}
 
@@ -67,21 +77,22 @@ class Uploads:
                 "base_mismatch",
                 f"base_version {h.base_version} does not match lease {lease.lease_id}'s version {lease.base_version}",
             )
-        update = ClientUpdate(
-            client_id=user_id(client),
-            base_version=h.base_version,
-            delta=checked.delta,
-            n_examples=h.n_examples,
-            steps=h.steps,
-            loss=math.nan if h.loss is None else h.loss,
-            start_loss=math.nan if h.start_loss is None else h.start_loss,
-            planned_steps=h.planned_steps,
-            extras=checked.extras,
-        )
         seq = self.next_seq
         version_before = sh.aggregation.state.version
         staleness = version_before - h.base_version
-        verdict = sh.coordinator.report(lease, update, seq)
+        try:
+            self.bounds.check(h, self.algorithm)
+            sh.aggregation.screen(checked.norm)
+            verdict = sh.coordinator.report(lease, self._update(client, h, checked), seq, checked.norm)
+        except Exception as err:  # the lease ends and its slot reopens, whatever went wrong
+            sh.coordinator.release(lease, seq)
+            if not isinstance(err, ApiError):
+                log.exception("folding upload %d of client %s failed", seq, client)
+                err = ApiError(500, "internal", f"the server failed folding this update ({type(err).__name__})")
+            log.warning("upload %d of client %s rejected: %s: %s", seq, client, err.code, err.detail)
+            counters.rejected[err.code] += 1
+            answer = err.body() | {"seq": seq, "version": sh.aggregation.state.version}
+            return self._logged(client, h, checked, seq, version_before, staleness, "rejected", err.status, answer)
         version = sh.aggregation.state.version
         if verdict == Verdict.DISCARDED:
             status, answer = (
@@ -116,6 +127,29 @@ class Uploads:
                     "version": version,
                 },
             )
+        return self._logged(
+            client, h, checked, seq, version_before, staleness, verdict.value if verdict else "none", status, answer
+        )
+
+    @staticmethod
+    def _update(client: str, h, checked) -> ClientUpdate:
+        return ClientUpdate(
+            client_id=user_id(client),
+            base_version=h.base_version,
+            delta=checked.delta,
+            n_examples=h.n_examples,
+            steps=h.steps,
+            loss=math.nan if h.loss is None else h.loss,
+            start_loss=math.nan if h.start_loss is None else h.start_loss,
+            planned_steps=h.planned_steps,
+            extras=checked.extras,
+        )
+
+    def _logged(
+        self, client, h, checked, seq, version_before, staleness, verdict: str, status: int, answer: dict
+    ) -> tuple[int, dict, int]:
+        """The upload's row in the update log, and its answer kept for re-sends."""
+        counters = self.shared.counters
         self.commit.rows.append(
             (
                 seq,
@@ -129,7 +163,7 @@ class Uploads:
                 h.steps,
                 h.loss,
                 checked.norm,
-                verdict.value if verdict else "none",
+                verdict,
                 time.time(),
                 status,
                 json.dumps(answer),

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from asyncfl.algorithms.aggregators import Aggregator
+from asyncfl.algorithms.norm_guard import NormGuard
 from asyncfl.algorithms.seeds import download_rounding_generator, trip_seed, upload_rounding_generator
 from asyncfl.algorithms.trainer import LocalTrainer
 from asyncfl.algorithms.types import ClientUpdate, ServerState, Verdict
@@ -67,6 +68,7 @@ class RunParts:
     policy: AsyncPolicy | SyncPolicy
     client_rule: Any = None  # the algorithm's per-client state rule (`AlgorithmDefinition.client_rule`)
     upload_fields: tuple[str, ...] = ()  # tensors a client uploads besides its delta
+    norm_guard: NormGuard | None = None  # refuses outsized updates (run.norm_guard; off by default)
 
 
 DENSE = RunCodecs()  # no compression: dense float32 both ways
@@ -87,6 +89,7 @@ class Simulation:
         population, seed = cfg.population, cfg.seed
         self.model, self.data, self.trainer = model, data, trainer
         self.executor, self.aggregator, self.policy = parts.executor, parts.aggregator, parts.policy
+        self.norm_guard = parts.norm_guard
         self.eval_cfg, self.stop, self.target = cfg.eval, cfg.stop, cfg.target_accuracy
         self.seed = seed
         profile_ss, select_ss, drop_ss = np.random.SeedSequence(seed).spawn(3)
@@ -146,7 +149,13 @@ class Simulation:
 
     def submit(self, trip: Trip, update: ClientUpdate) -> Verdict:
         staleness = self.state.version - update.base_version
-        verdict = self.aggregator.submit(self.state, update, trip.base_w)
+        norm = None if self.norm_guard is None else float(torch.linalg.vector_norm(update.delta))
+        if norm is not None and self.norm_guard.check(norm) is not None:
+            verdict = Verdict.DISCARDED  # refused as the server refuses it (422 there)
+        else:
+            verdict = self.aggregator.submit(self.state, update, trip.base_w)
+            if norm is not None and verdict != Verdict.DISCARDED:
+                self.norm_guard.accept(norm)
         self.metrics.on_verdict(verdict, staleness)
         if update.extras is not None and verdict != Verdict.DISCARDED:  # the device keeps what was accepted
             self.client_state[trip.device] = self.client_rule.advanced(

@@ -62,5 +62,6 @@ DEFINITION = register(
         secure_aggregation=True,
         client_options=lambda a: ClientOptions(prox_mu=a.mu),
         validate=needs_buffer_when_async,
+        reported=("steps",),
     )
 )

@@ -38,6 +38,7 @@ DEFINITION = register(
         modes=("sync", "async"),
         build_aggregator=_aggregator,
         validate=needs_buffer_when_async,
+        reported=("start_loss",),
         client_options=lambda a: ClientOptions(start_loss=a.loss_estimate),
     )
 )

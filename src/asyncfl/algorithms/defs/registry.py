@@ -88,6 +88,9 @@ class AlgorithmDefinition:
         once the server accepted the update); `downloaded` is the aggregator's `downloads`.
     sized_by_users: build_aggregator takes a third argument, the number of distinct users
         (SCAFFOLD's N), which the builders derive from the data unless the config sets it.
+    reported: what its aggregator reads from a client's report besides the delta and
+        n_examples, which an upload must carry with a usable value ('start_loss': present;
+        'steps': at least one); the server answers 422 otherwise.
     """
 
     name: str
@@ -105,6 +108,7 @@ class AlgorithmDefinition:
     upload_fields: tuple[str, ...] = ()
     client_rule: Callable[[Any, float], Any] | None = None
     sized_by_users: bool = False
+    reported: tuple[str, ...] = ()
 
     @property
     def private(self) -> bool:
