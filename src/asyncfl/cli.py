@@ -12,6 +12,8 @@ from rich.console import Console
 from asyncfl import config
 from asyncfl.experiment import run_experiment
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # `serve --log-level`: uvicorn's
+
 
 def _threads(value: str) -> int | str:
     """--threads: 'auto' or a count of at least 1."""
@@ -71,7 +73,7 @@ def _add_network_commands(sub) -> None:
     srv.add_argument("--state-dir", type=Path, default=Path("server-state"), help="durable state (SQLite, checkpoints)")
     srv.add_argument("--ssl-certfile", help="TLS certificate (PEM); serve HTTPS")
     srv.add_argument("--ssl-keyfile", help="TLS private key (PEM)")
-    srv.add_argument("--log-level", default="warning")
+    srv.add_argument("--log-level", default="warning", choices=LOG_LEVELS)
     cli = sub.add_parser("client", help="run a training client against a server")
     cli.add_argument("--server", required=True, help="server URL, e.g. https://host:8443")
     cli.add_argument("--token", help="client token (or env ASYNCFL_TOKEN)")

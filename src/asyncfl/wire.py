@@ -31,8 +31,11 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from asyncfl import strict_json
+
 MAGIC = b"AFL1"
 MAX_HEADER_BYTES = 64 * 1024
+MAX_ELEMENTS = 2**31  # elements of one tensor, and of all of a compressed frame's together
 DTYPES = {
     "float32": np.dtype("<f4"),
     "float16": np.dtype("<f2"),
@@ -99,14 +102,23 @@ def _encode_raw(arrays: list[np.ndarray]) -> bytes:
     return b"".join(np.ascontiguousarray(a.astype(a.dtype.newbyteorder("<"), copy=False)).tobytes() for a in arrays)
 
 
+def _numel(i: int, s: TensorSpec) -> int:
+    """Elements of tensor `i`, in Python integers (an int64 product can wrap around to a small
+    count that a short payload then matches); 422 for a negative dimension or a shape numpy
+    cannot make (its dimensions other than zero multiply to more than `MAX_ELEMENTS`)."""
+    if any(d < 0 for d in s.shape):
+        raise WireError(f"tensor {i} ({s.name!r}): negative dimension in shape {s.shape}", 422, "bad_shape")
+    if math.prod(d or 1 for d in s.shape) > MAX_ELEMENTS:
+        raise WireError(f"tensor {i} ({s.name!r}): shape {s.shape} exceeds {MAX_ELEMENTS} elements", 422, "bad_shape")
+    return math.prod(s.shape)
+
+
 def _decode_raw(payload: memoryview, specs: list[TensorSpec]) -> list[np.ndarray]:
     sizes = []
     for i, s in enumerate(specs):
         if s.dtype not in DTYPES:
             raise WireError(f"tensor {i} ({s.name!r}): unknown dtype {s.dtype!r}", 422, "bad_dtype")
-        if any(d < 0 for d in s.shape):
-            raise WireError(f"tensor {i} ({s.name!r}): negative dimension in shape {s.shape}", 422, "bad_shape")
-        sizes.append(int(np.prod(s.shape, dtype=np.int64)) * DTYPES[s.dtype].itemsize)
+        sizes.append(_numel(i, s) * DTYPES[s.dtype].itemsize)
     if sum(sizes) != len(payload):
         raise WireError(f"payload has {len(payload)} bytes but the header's tensors need {sum(sizes)}")
     out, pos = [], 0
@@ -155,8 +167,8 @@ def decode(
     if 8 + hlen > len(view):
         raise WireError(f"frame header length {hlen} runs past the end of the body ({len(view)} bytes)")
     try:
-        tree = json.loads(bytes(view[8 : 8 + hlen]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        tree = strict_json.loads(bytes(view[8 : 8 + hlen]))
+    except strict_json.JsonError as err:
         raise WireError(f"frame header is not valid UTF-8 JSON: {err}") from None
     if not isinstance(tree, dict):
         raise WireError("frame header must be a JSON object")
@@ -182,9 +194,9 @@ def _numels(specs: list[TensorSpec]) -> list[int]:
             raise WireError(
                 f"tensor {i} ({s.name!r}) has dtype {s.dtype}; a compressed frame holds float32", 422, "bad_dtype"
             )
-        if any(d < 0 for d in s.shape):
-            raise WireError(f"tensor {i} ({s.name!r}): negative dimension in shape {s.shape}", 422, "bad_shape")
-        out.append(int(np.prod(s.shape, dtype=np.int64)))
+        out.append(_numel(i, s))
+    if sum(out) > MAX_ELEMENTS:
+        raise WireError(f"frame tensors hold {sum(out)} elements, more than {MAX_ELEMENTS}", 422, "bad_shape")
     return out
 
 
@@ -220,6 +232,27 @@ def payload_length(body: bytes) -> int:
     """Bytes of a well-formed frame's payload (what follows the JSON header)."""
     (hlen,) = struct.unpack("<I", body[4:8])
     return len(body) - 8 - hlen
+
+
+def largest_update_frame(tensors: list[tuple[str, tuple[int, ...]]], payload_bytes: int) -> int:
+    """Bytes of the longest valid update frame carrying `tensors` (name, shape) and a payload of
+    `payload_bytes`, as `encode_update` writes it: every header field at its bound."""
+    longest_float = -2.2250738585072014e-308  # the longest repr a finite float has
+    longest_int = 10**strict_json.MAX_INT_DIGITS - 1
+    header = {
+        "kind": "update",
+        "lease_id": "L" * 128,
+        "base_version": longest_int,
+        "idempotency_key": "k" * 128,
+        "n_examples": 10**9,
+        "steps": 10**9,
+        "planned_steps": 10**9,
+        "loss": longest_float,
+        "start_loss": longest_float,
+        "codec": "c" * 64,
+        "tensors": [{"name": n, "shape": list(s), "dtype": "float32"} for n, s in tensors],
+    }
+    return 8 + len(json.dumps(header, separators=(",", ":")).encode()) + payload_bytes
 
 
 def compressed_frame(header: dict, specs: list[tuple[str, tuple[int, ...]]], payload: bytes, codec: str) -> bytes:

@@ -30,7 +30,9 @@ class ServerConfig(Strict):
     task: str | None = Field(default=None, description="task id tokens are bound to; default: the run's name")
     lease_timeout: float = Field(default=60.0, gt=0, description="seconds a client may hold a slot")
     retry_after: float = Field(default=2.0, gt=0, description="seconds a client waits when not needed")
-    max_body_bytes: int = Field(default=64 * 2**20, gt=0, description="largest upload accepted (413 above)")
+    max_body_bytes: int | None = Field(
+        default=None, gt=0, description="largest upload accepted (413 above); default: the task's largest frame"
+    )
     max_update_norm: float | None = Field(default=None, gt=0, description="L2 bound on an update (422 above)")
     norm_guard: NormGuardConfig | None = Field(
         default=NormGuardConfig(), description="adaptive norm defence (422 norm_rejected); null: off"
@@ -50,3 +52,8 @@ class ServerConfig(Strict):
         default=2.0, gt=0, description="requests per second per address without a valid token (token bucket)"
     )
     anonymous_burst: float = Field(default=20.0, ge=1, description="bucket size for requests without a valid token")
+    # what one connection may hold: slow senders are dropped, connections are capped
+    header_timeout: float = Field(default=10.0, gt=0, description="seconds to send a request's headers (then closed)")
+    body_timeout: float = Field(default=30.0, gt=0, description="seconds to send a request's body (408 after)")
+    keep_alive_timeout: float = Field(default=5.0, gt=0, description="seconds an idle connection stays open")
+    max_connections: int = Field(default=256, ge=1, description="connections open at once (503 above)")

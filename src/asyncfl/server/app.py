@@ -10,7 +10,7 @@ with `server.public_status`), GET /v1/history, GET / (dashboard), GET /docs, /re
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 
@@ -21,6 +21,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from asyncfl import strict_json
 from asyncfl.server.auth import OPERATOR_COOKIE, bearer
 from asyncfl.server.dashboard import PAGE, SIGN_IN
 from asyncfl.server.errors import ApiError
@@ -31,22 +32,33 @@ CHECKIN_LIMIT = 16 * 1024
 FRAME_TYPE = "application/vnd.asyncfl.frame"
 
 
-async def read_limited(request: Request, limit: int) -> bytes:
+async def read_limited(request: Request, limit: int, timeout: float | None = None) -> bytes:
     """The body, refused with 413 as soon as it is known to exceed `limit` (from
-    Content-Length before reading anything, or while streaming a chunked body)."""
+    Content-Length before reading anything, or while streaming a chunked body), and with 408
+    (closing the connection) when it has not fully arrived within `timeout` seconds."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
+        if not (declared.isascii() and declared.isdigit()):
             raise ApiError(400, "malformed", f"Content-Length {declared[:40]!r} is not a byte count")
-        if int(declared) > limit:
-            raise ApiError(413, "too_large", f"body of {int(declared)} bytes exceeds the limit of {limit} bytes")
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise ApiError(413, "too_large", f"body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        digits = declared.lstrip("0") or "0"  # compared as text first: int() refuses thousands of digits
+        if len(digits) > len(str(limit)) or int(digits) > limit:
+            raise ApiError(413, "too_large", f"body of {declared[:40]} bytes exceeds the limit of {limit} bytes")
+
+    async def read() -> bytes:
+        chunks, total = [], 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise ApiError(413, "too_large", f"body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(read(), timeout)
+    except TimeoutError:
+        raise ApiError(
+            408, "body_timeout", f"body not received within {timeout:g} s", headers={"Connection": "close"}
+        ) from None
 
 
 def create_app(server: FLServer, background: bool = True) -> FastAPI:
@@ -96,12 +108,12 @@ def create_app(server: FLServer, background: bool = True) -> FastAPI:
     @app.post("/v1/checkin")
     async def checkin(request: Request):
         client = client_of(request)
-        raw = await read_limited(request, CHECKIN_LIMIT)
+        raw = await read_limited(request, CHECKIN_LIMIT, server.settings.body_timeout)
         eligible = True
         if raw.strip():
             try:
-                body = json.loads(raw)
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                body = strict_json.loads(raw)
+            except strict_json.JsonError as err:
                 server.reject(ApiError(400, "malformed", ""))
                 raise ApiError(400, "malformed", f"check-in body is not JSON: {err}") from None
             if not isinstance(body, dict) or not isinstance(body.get("eligible", True), bool):
@@ -125,7 +137,7 @@ def create_app(server: FLServer, background: bool = True) -> FastAPI:
     async def update(request: Request):
         client = client_of(request)
         try:
-            body = await read_limited(request, server.settings.max_body_bytes)
+            body = await read_limited(request, server.max_body_bytes, server.settings.body_timeout)
         except ApiError as err:
             server.reject(err)
             raise

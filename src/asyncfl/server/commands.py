@@ -12,13 +12,16 @@ from asyncfl.config import ConfigError
 def serve(args) -> int:
     import torch
     import uvicorn
+    from uvicorn.config import LOG_LEVELS
 
     from asyncfl.server.app import create_app
+    from asyncfl.server.limits import uvicorn_options
     from asyncfl.server.service import FLServer
     from asyncfl.server.settings import load_serve_config
 
     torch.set_num_threads(1)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # by number: uvicorn names its TRACE level only once it configures logging, after this
+    logging.basicConfig(level=LOG_LEVELS[args.log_level], format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg, settings = load_serve_config(args.config, args.overrides, args.server_config, args.seed)
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         raise ConfigError("give both --ssl-certfile and --ssl-keyfile for TLS")
@@ -37,6 +40,7 @@ def serve(args) -> int:
         ssl_certfile=args.ssl_certfile,
         ssl_keyfile=args.ssl_keyfile,
         access_log=False,
+        **uvicorn_options(settings),
     )
     return 0
 

@@ -37,6 +37,7 @@ from asyncfl.server.coordinator import Coordinator
 from asyncfl.server.durability import STATE_FORMAT, GroupCommit
 from asyncfl.server.errors import ApiError
 from asyncfl.server.evaluation import Evaluation
+from asyncfl.server.limits import body_limit
 from asyncfl.server.reports import STEPS_MARGIN, ReportBounds
 from asyncfl.server.selector import Selector
 from asyncfl.server.settings import ServerConfig
@@ -96,6 +97,7 @@ class FLServer:
             ),
             build_norm_guard(settings.norm_guard, w0),
         )
+        self.max_body_bytes = body_limit(settings, self.aggregation)
         self.policy = build_policy(self.spec.scheduler)
         self.coordinator = Coordinator(self.policy, self.aggregation, settings.lease_timeout, cfg.seed)
         self.shared = Shared(self.store, threading.RLock(), self.aggregation, self.coordinator, Counters())
@@ -212,7 +214,7 @@ class FLServer:
             "tensors": [{"name": n, "shape": list(s)} for n, s in zip(self.model.names, self.model.shapes)],
             "codecs": [self.aggregation.expected_codec or "none"],
             "download_codec": self.download_codec.spec if self.download_codec is not None else "none",
-            "max_body_bytes": self.settings.max_body_bytes,
+            "max_body_bytes": self.max_body_bytes,
         }
 
     def model_frame(self, version: int) -> bytes:

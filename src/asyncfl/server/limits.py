@@ -1,0 +1,42 @@
+"""Bounds on what one request or connection may cost the server: the largest upload body (by
+default derived from the task: the largest valid update frame), and the uvicorn options that
+drop slow senders and cap the connections held at once."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+from asyncfl import wire
+from asyncfl.config import ServerConfig
+from asyncfl.server.aggregation import AggregationRole
+
+BODY_MARGIN = 1.25  # over the largest valid frame: room for a client that writes its header less tightly
+
+
+def body_limit(settings: ServerConfig, aggregation: AggregationRole) -> int:
+    """`max_body_bytes` when set, else the largest valid update frame × `BODY_MARGIN`: with an
+    upload codec, the codec's payload for the model's weights (compressed frames carry the model's
+    tensors only); without, float32 for every tensor an upload carries (the delta's, then each of
+    the algorithm's upload fields, e.g. SCAFFOLD's control variate change)."""
+    if settings.max_body_bytes is not None:
+        return settings.max_body_bytes
+    model = list(zip(aggregation.names, aggregation.shapes))
+    codec = aggregation.upload_codec
+    if codec is not None:
+        tensors, payload = model, codec.bytes_for(sum(math.prod(s) for _, s in model))
+    else:
+        tensors, payload = aggregation.expected, 4 * sum(math.prod(s) for _, s in aggregation.expected)
+    return math.ceil(BODY_MARGIN * wire.largest_update_frame(tensors, payload))
+
+
+def uvicorn_options(settings: ServerConfig) -> dict:
+    """Keyword arguments for `uvicorn.run`: the HTTP protocol with a header deadline, the idle
+    keep-alive bound and the connection cap (uvicorn answers 503 above it; clients retry)."""
+    from asyncfl.server.connection import HeaderDeadlineProtocol
+
+    return {
+        "http": functools.partial(HeaderDeadlineProtocol, header_timeout=settings.header_timeout),
+        "timeout_keep_alive": settings.keep_alive_timeout,
+        "limit_concurrency": settings.max_connections,
+    }
