@@ -333,6 +333,7 @@ class AggregationRole:
         ]
         # after a restart a refused step goes back to the buffer as restored
         self._after_step, self._after_step_seqs = _cloned(self.aggregator.state_dict()), list(self.pending_seqs)
+        self.counts = {v.value: 0 for v in Verdict}  # after a rollback too: none may outlive their rows
         for verdict, n in store.query("SELECT verdict, count(*) FROM updates GROUP BY verdict"):
             if verdict in self.counts:
                 self.counts[verdict] = n

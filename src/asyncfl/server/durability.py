@@ -37,9 +37,11 @@ class GroupCommit:
         self.shared, self.rollback = shared, rollback
         self._commit_lock = threading.Lock()
         self.epoch = 1  # changes made now are durable once epoch `epoch` is committed
-        self._durable = 0
+        self._durable = 0  # every epoch up to this one is committed, or lost
         self.durable_version = 0  # what /status shows: a step is public once it survives a crash
-        self._lost = 0  # epochs up to this one were rolled back by a failed commit
+        # epochs a failed commit rolled back, as ranges (after, upto]: one per run of failures
+        # between two successful commits, so a few integers per disk incident
+        self._lost: list[tuple[int, int]] = []
         self.rows: list[tuple] = []  # update-log rows of the coming commit
         self.initial: str | None = None  # the fingerprint a fresh state dir gets with its first commit
         self.obsolete_files: list[str] = []
@@ -54,15 +56,26 @@ class GroupCommit:
         obsolete, self.obsolete_files = self.obsolete_files, []
         return obsolete
 
+    def _rolled_back(self, epoch: int) -> bool:
+        """Whether a failed commit rolled `epoch`'s changes back."""
+        return any(after < epoch <= upto for after, upto in self._lost)
+
+    def _lose_through(self, epoch: int) -> None:
+        """Every epoch after the last durable one, up to `epoch`, was rolled back."""
+        if self._lost and self._lost[-1][0] == self._durable:
+            self._lost[-1] = (self._durable, epoch)
+        else:
+            self._lost.append((self._durable, epoch))
+
     def sync(self, epoch: int) -> None:
         """Return once the changes of `epoch` are durable (committing them, and whatever else
         is pending, if no one has yet); 503 if a failed commit rolled them back."""
         sh = self.shared
         with self._commit_lock:
+            if self._rolled_back(epoch):  # before "durable": a later commit does not bring it back
+                raise storage_error()
             if self._durable >= epoch:
                 return
-            if epoch <= self._lost:
-                raise storage_error()
             with sh.lock:
                 sh.aggregation.prune(sh.coordinator.needed_versions())
                 rows, self.rows = self.rows, []
@@ -91,7 +104,8 @@ class GroupCommit:
                 sh.store.remove_files(new_files)
                 with sh.lock:
                     self.rollback()
-                    self._lost, self.epoch = self.epoch, self.epoch + 1
+                    self._lose_through(self.epoch)  # changes made while the commit ran are gone too
+                    self.epoch += 1
                 raise storage_error() from None
             self._durable = target
             with sh.lock:
