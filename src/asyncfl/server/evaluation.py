@@ -3,12 +3,16 @@ flag (both durable), and the latest model written next to the state for `asyncfl
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 
 from asyncfl import wire
 from asyncfl.models.flat import FlatModel
 from asyncfl.server.shared import Shared
 from asyncfl.server.store import Store, atomic_write
+
+log = logging.getLogger("asyncfl.server")
 
 
 class Evaluation:
@@ -17,6 +21,9 @@ class Evaluation:
         self.target_accuracy, self.every_s = target_accuracy, every_s
         self.evals: list[dict] = []
         self.reached_target = False
+        self._tried_at = -math.inf  # the last attempt: a failing one is not retried before every_s
+        self._non_finite: int | None = None  # the version found to evaluate to NaN/Inf (not retried)
+        self._snapshot_version: int | None = None  # the version model.afl holds
 
     def restore(self) -> None:
         store = self.shared.store
@@ -25,23 +32,45 @@ class Evaluation:
             dict(zip(("id", "t", "version", "accuracy", "loss"), r))
             for r in store.query("SELECT id, t, version, accuracy, loss FROM evals ORDER BY id")
         ]
+        self._tried_at = self.evals[-1]["t"] if self.evals else -math.inf
+        self._non_finite = self._snapshot_version = None
 
     def history(self, since: int = 0) -> list[dict]:
         with self.shared.lock:
             return [e for e in self.evals if e["id"] > since]
 
     def maybe_evaluate(self) -> None:
-        """Every `every_s` seconds, and at least every 30 s while the model is unchanged."""
+        """Every `every_s` seconds, and at least every 30 s while the model is unchanged. A
+        version whose loss or accuracy is not finite is warned about once and left out of the
+        history (JSON has no NaN); a version's weights never change, so it is not retried."""
         sh = self.shared
         now = time.time()
-        last = self.evals[-1] if self.evals else None
         with sh.lock:
             version, w = sh.aggregation.state.version, sh.aggregation.state.w
-        if last is not None and (
-            now - last["t"] < self.every_s or (last["version"] == version and now - last["t"] < 30)
-        ):
+            last = self.evals[-1] if self.evals else None
+        if version == self._non_finite or now - self._tried_at < self.every_s:
             return
+        if last is not None and last["version"] == version and now - last["t"] < 30:
+            return
+        self._tried_at = now
         acc, loss = self.model.evaluate(w, self.data.x_test, self.data.y_test)
+        if math.isfinite(acc) and math.isfinite(loss):
+            self._record(now, version, acc, loss)
+        else:
+            self._non_finite = version
+            log.warning(
+                "model version %d evaluates to accuracy %s, loss %s: not recorded; evaluation resumes with the "
+                "next version",
+                version,
+                acc,
+                loss,
+            )
+        if version != self._snapshot_version:
+            atomic_write(sh.store.dir / "model.afl", wire.encode_model(version, w, self.model.names, self.model.shapes))
+            self._snapshot_version = version
+
+    def _record(self, now: float, version: int, acc: float, loss: float) -> None:
+        sh = self.shared
         with sh.store.transaction() as db:
             cur = db.execute(
                 "INSERT INTO evals(t, version, accuracy, loss) VALUES(?, ?, ?, ?)", (now, version, acc, loss)
@@ -54,5 +83,3 @@ class Evaluation:
             self.evals.append(row)
             if acc >= self.target_accuracy:
                 self.reached_target = True
-        if version != (last or {}).get("version"):
-            atomic_write(sh.store.dir / "model.afl", wire.encode_model(version, w, self.model.names, self.model.shapes))

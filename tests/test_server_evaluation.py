@@ -1,0 +1,69 @@
+"""The server's periodic evaluation: a model that evaluates to NaN is warned about once, never
+fails the background ticker or grows the log per tick, and evaluation resumes with the next
+version."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+
+import torch
+from test_server_inputs import Harness
+
+from asyncfl import wire
+
+
+def set_model(server, version: int, value: float) -> None:
+    """As if the server had stepped to `version` with every weight equal to `value`."""
+    agg = server.aggregation
+    with server.lock:
+        agg.state.w = torch.full_like(agg.state.w, value)
+        agg.state.version = version
+        agg.models[version] = agg.state.w
+
+
+def snapshot_of(server) -> tuple[int, int]:
+    """(version, inode) of model.afl: a rewrite replaces the file, so its inode changes."""
+    path = server.store.dir / "model.afl"
+    return wire.decode(path.read_bytes(), wire.ModelHeader).header.version, path.stat().st_ino
+
+
+def test_a_non_finite_model_is_warned_about_once_and_evaluation_goes_on(tmp_path, caplog):
+    with Harness(tmp_path, eval_every_s=0.01) as h:
+        server = h.server
+        server.tick()
+        assert [e["version"] for e in server.evaluation.evals] == [0] and snapshot_of(server)[0] == 0
+        set_model(server, 1, math.nan)
+        caplog.set_level(logging.INFO, logger="asyncfl.server")
+        for _ in range(20):  # each tick is past eval_every_s
+            time.sleep(0.012)
+            server.tick()
+        logged = [r for r in caplog.records if r.name == "asyncfl.server"]
+        assert len(logged) == 1 and logged[0].levelno == logging.WARNING
+        assert "model version 1 evaluates to accuracy" in logged[0].getMessage()
+        assert [e["version"] for e in server.evaluation.evals] == [0]  # no NaN in the history (JSON has none)
+        json.dumps(server.evaluation.evals, allow_nan=False)
+        written = snapshot_of(server)
+        assert written[0] == 1  # model.afl holds the current model, written once
+        set_model(server, 2, math.inf)
+        time.sleep(0.012)
+        server.tick()
+        assert len([r for r in caplog.records if r.name == "asyncfl.server"]) == 2
+
+        server.start_background(period=0.005)  # the ticker keeps running and evaluates the next version
+        time.sleep(0.1)
+        assert len([r for r in caplog.records if r.name == "asyncfl.server"]) == 2
+        set_model(server, 3, 0.0)
+        deadline = time.monotonic() + 10
+        while [e["version"] for e in server.evaluation.evals][-1] != 3:
+            assert time.monotonic() < deadline, "the ticker stopped evaluating"
+            time.sleep(0.01)
+        assert server._ticker.is_alive()
+        assert [e["version"] for e in server.evaluation.evals] == [0, 3]
+        assert snapshot_of(server)[0] == 3
+        again = snapshot_of(server)
+        time.sleep(0.05)
+        assert snapshot_of(server) == again  # not rewritten while the version stays
+    assert not [r for r in caplog.records if r.name == "asyncfl.server" and r.levelno >= logging.ERROR]
