@@ -7,13 +7,15 @@ Those tensors go to files first, each under a fresh name and fsynced, so the tra
 references them commits only after they are on disk; files no commit references are deleted.
 The server answers a client only after the commit, so an acknowledged update survives any
 crash, and a restart reads back exactly the state the last commit wrote. (Large blobs inside
-SQLite cost ~6x more per update than a plain file write: WAL plus checkpoint copies.)
+SQLite cost ~6x more per update than a plain file write: WAL plus checkpoint copies.) Files are
+created readable by the server's user only (0600, directories 0700), whatever the umask.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -48,6 +50,9 @@ CREATE TABLE IF NOT EXISTS tokens(hash TEXT PRIMARY KEY, client TEXT NOT NULL, t
 """
 
 DB_NAME = "state.db"
+# a state dir holds the model, every update's metadata and the token hashes: this user's only
+PRIVATE_FILE, PRIVATE_DIR = 0o600, 0o700
+log = logging.getLogger("asyncfl.server")
 
 
 _PACK_MAGIC = b"AFS1"
@@ -111,9 +116,10 @@ def hash_token(token: str) -> str:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write-to-temp, fsync, rename, fsync the directory: readers see old or new, never half."""
+    """Write-to-temp, fsync, rename, fsync the directory: readers see old or new, never half.
+    The file is readable by this user only, like everything in a state dir."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE), "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -125,11 +131,30 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
+def restrict(paths: list[Path], mode: int) -> None:
+    """Take group and other permissions off existing paths (a state dir an older server wrote)."""
+    for path in paths:
+        try:
+            if path.stat().st_mode & 0o077:
+                os.chmod(path, mode)
+        except FileNotFoundError:
+            pass
+        except PermissionError:
+            log.warning("%s is not this user's: could not make it private (mode %o)", path, mode)
+
+
 class Store:
     def __init__(self, state_dir: str | Path):
         self.dir = Path(state_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / DB_NAME
+        self.files = self.dir / "tensors"
+        for d in (self.dir, self.files):
+            d.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+        restrict([self.dir, self.files], PRIVATE_DIR)
+        # SQLite gives the WAL and shared-memory files the database file's mode
+        os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, PRIVATE_FILE))
+        ours = [self.dir / name for name in (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", "model.afl")]
+        restrict([*ours, *self.files.iterdir()], PRIVATE_FILE)
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
@@ -140,8 +165,6 @@ class Store:
         # waiting for a commit in progress (its fsync) to finish
         self.reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         self.reader_lock = threading.Lock()
-        self.files = self.dir / "tensors"
-        self.files.mkdir(exist_ok=True)
         self._file_seq = 0
 
     def close(self) -> None:
@@ -164,7 +187,7 @@ class Store:
     # ---- immutable tensor files ------------------------------------------------------------
     @staticmethod
     def _write_durably(path: Path, data: bytes, flags: int) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | flags, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | flags, PRIVATE_FILE)
         try:
             view = memoryview(data)
             while view:
