@@ -1,7 +1,8 @@
 """Crash test: while 6 client processes train, the server process is SIGKILLed at random
-moments (12 times) and restarted on the same state dir. Afterwards every update a client saw
-acknowledged is in the update log and in the version history, versions never went back, no
-update was counted twice, and training still reaches the target."""
+moments (12 times; 50 in `make test-slow`) and restarted on the same state dir. After each
+restart every update a client saw acknowledged is in the update log once; at the end it is in
+the version history, versions never went back, no update was counted twice, and training
+still reaches the target. Each run leaves a summary of what it checked (crash-summary.json)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from asyncfl.server.testing import ServerProcess, mint_tokens, spawn_client, stop_all
 
@@ -42,38 +44,75 @@ def experiment(target_stop: bool) -> dict:
 class Watcher(threading.Thread):
     """Polls /status; records every version seen, across restarts."""
 
-    def __init__(self, url, headers):
+    def __init__(self, server: ServerProcess):
         super().__init__(daemon=True)
-        self.url, self.headers, self.seen, self.stop = url, headers, [], threading.Event()
+        self.server, self.seen, self.stop = server, [], threading.Event()
 
     def run(self):
         while not self.stop.is_set():
             try:
-                self.seen.append(httpx.get(self.url + "/status", headers=self.headers, timeout=1).json()["version"])
+                self.seen.append(self.server.status()["version"])
             except (httpx.HTTPError, ValueError):
                 pass
             time.sleep(0.02)
 
 
-def test_sigkill_restarts_lose_nothing_and_count_nothing_twice(tmp_path):
-    rng = random.Random(7)
+def acknowledged(workdir) -> list[dict]:
+    """Every answer the clients logged that the server counted (accepted, or discarded as
+    stale); a line a client is still writing is not one yet."""
+    acks = []
+    for i in range(CLIENTS):
+        path = workdir / f"c{i}.acks.jsonl"
+        for line in path.read_text().splitlines() if path.exists() else []:
+            try:
+                a = json.loads(line)
+            except ValueError:
+                continue
+            if a["http"] == 200 or a.get("error") == "stale":
+                acks.append(a | {"client": f"c{i}"})
+    return acks
+
+
+def check_logged_once(state_dir, acks: list[dict]) -> None:
+    """Each acknowledged update is in the update log once, with the number and verdict its
+    client was told."""
+    with sqlite3.connect(state_dir / "state.db") as db:
+        rows = {
+            (c, k): (seq, verdict)
+            for c, k, seq, verdict in db.execute("SELECT client, idem_key, seq, verdict FROM updates")
+        }
+    for a in acks:
+        assert rows[(a["client"], a["key"])] == (a["seq"], a.get("verdict", "discarded"))
+    assert len({(a["client"], a["key"]) for a in acks}) == len(acks) == len({a["seq"] for a in acks})
+
+
+def kill_and_restart(tmp_path, kills: int, seed: int) -> None:
+    """Train 6 client processes against a server SIGKILLed `kills` times at random moments,
+        checking after each restart that every update acknowledged so far is logged once and the
+        version did not go back; the last restart runs to the target. Writes what it checked to
+    crash-summary.json."""
+    rng = random.Random(seed)
     server = ServerProcess(experiment(target_stop=False), tmp_path)  # no stopping while we kill it
     tokens = mint_tokens(server.state_dir, "crashy", [f"c{i}" for i in range(CLIENTS)])
     server.start()
-    watcher = Watcher(server.url, server.operator)
+    watcher = Watcher(server)
     watcher.start()
     clients = [spawn_client(server.url, tok, f"digits:client={i}", tmp_path, f"c{i}") for i, tok in enumerate(tokens)]
+    checks = 0
     try:
         deadline = time.monotonic() + 120
         while server.status()["updates"]["buffered"] == 0:  # the clients are training
             assert time.monotonic() < deadline, "clients never started training"
             time.sleep(0.1)
         versions_at_kill = []
-        for _ in range(KILLS):
+        for _ in range(kills):
             time.sleep(rng.uniform(0.05, 0.6))
             server.kill()
             versions_at_kill.append(max(watcher.seen))
-            if len(versions_at_kill) == KILLS:
+            acks = acknowledged(tmp_path)
+            check_logged_once(server.state_dir, acks)
+            checks += len(acks)
+            if len(versions_at_kill) == kills:
                 server.write_config(experiment(target_stop=True))  # last restart: run to the target
             server.start()
             assert server.status()["version"] >= versions_at_kill[-1]
@@ -90,7 +129,7 @@ def test_sigkill_restarts_lose_nothing_and_count_nothing_twice(tmp_path):
 
     # versions never went back, as seen from outside
     assert watcher.seen == sorted(watcher.seen)
-    assert server.starts == KILLS + 1
+    assert server.starts == kills + 1
 
     acks = [json.loads(line) for i in range(CLIENTS) for line in open(tmp_path / f"c{i}.acks.jsonl")]
     counted = [a for a in acks if a["http"] == 200 or a.get("error") == "stale"]
@@ -130,7 +169,37 @@ def test_sigkill_restarts_lose_nothing_and_count_nothing_twice(tmp_path):
     retries = sum(
         int(re.search(r"\((\d+) retries\)", (tmp_path / f"c{i}.log").read_text()).group(1)) for i in range(CLIENTS)
     )
+    summary = {
+        "kills": server.starts - 1,
+        "final_version": final,
+        "acknowledged": len(counted),
+        "acknowledged_checks_after_restarts": checks,
+        "replayed": replays,
+        "status_polls": len(watcher.seen),
+        "client_retries": retries,
+    }
+    (tmp_path / "crash-summary.json").write_text(json.dumps(summary))
     print(
-        f"crash test: {KILLS} SIGKILLs, final version {final}, {len(counted)} acknowledged uploads, "
-        f"{replays} answered by idempotent replay, {len(watcher.seen)} status polls, {retries} client retries"
+        f"crash test: {summary['kills']} SIGKILLs, final version {final}, {len(counted)} acknowledged uploads "
+        f"(checked {checks} times after restarts), {replays} answered by idempotent replay, "
+        f"{len(watcher.seen)} status polls, {retries} client retries"
     )
+
+
+def check_summary(tmp_path, kills: int) -> None:
+    """The summary a run leaves in its directory says how much was checked."""
+    summary = json.loads((tmp_path / "crash-summary.json").read_text())
+    assert summary["kills"] == kills
+    assert summary["acknowledged"] > 0 and summary["final_version"] > 0
+    assert summary["acknowledged_checks_after_restarts"] > 0
+
+
+def test_sigkill_restarts_lose_nothing_and_count_nothing_twice(tmp_path):
+    kill_and_restart(tmp_path, KILLS, seed=7)
+    check_summary(tmp_path, KILLS)
+
+
+@pytest.mark.slow
+def test_fifty_sigkill_restarts_lose_nothing_and_count_nothing_twice(tmp_path):
+    kill_and_restart(tmp_path, 50, seed=8)
+    check_summary(tmp_path, 50)
