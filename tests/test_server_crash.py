@@ -12,6 +12,7 @@ import re
 import sqlite3
 import threading
 import time
+from contextlib import closing
 
 import httpx
 import pytest
@@ -76,7 +77,7 @@ def acknowledged(workdir) -> list[dict]:
 def check_logged_once(state_dir, acks: list[dict]) -> None:
     """Each acknowledged update is in the update log once, with the number and verdict its
     client was told."""
-    with sqlite3.connect(state_dir / "state.db") as db:
+    with closing(sqlite3.connect(state_dir / "state.db")) as db:
         rows = {
             (c, k): (seq, verdict)
             for c, k, seq, verdict in db.execute("SELECT client, idem_key, seq, verdict FROM updates")

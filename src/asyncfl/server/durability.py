@@ -4,7 +4,9 @@ An event changes memory under the state lock and notes the *epoch* its change be
 `sync` then snapshots every role's changes (as bytes, under the lock), writes them in one store
 transaction outside the lock, and only then lets the request answer. Events that arrive while
 a commit is on disk share the next one, so fsyncs are paid per group, not per event, and an
-answer still never runs ahead of the disk.
+answer still never runs ahead of the disk. A failed commit rolls every part back to the last
+durable state: the epochs after the last durable one are lost for good, so their requests are
+answered 503 (and the clients re-send) even once a later commit succeeds.
 """
 
 from __future__ import annotations
@@ -103,9 +105,9 @@ class GroupCommit:
                 log.exception("commit failed; rolling back to the last durable state")
                 sh.store.remove_files(new_files)
                 with sh.lock:
-                    self.rollback()
                     self._lose_through(self.epoch)  # changes made while the commit ran are gone too
                     self.epoch += 1
+                    self.rollback()
                 raise storage_error() from None
             self._durable = target
             with sh.lock:
