@@ -84,6 +84,26 @@ def test_an_update_rolled_back_is_not_acknowledged_even_after_a_later_commit_suc
         assert server.status()["updates"]["buffered"] == 1 and server.status()["buffer"]["fill"] == 1
 
 
+def test_epochs_committed_before_a_failure_stay_durable_and_lost_ones_stay_lost(tmp_path):
+    with Harness(tmp_path) as h:
+        commit = h.server.commit
+        durable = commit.epoch
+        commit.sync(durable)
+        with failing_commits(h.server, once()):
+            lost = commit.epoch
+            storage_error(lambda: commit.sync(lost))
+        commit.sync(commit.epoch)  # succeeds
+        commit.sync(durable)  # a waiter on an epoch committed before the failure: answered
+        storage_error(lambda: commit.sync(lost))
+        with failing_commits(h.server, once()):  # a second failure, then a success
+            again = commit.epoch
+            storage_error(lambda: commit.sync(again))
+        commit.sync(commit.epoch)
+        storage_error(lambda: commit.sync(lost))
+        storage_error(lambda: commit.sync(again))
+        commit.sync(durable)
+
+
 def test_a_resend_waiting_on_a_rolled_back_answer_gets_503_then_counts_once(tmp_path):
     with Harness(tmp_path) as h:
         server, commit = h.server, h.server.commit
