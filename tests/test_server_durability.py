@@ -104,6 +104,22 @@ def test_epochs_committed_before_a_failure_stay_durable_and_lost_ones_stay_lost(
         commit.sync(durable)
 
 
+def test_rate_limited_requests_are_counted_from_the_durable_state_like_other_rejections(tmp_path):
+    limits = {"rate_per_s": 0.001, "rate_burst": 1, "anonymous_rate_per_s": 0.001, "anonymous_burst": 1}
+    with Harness(tmp_path, **limits) as h:
+        server = h.server
+        assert h.http.post("/v1/checkin", headers=h.auth("a")).status_code == 200
+        assert h.http.post("/v1/checkin", headers=h.auth("a")).status_code == 429
+        nope = {"Authorization": "Bearer afl_nope"}  # no valid token: the address's bucket
+        assert [h.http.post("/v1/checkin", headers=nope).status_code for _ in range(2)] == [401, 429]
+        assert server.status()["rejected"] == {"rate_limited": 2, "unauthorized": 1}
+        with failing_commits(server, once()):  # the counts were not durable yet: a rollback forgets them
+            storage_error(lambda: server.commit.sync(server.commit.epoch))
+        fresh = FLServer(h.cfg, h.settings, tmp_path / "state")
+        assert visible(server.status()) == visible(fresh.status())
+        fresh.store.close()
+
+
 def test_a_resend_waiting_on_a_rolled_back_answer_gets_503_then_counts_once(tmp_path):
     with Harness(tmp_path) as h:
         server, commit = h.server, h.server.commit

@@ -37,8 +37,7 @@ class StatusView:
                 },
                 "updates": dict(agg.counts),
                 "norm_guard": agg.guard.status() if agg.guard is not None else None,
-                "rejected": dict(sh.counters.rejected)
-                | ({"rate_limited": s.limiter.limited} if s.limiter.limited else {}),
+                "rejected": dict(sh.counters.rejected),  # 429s included: durable like the rest
                 "last_eval": s.evaluation.evals[-1] if s.evaluation.evals else None,
                 "target_accuracy": s.cfg.target_accuracy,
                 "reached_target": s.evaluation.reached_target,
