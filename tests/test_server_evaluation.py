@@ -67,3 +67,27 @@ def test_a_non_finite_model_is_warned_about_once_and_evaluation_goes_on(tmp_path
         time.sleep(0.05)
         assert snapshot_of(server) == again  # not rewritten while the version stays
     assert not [r for r in caplog.records if r.name == "asyncfl.server" and r.levelno >= logging.ERROR]
+
+
+def test_a_failing_evaluation_is_retried_after_eval_every_s_not_every_tick(tmp_path):
+    with Harness(tmp_path, eval_every_s=0.2) as h:
+        server = h.server
+        calls = []
+
+        def broken(*args):
+            calls.append(time.monotonic())
+            raise OSError("test split unreadable")
+
+        server.model.evaluate = broken
+        failed = ticks = 0
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:
+            try:
+                server.tick()
+            except OSError:
+                failed += 1
+            ticks += 1
+            time.sleep(0.01)
+        gaps = [b - a for a, b in zip(calls, calls[1:])]
+        assert failed == len(calls) >= 2 and ticks >= 5 * len(calls)  # most ticks did not retry
+        assert min(gaps) >= 0.2 and len(calls) <= 3
