@@ -1,6 +1,6 @@
 """The server's periodic evaluation: a model that evaluates to NaN is warned about once, never
 fails the background ticker or grows the log per tick, and evaluation resumes with the next
-version."""
+version; an evaluation that fails is retried at the evaluation cadence, not on every tick."""
 
 from __future__ import annotations
 

@@ -131,7 +131,7 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def restrict(paths: list[Path], mode: int) -> None:
+def _restrict(paths: list[Path], mode: int) -> None:
     """Take group and other permissions off existing paths (a state dir an older server wrote)."""
     for path in paths:
         try:
@@ -150,11 +150,11 @@ class Store:
         self.files = self.dir / "tensors"
         for d in (self.dir, self.files):
             d.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
-        restrict([self.dir, self.files], PRIVATE_DIR)
+        _restrict([self.dir, self.files], PRIVATE_DIR)
         # SQLite gives the WAL and shared-memory files the database file's mode
         os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, PRIVATE_FILE))
         ours = [self.dir / name for name in (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", "model.afl")]
-        restrict([*ours, *self.files.iterdir()], PRIVATE_FILE)
+        _restrict([*ours, *self.files.iterdir()], PRIVATE_FILE)
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
