@@ -76,7 +76,6 @@ class RateLimiter:
         self.rate, self.burst, self.what = rate, burst, what
         self._buckets: dict[str, tuple[float, float]] = {}
         self._lock = threading.Lock()
-        self.limited = 0
 
     def check(self, key: str) -> None:
         now = time.monotonic()
@@ -85,7 +84,6 @@ class RateLimiter:
             level = min(self.burst, level + (now - last) * self.rate)
             if level < 1.0:
                 self._buckets[key] = (level, now)
-                self.limited += 1
                 wait = (1.0 - level) / self.rate
                 raise ApiError(
                     429,
