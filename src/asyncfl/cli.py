@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.console import Console
 
 from asyncfl import config
+from asyncfl.attacks import KINDS as ATTACK_KINDS
 from asyncfl.experiment import run_experiment
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # `serve --log-level`: uvicorn's
@@ -95,6 +96,14 @@ def _add_network_commands(sub) -> None:
     )
     cli.add_argument("--backoff-cap", type=float, default=10.0, help="longest wait between retries (s)")
     cli.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    cli.add_argument(
+        "--attack",
+        choices=ATTACK_KINDS,
+        help="act as a malicious client (testing defences): corrupt every update this way",
+    )
+    cli.add_argument("--attack-factor", type=float, default=10.0, help="sign_flip: delta x -S; scale: delta x S")
+    cli.add_argument("--attack-noise-std", type=float, default=1.0, help="gaussian, collude: std per coordinate")
+    cli.add_argument("--attack-seed", type=int, default=0, help="collude: seed of the vector all colluders send")
     tok = sub.add_parser("token", help="create, list or revoke client and operator tokens (stored hashed)")
     tsub = tok.add_subparsers(dest="token_command", required=True)
     create = tsub.add_parser("create", help="mint a token and print it once")

@@ -11,6 +11,7 @@ import time
 def client(args) -> int:
     import torch
 
+    from asyncfl.attacks import Attack
     from asyncfl.client.http import Backoff, ServerApi, TlsError, UnsafeUrl, check_server_url
     from asyncfl.client.runtime import ClientError, ClientRuntime, load_hook
 
@@ -26,6 +27,15 @@ def client(args) -> int:
         return 2
     verify = False if args.insecure else (ssl.create_default_context(cafile=args.ca_cert) if args.ca_cert else True)
     api = ServerApi(args.server, token, verify=verify, backoff=Backoff(cap=args.backoff_cap))
+    try:
+        attack = (
+            None
+            if args.attack is None
+            else Attack(args.attack, args.attack_factor, args.attack_noise_std, args.attack_seed)
+        )
+    except ValueError as err:
+        print(f"error: --{err}", file=sys.stderr)
+        return 2
     t0 = time.time()
     rt = ClientRuntime(
         api,
@@ -35,6 +45,7 @@ def client(args) -> int:
         args.max_trips,
         log=lambda s: print(s, file=sys.stderr, flush=True),
         state_path=args.state,
+        attack=attack,
     )
     try:
         stats = rt.run()

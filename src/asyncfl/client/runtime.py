@@ -37,6 +37,7 @@ import torch
 from asyncfl import wire
 from asyncfl.algorithms.defs.registry import definition
 from asyncfl.algorithms.seeds import upload_rounding_generator
+from asyncfl.attacks import Attack, flip_labels
 from asyncfl.build import build_client_rule, build_data, build_flat_model, build_trainer
 from asyncfl.client.http import GaveUp, ServerApi
 from asyncfl.compression import ErrorFeedback, Raw, encode_upload, parse_codec
@@ -98,8 +99,12 @@ class ClientRuntime:
         idle_wait: float = 5.0,
         log: Callable[[str], None] = lambda s: None,
         state_path: str | Path | None = None,
+        attack: Attack | None = None,
     ):
+        """`attack`: make this a malicious client (testing defences): it corrupts every update
+        it sends, or trains on flipped labels, as `asyncfl.attacks` defines it."""
         self.api, self.data_spec = api, data
+        self.attack = attack
         self.eligible = eligible or (lambda: True)
         self.ack_log = Path(ack_log) if ack_log else None
         self.max_trips, self.idle_wait, self.log = max_trips, idle_wait, log
@@ -136,6 +141,8 @@ class ClientRuntime:
         task = resp.json()
         cfg = validate(task["config"])
         self.x, self.y = load_data(self.data_spec, cfg, task["num_features"])
+        if self.attack is not None and self.attack.flips_labels:
+            self.y = flip_labels(self.y, task["num_classes"])
         # what build_flat_model reads of a dataset; the local data stands in for the test split
         shape = SimpleNamespace(
             num_features=task["num_features"], num_classes=task["num_classes"], x=self.x, x_test=self.x
@@ -243,6 +250,8 @@ class ClientRuntime:
         self.sec_per_step = (time.perf_counter() - t0) / max(1, update.steps)
         self.stats["trips"] += 1
         key = uuid.uuid4().hex
+        if self.attack is not None:  # seeded from the lease, as the simulator seeds it from the trip
+            update.delta = self.attack.corrupt(update.delta, task["seed"])
         payload, residual = self._encode(update.delta, task["seed"])
         extras = None if rule is None else rule.uploads(downloaded, own, update)
         body = wire.encode_update(

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from asyncfl.attacks import Attack, AttackKind
 from asyncfl.config.base import Strict
 
 
@@ -31,11 +32,20 @@ class Availability(Strict):
 
 
 class AttackConfig(Strict):
-    """Untrusted clients: a fixed random `fraction` of devices corrupt every update they send."""
+    """Untrusted clients: a fixed random `fraction` of devices corrupt every update they send,
+    each kind as `asyncfl.attacks` defines it."""
 
     fraction: float = Field(default=0.0, ge=0, lt=1)
-    kind: Literal["scale", "sign_flip"] = "sign_flip"
+    kind: AttackKind = "sign_flip"
     factor: float = Field(default=10.0, gt=0, description="scale: delta x factor; sign_flip: delta x -factor")
+    noise_std: float = Field(default=1.0, gt=0, description="gaussian, collude: std of each coordinate sent")
+    seed: int = Field(default=0, ge=0, description="collude: seed of the one vector every attacker sends")
+
+    def attack(self) -> Attack | None:
+        """The attack its malicious devices carry out (None when there are none)."""
+        if not self.fraction:
+            return None
+        return Attack(self.kind, self.factor, self.noise_std, self.seed)
 
 
 class PopulationConfig(Strict):

@@ -24,6 +24,7 @@ from torch.func import vmap
 from asyncfl.algorithms.shuffle import minibatches, mix
 from asyncfl.algorithms.trainer import LocalTrainer
 from asyncfl.algorithms.types import ClientUpdate
+from asyncfl.attacks import flip_labels
 from asyncfl.data.federated import FederatedDataset
 from asyncfl.sim.executor import Executor, SequentialExecutor, TrainJob
 from asyncfl.sim.kernels import Kernel, NotVectorisable, activation_floats, build_kernel
@@ -204,6 +205,7 @@ class BatchedExecutor(Executor):
         y_all: torch.Tensor,
         index: np.ndarray,
         offsets: np.ndarray,
+        flipped: torch.Tensor | None,
     ) -> torch.Tensor:
         """Each job's mean loss over all its client's examples at its start model: per start model,
         one forward over its jobs' examples, in chunks, summed per job."""
@@ -217,10 +219,19 @@ class BatchedExecutor(Executor):
             sums = torch.zeros(b - a, dtype=torch.float64)
             for s in range(0, len(ex), chunk):
                 e = torch.from_numpy(ex[s : s + chunk])
-                ce = nn.functional.cross_entropy(self.trainer.model.forward(base, x_all[e]), y_all[e], reduction="none")
+                ye = y_all[e]
+                if flipped is not None:
+                    ye = torch.where(flipped[a:b][owner[s : s + chunk]], flip_labels(ye, self.data.num_classes), ye)
+                ce = nn.functional.cross_entropy(self.trainer.model.forward(base, x_all[e]), ye, reduction="none")
                 sums.index_add_(0, owner[s : s + chunk], ce.double())
             out[a:b] = sums / torch.from_numpy(counts)
         return out
+
+    def _flipped(self, jobs: list[TrainJob]) -> torch.Tensor | None:
+        """[J] which jobs train on flipped labels (a label-flipping attacker's), or None if none does."""
+        if not any(job.flip_labels for job in jobs):
+            return None
+        return torch.tensor([job.flip_labels for job in jobs])
 
     def _corrections(self, jobs: list[TrainJob]) -> list[torch.Tensor] | None:
         """Per-layer [J, *shape] gradient corrections of the jobs (zero for a job without one), or
@@ -251,6 +262,7 @@ class BatchedExecutor(Executor):
         ns = self.sizes[[job.client for job in jobs]]
         bs = np.minimum(tr.batch_size, ns)
         x_all, y_all, index, offsets = self._examples(jobs)
+        flipped = self._flipped(jobs)
         batches = steps * tr.batches_per_step
         gidx_t = torch.from_numpy(self._minibatches(jobs, ns, batches, bs, index, offsets))
         s_max, b_max = int(steps.max(initial=0)), gidx_t.shape[2]
@@ -277,7 +289,7 @@ class BatchedExecutor(Executor):
         t1 = time.perf_counter()
         losses = torch.zeros(j)
         start_losses = (
-            self._full_losses(segments, ns, x_all, y_all, index, offsets)
+            self._full_losses(segments, ns, x_all, y_all, index, offsets, flipped)
             if tr.start_loss == "full"
             else torch.full((j,), float("nan"))
         )
@@ -294,7 +306,10 @@ class BatchedExecutor(Executor):
                 gi, a = gidx_t[slot, :, :width].reshape(-1), weight[slot, :, :width]
             xb = torch.index_select(x_all, 0, gi, out=xbuf[: len(gi)]).view(j, width, -1)
             # a step's first gradient goes to the reused buffer: the step consumes it
-            return self.kernel.grads(params, xb, y_all[gi].view(j, width), a, out=gbuf if slot % k == 0 else None)
+            yb = y_all[gi].view(j, width)
+            if flipped is not None:
+                yb = torch.where(flipped[:, None], flip_labels(yb, self.data.num_classes), yb)
+            return self.kernel.grads(params, xb, yb, a, out=gbuf if slot % k == 0 else None)
 
         for h in range(s_max):
             per, first = tr.step(ws, grads, h, lr_mask[h], starts, corrections)

@@ -14,6 +14,7 @@ import torch
 
 from asyncfl.algorithms.trainer import LocalTrainer
 from asyncfl.algorithms.types import ClientUpdate
+from asyncfl.attacks import flip_labels
 from asyncfl.data.federated import FederatedDataset
 
 
@@ -31,6 +32,8 @@ class TrainJob:
     # added to every local gradient of this client (e.g. SCAFFOLD's c - c_i); flat, like base_w.
     # Keyword-only, so that subclasses (the simulator's Trip) keep their positional fields
     correction: torch.Tensor | None = field(default=None, kw_only=True)
+    # a label-flipping attacker's job: it trains on flip_labels(y) (`asyncfl.attacks`)
+    flip_labels: bool = field(default=False, kw_only=True)
 
 
 class Executor(ABC):
@@ -64,6 +67,8 @@ class SequentialExecutor(Executor):
     def result(self, job_id):
         job = self.pending.pop(job_id)
         x, y = self.data.client_data(job.client)
+        if job.flip_labels:
+            y = flip_labels(y, self.data.num_classes)
         self.trained += 1
         return self.trainer.train(
             job.base_w,

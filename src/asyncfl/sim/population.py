@@ -49,7 +49,7 @@ class Population:
         self.busy = np.zeros(n, dtype=bool)
         a = cfg.attack  # drawn last, so a run without attackers keeps every other draw
         self.malicious = rng.random(n) < a.fraction if a.fraction else None
-        self.attack_multiplier = a.factor if a.kind == "scale" else -a.factor
+        self.attack = a.attack()  # what the malicious devices do; None without attackers
         self._stream: list[int] = []  # pre-drawn uniform device ids for small picks
 
     def trip_durations(

@@ -254,6 +254,8 @@ class Simulation:
         if self.client_rule is not None:
             trip.base_extras = self.aggregator.downloads(self.state.w)
             trip.correction = self.client_rule.correction(trip.base_extras, self.client_state.get(device))
+        if pop.attack is not None and pop.attack.flips_labels and pop.malicious[device]:
+            trip.flip_labels = True
         self.trips[trip_id] = trip
         pop.busy[device] = True
         metrics = self.metrics
@@ -282,8 +284,8 @@ class Simulation:
         encoded (with the device's error feedback), counted, and decoded as the server sees it."""
         update = self.executor.result(trip.job_id)
         pop = self.population
-        if pop.malicious is not None and pop.malicious[trip.device]:
-            update.delta = update.delta * pop.attack_multiplier
+        if pop.attack is not None and pop.malicious[trip.device]:
+            update.delta = pop.attack.corrupt(update.delta, trip.seed)
         if self.client_rule is not None:
             update.extras = self.client_rule.uploads(trip.base_extras, self.client_state.get(trip.device), update)
         if self.upload_codec is None:
