@@ -3,6 +3,7 @@ it, in the simulator (both executors) and in the config; honest devices are unto
 
 import json
 
+import numpy as np
 import pydantic
 import pytest
 import torch
@@ -11,15 +12,17 @@ from test_client_runtime import in_process_client
 from test_server_inputs import Harness
 
 from asyncfl.attacks import Attack, flip_labels
+from asyncfl.cli import main as cli_main
 from asyncfl.client.runtime import load_data
 from asyncfl.config import validate
 from asyncfl.data import digits
 from asyncfl.data.federated import FederatedDataset
 from asyncfl.data.partition import partition
-from asyncfl.experiment import build_simulation
+from asyncfl.experiment import build_simulation, run_one
 from asyncfl.sim.executor import TrainJob
 
 DELTA = torch.tensor([1.0, -2.0, 0.5])
+FRACTION = "population.attack.fraction=0.3"
 
 
 def test_each_kind_on_a_tiny_delta():
@@ -166,3 +169,41 @@ def test_a_scaling_client_is_refused_by_the_norm_bound(tmp_path):
         assert stats["rejected"] == 1 and not step.any()
         ack = json.loads((tmp_path / "acks.jsonl").read_text())
         assert (ack["http"], ack["error"]) == (422, "norm_too_large")  # the harness sets max_update_norm=50
+
+
+def test_without_attackers_a_run_is_unchanged_and_attackers_change_no_other_draw(small):
+    """fraction 0 means no attack, whatever its kind (bit-identical runs); attackers are drawn
+    last, so a run with them keeps every device's speed and bandwidth."""
+    sets = ["stop.max_time=60"]
+    base = small(sets=sets)
+    quiet = small(sets=sets + ["population.attack.kind=gaussian", "population.attack.noise_std=5"])
+    rows = [[r | {"wall_time": 0} for r in run_one(cfg, cfg.run("fedbuff")).rows] for cfg in (base, quiet)]
+    assert rows[0] == rows[1] and rows[0][-1]["version"] > 0
+    pops = [build_simulation(cfg, cfg.run("fedbuff")).population for cfg in (base, small(sets=[*sets, FRACTION]))]
+    for name in ("compute_per_example", "download_bandwidth", "upload_bandwidth"):
+        assert np.array_equal(getattr(pops[0], name), getattr(pops[1], name))
+    assert pops[0].malicious is None and 0 < pops[1].malicious.mean() < 0.5
+
+
+def test_client_cli_validates_the_attack(tmp_path, capsys):
+    assert (
+        cli_main(
+            [
+                "client",
+                "--server",
+                "http://127.0.0.1:9",
+                "--token",
+                "t",
+                "--data",
+                "digits:client=0",
+                "--attack",
+                "scale",
+                "--attack-factor",
+                "0",
+            ]
+        )
+        == 2
+    )
+    assert "attack factor" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["client", "--server", "http://127.0.0.1:9", "--token", "t", "--data", "x", "--attack", "poison"])
