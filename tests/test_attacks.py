@@ -101,24 +101,26 @@ def data():
     return FederatedDataset(x, y, parts, xt, yt, c)
 
 
-def test_label_flip_batched_equals_sequential(data):
+def test_label_flip_batched_equals_sequential_and_trains_on_flipped_labels(data):
+    """A pass mixing flipped and honest jobs (start loss included) gives the sequential results,
+    and a flipped job's update is the trainer's on C - 1 - y."""
     tr = mlp_trainer(data, local_steps=4, start_loss="full")
     w0 = tr.model.initial_weights()
     jobs = [TrainJob(k, k % data.num_clients, 0, w0, 300 + k, 4, flip_labels=k % 3 == 0) for k in range(24)]
     seq, bat = both(tr, data, jobs)
+    for ex in (seq, bat):  # both() submits copies without the flag
+        for job in jobs:
+            ex.pending[job.job_id].flip_labels = job.flip_labels
     for job in jobs:
-        bat.pending.get(job.job_id, job).flip_labels = job.flip_labels
-        seq.pending[job.job_id].flip_labels = job.flip_labels
-    for job in jobs:
-        assert_same(bat.result(job.job_id), seq.result(job.job_id))
-    honest = mlp_trainer(data, local_steps=4, start_loss="full")
-    x, y = data.client_data(jobs[0].client)
-    plain = honest.train(w0, x, y, seed=jobs[0].seed, steps=4)
-    flipped = honest.train(w0, x, flip_labels(y, data.num_classes), seed=jobs[0].seed, steps=4)
-    seq2, _ = both(tr, data, jobs[:1])
-    seq2.pending[0].flip_labels = True
-    got = seq2.result(0)
-    assert torch.equal(got.delta, flipped.delta) and not torch.equal(got.delta, plain.delta)
+        u = seq.result(job.job_id)
+        assert_same(bat.result(job.job_id), u)
+        x, y = data.client_data(job.client)
+        honest = tr.train(w0, x, y, seed=job.seed, steps=4)
+        if job.flip_labels:
+            flipped = tr.train(w0, x, flip_labels(y, data.num_classes), seed=job.seed, steps=4)
+            assert torch.equal(u.delta, flipped.delta) and not torch.equal(u.delta, honest.delta)
+        else:
+            assert torch.equal(u.delta, honest.delta)
 
 
 def attacking_client(h, client, attack):
