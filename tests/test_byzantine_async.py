@@ -133,6 +133,11 @@ def test_config_builds_the_robust_rule_and_the_filter():
     assert isinstance(built, LipschitzFilter) and built.byzantine_fraction == 0.3
     assert isinstance(built.inner, aggregators.BufferedAggregator)
     assert isinstance(build_aggregator(algorithm()), aggregators.BufferedAggregator)  # off by default
+    fedasync = config.validate(
+        {"name": "x", "runs": [{"name": "r", "algorithm": {"name": "fedasync", "filter": {"kind": "kardam"}}}]}
+    ).runs[0]
+    built = build_aggregator(fedasync)
+    assert isinstance(built, LipschitzFilter) and isinstance(built.inner, aggregators.FedAsync)
 
 
 @pytest.mark.parametrize(
