@@ -240,3 +240,21 @@ def test_frame_errors_found_before_the_lease_keep_it_usable(tmp_path):
         assert r.status_code == 400 and r.json()["error"] == "malformed"
         assert slots(h) == (1, 3)
         assert h.upload("a", h.frame(lease)).status_code == 200 and slots(h) == (0, 4)
+
+
+def test_kardam_filter_refusal_is_422_and_keeps_the_model(tmp_path):
+    kardam = {"kind": "kardam", "byzantine_fraction": 0.25, "window": 4, "warmup": 1}
+    algorithm = {"name": "fedbuff", "buffer_size": 1, "filter": kardam}
+    with Harness(tmp_path, algorithm=algorithm, norm_guard=None, **DEFAULTS) as h:
+        for i, c in enumerate("aba"):  # every upload steps; a's second one gives the first coefficient
+            assert h.upload(c, h.frame(h.checkin(c), honest(h, i))).status_code == 200
+        before = model_state(h)
+        r = h.upload("b", h.frame(h.checkin("b"), honest(h, 3) * -1000))
+        assert_rejected(h, r, 422, "filter_rejected", "Lipschitz coefficient")
+        assert model_state(h) == before
+        assert slots(h) == (0, 4)
+        s = h.http.get("/status").json()
+        assert s["filter"]["rejected"] == 1 and s["filter"]["accepted"] == 3 and s["rejected"]["filter_rejected"] == 1
+        h.close()
+        h.open()  # the filter's window survives a restart
+        assert h.server.aggregation.aggregator.rejected == 1 and len(h.server.aggregation.aggregator.coefficients) == 2

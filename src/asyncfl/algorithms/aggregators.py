@@ -37,6 +37,11 @@ class Aggregator(ABC):
     def submit(self, state: ServerState, update: ClientUpdate, base_w: torch.Tensor) -> Verdict:
         """Fold one update in; `base_w` is the model the client started from."""
 
+    def refused(self) -> str | None:
+        """Why the last `submit` was DISCARDED when a Byzantine filter, not staleness, refused
+        it (the server answers 422 with it); None otherwise."""
+        return None
+
     def flush(self, state: ServerState) -> bool:
         """Close a round: apply whatever is buffered. True when the model stepped."""
         return False
@@ -190,11 +195,21 @@ def fedbuff(
     normalize: str = "count",
     max_staleness: int | None = None,
     clip_norm: float | None = None,
-) -> BufferedAggregator:
+    aggregation: str = "mean",
+    trim_fraction: float = 0.1,
+) -> BufferingAggregator:
+    """FedBuff's step every K updates: the mean of the deltas weighted by s(d) e(n), or a robust
+    rule over the weighted deltas (`RobustAggregator`)."""
     e = EXAMPLE_WEIGHTS[example_weight]
+
+    def weight(u: ClientUpdate, d: int) -> float:
+        return staleness(d) * e(u.n_examples)
+
+    if aggregation != "mean":
+        return RobustAggregator(server_opt, aggregation, trim_fraction, clip_norm, max_staleness, weight, buffer_size)
     return BufferedAggregator(
         server_opt,
-        lambda u, d: staleness(d) * e(u.n_examples),
+        weight,
         normalize=normalize,
         buffer_size=buffer_size,
         max_staleness=max_staleness,
@@ -225,11 +240,16 @@ class FedAsync(Aggregator):
         return Verdict.STEPPED
 
 
-class RobustAggregator(Aggregator):
-    """Byzantine-robust round aggregation: the coordinate-wise median or trimmed mean of the
-    round's (optionally clipped) deltas replaces the weighted mean, so a minority of clients
-    sending scaled or sign-flipped updates cannot drag the model (Yin et al. 2018). It has to
-    hold every delta of the round, so it suits rounds of modest size."""
+class RobustAggregator(BufferingAggregator):
+    """Byzantine-robust aggregation: the coordinate-wise median or trimmed mean of the buffered
+    (optionally clipped) deltas replaces the weighted mean, so a minority of clients sending
+    scaled or sign-flipped updates cannot drag the model (Yin et al. 2018). It has to hold every
+    delta of the round or buffer, so it suits rounds and buffers of modest size.
+
+    `weight` (FedBuff's staleness weight s(d) e(n)) scales each delta before the rule, so that
+    with every weight 1 this is the plain rule and a stale update moves each coordinate's order
+    statistics as little as it moves FedBuff's mean (the mean of the scaled deltas is FedBuff's
+    count-normalised step). `buffer_size` steps every K updates; None waits for the barrier."""
 
     RULES = ("median", "trimmed_mean")
 
@@ -240,24 +260,29 @@ class RobustAggregator(Aggregator):
         trim_fraction: float = 0.1,
         clip_norm: float | None = None,
         max_staleness: int | None = None,
+        weight: Callable[[ClientUpdate, int], float] | None = None,
+        buffer_size: int | None = None,
     ):
-        super().__init__(max_staleness)
         if rule not in self.RULES:
             raise ValueError(f"robust rule must be one of {self.RULES}, got {rule!r}")
         if not 0 <= trim_fraction < 0.5:
             raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
         self.server_opt, self.rule, self.trim_fraction, self.clip_norm = server_opt, rule, trim_fraction, clip_norm
-        self.deltas: list[torch.Tensor] = []
+        self.weight = weight
+        super().__init__(buffer_size, max_staleness)
 
-    @property
-    def pending(self) -> int:
-        return len(self.deltas)
+    def _reset(self) -> None:
+        super()._reset()
+        self.deltas: list[torch.Tensor] = []
 
     def submit(self, state, update, base_w):
         if self.too_stale(state, update):
             return Verdict.DISCARDED
-        self.deltas.append(clipped(update.delta, self.clip_norm))
-        return Verdict.BUFFERED
+        delta = clipped(update.delta, self.clip_norm)
+        if self.weight is not None:
+            delta = delta * self.weight(update, state.version - update.base_version)
+        self.deltas.append(delta)
+        return self._added(state)
 
     def combine(self, deltas: torch.Tensor) -> torch.Tensor:
         ordered = torch.sort(deltas, dim=0).values
@@ -272,7 +297,7 @@ class RobustAggregator(Aggregator):
             return False
         state.w = self.server_opt.step(state.w, self.combine(torch.stack(self.deltas)))
         state.version += 1
-        self.deltas = []
+        self._reset()
         return True
 
     def state_dict(self):
@@ -280,6 +305,7 @@ class RobustAggregator(Aggregator):
 
     def load_state_dict(self, state):
         self.deltas = [d.clone() for d in state["deltas"]]
+        self.count = len(self.deltas)
         self.server_opt.load_state_dict(state["server_opt"])
 
 

@@ -38,6 +38,23 @@ class StalenessConfig(Strict):
     b: float = Field(default=4.0, ge=0)
 
 
+class KardamConfig(Strict):
+    """Kardam's Lipschitz filter (Damaskinos et al., ICML 2018) in front of an asynchronous
+    rule: an update is refused when its sender's empirical Lipschitz coefficient exceeds the
+    (1 - byzantine_fraction) quantile of the last `window` coefficients."""
+
+    kind: Literal["kardam"] = "kardam"
+    byzantine_fraction: float = Field(default=0.2, gt=0, lt=0.5, description="f / n: the share refused")
+    window: int = Field(default=50, ge=1, description="recent coefficients the quantile is taken over")
+    warmup: int = Field(default=10, ge=1, description="coefficients seen before the filter refuses")
+
+    @model_validator(mode="after")
+    def _warmup(self):
+        if self.warmup > self.window:
+            raise ValueError(f"warmup {self.warmup} exceeds window {self.window}")
+        return self
+
+
 class ServerStepConfig(Strict):
     """How the server steps with an aggregate of updates: its optimizer, and the bound on each
     update's L2 norm (one client's influence)."""
@@ -46,11 +63,18 @@ class ServerStepConfig(Strict):
     clip_norm: float | None = Field(default=None, gt=0, description="clip each update's L2 norm first")
 
 
-class RoundAggregation(ServerStepConfig):
-    """How a round's (or buffer's) updates combine: the weighted mean, or a robust rule."""
+class RobustRule(Strict):
+    """How a round's (or buffer's) updates combine: the weighted mean, or a coordinate-wise
+    robust rule (privacy and secure aggregation cover the mean only)."""
 
     aggregation: Literal["mean", "median", "trimmed_mean"] = "mean"
     trim_fraction: float = Field(default=0.1, ge=0, lt=0.5, description="trimmed_mean: cut from each end")
+
+
+class RoundAggregation(ServerStepConfig, RobustRule):
+    """The FedAvg family's round: a robust rule or the example-weighted mean, and how a
+    straggler's partial update weighs in it."""
+
     partial_weight: Literal["full", "work_fraction"] = Field(
         default="full",
         description="mean: a straggler's partial update weighs n_k (full, as FedProx's reference "

@@ -194,7 +194,8 @@ class AggregationRole:
         """Runtime.submit's body: the shared aggregator decides; we version and log. `seq` is
         the update log's number of the upload (None: not in the log), recorded in the version
         it ends up in; `norm` its L2 norm, which the guard records once it is taken in. Raises
-        422 `step_not_finite` when the step it triggers is refused."""
+        422 `step_not_finite` when the step it triggers is refused, `filter_rejected` when the
+        algorithm's Byzantine filter refuses the update."""
         base_w = self.models.get(update.base_version)
         if base_w is None:  # only FedAsync reads base_w; the lease kept it unless the run state was lost
             base_w = self.state.w
@@ -208,6 +209,9 @@ class AggregationRole:
                 "the server step this update completed would have made the model non-finite; the step was "
                 "refused and the buffered updates discarded, the model is unchanged",
             )
+        if verdict == Verdict.DISCARDED and (reason := self.aggregator.refused()) is not None:
+            self._dirty.state = True  # the filter recorded the update's coefficient
+            raise ApiError(422, "filter_rejected", f"{reason}; the update was not folded in")
         self.counts[verdict.value] += 1
         if verdict != Verdict.DISCARDED:
             self._dirty.state = True

@@ -7,11 +7,12 @@ from collections.abc import Callable
 
 from asyncfl.algorithms import aggregators, server_opt, staleness
 from asyncfl.algorithms.defs.registry import privacy_denominator
+from asyncfl.algorithms.kardam import LipschitzFilter
 from asyncfl.algorithms.private import DPMechanism, PrivateAggregator
 from asyncfl.algorithms.shuffle import mix
 from asyncfl.algorithms.types import ClientUpdate
 from asyncfl.config.base import ConfigError
-from asyncfl.config.training import RoundAggregation, ServerOptConfig, StalenessConfig
+from asyncfl.config.training import KardamConfig, RoundAggregation, ServerOptConfig, StalenessConfig
 from asyncfl.privacy import AdaptiveClipping
 
 
@@ -23,6 +24,13 @@ def build_server_opt(c: ServerOptConfig) -> server_opt.ServerOptimizer:
 
 def build_staleness(c: StalenessConfig) -> staleness.StalenessFn:
     return staleness.make(c.kind, c.a, c.b)
+
+
+def with_filter(inner: aggregators.Aggregator, f: KardamConfig | None) -> aggregators.Aggregator:
+    """The aggregator behind the configured Byzantine filter (none: unchanged)."""
+    if f is None:
+        return inner
+    return LipschitzFilter(inner, f.byzantine_fraction, f.window, f.warmup)
 
 
 def round_aggregator(a: RoundAggregation, trainer_lr: float | None = None) -> aggregators.Aggregator:

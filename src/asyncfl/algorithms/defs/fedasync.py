@@ -7,10 +7,10 @@ from typing import Literal
 from pydantic import Field
 
 from asyncfl.algorithms import aggregators
-from asyncfl.algorithms.defs._common import build_staleness
+from asyncfl.algorithms.defs._common import build_staleness, with_filter
 from asyncfl.algorithms.defs.registry import AlgorithmDefinition, ClientOptions, register
 from asyncfl.config.base import Strict
-from asyncfl.config.training import StalenessConfig
+from asyncfl.config.training import KardamConfig, StalenessConfig
 
 
 class FedAsyncConfig(Strict):
@@ -19,6 +19,7 @@ class FedAsyncConfig(Strict):
     staleness: StalenessConfig = StalenessConfig(kind="hinge", a=10.0, b=4.0)
     rho: float = Field(default=0.0, ge=0, description="proximal coefficient on clients")
     max_staleness: int | None = Field(default=None, ge=0)
+    filter: KardamConfig | None = Field(default=None, description="a Byzantine filter each update passes first")
 
 
 DEFINITION = register(
@@ -26,8 +27,8 @@ DEFINITION = register(
         name="fedasync",
         config=FedAsyncConfig,
         modes=("async",),
-        build_aggregator=lambda a, trainer_lr: aggregators.FedAsync(
-            a.alpha, build_staleness(a.staleness), a.max_staleness
+        build_aggregator=lambda a, trainer_lr: with_filter(
+            aggregators.FedAsync(a.alpha, build_staleness(a.staleness), a.max_staleness), a.filter
         ),
         client_options=lambda a: ClientOptions(prox_mu=a.rho),
     )

@@ -70,8 +70,8 @@ class AlgorithmDefinition:
         the clip norm).
     compression: whether its updates may go through lossy codecs.
     secure_aggregation: whether the server only needs a weighted sum of updates, so that a
-        secure-aggregation protocol could compute it (weighted means, with aggregation 'mean';
-        not q-FedAvg's or FedAsync's rules, nor robust ones).
+        secure-aggregation protocol could compute it (weighted means, with aggregation 'mean' and no
+        Byzantine filter; not q-FedAvg's or FedAsync's rules, nor robust ones).
     client_options(a): the local trainer's algorithm-specific settings.
     validate(a, scheduler): raises ValueError for settings that do not fit the schedule.
     validate_privacy(a): raises ValueError for settings DP does not cover.
