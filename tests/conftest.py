@@ -29,6 +29,17 @@ def small_config(**overrides) -> config.ExperimentConfig:
     return config.validate(tree)
 
 
+def digits_clients(num_clients: int):
+    """Digits split over `num_clients` by Dirichlet(0.5) labels: the executors' tests' data."""
+    from asyncfl.data import digits
+    from asyncfl.data.federated import FederatedDataset
+    from asyncfl.data.partition import partition
+
+    x, y, xt, yt, c = digits.load(0.2, 0)
+    parts = partition("dirichlet", y.numpy(), num_clients, 0, alpha=0.5, classes_per_client=2, exponent=1.0)
+    return FederatedDataset(x, y, parts, xt, yt, c)
+
+
 @pytest.fixture
 def torch_threads():
     """`torch_threads(n)` sets torch's intra-op threads for one test; the count is restored after."""

@@ -7,6 +7,7 @@ import numpy as np
 import pydantic
 import pytest
 import torch
+from conftest import digits_clients
 from test_batched import assert_same, both, mlp_trainer
 from test_client_runtime import in_process_client
 from test_server_inputs import Harness
@@ -15,9 +16,6 @@ from asyncfl.attacks import Attack, flip_labels
 from asyncfl.cli import main as cli_main
 from asyncfl.client.runtime import load_data
 from asyncfl.config import validate
-from asyncfl.data import digits
-from asyncfl.data.federated import FederatedDataset
-from asyncfl.data.partition import partition
 from asyncfl.experiment import build_simulation, run_one
 from asyncfl.sim.executor import TrainJob
 
@@ -96,9 +94,7 @@ def test_simulated_attackers_send_their_kind_and_honest_devices_do_not(small, ki
 
 @pytest.fixture(scope="module")
 def data():
-    x, y, xt, yt, c = digits.load(0.2, 0)
-    parts = partition("dirichlet", y.numpy(), 30, 0, alpha=0.5, classes_per_client=2, exponent=1.0)
-    return FederatedDataset(x, y, parts, xt, yt, c)
+    return digits_clients(30)
 
 
 def test_label_flip_batched_equals_sequential_and_trains_on_flipped_labels(data):

@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 import torch
+from conftest import digits_clients
 from torch import nn
 
 from asyncfl.algorithms.shuffle import minibatches, mix
 from asyncfl.algorithms.trainer import LocalTrainer
 from asyncfl.data import digits
 from asyncfl.data.federated import FederatedDataset
-from asyncfl.data.partition import partition
 from asyncfl.experiment import build_simulation
 from asyncfl.models import FlatModel, build_model
 from asyncfl.sim.batched import BatchedExecutor, make_executor
@@ -19,9 +19,7 @@ from asyncfl.sim.kernels import FuncKernel
 
 @pytest.fixture(scope="module")
 def data():
-    x, y, xt, yt, c = digits.load(0.2, 0)
-    parts = partition("dirichlet", y.numpy(), 60, 0, alpha=0.5, classes_per_client=2, exponent=1.0)
-    return FederatedDataset(x, y, parts, xt, yt, c)
+    return digits_clients(60)
 
 
 def mlp_trainer(data, mu=0.05, **kw):

@@ -6,12 +6,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import digits_clients
 
 from asyncfl.algorithms.client_step import ClientStep
 from asyncfl.algorithms.trainer import LocalTrainer
-from asyncfl.data import digits
-from asyncfl.data.federated import FederatedDataset
-from asyncfl.data.partition import partition
 from asyncfl.models import FlatModel, build_model
 from asyncfl.sim.batched import BatchedExecutor
 from asyncfl.sim.executor import SequentialExecutor, TrainJob
@@ -19,9 +17,7 @@ from asyncfl.sim.executor import SequentialExecutor, TrainJob
 
 @pytest.fixture(scope="module")
 def data():
-    x, y, xt, yt, c = digits.load(0.2, 0)
-    parts = partition("dirichlet", y.numpy(), 40, 0, alpha=0.5, classes_per_client=2, exponent=1.0)
-    return FederatedDataset(x, y, parts, xt, yt, c)
+    return digits_clients(40)
 
 
 def mlp(data):
