@@ -15,7 +15,7 @@ import torch
 
 from asyncfl.algorithms.server_opt import ServerOptimizer
 from asyncfl.algorithms.staleness import StalenessFn
-from asyncfl.algorithms.types import ClientUpdate, ServerState, Verdict
+from asyncfl.algorithms.types import ClientUpdate, ServerState, Verdict, clone_or_none
 from asyncfl.privacy.dp import clip
 
 EXAMPLE_WEIGHTS: dict[str, Callable[[int], float]] = {
@@ -159,14 +159,14 @@ class BufferedAggregator(BufferingAggregator):
 
     def state_dict(self):
         return {
-            "total": None if self.total is None else self.total.clone(),
+            "total": clone_or_none(self.total),
             "count": self.count,
             "weight_sum": self.weight_sum,
             "server_opt": self.server_opt.state_dict(),
         }
 
     def load_state_dict(self, state):
-        self.total = None if state["total"] is None else state["total"].clone()
+        self.total = clone_or_none(state["total"])
         self.count = state["count"]
         self.weight_sum = state["weight_sum"]
         self.server_opt.load_state_dict(state["server_opt"])
@@ -348,12 +348,8 @@ class QFedAvg(BufferingAggregator):
         return True
 
     def state_dict(self):
-        return {
-            "numerator": None if self.numerator is None else self.numerator.clone(),
-            "denominator": self.denominator,
-            "count": self.count,
-        }
+        return {"numerator": clone_or_none(self.numerator), "denominator": self.denominator, "count": self.count}
 
     def load_state_dict(self, state):
-        self.numerator = None if state["numerator"] is None else state["numerator"].clone()
+        self.numerator = clone_or_none(state["numerator"])
         self.denominator, self.count = state["denominator"], state["count"]

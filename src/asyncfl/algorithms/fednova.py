@@ -18,7 +18,7 @@ import torch
 
 from asyncfl.algorithms.aggregators import BufferingAggregator, clipped
 from asyncfl.algorithms.server_opt import ServerOptimizer
-from asyncfl.algorithms.types import ClientUpdate, Verdict
+from asyncfl.algorithms.types import ClientUpdate, Verdict, clone_or_none
 
 
 def local_work(steps: int, lr: float, mu: float) -> float:
@@ -99,7 +99,7 @@ class FedNova(BufferingAggregator):
 
     def state_dict(self):
         return {
-            "normalized": None if self.normalized is None else self.normalized.clone(),
+            "normalized": clone_or_none(self.normalized),
             "work": self.work,
             "weight_sum": self.weight_sum,
             "count": self.count,
@@ -107,6 +107,6 @@ class FedNova(BufferingAggregator):
         }
 
     def load_state_dict(self, state):
-        self.normalized = None if state["normalized"] is None else state["normalized"].clone()
+        self.normalized = clone_or_none(state["normalized"])
         self.work, self.weight_sum, self.count = state["work"], state["weight_sum"], state["count"]
         self.server_opt.load_state_dict(state["server_opt"])

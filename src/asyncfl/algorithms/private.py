@@ -36,7 +36,7 @@ import torch
 
 from asyncfl.algorithms.aggregators import BufferingAggregator
 from asyncfl.algorithms.server_opt import ServerOptimizer
-from asyncfl.algorithms.types import ClientUpdate, ServerState, Verdict
+from asyncfl.algorithms.types import ClientUpdate, ServerState, Verdict, clone_or_none
 from asyncfl.privacy import Accountant, AdaptiveClipping, add_gaussian_noise, clip, update_noise_multiplier
 
 
@@ -182,7 +182,7 @@ class PrivateAggregator(BufferingAggregator):
     # ---- persistence --------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
-            "total": None if self.total is None else self.total.clone(),
+            "total": clone_or_none(self.total),
             "count": self.count,
             "users": sorted(self.users),
             "norms": list(self.norms),
@@ -194,7 +194,7 @@ class PrivateAggregator(BufferingAggregator):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.total = None if state["total"] is None else state["total"].clone()
+        self.total = clone_or_none(state["total"])
         self.count, self.users, self.norms = state["count"], set(state["users"]), list(state["norms"])
         self.clip_norm, self.noisy_steps = float(state["clip_norm"]), int(state["noisy_steps"])
         self._epsilon = None

@@ -17,7 +17,7 @@ import torch
 
 from asyncfl.algorithms.aggregators import Aggregator
 from asyncfl.algorithms.server_opt import ServerOptimizer
-from asyncfl.algorithms.types import ClientUpdate, ServerState, Verdict
+from asyncfl.algorithms.types import ClientUpdate, ServerState, Verdict, clone_or_none
 
 CONTROL = "control"  # the server's c (sent with the model); on a client, its own c_i
 CONTROL_DELTA = "control_delta"  # a client's c_i+ - c_i, uploaded with its delta
@@ -78,19 +78,19 @@ class ScaffoldAggregator(Aggregator):
 
     def state_dict(self) -> dict:
         return {
-            "control": None if self.control is None else self.control.clone(),
+            "control": clone_or_none(self.control),
             "count": self.count,
-            "delta_sum": None if self.delta_sum is None else self.delta_sum.clone(),
-            "control_delta_sum": None if self.control_delta_sum is None else self.control_delta_sum.clone(),
+            "delta_sum": clone_or_none(self.delta_sum),
+            "control_delta_sum": clone_or_none(self.control_delta_sum),
             "server_opt": self.server_opt.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        def copy(t):
-            return None if t is None else t.clone()
-
-        self.control, self.count = copy(state["control"]), state["count"]
-        self.delta_sum, self.control_delta_sum = copy(state["delta_sum"]), copy(state["control_delta_sum"])
+        self.control, self.count = clone_or_none(state["control"]), state["count"]
+        self.delta_sum, self.control_delta_sum = (
+            clone_or_none(state["delta_sum"]),
+            clone_or_none(state["control_delta_sum"]),
+        )
         self.server_opt.load_state_dict(state["server_opt"])
 
 

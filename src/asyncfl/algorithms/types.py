@@ -42,3 +42,8 @@ class ClientUpdate:
     def work_fraction(self) -> float:
         """Share of the planned local work done: below 1 for a straggler's partial update."""
         return 1.0 if not self.planned_steps else min(1.0, self.steps / self.planned_steps)
+
+
+def clone_or_none(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A checkpoint's own copy of an optional tensor (aggregators' `state_dict` / `load_state_dict`)."""
+    return None if t is None else t.clone()

@@ -343,7 +343,3 @@ class AggregationRole:
                 self.counts[verdict] = n
         self._dirty = _Dirty()
         store.sweep()
-
-    def model_frame(self, version: int) -> bytes:
-        w = self.models[version]
-        return wire.encode_model(version, w, self.names, self.shapes)
