@@ -53,6 +53,9 @@ class Evaluation:
         if last is not None and last["version"] == version and now - last["t"] < 30:
             return
         self._tried_at = now
+        if version != self._snapshot_version:  # before the row is published: history never runs ahead of it
+            atomic_write(sh.store.dir / "model.afl", wire.encode_model(version, w, self.model.names, self.model.shapes))
+            self._snapshot_version = version
         acc, loss = self.model.evaluate(w, self.data.x_test, self.data.y_test)
         if math.isfinite(acc) and math.isfinite(loss):
             self._record(now, version, acc, loss)
@@ -65,9 +68,6 @@ class Evaluation:
                 acc,
                 loss,
             )
-        if version != self._snapshot_version:
-            atomic_write(sh.store.dir / "model.afl", wire.encode_model(version, w, self.model.names, self.model.shapes))
-            self._snapshot_version = version
 
     def _record(self, now: float, version: int, acc: float, loss: float) -> None:
         sh = self.shared
