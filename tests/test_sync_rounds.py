@@ -102,3 +102,40 @@ def test_policy_state_round_trips_and_a_closed_round_submits_nothing():
     twin.open = False
     assert twin.on_report(rt, "late", None) is None and "late" not in rt.submitted
     assert AsyncPolicy(4).state_dict() == {} and AsyncPolicy(4).status() == {}
+
+
+class RefusingRuntime(FakeRuntime):
+    """The server refuses the trips named in `refused` (a norm or filter refusal)."""
+
+    def __init__(self, refused):
+        super().__init__([])
+        self.refused, self.flushes = refused, 0
+
+    def submit(self, trip, update):
+        self.submitted.append(trip)
+        return Verdict.DISCARDED if trip in self.refused else Verdict.BUFFERED
+
+    def flush(self):
+        self.flushes += 1
+        return True
+
+
+def test_refused_reports_count_towards_the_cohort():
+    """A round waits for `cohort` reports, refused ones included: otherwise each refusal makes
+    it wait for another straggler, and attackers whose updates are all refused set its pace."""
+    rt = RefusingRuntime(refused={"b"})
+    policy = SyncPolicy(cohort=3, over_selection=1.0)  # 6 selected, the round closes at 3 reports
+    policy.start(rt)
+    assert policy.on_report(rt, "a", None) == Verdict.BUFFERED
+    assert policy.on_report(rt, "b", None) == Verdict.DISCARDED
+    policy.on_refused(rt, "c")  # refused by the server's own checks, before the policy saw it
+    assert rt.flushes == 1 and policy.round == 2  # closed at three reports, three still in flight were cancelled
+    policy.on_report(rt, "d", None)
+    policy.on_lost(rt, "e")  # a lost trip is not a report: the round stays open
+    assert rt.flushes == 1 and policy.status()["round"]["arrived"] == 1
+    async_rt = RefusingRuntime(refused=set())
+    a = AsyncPolicy(4)
+    a.start(async_rt)
+    async_rt.in_flight -= 1
+    a.on_refused(async_rt, "x")  # asynchronous: the slot reopens at once
+    assert async_rt.started == 5

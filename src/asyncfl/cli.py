@@ -198,6 +198,16 @@ def main(argv: list[str] | None = None) -> int:
 
             run_study(cfg, args.out, console, threads)
             return 0
+        if args.command == "compare" and cfg.robustness is not None:
+            from asyncfl.robustness import run_robustness  # attacks x defences (asyncfl.robustness)
+
+            if args.seed is not None:
+                raise config.ConfigError(
+                    "--seed does not apply to a robustness matrix: its seeds are robustness.seeds "
+                    "(e.g. --set 'robustness.seeds=[3, 4, 5]')"
+                )
+            run_robustness(cfg, args.out, console, threads)
+            return 0
         run_experiment(cfg, args.out, runs, console, threads)
     except config.ConfigError as err:
         console.print(f"[red]error:[/red] {err}", highlight=False)

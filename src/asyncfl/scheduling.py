@@ -6,7 +6,8 @@ aggregator; the policy only decides when to start clients, when a round closes a
 happens to stragglers.
 
 Every policy has the same contract: `on_report` returns the verdict of the update it was handed
-(None when it did not submit it); `state_dict` / `load_state_dict` carry what a restarted
+(None when it did not submit it); `on_refused` hears of a report the runtime refused before
+handing it over (the network server's checks), `on_lost` of a trip that ended without one; `state_dict` / `load_state_dict` carry what a restarted
 server needs (JSON-able); `status` is what it adds to the server's /status. Timer payloads are
 JSON values the runtime treats as opaque (it may persist them and hand back an equal value);
 `is_deadline` tells a runtime which timer closes the open round.
@@ -70,6 +71,8 @@ class AsyncPolicy:
     def on_lost(self, rt: Runtime, trip: Any) -> None:
         self.start(rt)
 
+    on_refused = on_lost
+
     def on_timer(self, rt: Runtime, payload: Any) -> None:
         if payload == WAKE:
             self.start(rt)
@@ -89,9 +92,15 @@ class AsyncPolicy:
 
 class SyncPolicy:
     """Rounds: select ceil(cohort (1 + over_selection)) devices from one model version; the
-    round closes at `cohort` accepted updates, when nobody is left in flight, or at the
-    timeout. Stragglers are then cancelled (drop), waited for (wait: no timeout), or asked
-    for the work they have done (partial)."""
+    round closes at `cohort` reports, when nobody is left in flight, or at the timeout.
+    Stragglers are then cancelled (drop), waited for (wait: no timeout), or asked for the work
+    they have done (partial).
+
+    A report the server refused (a norm or filter refusal, a non-finite update) counts towards
+    the cohort like an accepted one: were the round to wait for `cohort` accepted updates,
+    every refusal would make it wait for one more straggler, so attackers whose updates are
+    all refused would still set the pace of training (with 20 % of them, rounds took 3x as
+    long on digits)."""
 
     mode = "sync"
 
@@ -126,11 +135,15 @@ class SyncPolicy:
     def on_report(self, rt: Runtime, trip: Any, update: ClientUpdate) -> Verdict | None:
         if not self.open:
             return None  # the round this trip belonged to has closed
+        self.arrived += 1  # first: a report that fails while folding in has counted all the same
         verdict = rt.submit(trip, update)
-        if verdict != Verdict.DISCARDED:
-            self.arrived += 1
         self._maybe_close(rt)
         return verdict
+
+    def on_refused(self, rt: Runtime, trip: Any) -> None:
+        if self.open:
+            self.arrived += 1
+        self._maybe_close(rt)
 
     def on_lost(self, rt: Runtime, trip: Any) -> None:
         self._maybe_close(rt)

@@ -18,6 +18,7 @@ from asyncfl.config.data import USER_DATASETS, DataConfig, PartitionConfig, Shak
 from asyncfl.config.model import ModelConfig
 from asyncfl.config.population import AttackConfig, Availability, Dist, PopulationConfig
 from asyncfl.config.privacy import AdaptiveClipConfig, PrivacyConfig
+from asyncfl.config.robustness import MatrixAttack, MatrixDefence, RobustnessConfig
 from asyncfl.config.scheduler import SchedulerConfig
 from asyncfl.config.server import NormGuardConfig, ServerConfig
 from asyncfl.config.study import StudyConfig, StudyMethod, StudyRatio
@@ -66,6 +67,9 @@ __all__ = [
     "StalenessConfig",
     "StopConfig",
     "Strict",
+    "RobustnessConfig",
+    "MatrixAttack",
+    "MatrixDefence",
     "StudyConfig",
     "StudyMethod",
     "StudyRatio",

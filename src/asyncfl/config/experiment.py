@@ -14,6 +14,7 @@ from asyncfl.config.data import DataConfig
 from asyncfl.config.model import ModelConfig
 from asyncfl.config.population import PopulationConfig
 from asyncfl.config.privacy import PrivacyConfig
+from asyncfl.config.robustness import RobustnessConfig
 from asyncfl.config.scheduler import SchedulerConfig
 from asyncfl.config.server import NormGuardConfig, ServerConfig
 from asyncfl.config.study import StudyConfig
@@ -131,6 +132,10 @@ class ExperimentConfig(Strict):
     study: StudyConfig | None = Field(
         default=None, description="compare runs a study (asyncfl.study) instead of the runs side by side"
     )
+    robustness: RobustnessConfig | None = Field(
+        default=None,
+        description="compare runs an attack x defence matrix (asyncfl.robustness) instead of the runs side by side",
+    )
 
     @model_validator(mode="after")
     def _unique_names(self):
@@ -142,6 +147,13 @@ class ExperimentConfig(Strict):
             for m in self.study.methods:
                 if m.name not in names:
                     raise ValueError(f"study.methods: {m.name!r} is not a run; runs: {names}")
+        if self.robustness is not None:
+            if self.study is not None:
+                raise ValueError("give study or robustness, not both")
+            for d in self.robustness.defences:
+                for n in d.runs or []:
+                    if n not in names:
+                        raise ValueError(f"robustness.defences.{d.name}.runs: {n!r} is not a run; runs: {names}")
         return self
 
     def run(self, name: str | None) -> RunSpec:

@@ -10,10 +10,10 @@ from asyncfl.config.base import Strict
 class NormGuardConfig(Strict):
     """The adaptive norm defence (`asyncfl.algorithms.norm_guard`): refuse an update whose L2
     norm exceeds `multiple` x the median of the last `window` accepted norms; until `warmup`
-    updates are accepted, `multiple` x the initial model's norm (at least 1), which also stays
-    an upper bound afterwards."""
+    updates are accepted, `multiple` x the median of all norms seen so far; always at most
+    `multiple` x the initial model's norm (at least 1)."""
 
-    multiple: float = Field(default=50.0, gt=1, description="refuse norms above this many times the median")
+    multiple: float = Field(default=5.0, gt=1, description="refuse norms above this many times the median")
     window: int = Field(default=50, ge=1, description="accepted norms the median is taken over")
     warmup: int = Field(default=10, ge=1, description="accepted updates before the median applies")
 

@@ -45,6 +45,7 @@ class Lease:
     state: str = ACTIVE
     upload_seq: int | None = None  # the update log's number of the upload that ended it
     upload_norm: float | None = None  # that upload's L2 norm (for the norm guard)
+    reported: bool = False  # handed to the policy's on_report (which counted it, whatever happened next)
 
 
 def _sql_seed(seed: int) -> int:
@@ -177,17 +178,18 @@ class Coordinator:
         """Upload number `seq` against a live lease: the trip ends, the policy folds it in.
         Returns its verdict; None when the policy did not submit it. `norm` is the update's L2
         norm, for the norm guard."""
-        lease.upload_seq, lease.upload_norm = seq, norm
+        lease.upload_seq, lease.upload_norm, lease.reported = seq, norm, True
         self._end(lease, DONE)
         return self.policy.on_report(self, lease, update)
 
     def release(self, lease: Lease, seq: int) -> None:
         """Upload number `seq` against a live lease was refused (before or while folding it
-        in): the trip ends all the same and the policy sees it lost, so its slot reopens."""
+        in): the trip ends all the same and the policy hears of the refused report, so its slot
+        reopens (and a synchronous round counts it, as the simulator counts a refused update)."""
         if lease.state == ACTIVE:
             lease.upload_seq = seq
             self._end(lease, DONE)
-        self.policy.on_lost(self, lease)
+        (self.policy.on_lost if lease.reported else self.policy.on_refused)(self, lease)
 
     def _end(self, lease: Lease, state: str) -> None:
         lease.state = state

@@ -5,47 +5,20 @@ from __future__ import annotations
 
 import copy
 import json
-import multiprocessing
 import resource
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, wait
 from pathlib import Path
 
-import torch
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from asyncfl.config import ExperimentConfig, StudyConfig
 from asyncfl.report import study as report
 from asyncfl.sim.metrics import write_rows
 from asyncfl.study.planning import Group, plan, seed_run
+from asyncfl.study.pool import make_pool, run_progress
 from asyncfl.study.tuning import choose, execute, tune
-
-
-def _init_worker() -> None:
-    torch.set_num_threads(1)
-
-
-class _Inline:
-    """The ProcessPoolExecutor interface in this process (workers = 1): a task runs when its
-    result is first asked for, in submission order."""
-
-    class _Done:
-        def __init__(self, fn, args):
-            self._call, self._value = (fn, args), None
-
-        def result(self):
-            if self._call is not None:
-                fn, args = self._call
-                self._value, self._call = fn(*args), None
-            return self._value
-
-    def submit(self, fn, *args):
-        return self._Done(fn, args)
-
-    def shutdown(self, wait=True, cancel_futures=False):
-        pass
 
 
 def _entry_line(e: dict) -> str:
@@ -72,21 +45,10 @@ def run_study(cfg: ExperimentConfig, out: Path, console: Console | None = None, 
         f"{cfg.name}: {len(groups)} (method, concurrency) groups, {n_grid} grid runs (seed {st.grid_seed}), "
         f"then {sum(len(g.seeds) for g in groups)} seed runs; {st.workers} worker(s)"
     )
-    pool = (
-        _Inline()
-        if st.workers == 1
-        else ProcessPoolExecutor(st.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker)
-    )
+    pool = make_pool(st.workers)
     finals: dict[tuple[str, int, int], dict] = {}
     # runs done out of all planned (grids count whole: a group's grid finishes as one task)
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not console.is_terminal,
-    )
+    progress = run_progress(console)
     bar = progress.add_task("study runs", total=n_grid + sum(len(g.seeds) for g in groups))
     progress.start()
     failed = True
