@@ -463,7 +463,7 @@ def test_restart_resumes_version_buffer_and_leases(tmp_path):
         bodies = {}
         for c in "ef":
             lease = h.checkin(c)
-            bodies[c] = h.frame(lease, delta=torch.randn(h.server.model.numel) * 0.1)
+            bodies[c] = h.frame(lease, delta=torch.randn(h.server.model.numel) * 0.01)
             assert h.upload(c, bodies[c]).status_code == 200
         agg = h.server.aggregation.aggregator.state_dict()
         answer_e = h.upload("e", bodies["e"]).json()

@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             run_study(cfg, args.out, console, threads)
             return 0
         if args.command == "compare" and cfg.robustness is not None:
-            from asyncfl.robustness import run_robustness  # attacks x defences (asyncfl.robustness)
+            from asyncfl.robustness.runner import run_robustness  # attacks x defences
 
             if args.seed is not None:
                 raise config.ConfigError(

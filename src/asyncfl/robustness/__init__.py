@@ -1,7 +1,7 @@
 """Robustness matrices: runs x defences x attacks x attacker shares x seeds, and their table
-of final accuracy (`asyncfl compare` on a config with a `robustness:` section)."""
+of final accuracy (`asyncfl compare` on a config with a `robustness:` section; the runner is
+`asyncfl.robustness.runner.run_robustness`)."""
 
 from asyncfl.robustness.planning import Cell, plan
-from asyncfl.robustness.runner import run_robustness
 
-__all__ = ["Cell", "plan", "run_robustness"]
+__all__ = ["Cell", "plan"]

@@ -1,0 +1,70 @@
+"""Real attacking client processes against a real server with default settings: 2 of 10 clients
+send -10x their update (`asyncfl client --attack sign_flip`). The default norm guard refuses
+them, and the honest clients still take FedBuff to 0.90 test accuracy."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from asyncfl.server.testing import ServerProcess, mint_tokens, spawn_client, stop_all
+
+CLIENTS, ATTACKERS = 10, 2
+WARMUP = 10  # the norm guard's default warm-up (accepted updates)
+
+
+def test_sign_flipping_client_processes_are_refused_by_the_default_guard(tmp_path):
+    exp = {
+        "name": "byzantine-e2e",
+        "seed": 0,
+        "target_accuracy": 0.9,
+        "data": {"partition": {"kind": "dirichlet", "alpha": 1.0}, "num_clients": CLIENTS},
+        "model": {"name": "mlp", "hidden": [64]},
+        "trainer": {"lr": 0.1, "batch_size": 16, "local_steps": 10},
+        "stop": {"at_target": True},
+        # only what a loopback test needs: fast evaluation and retries, generous request rates;
+        # the defences (norm guard, reported-value bounds) stay at their defaults
+        "server": {"retry_after": 0.2, "eval_every_s": 0.25, "rate_per_s": 200, "rate_burst": 400},
+        "runs": [
+            {
+                "name": "fedbuff",
+                "algorithm": {"name": "fedbuff", "buffer_size": 4},
+                "scheduler": {"mode": "async", "concurrency": CLIENTS},
+            }
+        ],
+    }
+    server = ServerProcess(exp, tmp_path)
+    tokens = mint_tokens(server.state_dir, "fedbuff", [f"c{i}" for i in range(CLIENTS)])
+    server.start()
+    t0 = time.time()
+    attack = ("--attack", "sign_flip", "--attack-factor", "10")
+    clients = [
+        spawn_client(server.url, tok, f"digits:client={i}", tmp_path, f"c{i}", *(attack if i < ATTACKERS else ()))
+        for i, tok in enumerate(tokens)
+    ]
+    try:
+        for p in clients:
+            p.wait(timeout=max(1.0, t0 + 400 - time.time()))
+    finally:
+        stop_all(clients)
+    try:
+        status = server.status()
+        assert status["reached_target"] and max(e["accuracy"] for e in server.history()) >= 0.9
+        acks = [[json.loads(line) for line in open(tmp_path / f"c{i}.acks.jsonl")] for i in range(CLIENTS)]
+        malicious = [a for i in range(ATTACKERS) for a in acks[i]]
+        honest = [a for i in range(ATTACKERS, CLIENTS) for a in acks[i]]
+        refused = [a for a in malicious if a["http"] == 422 and a["error"] == "norm_rejected"]
+        # an attacker may slip in while the guard has seen too few norms (the first uploads of
+        # the run, judged against the absolute bound and a median of a few), never afterwards
+        slipped = [a["seq"] for a in malicious if a["http"] == 200]
+        assert len(malicious) >= 10 and len(refused) + len(slipped) == len(malicious)
+        assert all(seq <= 2 * WARMUP for seq in slipped), slipped
+        assert sum(a["http"] == 200 for a in honest) >= 0.95 * len(honest)
+        assert status["norm_guard"]["rejected"] >= len(refused)
+        assert not any(a["http"] >= 500 for a in malicious + honest)
+        print(
+            f"byzantine e2e: target in {time.time() - t0:.1f} s, {len(refused)}/{len(malicious)} attacker "
+            f"uploads refused, {len(honest)} honest uploads"
+        )
+    finally:
+        server.kill()
