@@ -92,7 +92,7 @@ class SecAggClient:
             raise ProtocolViolation("the key directory names peers that are not this client's neighbours")
         self._directory = directory
         holders = [*peers, self.client]
-        self._require(len(holders), "share keys", "neighbours with keys, self included")
+        self._require(len(holders), "share_keys", "neighbours with keys, self included")
         points = [holder + 1 for holder in holders]
         seed_shares = shamir.split(self._self_seed, self.params.threshold, points)
         key_shares = shamir.split(self._mask_key.private_bytes(), self.params.threshold, points)
@@ -122,7 +122,7 @@ class SecAggClient:
                 raise ProtocolViolation(f"shares from {sender} name other participants")
             body = plaintext[2 * _ID.size :]
             self._held[sender] = (body[:_SHARE_BYTES], body[_SHARE_BYTES:])
-        self._require(len(self._held), "masked input", "peers holding shares, self included")
+        self._require(len(self._held), "masked_input", "peers holding shares, self included")
         length, ring = self.params.length, self.ring
         masked = ring.add(ring.scale(encoded, weight), prg.mask(self._self_seed, length, ring))
         for peer in incoming.ciphertexts:

@@ -62,7 +62,7 @@ class SecAggServer:
         """Phase 0: the key directory each advertising client receives (its neighbours' keys)."""
         self._advance("collect_keys", "route_shares")
         self._keys = _by_client((advert.client, advert) for advert in adverts)
-        self._require(len(self._keys), "advertise keys")
+        self._require(len(self._keys), "advertise")
         directories = {}
         for client in self._keys:
             peers = sorted(self.graph[client] & set(self._keys))
@@ -79,7 +79,7 @@ class SecAggServer:
         for sender, message in shares.items():
             if sender not in self._keys or not set(message.ciphertexts) <= self.graph[sender] & set(self._keys):
                 raise ProtocolViolation(f"client {sender} shared keys out of turn or with non-neighbours")
-        self._require(len(shares), "share keys")
+        self._require(len(shares), "share_keys")
         incoming = {client: {} for client in shares}
         for sender, message in shares.items():
             for recipient, ciphertext in message.ciphertexts.items():
@@ -94,13 +94,13 @@ class SecAggServer:
         self._masked = _by_client((message.client, message) for message in inputs)
         if not set(self._masked) <= set(self._shared_with):
             raise ProtocolViolation("a masked input from a client that did not share keys")
-        self._require(len(self._masked), "masked input")
+        self._require(len(self._masked), "masked_input")
         survivors = set(self._masked)
         requests = {}
         for client in sorted(survivors):
             holders = self._shared_with[client] | {client}
             requests[client] = UnmaskRequest(tuple(sorted(holders & survivors)), tuple(sorted(holders - survivors)))
-            self._require(len(requests[client].survivors), "masked input", f"surviving neighbours of client {client}")
+            self._require(len(requests[client].survivors), "masked_input", f"surviving neighbours of client {client}")
         return requests
 
     def unmask(self, responses: Iterable[UnmaskResponse]) -> SecAggResult:

@@ -55,12 +55,16 @@ def seal_binding(task: str, update_id: str) -> bytes:
     return b"asyncfl tsa" + struct.pack(">I", len(task_bytes)) + task_bytes + id_bytes
 
 
+def seal_seed(seed: bytes, tsa_public_key: bytes, task: str, update_id: str) -> bytes:
+    """A mask seed encrypted to the TSA, readable only under this task and update id."""
+    return seal_to(tsa_public_key, seed, seal_binding(task, update_id), _SEAL_INFO)
+
+
 def mask_for_tsa(encoded: np.ndarray, ring: Ring, tsa_public_key: bytes, task: str, update_id: str) -> MaskedUpload:
     """Client side: mask an encoded update with a fresh seed and seal the seed to the TSA."""
     seed = os.urandom(prg.SEED_BYTES)
     masked = ring.add(encoded, prg.mask(seed, encoded.shape[0], ring))
-    sealed = seal_to(tsa_public_key, seed, seal_binding(task, update_id), _SEAL_INFO)
-    return MaskedUpload(update_id, ring.to_bytes(masked), sealed)
+    return MaskedUpload(update_id, ring.to_bytes(masked), seal_seed(seed, tsa_public_key, task, update_id))
 
 
 @dataclass
