@@ -1,5 +1,7 @@
 """Synchronous SecAgg / SecAgg+: correct sums, dropout recovery up to n - t, clean failures beyond."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -151,5 +153,12 @@ def test_the_server_refuses_duplicate_or_out_of_turn_messages():
     adverts = [c.advertise() for c in clients]
     with pytest.raises(ProtocolViolation, match="two messages"):
         server.collect_keys(adverts + adverts[:1])
+    server = SecAggServer(params)  # a failed phase ends the round
+    directories = server.collect_keys(adverts)
+    incoming = server.route_shares(c.share_keys(directories[c.client]) for c in clients)
+    inputs = [c.masked_input(incoming[c.client], CODEC.ring.zeros(8), 1) for c in clients]
+    short = dataclasses.replace(inputs[0], masked=inputs[0].masked[:-4])
+    with pytest.raises(ProtocolViolation, match="wrong size"):
+        server.collect_masked([short, *inputs[1:]])
     with pytest.raises(ValueError, match="threshold"):
         SecAggServer(make_params(10, 6, 4, 8))

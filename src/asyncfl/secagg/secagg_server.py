@@ -43,7 +43,10 @@ class SecAggResult:
 
 
 class SecAggServer:
-    """The server's state for one round; call collect_keys, route_shares, collect_masked, unmask in order."""
+    """The server's state for one round; call collect_keys, route_shares, collect_masked, unmask in order.
+
+    A phase that raises (abort or violation) ends the round: the next call is out of turn.
+    """
 
     def __init__(self, params: RoundParams) -> None:
         if not 1 <= params.threshold <= params.clients:
@@ -94,6 +97,10 @@ class SecAggServer:
         self._masked = _by_client((message.client, message) for message in inputs)
         if not set(self._masked) <= set(self._shared_with):
             raise ProtocolViolation("a masked input from a client that did not share keys")
+        expected_bytes = self.params.length * self.ring.element_bytes
+        for client, message in self._masked.items():
+            if type(message.weight) is not int or message.weight < 1 or len(message.masked) != expected_bytes:
+                raise ProtocolViolation(f"client {client} sent a masked input of the wrong size or weight")
         self._require(len(self._masked), "masked_input")
         survivors = set(self._masked)
         requests = {}
