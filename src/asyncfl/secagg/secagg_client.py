@@ -77,6 +77,7 @@ class SecAggClient:
         self._self_seed = os.urandom(prg.SEED_BYTES)
         self._phase = "advertise"
         self._directory: KeyDirectory | None = None
+        self._share_keys: dict[int, bytes] = {}  # peer -> AEAD key for the shares exchanged with it
         self._held: dict[int, tuple[bytes, bytes]] = {}  # owner -> (self-mask share, key share)
         self._revealed: dict[int, str] = {}  # peer -> "self_mask" or "key"
 
@@ -91,6 +92,11 @@ class SecAggClient:
         if set(peers) != set(directory.mask_keys) or not set(peers) <= self.neighbours:
             raise ProtocolViolation("the key directory names peers that are not this client's neighbours")
         self._directory = directory
+        info = b"asyncfl secagg shares" + self.params.round_id
+        self._share_keys = {
+            peer: self._cipher_key.derive(directory.cipher_keys[peer], info + _pair(self.client, peer))
+            for peer in peers
+        }
         holders = [*peers, self.client]
         self._require(len(holders), "share_keys", "neighbours with keys, self included")
         points = [holder + 1 for holder in holders]
@@ -103,7 +109,7 @@ class SecAggClient:
             plaintext = (
                 _pair_ordered(self.client, peer) + seed_shares[peer + 1].to_bytes() + key_shares[peer + 1].to_bytes()
             )
-            ciphertexts[peer] = seal(self._share_key(peer), plaintext, self._share_binding(self.client, peer))
+            ciphertexts[peer] = seal(self._share_keys[peer], plaintext, self._share_binding(self.client, peer))
         return ShareKeys(self.client, ciphertexts)
 
     def masked_input(self, incoming: IncomingShares, encoded: np.ndarray, weight: int) -> MaskedInput:
@@ -117,7 +123,7 @@ class SecAggClient:
         if encoded.shape != (self.params.length,):
             raise ValueError(f"the update has shape {encoded.shape}, the round expects ({self.params.length},)")
         for sender, ciphertext in incoming.ciphertexts.items():
-            plaintext = unseal(self._share_key(sender), ciphertext, self._share_binding(sender, self.client))
+            plaintext = unseal(self._share_keys[sender], ciphertext, self._share_binding(sender, self.client))
             if plaintext[: 2 * _ID.size] != _pair_ordered(sender, self.client):
                 raise ProtocolViolation(f"shares from {sender} name other participants")
             body = plaintext[2 * _ID.size :]
@@ -164,11 +170,6 @@ class SecAggClient:
     def _require(self, alive: int, phase: str, what: str) -> None:
         if alive < self.params.threshold:
             raise SecAggAbort(phase, alive, self.params.threshold, f"client {self.client}: {what}")
-
-    def _share_key(self, peer: int) -> bytes:
-        assert self._directory is not None
-        info = b"asyncfl secagg shares" + self.params.round_id + _pair(self.client, peer)
-        return self._cipher_key.derive(self._directory.cipher_keys[peer], info)
 
     def _share_binding(self, sender: int, recipient: int) -> bytes:
         return b"asyncfl secagg shares" + self.params.round_id + _pair_ordered(sender, recipient)

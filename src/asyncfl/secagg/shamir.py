@@ -9,6 +9,7 @@ coefficients come from `secrets` (a CSPRNG), as the scheme's secrecy rests on th
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -87,13 +88,27 @@ def _evaluate(coefficients: Sequence[int], x: int) -> int:
 
 
 def _interpolate(shares: Sequence[Share], at: int) -> int:
-    """Lagrange interpolation through `shares`, evaluated at `at`, in GF(PRIME)."""
-    total = 0
-    for i, share in enumerate(shares):
-        numerator, denominator = 1, 1
-        for j, other in enumerate(shares):
-            if i != j:
-                numerator = numerator * (at - other.x) % PRIME
-                denominator = denominator * (share.x - other.x) % PRIME
-        total = (total + share.y * numerator * pow(denominator, -1, PRIME)) % PRIME
+    """Lagrange interpolation through `shares`, evaluated at `at`, in GF(PRIME): O(t) given the weights."""
+    xs = tuple(share.x for share in shares)
+    factors = [(at - x) % PRIME for x in xs]
+    prefix = [1]
+    for factor in factors[:-1]:
+        prefix.append(prefix[-1] * factor % PRIME)
+    weights, total, suffix = _barycentric_weights(xs), 0, 1
+    for i in reversed(range(len(xs))):
+        total = (total + shares[i].y * weights[i] % PRIME * prefix[i] % PRIME * suffix) % PRIME
+        suffix = suffix * factors[i] % PRIME
     return total
+
+
+@functools.lru_cache(maxsize=64)
+def _barycentric_weights(xs: tuple[int, ...]) -> tuple[int, ...]:
+    """1 / prod_(j != i) (x_i - x_j): shared by every secret rebuilt from the same holders."""
+    weights = []
+    for i, xi in enumerate(xs):
+        denominator = 1
+        for j, xj in enumerate(xs):
+            if i != j:
+                denominator = denominator * (xi - xj) % PRIME
+        weights.append(pow(denominator, -1, PRIME))
+    return tuple(weights)
