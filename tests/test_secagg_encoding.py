@@ -53,6 +53,8 @@ def test_overflow_is_refused_not_wrapped():
     assert codec.ring.to_signed(wrapped)[0] < 0  # the ring really wrapped ...
     with pytest.raises(RingOverflowError, match="exceeds"):
         codec.decode(wrapped, 11)  # ... and decode refuses it instead of returning garbage
+    with pytest.raises(ValueError, match="non-finite"):
+        codec.encode(np.array([0.0, np.nan]), np.random.default_rng(0))
     with pytest.raises(ValueError, match="cannot hold"):
         FixedPointCodec(clip_range=1.0, max_total_weight=2**40)
 

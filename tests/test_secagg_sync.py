@@ -153,6 +153,8 @@ def test_the_server_refuses_duplicate_or_out_of_turn_messages():
     adverts = [c.advertise() for c in clients]
     with pytest.raises(ProtocolViolation, match="two messages"):
         server.collect_keys(adverts + adverts[:1])
+    with pytest.raises(ProtocolViolation, match="malformed"):
+        SecAggServer(params).collect_keys([dataclasses.replace(adverts[0], mask_key=b"short"), *adverts[1:]])
     server = SecAggServer(params)  # a failed phase ends the round
     directories = server.collect_keys(adverts)
     incoming = server.route_shares(c.share_keys(directories[c.client]) for c in clients)

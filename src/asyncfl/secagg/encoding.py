@@ -58,8 +58,11 @@ class FixedPointCodec:
         return self.max_level / self.clip_range
 
     def encode(self, values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Clip, scale and stochastically round a float vector into the ring (vectorised)."""
-        scaled = np.clip(np.asarray(values, dtype=np.float64), -self.clip_range, self.clip_range) * self.scale
+        """Clip, scale and stochastically round a float vector (numpy or CPU tensor) into the ring."""
+        values = np.asarray(values, dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise ValueError("cannot encode an update with non-finite coordinates")
+        scaled = np.clip(values, -self.clip_range, self.clip_range) * self.scale
         levels = np.floor(scaled + rng.random(scaled.shape))
         np.clip(levels, -self.max_level, self.max_level, out=levels)  # float rounding at the edge only
         return self.ring.from_signed(levels.astype(np.int64))

@@ -65,6 +65,9 @@ class SecAggServer:
         """Phase 0: the key directory each advertising client receives (its neighbours' keys)."""
         self._advance("collect_keys", "route_shares")
         self._keys = _by_client((advert.client, advert) for advert in adverts)
+        for client, advert in self._keys.items():
+            if client not in self.graph or len(advert.cipher_key) != 32 or len(advert.mask_key) != 32:
+                raise ProtocolViolation(f"client {client} is not in the round or advertised malformed keys")
         self._require(len(self._keys), "advertise")
         directories = {}
         for client in self._keys:
