@@ -1,12 +1,14 @@
 """Synchronous SecAgg / SecAgg+: correct sums, dropout recovery up to n - t, clean failures beyond."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
 
 from asyncfl.secagg import FixedPointCodec, ProtocolViolation, SecAggAbort, SecAggClient, SecAggServer
 from asyncfl.secagg.graph import neighbour_graph
+from asyncfl.secagg.messages import from_json, to_json
 from asyncfl.secagg.secagg_round import PHASES, make_params, run_round
 
 LENGTH = 300
@@ -164,3 +166,23 @@ def test_the_server_refuses_duplicate_or_out_of_turn_messages():
         server.collect_masked([short, *inputs[1:]])
     with pytest.raises(ValueError, match="threshold"):
         SecAggServer(make_params(10, 6, 4, 8))
+
+
+def test_a_round_whose_every_message_travels_as_json():
+    def wire(message):
+        return from_json(type(message), json.loads(json.dumps(to_json(message))))
+
+    params = wire(make_params(4, 3, None, LENGTH))
+    updates, weights = _updates(4, seed=10)
+    server, rng = SecAggServer(params), np.random.default_rng(11)
+    clients = {c: SecAggClient(params, c) for c in range(4)}
+    directories = server.collect_keys(wire(c.advertise()) for c in clients.values())
+    incoming = server.route_shares(wire(clients[c].share_keys(wire(directories[c]))) for c in clients)
+    inputs = [
+        wire(clients[c].masked_input(wire(incoming[c]), CODEC.encode(updates[c], rng), weights[c])) for c in (0, 1, 2)
+    ]
+    requests = server.collect_masked(inputs)
+    result = server.unmask(wire(clients[c].unmask(wire(requests[c]))) for c in requests)
+    plaintext = sum(weights[c] * np.clip(updates[c], -1.0, 1.0) for c in (0, 1, 2))
+    decoded = CODEC.decode(result.total, result.total_weight)
+    assert np.abs(decoded - plaintext).max() <= CODEC.error_bound(result.total_weight)
