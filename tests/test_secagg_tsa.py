@@ -59,8 +59,11 @@ def test_the_returned_mask_sum_unmasks_the_weighted_sum():
     request = buffer.request("step-1")
     masked_only = CODEC.decode(buffer.total, buffer.total_weight)
     assert np.abs(masked_only - plaintext).max() > 1.0  # the buffer alone is noise
-    decoded = buffer.unmask(tsa.unmask(request), request)
+    response = tsa.unmask(request)
+    decoded = buffer.unmask(response)
     assert np.abs(decoded - plaintext).max() <= CODEC.error_bound(buffer.total_weight)
+    with pytest.raises(ValueError, match="requested"):
+        buffer.unmask(dataclasses.replace(response, step_id="step-0"))
 
 
 def test_fewer_than_k_contributions_are_refused():
@@ -147,7 +150,7 @@ def test_dp_noise_reaches_the_unmasked_sum_with_the_right_spread():
     tsa = _tsa(noise_std=CODEC.noise_std_in_ring(noise_std))
     buffer, plaintext = _buffer(tsa, 4)
     request = buffer.request("step-1")
-    noisy = buffer.unmask(tsa.unmask(request), request)
+    noisy = buffer.unmask(tsa.unmask(request))
     noise = noisy - plaintext
     assert abs(noise.mean()) < 4 * noise_std / np.sqrt(LENGTH)
     assert noise.std() == pytest.approx(noise_std, rel=0.15)

@@ -72,13 +72,15 @@ class MaskedBuffer:
     """Server side: the weighted ring sum of masked uploads and what the TSA needs to unmask it.
 
     Refuses (`RingOverflowError`) a fold that would take the total weight past the codec's
-    `max_total_weight`, so a decoded sum can never have wrapped.
+    `max_total_weight`, so a decoded sum can never have wrapped. Folding commutes, so a restarted
+    server rebuilds its buffer by folding its persisted uploads again.
     """
 
     codec: FixedPointCodec
     length: int
     total: np.ndarray = field(init=False)
     contributions: list[TsaContribution] = field(init=False, default_factory=list)
+    requested_step: str | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.total = self.codec.ring.zeros(self.length)
@@ -98,12 +100,14 @@ class MaskedBuffer:
         self.contributions.append(TsaContribution(upload.update_id, int(weight), upload.sealed_seed))
 
     def request(self, step_id: str) -> TsaRequest:
+        """What to send the TSA for this buffer; `step_id` must be unique to the step."""
+        self.requested_step = step_id
         return TsaRequest(step_id, self.length, tuple(self.contributions))
 
-    def unmask(self, response: TsaResponse, request: TsaRequest) -> np.ndarray:
+    def unmask(self, response: TsaResponse) -> np.ndarray:
         """The decoded weighted sum of the buffer's (clipped) updates, plus the TSA's noise if any."""
-        if response.step_id != request.step_id:
-            raise ValueError(f"response for step {response.step_id!r}, expected {request.step_id!r}")
+        if self.requested_step is None or response.step_id != self.requested_step:
+            raise ValueError(f"response for step {response.step_id!r}, requested {self.requested_step!r}")
         ring = self.codec.ring
         return self.codec.decode(
             ring.sub(self.total, ring.from_bytes(response.mask_sum, self.length)), self.total_weight
