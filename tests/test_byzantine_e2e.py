@@ -8,31 +8,23 @@ import json
 import time
 
 from asyncfl.server.testing import ServerProcess, mint_tokens, spawn_client, stop_all
+from tests.test_server_e2e import experiment
 
 CLIENTS, ATTACKERS = 10, 2
 WARMUP = 10  # the norm guard's default warm-up (accepted updates)
 
 
 def test_sign_flipping_client_processes_are_refused_by_the_default_guard(tmp_path):
-    exp = {
-        "name": "byzantine-e2e",
-        "seed": 0,
-        "target_accuracy": 0.9,
-        "data": {"partition": {"kind": "dirichlet", "alpha": 1.0}, "num_clients": CLIENTS},
-        "model": {"name": "mlp", "hidden": [64]},
-        "trainer": {"lr": 0.1, "batch_size": 16, "local_steps": 10},
-        "stop": {"at_target": True},
-        # only what a loopback test needs: fast evaluation and retries, generous request rates;
-        # the defences (norm guard, reported-value bounds) stay at their defaults
-        "server": {"retry_after": 0.2, "eval_every_s": 0.25, "rate_per_s": 200, "rate_burst": 400},
-        "runs": [
-            {
-                "name": "fedbuff",
-                "algorithm": {"name": "fedbuff", "buffer_size": 4},
-                "scheduler": {"mode": "async", "concurrency": CLIENTS},
-            }
-        ],
-    }
+    exp = experiment(
+        {
+            "name": "fedbuff",
+            "algorithm": {"name": "fedbuff", "buffer_size": 4},
+            "scheduler": {"mode": "async", "concurrency": CLIENTS},
+        }
+    )
+    exp["data"]["num_clients"] = CLIENTS
+    # the defences (norm guard, reported-value bounds) at their defaults: no absolute norm bound
+    del exp["server"]["max_update_norm"]
     server = ServerProcess(exp, tmp_path)
     tokens = mint_tokens(server.state_dir, "fedbuff", [f"c{i}" for i in range(CLIENTS)])
     server.start()
