@@ -186,8 +186,8 @@ class AggregationRole:
         if self.guard is None:
             return
         reason = self.guard.check(norm)
+        self._dirty.guard = True  # a check counts a refusal or, while warming up, records the norm seen
         if reason is not None:
-            self._dirty.guard = True
             raise ApiError(422, "norm_rejected", f"update {reason}; it was not folded in")
 
     def fold(self, update: ClientUpdate, seq: int | None, norm: float | None = None) -> Verdict:
