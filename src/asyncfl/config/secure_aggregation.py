@@ -30,7 +30,9 @@ class SecureAggregationConfig(Strict):
         default=0.5, gt=0, le=1, description="sync: t as a fraction of the cohort; a round needs t survivors to unmask"
     )
     neighbours: int | None = Field(
-        default=None, ge=1, description="secagg_plus: k neighbours per client (null: 2 ceil(log2 n)); secagg: all pairs"
+        default=None,
+        ge=2,
+        description="secagg_plus: even k neighbours per client (null: 2 ceil(log2 n)); secagg: all pairs",
     )
     rounding: bool = Field(
         default=True, description="simulation: apply the fixed-point encoding's stochastic rounding to each update"
@@ -42,6 +44,8 @@ class SecureAggregationConfig(Strict):
             raise ValueError("threshold and neighbours apply to the synchronous protocols (secagg, secagg_plus)")
         if self.protocol == "secagg" and self.neighbours is not None:
             raise ValueError("secagg masks all pairs: neighbours applies to secagg_plus only")
+        if self.neighbours is not None and self.neighbours % 2:
+            raise ValueError(f"neighbours must be even (a k-regular ring graph), got {self.neighbours}")
         return self
 
 
