@@ -48,16 +48,14 @@ class SecureCost:
     client_seconds: float
     threshold: int | None = None
     tsa_step_bytes: int = 0
-    tsa_step_contributions: int = 0
 
 
 def neighbours(s: SecureAggregationConfig, clients: int) -> int:
-    """k: all other clients for secagg; secagg_plus's configured k, by default the smallest even
-    number >= 2 log2(n) (all pairs when that is not below n - 1)."""
+    """k: all other clients for secagg; secagg_plus's configured (even) k, by default
+    2 ceil(log2 n) (all pairs when that is not below n - 1)."""
     if s.protocol == "secagg":
         return clients - 1
     k = s.neighbours if s.neighbours is not None else 2 * math.ceil(math.log2(clients))
-    k += k % 2
     return k if k < clients - 1 else clients - 1
 
 
@@ -90,13 +88,7 @@ def tsa_cost(s: SecureAggregationConfig, buffer_size: int, length: int) -> Secur
     request = TsaRequest("step-0000000000", length, (contribution,) * buffer_size)
     response = wire_bytes(TsaResponse(request.step_id, bytes(length * ring.element_bytes)))
     seconds = length * (ENCODE_SECONDS_PER_COORDINATE + MASK_SECONDS_PER_COORDINATE)
-    return SecureCost(
-        wire_bytes(upload) + vector,
-        0,
-        seconds,
-        tsa_step_bytes=wire_bytes(request) + response,
-        tsa_step_contributions=buffer_size,
-    )
+    return SecureCost(wire_bytes(upload) + vector, 0, seconds, tsa_step_bytes=wire_bytes(request) + response)
 
 
 class ClientEncoding:
