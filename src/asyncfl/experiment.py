@@ -37,6 +37,7 @@ from asyncfl.report.table import summary_table
 from asyncfl.sim import threads as thread_choice
 from asyncfl.sim.batched import make_executor
 from asyncfl.sim.metrics import Metrics
+from asyncfl.sim.secure_aggregation import build_secure_aggregation
 from asyncfl.sim.simulator import RunParts, Simulation
 
 # the most clients a thread-count probe trains in its pass: enough for large matmuls to show
@@ -60,6 +61,7 @@ def build_simulation(
         build_client_rule(spec, cfg.trainer.lr),
         definition(spec.algorithm.name).upload_fields,
         build_norm_guard(spec.norm_guard, model.initial_weights()),
+        build_secure_aggregation(spec, model.initial_weights().numel(), data),
     )
     return Simulation(parts, cfg, model.initial_weights(), build_codecs(spec), progress)
 

@@ -93,6 +93,10 @@ class BufferingAggregator(Aggregator):
     def pending(self) -> int:
         return self.count
 
+    def discard(self) -> None:
+        """Drop what is buffered without stepping (a secure round whose sum could not be unmasked)."""
+        self._reset()
+
     def status(self) -> dict:
         return super().status() | {"buffer": {"fill": self.count, "size": self.buffer_size}}
 

@@ -46,6 +46,10 @@ class ScaffoldAggregator(Aggregator):
     def pending(self) -> int:
         return self.count
 
+    def discard(self) -> None:
+        """Drop the round's sums without stepping (a secure round whose sum could not be unmasked)."""
+        self._reset()
+
     def downloads(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.control is None:
             self.control = torch.zeros_like(w)

@@ -20,6 +20,7 @@ from asyncfl.config.population import AttackConfig, Availability, Dist, Populati
 from asyncfl.config.privacy import AdaptiveClipConfig, PrivacyConfig
 from asyncfl.config.robustness import MatrixAttack, MatrixDefence, RobustnessConfig
 from asyncfl.config.scheduler import SchedulerConfig
+from asyncfl.config.secure_aggregation import SecureAggregationConfig
 from asyncfl.config.server import NormGuardConfig, ServerConfig
 from asyncfl.config.study import StudyConfig, StudyMethod, StudyRatio
 from asyncfl.config.training import RoundAggregation, ServerOptConfig, StalenessConfig, TrainerConfig
@@ -61,6 +62,7 @@ __all__ = [
     "RoundAggregation",
     "RunSpec",
     "SchedulerConfig",
+    "SecureAggregationConfig",
     "ServerConfig",
     "ServerOptConfig",
     "ShakespeareConfig",

@@ -16,6 +16,7 @@ from asyncfl.config.population import PopulationConfig
 from asyncfl.config.privacy import PrivacyConfig
 from asyncfl.config.robustness import RobustnessConfig
 from asyncfl.config.scheduler import SchedulerConfig
+from asyncfl.config.secure_aggregation import SecureAggregationConfig, check_run
 from asyncfl.config.server import NormGuardConfig, ServerConfig
 from asyncfl.config.study import StudyConfig
 from asyncfl.config.training import TrainerConfig
@@ -33,6 +34,9 @@ class RunSpec(Strict):
     privacy: PrivacyConfig | None = None
     norm_guard: NormGuardConfig | None = Field(
         default=None, description="simulation: the server's adaptive norm defence (server.norm_guard); default off"
+    )
+    secure_aggregation: SecureAggregationConfig | None = Field(
+        default=None, description="the server only sees sums of updates (SecAgg+ in sync rounds, a TSA for FedBuff)"
     )
 
     @field_validator("algorithm", mode="before")
@@ -92,6 +96,12 @@ class RunSpec(Strict):
                     f"privacy.adaptive.count_noise_std: 2 x {sb:g} must exceed privacy.noise_multiplier "
                     f"{p.noise_multiplier:g} (the count query shares the budget); raise it"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _secure_aggregation(self):
+        if self.secure_aggregation is not None:
+            check_run(self)
         return self
 
 

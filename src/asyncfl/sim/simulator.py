@@ -33,6 +33,7 @@ from asyncfl.sim.events import EventQueue
 from asyncfl.sim.executor import Executor, TrainJob
 from asyncfl.sim.metrics import Metrics
 from asyncfl.sim.population import Population, trip_timing
+from asyncfl.sim.secure_aggregation import SecureAggregation
 
 FINISH, DROP, TIMER, EVAL, END = range(5)
 
@@ -69,6 +70,7 @@ class RunParts:
     client_rule: Any = None  # the algorithm's per-client state rule (`AlgorithmDefinition.client_rule`)
     upload_fields: tuple[str, ...] = ()  # tensors a client uploads besides its delta
     norm_guard: NormGuard | None = None  # refuses outsized updates (run.norm_guard; off by default)
+    secure: SecureAggregation | None = None  # run.secure_aggregation: its costs and client encoding
 
 
 DENSE = RunCodecs()  # no compression: dense float32 both ways
@@ -112,6 +114,11 @@ class Simulation:
         # delta up) are charged dense float32, each the size of the model
         self.download_bytes += self.model_bytes * len(parts.aggregator.downloads(w0))
         self.upload_bytes += self.model_bytes * len(parts.upload_fields)
+        self.secure = parts.secure
+        if self.secure is not None:  # masked vectors (and protocol messages) replace the plain upload
+            cost = self.secure.cost
+            self.upload_bytes = cost.upload_bytes + self.secure.vector_bytes * len(parts.upload_fields)
+            self.download_bytes += cost.extra_download_bytes
         self.error_feedback = ErrorFeedback(codecs.upload) if codecs.error_feedback and codecs.upload else None
         self._broadcast: tuple[int, torch.Tensor] | None = None  # (version, model as a lossy download decodes)
         # the algorithm's per-client state (`AlgorithmDefinition.client_rule`), kept only for the
@@ -154,6 +161,8 @@ class Simulation:
             verdict = Verdict.DISCARDED  # refused as the server refuses it (422 there)
         else:
             verdict = self.aggregator.submit(self.state, update, trip.base_w)
+            if self.secure is not None:
+                self.secure.reports += 1
             if norm is not None and verdict != Verdict.DISCARDED:
                 self.norm_guard.accept(norm)
         self.metrics.on_verdict(verdict, staleness)
@@ -166,6 +175,9 @@ class Simulation:
         return verdict
 
     def flush(self) -> bool:
+        if self.secure is not None and not self.secure.round_unmasks():
+            self.aggregator.discard()  # too few survivors: the round's sum stays masked
+            return False
         stepped = self.aggregator.flush(self.state)
         if stepped:
             self._after_step()
@@ -234,6 +246,8 @@ class Simulation:
             self.download_bytes,
             self.upload_bytes,
         )
+        if self.secure is not None:
+            duration += self.secure.cost.client_seconds
         seed, drop_at = self._trip_draws(trip_id)
         clock = self.clock
         end = clock + duration if drop_at is None else clock + drop_at * duration
@@ -288,16 +302,18 @@ class Simulation:
             update.delta = pop.attack.corrupt(update.delta, trip.seed)
         if self.client_rule is not None:
             update.extras = self.client_rule.uploads(trip.base_extras, self.client_state.get(trip.device), update)
-        if self.upload_codec is None:
-            self.metrics.bytes_up += self.upload_bytes
-            return update
-        gen = upload_rounding_generator(trip.seed)
-        if self.error_feedback is not None:  # every upload advances its device's residual
-            payload, decoded = self.error_feedback.encode(trip.device, update.delta, gen)
-        else:
-            payload, decoded, _ = encode_upload(self.upload_codec, update.delta, gen)
-        self.metrics.bytes_up += len(payload)  # = upload_bytes, the trip's timing: encode_upload checks
-        update.delta = decoded
+        sent = self.upload_bytes
+        if self.upload_codec is not None:
+            gen = upload_rounding_generator(trip.seed)
+            if self.error_feedback is not None:  # every upload advances its device's residual
+                payload, update.delta = self.error_feedback.encode(trip.device, update.delta, gen)
+            else:
+                payload, update.delta, _ = encode_upload(self.upload_codec, update.delta, gen)
+            sent = len(payload)  # = upload_bytes, the trip's timing: encode_upload checks
+        if self.secure is not None:  # quantized values then go through the fixed-point encoding
+            update.delta = self.secure.encoding(update.delta, trip.seed)
+            sent = self.upload_bytes
+        self.metrics.bytes_up += sent
         return update
 
     def _downloaded_model(self) -> torch.Tensor:
@@ -321,6 +337,8 @@ class Simulation:
 
     # ---- evaluation -------------------------------------------------------------------
     def _after_step(self) -> None:
+        if self.secure is not None:
+            self.secure.on_step()
         every = self.eval_cfg.every_versions
         if every and self.state.version - self.evaluations.last_version >= every:
             self._evaluate()
@@ -408,4 +426,6 @@ class Simulation:
         privacy = self.aggregator.privacy_report()
         if privacy is not None:
             out.update(privacy)
+        if self.secure is not None:
+            out.update(self.secure.summary())
         return out
