@@ -1,5 +1,6 @@
 """`asyncfl` command line: simulate one run, compare a preset's runs side by side, or run the
-network server (`serve`), a client (`client`) and the token admin (`token`)."""
+network server (`serve`), a client (`client`), the token admin (`token`) and the trusted secure
+aggregator (`tsa`)."""
 
 from __future__ import annotations
 
@@ -94,6 +95,7 @@ def _add_network_commands(sub) -> None:
         help="file keeping the algorithm's per-client state between trips and "
         "restarts (SCAFFOLD's control variate); default: ACK_LOG.state.pt",
     )
+    cli.add_argument("--tsa-key", help="pinned public key (base64) of the task's trusted secure aggregator")
     cli.add_argument("--backoff-cap", type=float, default=10.0, help="longest wait between retries (s)")
     cli.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     cli.add_argument(
@@ -104,6 +106,7 @@ def _add_network_commands(sub) -> None:
     cli.add_argument("--attack-factor", type=float, default=10.0, help="sign_flip: delta x -S; scale: delta x S")
     cli.add_argument("--attack-noise-std", type=float, default=1.0, help="gaussian, collude: std per coordinate")
     cli.add_argument("--attack-seed", type=int, default=0, help="collude: seed of the vector all colluders send")
+    _add_tsa_command(sub)
     tok = sub.add_parser("token", help="create, list or revoke client and operator tokens (stored hashed)")
     tsub = tok.add_subparsers(dest="token_command", required=True)
     create = tsub.add_parser("create", help="mint a token and print it once")
@@ -124,10 +127,33 @@ def _add_network_commands(sub) -> None:
             p.add_argument("--client", required=True)
 
 
+def _add_tsa_command(sub) -> None:
+    tsa = sub.add_parser("tsa", help="the trusted secure aggregator (stands in for a TEE enclave)")
+    tsub = tsa.add_subparsers(dest="tsa_command", required=True)
+    init = tsub.add_parser("init", help="create the key pair in a state dir; prints the public key (base64)")
+    init.add_argument("--state", type=Path, required=True, help="state dir (0700): key pair and used contributions")
+    srv = tsub.add_parser("serve", help="answer the FL server's unmask requests (HTTP)")
+    srv.add_argument("--state", type=Path, required=True)
+    srv.add_argument("--task", required=True, help="the FL server's task id (seeds are sealed to it)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8090)
+    srv.add_argument("--token-file", type=Path, help="bearer token shared with the FL server (or $ASYNCFL_TSA_TOKEN)")
+    srv.add_argument("--config", type=Path, help="the FL server's experiment YAML: length, K and max weight from it")
+    srv.add_argument("--run", help="which of the config's runs (default: the first)")
+    srv.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    srv.add_argument("--length", type=int, help="model parameters (coordinates per update)")
+    srv.add_argument("--min-contributions", type=int, help="K: fewest distinct contributions a sum may have")
+    srv.add_argument("--max-weight", type=int, help="largest integer weight of one contribution")
+    srv.add_argument("--bits", type=int, help="ring bits (default 32)")
+    srv.add_argument("--log-level", default="warning", choices=LOG_LEVELS)
+
+
 def _network_command(args) -> int:
     """Web-stack commands load lazily, so the simulator's commands stay light."""
     if args.command == "client":
         from asyncfl.client.main import client as run
+    elif args.command == "tsa":
+        from asyncfl.tsa.commands import tsa as run
     else:
         from asyncfl.server.commands import serve, token
 
@@ -173,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_network_commands(sub)
     _add_privacy_command(sub)
     args = parser.parse_args(argv)
-    if args.command in ("serve", "client", "token"):
+    if args.command in ("serve", "client", "token", "tsa"):
         return _network_command(args)
     if args.command == "privacy":
         return _privacy_command(args)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import torch
 
@@ -37,6 +38,7 @@ class ClientUpdate:
     # tensors uploaded besides the delta, keyed by the algorithm's `upload_fields` (SCAFFOLD's
     # change of the client's control variate); None for algorithms that upload the delta alone
     extras: dict[str, torch.Tensor] | None = None
+    masked: Any = None  # under secure aggregation with a TSA: the masked upload (secagg MaskedUpload), no delta
 
     @property
     def work_fraction(self) -> float:

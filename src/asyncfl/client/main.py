@@ -46,6 +46,7 @@ def client(args) -> int:
         log=lambda s: print(s, file=sys.stderr, flush=True),
         state_path=args.state,
         attack=attack,
+        tsa_key=args.tsa_key,
     )
     try:
         stats = rt.run()

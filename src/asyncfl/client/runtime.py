@@ -40,6 +40,7 @@ from asyncfl.algorithms.seeds import upload_rounding_generator
 from asyncfl.attacks import Attack, flip_labels
 from asyncfl.build import build_client_rule, build_data, build_flat_model, build_trainer
 from asyncfl.client.http import GaveUp, ServerApi
+from asyncfl.client.masking import TsaMasking, tsa_masking
 from asyncfl.compression import ErrorFeedback, Raw, encode_upload, parse_codec
 from asyncfl.config import validate
 
@@ -100,6 +101,7 @@ class ClientRuntime:
         log: Callable[[str], None] = lambda s: None,
         state_path: str | Path | None = None,
         attack: Attack | None = None,
+        tsa_key: str | None = None,
     ):
         """`attack`: make this a malicious client (testing defences): it corrupts every update
         it sends, or trains on flipped labels, as `asyncfl.attacks` defines it."""
@@ -118,6 +120,8 @@ class ClientRuntime:
         self.state_path = Path(state_path) if state_path else None
         self.client_rule = None  # set by setup() for algorithms with per-client state
         self.own_state: torch.Tensor | None = None  # that state (None: never accepted yet, zeros)
+        self.tsa_key = tsa_key  # the pinned TSA public key (base64)
+        self.masking: TsaMasking | None = None  # set by setup() when the task masks uploads for a TSA
 
     # ---- set-up ----------------------------------------------------------------------
     def _json(self, resp) -> dict:
@@ -152,6 +156,12 @@ class ClientRuntime:
         if [list(s) for s in self.model.shapes] != [x["shape"] for x in task["tensors"]]:
             raise ClientError("the model built from the task config does not match the server's tensors")
         self._setup_state(task, cfg)
+        try:
+            self.masking = tsa_masking(task, self.tsa_key)
+        except ValueError as err:
+            raise ClientError(str(err)) from None
+        if self.masking is not None:
+            self.upload_spec = self.masking.spec
         comp = cfg.runs[0].compression
         if comp is not None:
             codec = parse_codec(comp.upload)
@@ -252,7 +262,10 @@ class ClientRuntime:
         key = uuid.uuid4().hex
         if self.attack is not None:  # seeded from the lease, as the simulator seeds it from the trip
             update.delta = self.attack.corrupt(update.delta, task["seed"])
-        payload, residual = self._encode(update.delta, task["seed"])
+        if self.masking is not None:
+            payload, residual = self.masking.payload(update.delta, task["seed"], task["lease_id"]), None
+        else:
+            payload, residual = self._encode(update.delta, task["seed"])
         extras = None if rule is None else rule.uploads(downloaded, own, update)
         body = wire.encode_update(
             lease_id=task["lease_id"],

@@ -14,6 +14,7 @@ from pydantic import Field, model_validator
 from asyncfl.config.base import Strict
 
 SYNC_PROTOCOLS = ("secagg_plus", "secagg")
+DEFAULT_THRESHOLD = 0.5
 HIDES = "needs individual updates, which secure aggregation hides"
 
 
@@ -27,7 +28,10 @@ class SecureAggregationConfig(Strict):
     bits: int = Field(default=32, ge=8, le=64, multiple_of=8, description="ring Z_(2^bits): bytes per coordinate")
     clip_range: float = Field(gt=0, description="each coordinate of an update is clipped to [-r, r] on the client")
     threshold: float = Field(
-        default=0.5, gt=0, le=1, description="sync: t as a fraction of the cohort; a round needs t survivors to unmask"
+        default=DEFAULT_THRESHOLD,
+        gt=0,
+        le=1,
+        description="sync: t as a fraction of the cohort; a round needs t survivors to unmask",
     )
     neighbours: int | None = Field(
         default=None,
@@ -40,7 +44,8 @@ class SecureAggregationConfig(Strict):
 
     @model_validator(mode="after")
     def _fits_protocol(self):
-        if self.protocol == "tsa" and (self.neighbours is not None or "threshold" in self.model_fields_set):
+        # compared with the default rather than "was it set": a dumped config must load again
+        if self.protocol == "tsa" and (self.neighbours is not None or self.threshold != DEFAULT_THRESHOLD):
             raise ValueError("threshold and neighbours apply to the synchronous protocols (secagg, secagg_plus)")
         if self.protocol == "secagg" and self.neighbours is not None:
             raise ValueError("secagg masks all pairs: neighbours applies to secagg_plus only")

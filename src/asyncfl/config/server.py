@@ -57,3 +57,11 @@ class ServerConfig(Strict):
     body_timeout: float = Field(default=30.0, gt=0, description="seconds to send a request's body (408 after)")
     keep_alive_timeout: float = Field(default=5.0, gt=0, description="seconds an idle connection stays open")
     max_connections: int = Field(default=256, ge=1, description="connections open at once (503 above)")
+    # secure_aggregation 'tsa': where the trusted secure aggregator answers, and its public key
+    tsa_url: str | None = Field(default=None, description="the TSA's URL (asyncfl tsa serve)")
+    tsa_public_key: str | None = Field(
+        default=None, description="the TSA's X25519 public key (base64) advertised to clients, who pin it"
+    )
+    tsa_token_file: str | None = Field(
+        default=None, description="file holding the bearer token shared with the TSA; default: $ASYNCFL_TSA_TOKEN"
+    )

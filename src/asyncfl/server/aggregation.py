@@ -10,6 +10,7 @@ import math
 import sqlite3
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -33,6 +34,7 @@ class Checked:
     norm: float
     payload_bytes: int = 0  # the frame's payload as received (encoded bytes with compression)
     extras: dict[str, torch.Tensor] | None = None  # the algorithm's upload fields, checked like the delta
+    masked: Any = None  # a masked upload for the TSA (tsa_buffer), whose delta the server cannot read
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class AggregationSettings:
     upload_codec: Codec | None = None
     upload_spec: str | None = None
     upload_fields: tuple[str, ...] = ()
+    masked: Any = None  # tsa_buffer.MaskedFrames: uploads are masked frames for the TSA
 
 
 @dataclass
@@ -116,6 +119,9 @@ class AggregationRole:
         codec = settings.upload_codec
         self.upload_codec = None if codec is None or isinstance(codec, Raw) else codec
         self.codecs, self.expected_codec = None, None  # None: wire.CODECS, i.e. raw frames only
+        self.masked = settings.masked
+        if self.masked is not None:
+            self.expected_codec = self.masked.spec
         if self.upload_codec is not None:
             decoder = wire.compressed_decoder(self.upload_codec, self._check_specs)
             self.expected_codec = settings.upload_spec or self.upload_codec.spec
@@ -123,6 +129,8 @@ class AggregationRole:
 
     # ---- validation (pure) ------------------------------------------------------------
     def check(self, body: bytes) -> Checked:
+        if self.masked is not None:
+            return self.masked.check(body, self._check_specs)
         try:
             frame = wire.decode(body, wire.UpdateHeader, self.codecs, self.expected_codec)
         except wire.WireError as err:

@@ -23,7 +23,9 @@ def body_limit(settings: ServerConfig, aggregation: AggregationRole) -> int:
         return settings.max_body_bytes
     model = list(zip(aggregation.names, aggregation.shapes))
     codec = aggregation.upload_codec
-    if codec is not None:
+    if aggregation.masked is not None:
+        tensors, payload = model, aggregation.masked.terms.payload_bytes
+    elif codec is not None:
         tensors, payload = model, codec.bytes_for(sum(math.prod(s) for _, s in model))
     else:
         tensors, payload = aggregation.expected, 4 * sum(math.prod(s) for _, s in aggregation.expected)

@@ -44,6 +44,7 @@ from asyncfl.server.settings import ServerConfig
 from asyncfl.server.shared import Counters, Shared
 from asyncfl.server.status import StatusView
 from asyncfl.server.store import Store
+from asyncfl.server.tsa_buffer import tsa_serving
 from asyncfl.server.uploads import Uploads
 
 log = logging.getLogger("asyncfl.server")
@@ -81,7 +82,12 @@ class FLServer:
         self.download_codec = download if download is not None and not download.lossless else None
         self.store = Store(state_dir)
         self.algorithm = definition(self.spec.algorithm.name)
-        aggregator = build_aggregator(self.spec, cfg.trainer.lr, num_users=num_users(cfg, self.data), seed=cfg.seed)
+        max_examples = settings.max_examples or int(self.data.client_sizes().max())
+        self.tsa = tsa_serving(self.spec, settings, self.model.numel, max_examples)
+        if self.tsa is not None:
+            aggregator = self.tsa.aggregator
+        else:
+            aggregator = build_aggregator(self.spec, cfg.trainer.lr, num_users=num_users(cfg, self.data), seed=cfg.seed)
         w0 = self.model.initial_weights()
         self.aggregation = AggregationRole(
             aggregator,
@@ -94,8 +100,9 @@ class FLServer:
                 self.upload_codec,
                 comp.upload if comp is not None else None,
                 self.algorithm.upload_fields,
+                None if self.tsa is None else self.tsa.frames,
             ),
-            build_norm_guard(settings.norm_guard, w0),
+            build_norm_guard(settings.norm_guard, w0) if self.tsa is None else None,  # norms are masked
         )
         self.max_body_bytes = body_limit(settings, self.aggregation)
         self.policy = build_policy(self.spec.scheduler)
@@ -104,6 +111,7 @@ class FLServer:
         self.lock = self.shared.lock
         self.commit = GroupCommit(self.shared, self._restore)
         self.uploads = Uploads(self.shared, self.commit, self._report_bounds(), self.algorithm.name)
+        self.unmasker = None if self.tsa is None else self.tsa.unmasker(self.shared, self.commit)
         self.evaluation = Evaluation(self.shared, self.model, self.data, cfg.target_accuracy, settings.eval_every_s)
         self.view = StatusView(self)
         self.selector = Selector(self.coordinator, settings.retry_after, lambda: self.done)
@@ -215,7 +223,7 @@ class FLServer:
             "codecs": [self.aggregation.expected_codec or "none"],
             "download_codec": self.download_codec.spec if self.download_codec is not None else "none",
             "max_body_bytes": self.max_body_bytes,
-        }
+        } | ({} if self.tsa is None else {"secure_aggregation": self.tsa.advertised()})
 
     def model_frame(self, version: int) -> bytes:
         """A version's frame, built once: raw float32, or with a lossy download codec its
@@ -278,11 +286,15 @@ class FLServer:
 
         self._ticker = threading.Thread(target=loop, name="asyncfl-ticker", daemon=True)
         self._ticker.start()
+        if self.unmasker is not None:
+            self.unmasker.start()
 
     def close(self) -> None:
         self._stop.set()
         if self._ticker is not None:
             self._ticker.join(timeout=5)
+        if self.unmasker is not None:
+            self.unmasker.stop()
         try:
             self.commit.sync(self.commit.epoch)  # the rejection counters
         except ApiError:

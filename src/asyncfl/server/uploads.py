@@ -143,6 +143,7 @@ class Uploads:
             start_loss=math.nan if h.start_loss is None else h.start_loss,
             planned_steps=h.planned_steps,
             extras=checked.extras,
+            masked=checked.masked,
         )
 
     def _logged(

@@ -1,0 +1,136 @@
+"""The server's side of the TSA conversation: an HTTP client, and the background thread that
+unmasks closed buffers in order and steps the model with them.
+
+Crash-safety rule: a buffer's request is sent only once the buffer is closed in durable state,
+and the step it yields is committed like any other (group commit). Whatever fails in between (the
+TSA unreachable, a lost reply, either process killed) leaves the buffer closed and unstepped,
+and the identical request goes again; the TSA answers an exact retry with its first answer. A
+refusal (fewer than K, a used contribution, a bad weight, an unauthenticated seed) is shown in
+/status and retried after `REFUSED_WAIT`; the buffer waits, nothing in it is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import httpx
+
+from asyncfl.secagg.messages import TsaRequest, TsaResponse, from_json, to_json
+from asyncfl.server.durability import GroupCommit
+from asyncfl.server.errors import ApiError
+from asyncfl.server.shared import Shared
+from asyncfl.server.tsa_buffer import MaskedFedBuff
+
+log = logging.getLogger("asyncfl.server")
+POLL, FIRST_RETRY, LONGEST_RETRY, REFUSED_WAIT = 0.02, 0.2, 5.0, 5.0
+
+
+class TsaUnavailable(RuntimeError):
+    """No usable answer (network error, 5xx, a malformed reply): retry the identical request."""
+
+
+class TsaRefused(RuntimeError):
+    """The TSA declined the request (4xx): `code` says why."""
+
+    def __init__(self, status: int, code: str, detail: str):
+        super().__init__(f"{status} {code}: {detail}")
+        self.status, self.code = status, code
+
+
+class TsaLink:
+    def __init__(self, url: str, token: str, timeout: float = 60.0):
+        self.http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
+
+    def unmask(self, request: TsaRequest) -> TsaResponse:
+        try:
+            resp = self.http.post("/v1/unmask", json=to_json(request))
+        except httpx.HTTPError as err:
+            raise TsaUnavailable(f"TSA unreachable: {err!r}") from None
+        if 400 <= resp.status_code < 500:
+            try:
+                body = resp.json()
+            except ValueError:
+                body = {}
+            raise TsaRefused(resp.status_code, str(body.get("error", "http")), str(body.get("detail", resp.text[:200])))
+        if resp.status_code != 200:
+            raise TsaUnavailable(f"TSA answered {resp.status_code}")
+        try:
+            response = from_json(TsaResponse, resp.json())
+        except ValueError as err:
+            raise TsaUnavailable(f"TSA answer unreadable: {err}") from None
+        if response.step_id != request.step_id:
+            raise TsaUnavailable(f"TSA answered step {response.step_id!r} for {request.step_id!r}")
+        return response
+
+    def close(self) -> None:
+        self.http.close()
+
+
+class Unmasker:
+    """Takes the oldest closed buffer's request, asks the TSA, steps, commits; repeats."""
+
+    def __init__(self, shared: Shared, commit: GroupCommit, link: TsaLink):
+        self.shared, self.commit, self.link = shared, commit, link
+        self.aggregator: MaskedFedBuff = shared.aggregation.aggregator
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def step_once(self) -> bool:
+        """One attempt at the oldest closed buffer; True when it stepped (raises TsaUnavailable,
+        TsaRefused, or ApiError when the commit failed)."""
+        sh = self.shared
+        with sh.lock:
+            request = self.aggregator.pending_request()
+        if request is None:
+            return False
+        try:
+            response = self.link.unmask(request)
+        except TsaRefused as refused:
+            with sh.lock:
+                self.aggregator.refusal = str(refused)
+            raise
+        with sh.lock:
+            if self.aggregator.pending_request() != request:  # a rollback or restore replaced it meanwhile
+                return False
+            try:
+                self.aggregator.accept(response)
+            except ValueError as err:
+                raise TsaUnavailable(f"TSA answer does not fit the buffer: {err}") from None
+            self.aggregator.refusal = None
+            stepped = sh.aggregation.flush()
+            epoch = self.commit.epoch
+        self.commit.sync(epoch)
+        return stepped
+
+    def run(self) -> None:
+        wait = FIRST_RETRY
+        while not self._stop.is_set():
+            try:
+                if self.step_once():
+                    wait = FIRST_RETRY
+                    continue
+                self._stop.wait(POLL)
+            except TsaUnavailable as err:
+                log.warning("%s; retrying in %.1f s", err, wait)
+                self._stop.wait(wait)
+                wait = min(LONGEST_RETRY, 2 * wait)
+            except TsaRefused as err:
+                log.error("the TSA refused to unmask the oldest buffer: %s; it waits", err)
+                self._stop.wait(REFUSED_WAIT)
+            except ApiError as err:  # the commit failed and rolled back: the buffer is closed again
+                log.warning("commit after unmasking failed (%s); retrying", err.detail)
+                self._stop.wait(wait)
+            except Exception:  # keep unmasking; the failure is logged
+                log.exception("unmasking failed")
+                self._stop.wait(LONGEST_RETRY)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="asyncfl-unmasker", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self.link.close()
