@@ -7,12 +7,10 @@ from __future__ import annotations
 import json
 import time
 
-import yaml
-
 from asyncfl.server.testing import ServerProcess, mint_tokens, spawn_client, stop_all
 from asyncfl.tsa.testing import TsaProcess
 
-CLIENTS, TRIPS, K = 8, 240, 4
+CLIENTS, TRIPS, K = 8, 400, 4
 
 
 def experiment(secure: bool) -> dict:
