@@ -65,14 +65,14 @@ def train(workdir, secure: bool, timeout: float = 400.0) -> dict:
     try:
         for p in clients:
             p.wait(timeout=max(1.0, t0 + timeout - time.time()))
+        status = settle(server)
+        wall = time.time() - t0
     finally:
         stop_all(clients)
-    status = settle(server)
-    wall = time.time() - t0
+        server.kill()
+        if tsa is not None:
+            tsa.kill()
     acks = [json.loads(line) for i in range(CLIENTS) for line in open(workdir / f"c{i}.acks.jsonl")]
-    server.kill()
-    if tsa is not None:
-        tsa.kill()
     return {"status": status, "acks": acks, "codes": [p.returncode for p in clients], "wall": wall}
 
 

@@ -67,8 +67,8 @@ class TsaHarness(CHarness):
         )
         return TestClient(create_tsa_app(tsa, TOKEN), headers={"Authorization": f"Bearer {TOKEN}"})
 
-    def masked_upload(self, client, delta):
-        lease = self.checkin(client)
+    def masked_upload(self, client, delta, lease=None):
+        lease = lease or self.checkin(client)
         task = self.http.get("/v1/task", headers=self.auth(client)).json()
         masking = tsa_masking(task, task["secure_aggregation"]["tsa_public_key"])
         return self.upload(
@@ -165,8 +165,14 @@ def test_tsa_http_refusals_and_exact_retry(tmp_path):
 
 def test_a_refused_buffer_waits_and_steps_once_the_tsa_agrees(tmp_path):
     with TsaHarness(tmp_path, min_contributions=K + 1) as h:  # a TSA configured with another K
+        leases = {client: h.checkin(client) for client in "abcd"}
         for client, seed in zip("abcd", range(K + 1)):
-            assert h.masked_upload(client, random_delta(h.server.model.numel, seed)).status_code == 200
+            r = h.masked_upload(client, random_delta(h.server.model.numel, seed), leases[client])
+            assert r.status_code == 200  # the trip that was under way still counts
+        r = h.http.post("/v1/checkin", headers=h.auth("e"), json={"eligible": True})
+        assert r.json()["action"] == "retry" and "TSA" in r.json()["reason"]  # no new trips meanwhile
+        # the 4th upload will step from version 1 (after the waiting buffer): staleness 1, 1/sqrt(2)
+        assert [c.weight for c in h.server.aggregation.aggregator.open.contributions] == [round(LEVELS / 2**0.5)]
         with pytest.raises(TsaRefused, match="too_few_contributions"):
             h.server.unmasker.step_once()
         s = h.status()
@@ -176,6 +182,7 @@ def test_a_refused_buffer_waits_and_steps_once_the_tsa_agrees(tmp_path):
         assert h.server.unmasker.step_once()
         s = h.status()
         assert s["version"] == 1 and s["secure_aggregation"]["tsa_refusal"] is None and s["buffer"]["fill"] == 1
+        assert h.checkin("e")["action"] == "train"
 
 
 def test_an_answered_but_uncommitted_step_is_requested_again_after_a_restart(tmp_path):

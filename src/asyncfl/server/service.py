@@ -199,6 +199,8 @@ class FLServer:
     def checkin(self, client: str, eligible: bool = True) -> dict:
         """A new lease is durable before the client hears of it (leases survive restarts)."""
         with self.lock:
+            if self.tsa is not None and not self.done and self.tsa.aggregator.waiting():
+                return {"action": "retry", "retry_after": self.settings.retry_after, "reason": "waiting for the TSA"}
             issued = self.coordinator.issued
             answer, _ = self.selector.checkin(client, eligible)
             epoch = self.commit.epoch if self.coordinator.issued != issued else None

@@ -175,7 +175,9 @@ class MaskedFedBuff(Aggregator):
             return Verdict.DISCARDED
         if update.masked is None:
             raise ValueError("a masked FedBuff buffer folds masked uploads only")
-        self.open.fold(update.masked, self.integer_weight(update.n_examples, state.version - update.base_version))
+        # staleness at the version this buffer will step from: after every closed buffer's step
+        applied_at = state.version + len(self.closed)
+        self.open.fold(update.masked, self.integer_weight(update.n_examples, applied_at - update.base_version))
         if len(self.open.contributions) >= self.terms.buffer_size:
             self.open.request(f"{self.run_id}-{self.next_step}")
             self.closed.append(self.open)
@@ -205,6 +207,11 @@ class MaskedFedBuff(Aggregator):
         state.w = self.server_opt.step(state.w, torch.from_numpy(total / denom).to(state.w.dtype))
         state.version += 1
         return True
+
+    def waiting(self) -> bool:
+        """Whether a closed buffer waits for the TSA: new trips would only train on a model that
+        cannot move until it answers."""
+        return bool(self.closed)
 
     @property
     def pending(self) -> int:

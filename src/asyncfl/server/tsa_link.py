@@ -1,7 +1,9 @@
 """The server's side of the TSA conversation: an HTTP client, and the background thread that
 unmasks closed buffers in order and steps the model with them.
 
-Crash-safety rule: a buffer's request is sent only once the buffer is closed in durable state,
+Crash-safety rule: a buffer's request is sent only once the buffer is closed in durable state
+(else a crash could lose the upload that closed it, and the TSA would hold its step id and
+contributions for a request the restarted server can no longer repeat),
 and the step it yields is committed like any other (group commit). Whatever fails in between (the
 TSA unreachable, a lost reply, either process killed) leaves the buffer closed and unstepped,
 and the identical request goes again; the TSA answers an exact retry with its first answer. A
@@ -82,8 +84,10 @@ class Unmasker:
         sh = self.shared
         with sh.lock:
             request = self.aggregator.pending_request()
+            epoch = self.commit.epoch
         if request is None:
             return False
+        self.commit.sync(epoch)  # the closed buffer is durable before the TSA hears of it
         try:
             response = self.link.unmask(request)
         except TsaRefused as refused:
