@@ -93,6 +93,7 @@ def test_masked_uploads_step_by_the_plaintext_fedbuff_step(tmp_path):
             assert r.status_code == 200 and r.json()["verdict"] == "buffered", r.text
         s = h.status()
         assert s["version"] == 0 and s["secure_aggregation"]["waiting_buffers"] == 1
+        assert s["updates"]["buffered"] == K and h.http.get("/metrics").status_code == 200
         stored = h.server.aggregation.aggregator.closed[0].total
         assert h.server.unmasker.step_once()
         s = h.status()
