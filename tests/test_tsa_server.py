@@ -166,24 +166,32 @@ def test_tsa_http_refusals_and_exact_retry(tmp_path):
 
 def test_a_refused_buffer_waits_and_steps_once_the_tsa_agrees(tmp_path):
     with TsaHarness(tmp_path, min_contributions=K + 1) as h:  # a TSA configured with another K
+        n, agg = h.server.model.numel, h.server.aggregation.aggregator
         leases = {client: h.checkin(client) for client in "abcd"}
-        for client, seed in zip("abcd", range(K + 1)):
-            r = h.masked_upload(client, random_delta(h.server.model.numel, seed), leases[client])
-            assert r.status_code == 200  # the trip that was under way still counts
-        r = h.http.post("/v1/checkin", headers=h.auth("e"), json={"eligible": True})
-        assert r.json()["action"] == "retry" and "TSA" in r.json()["reason"]  # no new trips meanwhile
-        # the 4th upload will step from version 1 (after the waiting buffer): staleness 1, 1/sqrt(2)
-        assert [c.weight for c in h.server.aggregation.aggregator.open.contributions] == [round(LEVELS / 2**0.5)]
+        for seed, client in enumerate("abc"):
+            assert h.masked_upload(client, random_delta(n, seed), leases[client]).status_code == 200
         with pytest.raises(TsaRefused, match="too_few_contributions"):
             h.server.unmasker.step_once()
         s = h.status()
-        assert s["version"] == 0 and s["buffer"]["fill"] == 1
+        assert s["version"] == 0 and s["secure_aggregation"]["waiting_buffers"] == 1
         assert "too_few_contributions" in s["secure_aggregation"]["tsa_refusal"]
+        leases |= {client: h.checkin(client) for client in "ef"}  # one waiting buffer: trips go on
+        for seed, client in enumerate("def", start=K):
+            assert h.masked_upload(client, random_delta(n, seed), leases[client]).status_code == 200
+        # they step from version 1 (after the waiting buffer): staleness 1, weight 100/sqrt(2)
+        assert [c.weight for c in agg.closed[1].contributions] == [round(LEVELS / 2**0.5)] * K
+        r = h.http.post("/v1/checkin", headers=h.auth("g"), json={"eligible": True})
+        assert r.json()["action"] == "retry" and "TSA" in r.json()["reason"]  # two waiting: no new trips
         h.server.unmasker.link.http = h.tsa_process(K)  # the TSA restarted with the right K
         assert h.server.unmasker.step_once()
         s = h.status()
-        assert s["version"] == 1 and s["secure_aggregation"]["tsa_refusal"] is None and s["buffer"]["fill"] == 1
-        assert h.checkin("e")["action"] == "train"
+        assert s["version"] == 1 and s["secure_aggregation"] == {
+            "protocol": "tsa",
+            "waiting_buffers": 1,
+            "tsa_refusal": None,
+        }
+        assert h.checkin("g")["action"] == "train"
+        assert h.server.unmasker.step_once() and h.status()["version"] == 2
 
 
 def test_an_answered_but_uncommitted_step_is_requested_again_after_a_restart(tmp_path):

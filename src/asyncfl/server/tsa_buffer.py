@@ -38,6 +38,7 @@ from asyncfl.secagg.messages import MaskedUpload, TsaContribution, TsaRequest, T
 from asyncfl.secagg.prg import SEED_BYTES
 from asyncfl.server.errors import ApiError
 
+MAX_WAITING_BUFFERS = 2  # closed buffers awaiting the TSA before check-ins are deferred
 LEVELS = 100  # integer weights resolve FedBuff's float weights to 1/LEVELS
 SEALED_SEED_BYTES = KEY_BYTES + NONCE_BYTES + SEED_BYTES + 16  # ephemeral key, nonce, seed, GCM tag
 
@@ -209,9 +210,10 @@ class MaskedFedBuff(Aggregator):
         return True
 
     def waiting(self) -> bool:
-        """Whether a closed buffer waits for the TSA: new trips would only train on a model that
-        cannot move until it answers."""
-        return bool(self.closed)
+        """Whether new trips should wait: two closed buffers wait for the TSA. One may (the TSA
+        answers within milliseconds); more would be trips training on a model that cannot move,
+        whose buffers would then step in a burst."""
+        return len(self.closed) >= MAX_WAITING_BUFFERS
 
     @property
     def pending(self) -> int:
