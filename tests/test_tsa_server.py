@@ -18,6 +18,7 @@ from test_server_compression import CHarness, random_delta
 from test_server_inputs import assert_rejected
 
 from asyncfl.client.masking import tsa_masking
+from asyncfl.privacy import epsilon
 from asyncfl.secagg import SqliteStore, TrustedAggregator
 from asyncfl.secagg.crypto import to_base64
 from asyncfl.secagg.messages import TsaRequest, to_json
@@ -33,7 +34,7 @@ TOKEN = "t" * 32
 class TsaHarness(CHarness):
     """A FedBuff (K = 3) server whose uploads are masked for an in-process TSA."""
 
-    def __init__(self, tmp_path, min_contributions=K, tsa_state=None):
+    def __init__(self, tmp_path, min_contributions=K, tsa_state=None, **run):
         self.tsa_state = tsa_state or tmp_path / "tsa"
         if not (self.tsa_state / "tsa.key").exists():
             init_state(self.tsa_state)
@@ -42,7 +43,7 @@ class TsaHarness(CHarness):
         key = to_base64(load_key_pair(self.tsa_state).public_bytes())
         super().__init__(
             tmp_path,
-            {"secure_aggregation": {"protocol": "tsa", "clip_range": 0.5}},
+            {"secure_aggregation": {"protocol": "tsa", "clip_range": 0.5}} | run,
             algorithm={"name": "fedbuff", "buffer_size": K},
             tsa_url="http://tsa",
             tsa_public_key=key,
@@ -56,14 +57,11 @@ class TsaHarness(CHarness):
 
     def tsa_process(self, min_contributions):
         """The TSA app on this harness's state dir (a restart of the TSA process, in process)."""
-        n = self.server.model.numel
+        t = self.server.tsa.terms
+        store = SqliteStore(self.tsa_state / "used.db")
+        key = load_key_pair(self.tsa_state)
         tsa = TrustedAggregator(
-            load_key_pair(self.tsa_state),
-            SqliteStore(self.tsa_state / "used.db"),
-            "task1",
-            n,
-            min_contributions,
-            LEVELS,
+            key, store, "task1", t.length, min_contributions, t.max_weight, t.bits, t.noise_std_in_ring
         )
         return TestClient(create_tsa_app(tsa, TOKEN), headers={"Authorization": f"Bearer {TOKEN}"})
 
@@ -255,17 +253,32 @@ def test_uploads_the_server_stores_do_not_depend_on_the_update(tmp_path):
         assert stats.ks_2samp(*plain).pvalue < 1e-4
 
 
-def test_privacy_and_compression_with_the_tsa_are_refused_by_serve(tmp_path):
+def test_with_dp_the_tsa_adds_the_noise_and_the_server_accounts_it(tmp_path):
+    privacy = {"noise_multiplier": 1.0, "clip_norm": 0.5, "sample_rate": 0.1}
+    with TsaHarness(tmp_path, privacy=privacy) as h:
+        n, w0 = h.server.model.numel, h.weights(0)
+        deltas = [random_delta(n, i, 0.3) for i in range(K)]  # L2 norm ~10: the client clips to 0.5
+        for client, delta in zip("abc", deltas):
+            assert h.masked_upload(client, delta).status_code == 200
+        assert h.server.unmasker.step_once()
+        clipped = [d * min(1.0, 0.5 / float(d.norm())) for d in deltas]
+        noise = (plain_fedbuff_step(w0, clipped, 0.5) - h.weights(1)).double()
+        want = 1.0 * 0.5 / K  # sigma C / K, as plaintext DP-FedBuff's step
+        assert abs(float(noise.std()) / want - 1) < 0.1 and abs(float(noise.mean())) < 4 * want / n**0.5
+        report = h.status()["privacy"]
+        assert report["privacy_steps"] == 1 and report["noise_added_by"] == "tsa"
+        assert report["epsilon"] == pytest.approx(epsilon(1.0, 0.1, 1, 1e-5))
+
+
+def test_adaptive_clipping_and_compression_with_the_tsa_are_refused_by_serve(tmp_path):
     from asyncfl.config import ConfigError
 
     init_state(tmp_path / "tsa")
-    with pytest.raises(ConfigError, match="privacy with secure_aggregation 'tsa'"):
-        CHarness(
-            tmp_path,
-            {
-                "secure_aggregation": {"protocol": "tsa", "clip_range": 0.5},
-                "privacy": {"noise_multiplier": 1.0, "clip_norm": 1.0, "sample_rate": 0.1},
-            },
-            tsa_url="http://tsa",
-            tsa_public_key=to_base64(b"k" * 32),
-        )
+    settings = {"tsa_url": "http://tsa", "tsa_public_key": to_base64(b"k" * 32)}
+    adaptive = {"noise_multiplier": 0.0, "clip_norm": 1.0, "sample_rate": 0.1, "adaptive": {}}
+    for extra, words in (
+        ({"privacy": adaptive}, "adaptive clipping needs every update's norm"),
+        ({"compression": {"upload": "int8"}}, "compression with secure_aggregation 'tsa'"),
+    ):
+        with pytest.raises(ConfigError, match=words):
+            CHarness(tmp_path, {"secure_aggregation": {"protocol": "tsa", "clip_range": 0.5}} | extra, **settings)

@@ -138,7 +138,9 @@ def _add_tsa_command(sub) -> None:
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8090)
     srv.add_argument("--token-file", type=Path, help="bearer token shared with the FL server (or $ASYNCFL_TSA_TOKEN)")
-    srv.add_argument("--config", type=Path, help="the FL server's experiment YAML: length, K and max weight from it")
+    srv.add_argument(
+        "--config", type=Path, help="the FL server's experiment YAML: length, K, max weight and DP noise from it"
+    )
     srv.add_argument("--run", help="which of the config's runs (default: the first)")
     srv.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     srv.add_argument("--length", type=int, help="model parameters (coordinates per update)")

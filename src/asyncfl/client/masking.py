@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from asyncfl.privacy import clip
 from asyncfl.secagg import FixedPointCodec, Ring, mask_for_tsa
 from asyncfl.secagg.crypto import from_base64
 
@@ -23,10 +24,13 @@ class TsaMasking:
     def __init__(self, advertised: dict, pinned_key: bytes, task: str):
         self.key, self.task = pinned_key, task
         self.spec = advertised["codec"]
+        self.clip_norm = advertised.get("clip_norm")
         self.codec = FixedPointCodec(advertised["clip_range"], advertised["max_total_weight"], Ring(advertised["bits"]))
 
     def payload(self, delta: torch.Tensor, seed: int, lease_id: str) -> bytes:
         """The masked vector, then the sealed seed: a masked frame's payload."""
+        if self.clip_norm is not None:  # central DP: the L2 clipping the server cannot do
+            delta = clip(delta, self.clip_norm)[0]
         encoded = self.codec.encode(delta.numpy(), np.random.default_rng((seed, 0x5EC)))
         upload = mask_for_tsa(encoded, self.codec.ring, self.key, self.task, lease_id)
         return upload.masked + upload.sealed_seed

@@ -37,6 +37,7 @@ from asyncfl.secagg.crypto import KEY_BYTES, NONCE_BYTES, from_base64, to_base64
 from asyncfl.secagg.messages import MaskedUpload, TsaContribution, TsaRequest, TsaResponse
 from asyncfl.secagg.prg import SEED_BYTES
 from asyncfl.server.errors import ApiError
+from asyncfl.server.tsa_privacy import TsaAccounting, TsaNoise, tsa_noise
 
 MAX_WAITING_BUFFERS = 2  # closed buffers awaiting the TSA before check-ins are deferred
 LEVELS = 100  # integer weights resolve FedBuff's float weights to 1/LEVELS
@@ -52,10 +53,22 @@ class TsaTerms:
     max_weight: int
     bits: int
     clip_range: float
+    noise: TsaNoise | None = None  # central DP: the TSA adds the noise
+
+    @property
+    def max_total_weight(self) -> int:
+        """K max_weight, plus ring headroom for the TSA's noise."""
+        room = 0 if self.noise is None else self.noise.headroom(self.max_weight, self.clip_range)
+        return self.buffer_size * self.max_weight + room
 
     @property
     def codec(self) -> FixedPointCodec:
-        return FixedPointCodec(self.clip_range, self.buffer_size * self.max_weight, Ring(self.bits))
+        return FixedPointCodec(self.clip_range, self.max_total_weight, Ring(self.bits))
+
+    @property
+    def noise_std_in_ring(self) -> float:
+        """The TSA's noise std in ring units (0 without DP)."""
+        return 0.0 if self.noise is None else self.codec.noise_std_in_ring(self.noise.std(self.max_weight))
 
     @property
     def wire_codec(self) -> str:
@@ -73,9 +86,9 @@ class TsaTerms:
             "codec": self.wire_codec,
             "bits": self.bits,
             "clip_range": self.clip_range,
-            "max_total_weight": self.buffer_size * self.max_weight,
+            "max_total_weight": self.max_total_weight,
             "tsa_public_key": tsa_public_key,
-        }
+        } | ({} if self.noise is None else {"clip_norm": self.noise.clip_norm})
 
 
 def tsa_terms(spec, length: int, max_examples: int) -> TsaTerms:
@@ -83,7 +96,7 @@ def tsa_terms(spec, length: int, max_examples: int) -> TsaTerms:
     `max_examples` examples can get (staleness weights are at most 1)."""
     s, a = spec.secure_aggregation, spec.algorithm
     max_weight = math.ceil(LEVELS * EXAMPLE_WEIGHTS[a.example_weight](max_examples))
-    return TsaTerms(length, a.buffer_size, max_weight, s.bits, s.clip_range)
+    return TsaTerms(length, a.buffer_size, max_weight, s.bits, s.clip_range, tsa_noise(spec))
 
 
 def tsa_terms_of(cfg, settings, run: str | None) -> TsaTerms:
@@ -97,11 +110,6 @@ def tsa_terms_of(cfg, settings, run: str | None) -> TsaTerms:
 
 def check_serve(spec, settings) -> None:
     """What `asyncfl serve` does not support with the TSA yet, refused with the reason."""
-    if spec.privacy is not None:
-        raise ConfigError(
-            "privacy with secure_aggregation 'tsa' is not supported by `asyncfl serve` yet: the TSA would have "
-            "to add the noise so the server never holds the noiseless sum; remove one of them"
-        )
     if spec.compression is not None:
         raise ConfigError(
             "compression with secure_aggregation 'tsa' is not supported by `asyncfl serve` yet: masked uploads "
@@ -166,6 +174,8 @@ class MaskedFedBuff(Aggregator):
         self.closed: list[MaskedBuffer] = []
         self.unmasked: np.ndarray | None = None  # the oldest closed buffer's sum, once the TSA answered
         self.refusal: str | None = None  # the TSA's last refusal, for /status
+        self.accounting = None if terms.noise is None else TsaAccounting(terms.noise, terms.buffer_size)
+        self.open_users: list[int] = []  # under DP: one update per user per buffer
 
     def integer_weight(self, n_examples: int, staleness: int) -> int:
         a = self.staleness(staleness) * self.example_weight(n_examples)
@@ -176,6 +186,10 @@ class MaskedFedBuff(Aggregator):
             return Verdict.DISCARDED
         if update.masked is None:
             raise ValueError("a masked FedBuff buffer folds masked uploads only")
+        if self.accounting is not None:
+            if update.client_id in self.open_users:
+                return Verdict.DISCARDED  # a user's second update in one buffer: the noise covers one
+            self.open_users.append(update.client_id)
         # staleness at the version this buffer will step from: after every closed buffer's step
         applied_at = state.version + len(self.closed)
         self.open.fold(update.masked, self.integer_weight(update.n_examples, applied_at - update.base_version))
@@ -183,7 +197,7 @@ class MaskedFedBuff(Aggregator):
             self.open.request(f"{self.run_id}-{self.next_step}")
             self.closed.append(self.open)
             self.next_step += 1
-            self.open = MaskedBuffer(self.codec, self.terms.length)
+            self.open, self.open_users = MaskedBuffer(self.codec, self.terms.length), []
         return Verdict.BUFFERED
 
     def pending_request(self) -> TsaRequest | None:
@@ -207,6 +221,8 @@ class MaskedFedBuff(Aggregator):
         denom = len(head.contributions) * LEVELS if self.normalize == "count" else head.total_weight
         state.w = self.server_opt.step(state.w, torch.from_numpy(total / denom).to(state.w.dtype))
         state.version += 1
+        if self.accounting is not None:
+            self.accounting.step()
         return True
 
     def waiting(self) -> bool:
@@ -218,6 +234,9 @@ class MaskedFedBuff(Aggregator):
     @property
     def pending(self) -> int:
         return len(self.open.contributions)
+
+    def privacy_report(self) -> dict | None:
+        return None if self.accounting is None else self.accounting.report()
 
     def status(self) -> dict:
         return super().status() | {
@@ -232,6 +251,8 @@ class MaskedFedBuff(Aggregator):
             "open": self._buffer_state(self.open),
             "closed": [self._buffer_state(b) for b in self.closed],
             "server_opt": self.server_opt.state_dict(),
+            "open_users": list(self.open_users),
+            "accountant": None if self.accounting is None else self.accounting.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -240,6 +261,9 @@ class MaskedFedBuff(Aggregator):
         self.closed = [self._buffer_of(b) for b in state["closed"]]
         self.unmasked = None
         self.server_opt.load_state_dict(state["server_opt"])
+        self.open_users = list(state["open_users"])
+        if self.accounting is not None:
+            self.accounting.load_state_dict(state["accountant"])
 
     def _buffer_state(self, buffer: MaskedBuffer) -> dict:
         total = np.frombuffer(self.codec.ring.to_bytes(buffer.total), np.uint8).copy()

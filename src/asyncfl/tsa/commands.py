@@ -48,6 +48,7 @@ def _serve(args) -> int:
         terms["min_contributions"],
         terms["max_weight"],
         terms["bits"],
+        terms["noise_std"],
     )
     print(
         f"asyncfl tsa: task {args.task!r}, {terms}, http://{args.host}:{args.port}/ (public key "
@@ -59,29 +60,30 @@ def _serve(args) -> int:
 
 
 def _terms(args) -> dict:
-    """Length, K, max weight and bits: from the flags, else from the experiment config's run (what
-    the FL server derives from the same config; see server/tsa_buffer.py)."""
-    terms = {
+    """Length, K, max weight, bits and DP noise: from the experiment config's run (what the FL
+    server derives from the same config, server/tsa_buffer.py), else from the flags (no noise)."""
+    flags = {
         "length": args.length,
         "min_contributions": args.min_contributions,
         "max_weight": args.max_weight,
         "bits": args.bits,
     }
     if args.config is not None:
+        if any(v is not None for v in flags.values()):
+            raise ConfigError("give --config or --length/--min-contributions/--max-weight/--bits, not both")
         from asyncfl.server.settings import load_serve_config
         from asyncfl.server.tsa_buffer import tsa_terms_of
 
         cfg, settings = load_serve_config(args.config, args.overrides)
-        derived = tsa_terms_of(cfg, settings, args.run)
-        derived = {
-            "length": derived.length,
-            "min_contributions": derived.buffer_size,
-            "max_weight": derived.max_weight,
-            "bits": derived.bits,
+        terms = tsa_terms_of(cfg, settings, args.run)
+        return {
+            "length": terms.length,
+            "min_contributions": terms.buffer_size,
+            "max_weight": terms.max_weight,
+            "bits": terms.bits,
+            "noise_std": terms.noise_std_in_ring,
         }
-        terms = {k: v if v is not None else derived[k] for k, v in terms.items()}
-    missing = [k for k, v in terms.items() if v is None and k != "bits"]
+    missing = [k for k, v in flags.items() if v is None and k != "bits"]
     if missing:
         raise ConfigError(f"give --config, or --{' --'.join(m.replace('_', '-') for m in missing)}")
-    terms["bits"] = terms["bits"] or 32
-    return terms
+    return flags | {"bits": args.bits or 32, "noise_std": 0.0}
