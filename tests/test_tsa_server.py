@@ -276,9 +276,12 @@ def test_adaptive_clipping_and_compression_with_the_tsa_are_refused_by_serve(tmp
     init_state(tmp_path / "tsa")
     settings = {"tsa_url": "http://tsa", "tsa_public_key": to_base64(b"k" * 32)}
     adaptive = {"noise_multiplier": 0.0, "clip_norm": 1.0, "sample_rate": 0.1, "adaptive": {}}
-    for extra, words in (
-        ({"privacy": adaptive}, "adaptive clipping needs every update's norm"),
-        ({"compression": {"upload": "int8"}}, "compression with secure_aggregation 'tsa'"),
+    for extra, server, words in (
+        ({"privacy": adaptive}, {}, "adaptive clipping needs every update's norm"),
+        ({"compression": {"upload": "int8"}}, {}, "compression with secure_aggregation 'tsa'"),
+        ({}, {"tsa_public_key": "bm90IGEga2V5"}, "must be the base64 X25519 key"),
+        ({}, {"tsa_url": None}, "needs server.tsa_url"),
     ):
         with pytest.raises(ConfigError, match=words):
-            CHarness(tmp_path, {"secure_aggregation": {"protocol": "tsa", "clip_range": 0.5}} | extra, **settings)
+            run = {"secure_aggregation": {"protocol": "tsa", "clip_range": 0.5}} | extra
+            CHarness(tmp_path, run, **(settings | server))

@@ -118,6 +118,12 @@ def check_serve(spec, settings) -> None:
     missing = [k for k in ("tsa_url", "tsa_public_key") if getattr(settings, k) is None]
     if missing:
         raise ConfigError(f"secure_aggregation 'tsa' needs server.{' and server.'.join(missing)}")
+    try:
+        key = from_base64(settings.tsa_public_key)
+    except ValueError:
+        key = b""
+    if len(key) != KEY_BYTES:
+        raise ConfigError("server.tsa_public_key must be the base64 X25519 key `asyncfl tsa init` printed")
 
 
 class MaskedFrames:
