@@ -285,3 +285,15 @@ def test_adaptive_clipping_and_compression_with_the_tsa_are_refused_by_serve(tmp
         with pytest.raises(ConfigError, match=words):
             run = {"secure_aggregation": {"protocol": "tsa", "clip_range": 0.5}} | extra
             CHarness(tmp_path, run, **(settings | server))
+
+
+def test_tsa_cli_prints_the_public_key_and_serve_needs_its_terms(tmp_path, capsys, monkeypatch):
+    from asyncfl.cli import main
+    from asyncfl.tsa.state import public_key
+
+    assert main(["tsa", "init", "--state", str(tmp_path / "s")]) == 0
+    assert capsys.readouterr().out.strip() == public_key(tmp_path / "s")
+    assert main(["tsa", "init", "--state", str(tmp_path / "s")]) == 2  # never overwrites a key
+    monkeypatch.setenv("ASYNCFL_TSA_TOKEN", "t" * 32)
+    assert main(["tsa", "serve", "--state", str(tmp_path / "s"), "--task", "t"]) == 2
+    assert "give --config, or --length --min-contributions --max-weight" in capsys.readouterr().err
