@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from asyncfl.config import Dist, PopulationConfig
@@ -21,6 +23,29 @@ def sample(dist: Dist, n: int, rng: np.random.Generator) -> np.ndarray:
     return np.maximum(v, dist.minimum).astype(np.float32)
 
 
+_PROFILES: dict[str, tuple] = {}  # the last population drawn in this process, by config and seed
+
+
+def _shared_profiles(cfg: PopulationConfig, seed: np.random.SeedSequence) -> tuple:
+    """(compute_per_example, download_bandwidth, upload_bandwidth, phase, malicious), read-only,
+    drawn once per process for the last (config, seed) asked for."""
+    key = json.dumps([cfg.model_dump(mode="json"), str(seed.entropy), list(seed.spawn_key)])
+    if key not in _PROFILES:
+        _PROFILES.clear()  # one population at a time: at 10^8 devices each holds gigabytes
+        rng = np.random.default_rng(seed)
+        n = cfg.devices
+        arrays = [sample(cfg.compute_per_example, n, rng), sample(cfg.download_bandwidth, n, rng)]
+        arrays.append(sample(cfg.upload_bandwidth, n, rng))
+        arrays.append(rng.random(n).astype(np.float32) if cfg.availability.on_fraction < 1 else None)
+        a = cfg.attack  # drawn last, so a run without attackers keeps every other draw
+        arrays.append(rng.random(n) < a.fraction if a.fraction else None)
+        for array in arrays:
+            if array is not None:
+                array.flags.writeable = False
+        _PROFILES[key] = tuple(arrays)
+    return _PROFILES[key]
+
+
 def trip_timing(
     compute_per_example, download_bandwidth, upload_bandwidth, steps, per_step, download_bytes, upload_bytes
 ):
@@ -37,19 +62,25 @@ def trip_timing(
 
 
 class Population:
-    def __init__(self, cfg: PopulationConfig, rng: np.random.Generator):
+    """Every device's profile (speeds, bandwidths, availability phase, whether it attacks) as
+    arrays, and which devices are busy now.
+
+    The profile arrays are drawn from `seed` (a SeedSequence) and read-only: runs of one process
+    with the same population config and seed (a study's grid, a robustness matrix's defences)
+    share one draw instead of drawing 10^8 devices again each (`_shared_profiles`); only the
+    busy flags are the run's own.
+    """
+
+    def __init__(self, cfg: PopulationConfig, seed: np.random.SeedSequence):
         n = cfg.devices
         self.size = n
-        self.compute_per_example = sample(cfg.compute_per_example, n, rng)  # seconds
-        self.download_bandwidth = sample(cfg.download_bandwidth, n, rng)  # bytes / s
-        self.upload_bandwidth = sample(cfg.upload_bandwidth, n, rng)
+        self.compute_per_example, self.download_bandwidth, self.upload_bandwidth, self.phase, self.malicious = (
+            _shared_profiles(cfg, seed)
+        )
         self.period = cfg.availability.period
         self.on_fraction = cfg.availability.on_fraction
-        self.phase = rng.random(n).astype(np.float32) if self.on_fraction < 1 else None
         self.busy = np.zeros(n, dtype=bool)
-        a = cfg.attack  # drawn last, so a run without attackers keeps every other draw
-        self.malicious = rng.random(n) < a.fraction if a.fraction else None
-        self.attack = a.attack()  # what the malicious devices do; None without attackers
+        self.attack = cfg.attack.attack()  # what the malicious devices do; None without attackers
         self._stream: list[int] = []  # pre-drawn uniform device ids for small picks
 
     def trip_durations(

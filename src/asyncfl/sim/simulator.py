@@ -95,7 +95,7 @@ class Simulation:
         self.eval_cfg, self.stop, self.target = cfg.eval, cfg.stop, cfg.target_accuracy
         self.seed = seed
         profile_ss, select_ss, drop_ss = np.random.SeedSequence(seed).spawn(3)
-        self.population = Population(population, np.random.default_rng(profile_ss))
+        self.population = Population(population, profile_ss)
         self.select_rng = np.random.default_rng(select_ss)
         self.drop_rng = np.random.default_rng(drop_ss)
         self.dropout = population.dropout
