@@ -7,20 +7,23 @@ import json
 import numpy as np
 
 from asyncfl.config import Dist, PopulationConfig
+from asyncfl.data.streams import chunked
+
+
+def _draw(dist: Dist, k: int, rng: np.random.Generator) -> np.ndarray:
+    if dist.kind == "lognormal":
+        return dist.scale * np.exp(dist.sigma * rng.standard_normal(k))
+    if dist.kind == "halfnormal":
+        return np.abs(dist.scale * rng.standard_normal(k))
+    if dist.kind == "exponential":
+        return rng.exponential(dist.scale, k)
+    if dist.kind == "pareto":  # scale is the median: x_m = scale / 2^(1/shape)
+        return dist.scale * 2.0 ** (-1.0 / dist.shape) * (1.0 + rng.pareto(dist.shape, k))
+    return np.full(k, dist.scale)
 
 
 def sample(dist: Dist, n: int, rng: np.random.Generator) -> np.ndarray:
-    if dist.kind == "lognormal":
-        v = dist.scale * np.exp(dist.sigma * rng.standard_normal(n))
-    elif dist.kind == "halfnormal":
-        v = np.abs(dist.scale * rng.standard_normal(n))
-    elif dist.kind == "exponential":
-        v = rng.exponential(dist.scale, n)
-    elif dist.kind == "pareto":  # scale is the median: x_m = scale / 2^(1/shape)
-        v = dist.scale * 2.0 ** (-1.0 / dist.shape) * (1.0 + rng.pareto(dist.shape, n))
-    else:
-        v = np.full(n, dist.scale)
-    return np.maximum(v, dist.minimum).astype(np.float32)
+    return chunked(n, lambda k: np.maximum(_draw(dist, k, rng), dist.minimum))
 
 
 _PROFILES: dict[str, tuple] = {}  # the last population drawn in this process, by config and seed
@@ -36,9 +39,9 @@ def _shared_profiles(cfg: PopulationConfig, seed: np.random.SeedSequence) -> tup
         n = cfg.devices
         arrays = [sample(cfg.compute_per_example, n, rng), sample(cfg.download_bandwidth, n, rng)]
         arrays.append(sample(cfg.upload_bandwidth, n, rng))
-        arrays.append(rng.random(n).astype(np.float32) if cfg.availability.on_fraction < 1 else None)
+        arrays.append(chunked(n, rng.random) if cfg.availability.on_fraction < 1 else None)
         a = cfg.attack  # drawn last, so a run without attackers keeps every other draw
-        arrays.append(rng.random(n) < a.fraction if a.fraction else None)
+        arrays.append(chunked(n, lambda k: rng.random(k) < a.fraction, bool) if a.fraction else None)
         for array in arrays:
             if array is not None:
                 array.flags.writeable = False
