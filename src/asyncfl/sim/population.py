@@ -35,18 +35,22 @@ def _shared_profiles(cfg: PopulationConfig, seed: np.random.SeedSequence) -> tup
     key = json.dumps([cfg.model_dump(mode="json"), str(seed.entropy), list(seed.spawn_key)])
     if key not in _PROFILES:
         _PROFILES.clear()  # one population at a time: at 10^8 devices each holds gigabytes
-        rng = np.random.default_rng(seed)
-        n = cfg.devices
-        arrays = [sample(cfg.compute_per_example, n, rng), sample(cfg.download_bandwidth, n, rng)]
-        arrays.append(sample(cfg.upload_bandwidth, n, rng))
-        arrays.append(chunked(n, rng.random) if cfg.availability.on_fraction < 1 else None)
-        a = cfg.attack  # drawn last, so a run without attackers keeps every other draw
-        arrays.append(chunked(n, lambda k: rng.random(k) < a.fraction, bool) if a.fraction else None)
-        for array in arrays:
-            if array is not None:
-                array.flags.writeable = False
-        _PROFILES[key] = tuple(arrays)
+        _PROFILES[key] = _draw_profiles(cfg, seed)
     return _PROFILES[key]
+
+
+def _draw_profiles(cfg: PopulationConfig, seed: np.random.SeedSequence) -> tuple:
+    rng = np.random.default_rng(seed)
+    n = cfg.devices
+    arrays = [sample(cfg.compute_per_example, n, rng), sample(cfg.download_bandwidth, n, rng)]
+    arrays.append(sample(cfg.upload_bandwidth, n, rng))
+    arrays.append(chunked(n, rng.random) if cfg.availability.on_fraction < 1 else None)
+    a = cfg.attack  # drawn last, so a run without attackers keeps every other draw
+    arrays.append(chunked(n, lambda k: rng.random(k) < a.fraction, bool) if a.fraction else None)
+    for array in arrays:
+        if array is not None:
+            array.flags.writeable = False
+    return tuple(arrays)
 
 
 def trip_timing(
@@ -74,12 +78,13 @@ class Population:
     busy flags are the run's own.
     """
 
-    def __init__(self, cfg: PopulationConfig, seed: np.random.SeedSequence):
+    def __init__(self, cfg: PopulationConfig, seed: np.random.SeedSequence, shared: bool = True):
+        """`shared=False`: a draw of this population alone, which leaves the process's shared
+        draw in place (a study's round-timeout sample between its runs)."""
         n = cfg.devices
         self.size = n
-        self.compute_per_example, self.download_bandwidth, self.upload_bandwidth, self.phase, self.malicious = (
-            _shared_profiles(cfg, seed)
-        )
+        profiles = _shared_profiles(cfg, seed) if shared else _draw_profiles(cfg, seed)
+        self.compute_per_example, self.download_bandwidth, self.upload_bandwidth, self.phase, self.malicious = profiles
         self.period = cfg.availability.period
         self.on_fraction = cfg.availability.on_fraction
         self.busy = np.zeros(n, dtype=bool)

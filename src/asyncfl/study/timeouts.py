@@ -29,7 +29,7 @@ def trip_durations(cfg: ExperimentConfig) -> np.ndarray:
     down, up = build_codecs(spec).payload_bytes(model.numel)
     devices = cfg.population.devices
     sampled = cfg.population.model_copy(update={"devices": min(devices, SAMPLE_DEVICES)})
-    pop = Population(sampled, np.random.SeedSequence([cfg.seed, 0x7D1]))
+    pop = Population(sampled, np.random.SeedSequence([cfg.seed, 0x7D1]), shared=False)
     sizes = np.asarray(data.client_sizes())
     if devices > SAMPLE_DEVICES:
         ids = np.random.default_rng([cfg.seed, 0x7D2]).integers(0, devices, SAMPLE_DEVICES)
