@@ -25,6 +25,7 @@ from asyncfl.data.federated import FederatedDataset
 from asyncfl.data.partition import partition
 from asyncfl.data.synthetic import SyntheticFederated
 from asyncfl.models import FlatModel, build_model
+from asyncfl.models.custom import user_flat_model
 from asyncfl.scheduling import build_policy
 
 __all__ = [
@@ -125,8 +126,11 @@ def split_client_tests(data: FederatedDataset, fraction: float, seed: int) -> Fe
     return dataclasses.replace(data, client_indices=train, client_test_indices=test)
 
 
-def build_flat_model(cfg: ExperimentConfig, data) -> FlatModel:
+def build_flat_model(cfg: ExperimentConfig, data, module: torch.nn.Module | None = None) -> FlatModel:
+    """The config's model for `data`, or `module` (a user's torch module) when given."""
     torch.manual_seed(cfg.seed)
+    if module is not None:
+        return user_flat_model(module, data)
     m = cfg.model
     kwargs: dict = {}
     if m.name == "mlp":
