@@ -179,7 +179,9 @@ def execute(
         "threads": threads_used.summary(),  # how it was chosen: asked for, or measured (probe seconds)
         "runs": [run_entry(cfg, spec, results[spec.name]) for spec in specs],
         # examples per client: the imbalance every run above trained on
-        "data": data_summary(_data_origin(data) if user_data else cfg.data, data.client_sizes(), out),
+        "data": data_summary(
+            _data_origin(data) if user_data or cfg.data.loader else cfg.data, data.client_sizes(), out
+        ),
     }
     if module is not None:
         summary["model"] = type(module).__name__
