@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from torch import nn
 from asyncfl.build import split_client_tests
 from asyncfl.config import ConfigError, ExperimentConfig, load
 from asyncfl.data.federated import FederatedDataset
-from asyncfl.sim.metrics import Metrics
+from asyncfl.sim.metrics import Metrics, Target
 
 
 def load_config(
@@ -63,7 +64,9 @@ class Result:
 
         out = Path(folder) if folder is not None else self.out
         out.mkdir(parents=True, exist_ok=True)
-        return write_plots(self.runs, self.summary["target_accuracy"], out, self.summary["preset"])
+        t = self.summary.get("target")
+        target = Target(**t) if t else Target(value=self.summary["target_accuracy"])
+        return write_plots(self.runs, target, out, self.summary["preset"])
 
 
 def simulate(
@@ -75,10 +78,13 @@ def simulate(
     out: str | Path | None = None,
     threads: int | str = 1,
     verbose: bool = False,
+    metrics: list[Callable] = (),
 ) -> Result:
     """One run of `cfg` (`run` names it; default the first), training `model` (any torch module;
     default the config's) on `data` (default the config's dataset). See `compare`."""
-    return compare(cfg, model, data, runs=[cfg.run(run).name], out=out, threads=threads, verbose=verbose)
+    return compare(
+        cfg, model, data, runs=[cfg.run(run).name], out=out, threads=threads, verbose=verbose, metrics=metrics
+    )
 
 
 def compare(
@@ -90,12 +96,18 @@ def compare(
     out: str | Path | None = None,
     threads: int | str = 1,
     verbose: bool = False,
+    metrics: list[Callable] = (),
 ) -> Result:
     """The config's runs (or those named) side by side, each from `model`'s current weights.
     Writes the CLI's outputs to `out` (default: a new temporary folder); `threads` is torch's
-    thread count or "auto" (the CLI's default); `verbose` prints the CLI's progress and table."""
+    thread count or "auto" (the CLI's default); `verbose` prints the CLI's progress and table.
+    `metrics`: functions f(logits, y) -> float or {name: float}, defined at module level, added to
+    eval.metrics (a target may then be set on what they report)."""
     if cfg.study is not None or cfg.robustness is not None:
         raise ConfigError("studies and robustness matrices run from the CLI (asyncfl compare)")
+    if metrics:
+        names = [*cfg.eval.metrics, *(_function_path(f) for f in metrics)]
+        cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"metrics": names})})
     if data is not None:
         data = split_client_tests(data, cfg.data.client_test_fraction, cfg.seed)
     folder = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="asyncfl-"))
@@ -104,3 +116,11 @@ def compare(
     console = Console() if verbose else Console(quiet=True)
     summary, results = execute(cfg, folder, runs, console, threads, data, model)
     return Result(summary, results, folder)
+
+
+def _function_path(f: Callable) -> str:
+    """ "module:function" of a module-level function: how config.yaml names it."""
+    name = getattr(f, "__qualname__", "")
+    if not name or "<" in name:
+        raise ConfigError(f"metrics: {f!r} must be a function defined at module level (config.yaml names it)")
+    return f"{f.__module__}:{name}"

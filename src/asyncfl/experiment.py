@@ -37,7 +37,7 @@ from asyncfl.report.plots import write_plots
 from asyncfl.report.table import summary_table
 from asyncfl.sim import threads as thread_choice
 from asyncfl.sim.batched import make_executor
-from asyncfl.sim.metrics import Metrics
+from asyncfl.sim.metrics import Metrics, Target
 from asyncfl.sim.secure_aggregation import build_secure_aggregation
 from asyncfl.sim.simulator import RunParts, Simulation
 
@@ -107,7 +107,7 @@ def run_entry(cfg: ExperimentConfig, spec: RunSpec, m: Metrics) -> dict:
         "mode": spec.scheduler.mode,
         "concurrency": spec.scheduler.concurrency,
         "seed": cfg.seed,
-        **m.summary(cfg.target_accuracy),
+        **m.summary(Target.of_config(cfg)),
         "staleness_histogram": m.staleness_histogram(),
     }
 
@@ -174,6 +174,7 @@ def execute(
     summary = {
         "preset": cfg.name,
         "target_accuracy": cfg.target_accuracy,
+        **({"target": cfg.target.model_dump()} if cfg.target is not None else {}),
         "seed": cfg.seed,
         "torch_threads": torch.get_num_threads(),  # wall times depend on it, and the last bits of floats
         "threads": threads_used.summary(),  # how it was chosen: asked for, or measured (probe seconds)
@@ -186,7 +187,7 @@ def execute(
     if module is not None:
         summary["model"] = type(module).__name__
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    write_plots(results, cfg.target_accuracy, out, cfg.name)
+    write_plots(results, Target.of_config(cfg), out, cfg.name)
     console.print(summary_table(summary))
     console.print(
         f"results in {out}/ (summary.json, config.yaml, */metrics.csv, accuracy_vs_time.png, "
