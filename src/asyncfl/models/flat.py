@@ -27,6 +27,8 @@ class FlatModel:
         self.shapes = [tuple(p.shape) for _, p in module.named_parameters()]
         self.sizes = [math.prod(s) for s in self.shapes]
         self.numel = sum(self.sizes)
+        # layers that draw random numbers while training: their draws are seeded per job
+        self.random = any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in module.modules())
 
     def initial_weights(self) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1) for p in self.module.parameters()]).to(torch.float32)
@@ -52,8 +54,12 @@ class FlatModel:
 
     @contextmanager
     def seeded(self, seed: int) -> Iterator[None]:
-        """torch's global generator seeded by a job's seed for the block, then restored: random
-        layers (dropout) draw the same masks for a job whichever executor trains it, and when."""
+        """For a module with dropout layers, torch's global generator seeded by a job's seed for
+        the block, then restored: a job draws the same masks whichever executor trains it, and
+        when. Others skip it (about 0.1 ms a call)."""
+        if not self.random:
+            yield
+            return
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed % 2**63)
             yield
