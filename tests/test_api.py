@@ -105,6 +105,15 @@ def test_custom_cnn_on_images_in_memory(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text()) == result.summary
 
 
+def test_a_fallback_notice_names_the_users_module_not_its_wrapper(capsys):
+    x, y, x_test, y_test = digits_images()
+    data = asyncfl.FederatedData.from_arrays(x[:60], y[:60], np.arange(60) % 3, test=(x_test, y_test))
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Dropout(0.2), nn.Linear(16, 10))
+    asyncfl.simulate(asyncfl.load_config("quickstart", overrides={**SHORT, "stop.max_time": 20}), model=net, data=data)
+    err = capsys.readouterr().err
+    assert "batched executor unavailable for Sequential (module.2 (Dropout) draws random masks" in err
+
+
 def test_modules_that_do_not_fit_are_named():
     x, y, x_test, y_test = digits_images()
     data = asyncfl.FederatedData.from_arrays(x[:60], y[:60], np.arange(60) % 3, test=(x_test, y_test))

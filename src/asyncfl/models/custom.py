@@ -39,6 +39,7 @@ def user_flat_model(module: nn.Module, data, origin: str = "model") -> FlatModel
             f"{origin}: {err}. Federated training averages parameters only: give BatchNorm "
             "track_running_stats=False (batch statistics), or use GroupNorm / LayerNorm"
         ) from None
+    model.name = type(module).__name__  # not the ExampleShape around it
     if model.numel == 0:
         raise ConfigError(f"{origin}: {type(module).__name__} has no trainable parameters")
     sample = data.x_test[:2]

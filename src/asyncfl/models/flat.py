@@ -23,6 +23,7 @@ class FlatModel:
                 "a federated model must be fully described by its parameters"
             )
         self.module = module
+        self.name = type(module).__name__  # what messages call the model
         self.names = [n for n, _ in module.named_parameters()]
         self.shapes = [tuple(p.shape) for _, p in module.named_parameters()]
         self.sizes = [math.prod(s) for s in self.shapes]

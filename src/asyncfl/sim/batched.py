@@ -380,6 +380,6 @@ def make_executor(
     try:
         return BatchedExecutor(trainer, data, memory_mb)
     except NotVectorisable as why:
-        msg = f"batched executor unavailable for {type(trainer.model.module).__name__} ({why}); using sequential"
+        msg = f"batched executor unavailable for {trainer.model.name} ({why}); using sequential"
         (notify or (lambda m: print(m, file=sys.stderr)))(msg)
         return SequentialExecutor(trainer, data)
