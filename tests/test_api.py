@@ -64,6 +64,20 @@ def test_from_dataset_and_from_clients_keep_example_shapes():
         asyncfl.FederatedData.from_dataset(ds, 2, test=(x_test, y_test), partition=[[0], []])
 
 
+def test_dict_items_and_8_bit_images_as_from_hugging_face_or_pil():
+    """Datasets whose items are dicts (Hugging Face columns, Flower Datasets partitions) are read
+    at `keys`; uint8 pixels become floats in [0, 1]."""
+    pixels = np.array([[[0, 255], [51, 102]], [[255, 255], [0, 0]], [[1, 2], [3, 4]]], dtype=np.uint8)
+    rows = [{"image": pixels[i], "label": i % 2, "id": i} for i in range(3)]
+    data = asyncfl.FederatedData.from_dataset(rows, 3, test=rows, partition="iid", keys=("image", "label"))
+    assert data.example_shape == (2, 2) and data.x.dtype == torch.float32
+    assert data.x[np.flatnonzero(data.y.numpy() == 1)[0]].tolist() == [1.0, 1.0, 0.0, 0.0]
+    per = asyncfl.FederatedData.from_clients([rows[:2], rows[2:]], test=rows, keys=("image", "label"))
+    assert per.client_sizes().tolist() == [2, 1] and torch.allclose(per.x_test[0], torch.tensor([0.0, 1.0, 0.2, 0.4]))
+    with pytest.raises(ValueError, match=r"dicts with keys \['img', 'label'\]"):
+        asyncfl.FederatedData.from_dataset(rows, 3, test=rows, keys=("img", "label"))
+
+
 def test_load_config_applies_overrides_by_run_name():
     cfg = asyncfl.load_config("quickstart", overrides={"runs.fedbuff.algorithm.buffer_size": 20, "seed": 3})
     assert cfg.run("fedbuff").algorithm.buffer_size == 20 and cfg.seed == 3

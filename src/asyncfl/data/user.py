@@ -18,15 +18,21 @@ from asyncfl.data.federated import FederatedDataset
 from asyncfl.data.partition import partition as split_by
 
 
-def as_tensors(source, what: str = "data") -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, y) from a pair of arrays or tensors, or from a map-style dataset of (x, y) items:
-    float features as float32, integer ones (token ids) as int64, labels as int64."""
+def as_tensors(source, what: str = "data", keys: tuple[str, str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) from a pair of arrays or tensors, or from a map-style dataset whose items are
+    (x, y) pairs, or dicts read at `keys` (x key, y key: a Hugging Face dataset's columns).
+    8-bit images (uint8, e.g. PIL images) become float32 in [0, 1], other floats float32,
+    other integers int64 (token ids); labels int64."""
     if isinstance(source, tuple) and len(source) == 2:
         x, y = (torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v for v in source)
     elif hasattr(source, "__getitem__") and hasattr(source, "__len__"):
         items = [source[i] for i in range(len(source))]
+        if keys is not None:
+            if not items or not all(isinstance(it, dict) and set(keys) <= set(it) for it in items):
+                raise ValueError(f"{what}: items must be dicts with keys {list(keys)}")
+            items = [(it[keys[0]], it[keys[1]]) for it in items]
         if not items or not all(isinstance(it, (tuple, list)) and len(it) == 2 for it in items):
-            raise ValueError(f"{what}: a dataset's items must be (x, y) pairs")
+            raise ValueError(f"{what}: a dataset's items must be (x, y) pairs (or dicts: give keys=(x, y))")
         x = torch.stack([torch.as_tensor(np.asarray(it[0])) for it in items])
         y = torch.as_tensor(np.asarray([int(it[1]) for it in items]))
     else:
@@ -35,6 +41,8 @@ def as_tensors(source, what: str = "data") -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"{what}: x and y must hold the same number (> 0) of examples, got {len(x)} and {len(y)}")
     if y.dim() != 1 or y.dtype.is_floating_point:
         raise ValueError(f"{what}: y must be integer class labels [n], got {y.dtype} {list(y.shape)}")
+    if x.dtype == torch.uint8:
+        x = x.to(torch.float32) / 255.0
     x = x.to(torch.float32) if x.dtype.is_floating_point else x.to(torch.int64)
     return x, y.to(torch.int64)
 
@@ -57,8 +65,9 @@ class FederatedData(FederatedDataset):
         num_classes: int | None,
         names: list[str] | None,
         kind: str,
+        keys: tuple[str, str] | None = None,
     ) -> FederatedData:
-        x_test, y_test = as_tensors(test, "test")
+        x_test, y_test = as_tensors(test, "test", keys if not isinstance(test, tuple) else None)
         if tuple(x_test.shape[1:]) != tuple(x.shape[1:]):
             raise ValueError(f"test examples have shape {list(x_test.shape[1:])}, training ones {list(x.shape[1:])}")
         classes = int(max(y.max(), y_test.max())) + 1
@@ -102,12 +111,13 @@ class FederatedData(FederatedDataset):
         alpha: float = 0.5,
         classes_per_client: int = 2,
         exponent: float = 1.0,
+        keys: tuple[str, str] | None = None,
     ) -> FederatedData:
         """A torch Dataset (or (x, y) arrays) split over `num_clients`: `partition` names a
         partitioner ("iid", "dirichlet" with `alpha`, "shards" with `classes_per_client`,
         "quantity_skew" with `exponent`), or gives each client's example indices itself
-        (e.g. from another library's partitioner)."""
-        x, y = as_tensors(dataset, "dataset")
+        (e.g. from another library's partitioner). `keys`: the x and y keys of dict items."""
+        x, y = as_tensors(dataset, "dataset", keys)
         if isinstance(partition, str):
             clients = split_by(
                 partition,
@@ -126,12 +136,15 @@ class FederatedData(FederatedDataset):
             if any(p.min() < 0 or p.max() >= len(y) for p in clients):
                 raise ValueError(f"partition: indices must lie in [0, {len(y)})")
             kind = "given"
-        return cls._build(x, y, clients, test, num_classes, None, kind)
+        return cls._build(x, y, clients, test, num_classes, None, kind, keys)
 
     @classmethod
-    def from_clients(cls, clients: Sequence, test, num_classes: int | None = None) -> FederatedData:
-        """One dataset per client: (x, y) pairs or torch Datasets."""
-        parts = [as_tensors(c, f"client {k}") for k, c in enumerate(clients)]
+    def from_clients(
+        cls, clients: Sequence, test, num_classes: int | None = None, keys: tuple[str, str] | None = None
+    ) -> FederatedData:
+        """One dataset per client: (x, y) pairs or torch Datasets (dict items read at `keys`,
+        e.g. the partitions a Flower Datasets partitioner gives)."""
+        parts = [as_tensors(c, f"client {k}", keys) for k, c in enumerate(clients)]
         if not parts:
             raise ValueError("from_clients: no clients")
         shapes = {tuple(x.shape[1:]) for x, _ in parts}
@@ -142,4 +155,4 @@ class FederatedData(FederatedDataset):
         indices = [np.arange(s, s + n) for s, n in zip(starts, sizes)]
         x = torch.cat([p[0] for p in parts])
         y = torch.cat([p[1] for p in parts])
-        return cls._build(x, y, indices, test, num_classes, None, "natural")
+        return cls._build(x, y, indices, test, num_classes, None, "natural", keys)
