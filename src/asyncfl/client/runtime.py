@@ -41,7 +41,8 @@ from asyncfl.attacks import Attack, flip_labels
 from asyncfl.build import build_client_rule, build_data, build_flat_model, build_trainer
 from asyncfl.client.http import GaveUp, ServerApi
 from asyncfl.compression import ErrorFeedback, Raw, encode_upload, parse_codec
-from asyncfl.config import validate
+from asyncfl.config import ConfigError, validate
+from asyncfl.plugins import load_device_data
 
 
 class ClientError(RuntimeError):
@@ -50,9 +51,20 @@ class ClientError(RuntimeError):
 
 def load_data(spec: str, cfg, num_features: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`DATASET:client=K` (partition K of the task's own split of its dataset, e.g.
-    digits:client=3) or a path to an .npz with arrays `x` [n, features] and `y` [n] (integer
-    labels): the user's own data."""
+    digits:client=3), `package.module:function` (the user's loader, returning (x, y) or a torch
+    Dataset; x keeps its example shape) or a path to an .npz with arrays `x` [n, features] and
+    `y` [n] (integer labels): the user's own data."""
     name, sep, rest = spec.partition(":")
+    if sep and "=" not in rest and not Path(spec).is_file():
+        try:
+            x, y = load_device_data(spec)
+        except ConfigError as err:
+            raise ClientError(str(err)) from None
+        if x[0].numel() != num_features:
+            raise ClientError(
+                f"--data {spec}: examples of shape {list(x.shape[1:])}; the task has {num_features} features"
+            )
+        return x, y
     if sep and not Path(spec).is_file():
         key, _, value = rest.partition("=")
         if name != cfg.data.dataset:
@@ -143,11 +155,21 @@ class ClientRuntime:
         self.x, self.y = load_data(self.data_spec, cfg, task["num_features"])
         if self.attack is not None and self.attack.flips_labels:
             self.y = flip_labels(self.y, task["num_classes"])
-        # what build_flat_model reads of a dataset; the local data stands in for the test split
+        # what build_flat_model reads of a dataset; the local data stands in for the test split.
+        # Examples with a shape (images from a loader) are stored flat, as the server does
+        example_shape = tuple(self.x.shape[1:]) if self.x.dim() > 2 else None
+        self.x = self.x.reshape(len(self.x), -1)
         shape = SimpleNamespace(
-            num_features=task["num_features"], num_classes=task["num_classes"], x=self.x, x_test=self.x
+            num_features=task["num_features"],
+            num_classes=task["num_classes"],
+            x=self.x,
+            x_test=self.x,
+            example_shape=example_shape,
         )
-        self.model = build_flat_model(cfg, shape)
+        try:
+            self.model = build_flat_model(cfg, shape)
+        except ConfigError as err:  # the task's model plug-in against this device's data
+            raise ClientError(str(err)) from None
         self.trainer = build_trainer(cfg, cfg.runs[0], self.model)  # the simulator's trainer, same settings
         if [list(s) for s in self.model.shapes] != [x["shape"] for x in task["tensors"]]:
             raise ClientError("the model built from the task config does not match the server's tensors")
