@@ -8,6 +8,7 @@ import numpy as np
 
 from asyncfl.config import Dist, PopulationConfig
 from asyncfl.data.streams import chunked
+from asyncfl.sim.profiles import on_demand_profiles
 
 
 def _draw(dist: Dist, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -74,8 +75,9 @@ class Population:
 
     The profile arrays are drawn from `seed` (a SeedSequence) and read-only: runs of one process
     with the same population config and seed (a study's grid, a robustness matrix's defences)
-    share one draw instead of drawing 10^8 devices again each (`_shared_profiles`); only the
-    busy flags are the run's own.
+    share one draw (`_shared_profiles`); only the busy flags are the run's own. With
+    `profiles: on_demand` (by default above 10^7 devices) they are readers that compute a
+    device's values when asked (`asyncfl.sim.profiles`), and a population costs its busy flags.
     """
 
     def __init__(self, cfg: PopulationConfig, seed: np.random.SeedSequence, shared: bool = True):
@@ -83,7 +85,10 @@ class Population:
         draw in place (a study's round-timeout sample between its runs)."""
         n = cfg.devices
         self.size = n
-        profiles = _shared_profiles(cfg, seed) if shared else _draw_profiles(cfg, seed)
+        if cfg.on_demand():
+            profiles = on_demand_profiles(cfg, seed)
+        else:
+            profiles = _shared_profiles(cfg, seed) if shared else _draw_profiles(cfg, seed)
         self.compute_per_example, self.download_bandwidth, self.upload_bandwidth, self.phase, self.malicious = profiles
         self.period = cfg.availability.period
         self.on_fraction = cfg.availability.on_fraction

@@ -28,7 +28,7 @@ def trip_durations(cfg: ExperimentConfig) -> np.ndarray:
     trainer = build_trainer(cfg, spec, model)
     down, up = build_codecs(spec).payload_bytes(model.numel)
     devices = cfg.population.devices
-    sampled = cfg.population.model_copy(update={"devices": min(devices, SAMPLE_DEVICES)})
+    sampled = cfg.population.model_copy(update={"devices": min(devices, SAMPLE_DEVICES), "profiles": "arrays"})
     pop = Population(sampled, np.random.SeedSequence([cfg.seed, 0x7D1]), shared=False)
     sizes = np.asarray(data.client_sizes())
     if devices > SAMPLE_DEVICES:
