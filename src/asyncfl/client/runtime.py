@@ -15,6 +15,10 @@ restarted client continues with it; what the server sends with the model (SCAFFO
 in the model frame, and the upload carries the definition's `upload_fields` besides the delta.
 Like the residual, the state advances only when the server accepted the update.
 
+A sync run with `secure_aggregation` (secagg_plus, secagg) never receives a plain update: after
+training, the client takes part in its lease's secure round (client/secure.py) with its update
+clipped and encoded, weighted by its example count.
+
 An upload is re-sent with the same bytes and key until the server answers, so a server
 restart mid-trip costs time, never a double count: the server answers a re-send with the
 first result.
@@ -325,7 +329,7 @@ class ClientRuntime:
             if self.error_feedback is not None:
                 self.error_feedback.record("self", *residual)
             self.stats["accepted"] += 1
-        elif "http" in seen:
+        elif seen.get("http", 409) != 409:  # a refused message (a conflict means the round went on without it)
             self._count_refusal(seen["http"], seen)
         else:
             self.stats["lost"] += 1  # dropped out of, or left, a round, or the round failed

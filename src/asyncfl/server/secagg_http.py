@@ -71,7 +71,7 @@ def add_secagg_routes(app: FastAPI, server, client_of, read_limited) -> None:
         deadline = asyncio.get_running_loop().time() + wait
         while True:
             try:
-                view = seen(client, lease_id)
+                view = await run_in_threadpool(seen, client, lease_id)  # the lock may be held by a phase closing
             except ApiError as err:
                 raise rejected(err) from None
             moved = after is None or view["phase"] == "done" or PHASES.index(view["phase"]) > PHASES.index(after)

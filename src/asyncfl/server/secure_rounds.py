@@ -244,8 +244,10 @@ class SecureSyncPolicy(SyncPolicy):
         r = self.current
         p, messages = r.phase, list(r.received[r.phase].values())
         try:
-            if p == 0:
-                rt.open_slots = 0  # nobody joins once the keys are out
+            if p == 0:  # nobody joins once the keys are out: unclaimed slots close, unjoined leases end
+                rt.open_slots = 0
+                for lease in [lease for lease_id, lease in rt.leases.items() if lease_id not in r.members]:
+                    rt.close(lease, counted=False)
                 reply = r.server.collect_keys(messages)
             elif p == 1:
                 reply = r.server.route_shares(messages)
