@@ -24,11 +24,12 @@ def experiment(secure: dict | None) -> dict:
     return {
         "name": "e2e-secagg",
         "seed": 0,
-        "data": {"partition": {"kind": "dirichlet", "alpha": 1.0}, "num_clients": CLIENTS},
+        "data": {"partition": {"kind": "iid"}, "num_clients": CLIENTS},
         "model": {"name": "mlp", "hidden": [64]},
         "trainer": {"lr": 0.1, "batch_size": 16, "local_steps": 10},
         "stop": {"max_trips": CLIENTS * ROUNDS},
-        "server": {
+        "server": {  # no norm guard: the secure run cannot have one (the server sees no update's norm)
+            "norm_guard": None,
             "lease_timeout": 120,
             "retry_after": 0.2,
             "eval_every_s": 0.25,
@@ -73,6 +74,7 @@ def test_fedavg_with_secagg_plus_matches_plaintext_accuracy(tmp_path):
     assert sa["neighbours"] == 6 and sa["threshold"] == 4  # k = 2 ceil(log2 8) = 6, t = ceil(0.5 x 7)
     assert s["updates"] == {"buffered": ROUNDS, "stepped": 0, "discarded": 0}  # one decoded sum per round
     assert s["compression"]["bytes"]["uploads_decoded"] == 0  # no plain update was ever read
+    assert p["rejected"].get("norm_rejected", 0) == 0
     assert abs(plain["accuracy"] - secure["accuracy"]) <= 0.01, (plain["accuracy"], secure["accuracy"])
     assert plain["accuracy"] >= 0.85
     print(
