@@ -16,6 +16,9 @@ import torch
 from fastapi.testclient import TestClient
 
 from asyncfl import config
+from asyncfl.algorithms.types import ClientUpdate, ServerState
+from asyncfl.build import build_aggregator
+from asyncfl.client.secure import secure_values
 from asyncfl.secagg import FixedPointCodec, Ring, SecAggClient
 from asyncfl.secagg.messages import IncomingShares, KeyDirectory, RoundParams, UnmaskRequest, from_json, to_json
 from asyncfl.server.app import create_app
@@ -27,7 +30,9 @@ CLIP = 0.5
 MAX_EXAMPLES = 100
 
 
-def experiment(protocol: str, cohort: int, threshold: float, neighbours: int | None = None) -> config.ExperimentConfig:
+def experiment(
+    protocol: str, cohort: int, threshold: float, neighbours: int | None = None, algorithm: dict | None = None
+) -> config.ExperimentConfig:
     secure = {"protocol": protocol, "clip_range": CLIP, "threshold": threshold}
     if neighbours is not None:
         secure["neighbours"] = neighbours
@@ -41,7 +46,7 @@ def experiment(protocol: str, cohort: int, threshold: float, neighbours: int | N
             "runs": [
                 {
                     "name": "task1",
-                    "algorithm": {"name": "fedavg", "server_opt": {"name": "sgd", "lr": 1.0}},
+                    "algorithm": (algorithm or {"name": "fedavg"}) | {"server_opt": {"name": "sgd", "lr": 1.0}},
                     "scheduler": {"mode": "sync", "concurrency": cohort, "round_timeout": 30},
                     "secure_aggregation": secure,
                 }
@@ -65,8 +70,10 @@ class Harness:
     """A server in process whose coordinator runs on a fake clock, and parties that each hold a
     lease and a SecAggClient."""
 
-    def __init__(self, tmp_path, protocol="secagg", cohort=5, threshold=0.6, neighbours=None, phase_timeout=5.0):
-        self.cfg = experiment(protocol, cohort, threshold, neighbours)
+    def __init__(
+        self, tmp_path, protocol="secagg", cohort=5, threshold=0.6, neighbours=None, phase_timeout=5.0, algorithm=None
+    ):
+        self.cfg = experiment(protocol, cohort, threshold, neighbours, algorithm)
         settings = ServerConfig(
             max_examples=MAX_EXAMPLES, rate_per_s=1000, rate_burst=1000, secagg_phase_timeout=phase_timeout
         )
@@ -107,8 +114,8 @@ class Harness:
 class Party:
     """One client: checks in, joins the round, and sends each phase's message on request."""
 
-    def __init__(self, h: Harness, name: str, update: np.ndarray, weight: int):
-        self.h, self.name, self.update, self.weight = h, name, update, weight
+    def __init__(self, h: Harness, name: str, update: np.ndarray, weight: int, steps: int = 1):
+        self.h, self.name, self.update, self.weight, self.steps = h, name, update, weight, steps
         lease = h.request("POST", "/v1/checkin", name, json={"eligible": True}).json()
         assert lease["action"] == "train", lease
         self.lease = lease
@@ -143,7 +150,8 @@ class Party:
 
     def masked(self):
         incoming = from_json(IncomingShares, self.get()["incoming"])
-        encoded = self.codec.encode(self.update, np.random.default_rng(7))
+        vector = secure_values(self.update, self.steps, self.view["encoding"])
+        encoded = self.codec.encode(vector, np.random.default_rng(7))
         message = self.secagg.masked_input(incoming, encoded, self.weight)
         return self.ok("masked", {"weight": message.weight, "masked": message.masked})
 
@@ -252,6 +260,35 @@ def test_secagg_plus_sparse_graph_round(tmp_path):
         h.after(6)
         assert h.status()["secure_aggregation"]["neighbours"] == 4
         assert np.abs(model_delta(h, w0) - fedavg_delta(ps)).max() < bound(h, ps)
+    finally:
+        h.close()
+
+
+def test_fednova_steps_with_its_normalized_average(tmp_path):
+    """Clients with different local work: the server's step equals FedNova's on the plaintext
+    updates (fed to a fresh FedNova aggregator), from the secure sum of d_i / a_i and a_i."""
+    h = Harness(tmp_path, algorithm={"name": "fednova", "mu": 0.01})
+    try:
+        w0 = h.server.aggregation.state.w.clone()
+        rng = np.random.default_rng(5)
+        ps = [
+            Party(h, name, rng.uniform(-CLIP, CLIP, h.length), int(rng.integers(1, MAX_EXAMPLES)), steps)
+            for name, steps in zip("abcde", (1, 2, 5, 9, 20))
+        ]
+        assert ps[0].view["encoding"]["local_work"]["mu"] == 0.01 and ps[0].params.length == h.length + 1
+        for step in ("advertise", "share", "masked", "unmask"):
+            for p in ps:
+                getattr(p, step)()
+        spec = h.cfg.runs[0]
+        reference = build_aggregator(spec, h.cfg.trainer.lr)
+        state = ServerState(w=w0.clone(), version=0)
+        for p in ps:
+            update = ClientUpdate(0, 0, torch.from_numpy(p.update).float(), p.weight, p.steps, 0.5)
+            reference.submit(state, update, w0)
+        assert reference.flush(state)
+        expected = (w0 - state.w).double().numpy()
+        assert np.abs(model_delta(h, w0) - expected).max() < 1e-4
+        assert np.abs(expected - fedavg_delta(ps)).max() > 1e-2  # FedNova's step is not FedAvg's here
     finally:
         h.close()
 

@@ -1,5 +1,5 @@
 """End to end on loopback: a real `asyncfl serve` and 8 `asyncfl client` processes run the same
-sync FedAvg config for the same number of rounds without and with SecAgg+; the final models'
+sync FedAvg config for the same number of rounds without and with SecAgg+; the late models'
 test accuracies agree within 1 point, and the secure run's rounds all completed through the
 secure phases (no update reached the server in the clear)."""
 
@@ -11,6 +11,7 @@ from asyncfl.server.testing import ServerProcess, mint_tokens, spawn_client, sto
 
 CLIENTS = 8
 ROUNDS = 60
+LATE = 20  # accuracy: the mean over the evaluations of the last LATE versions (one model's is noisier)
 
 
 def experiment(secure: dict | None) -> dict:
@@ -41,7 +42,7 @@ def experiment(secure: dict | None) -> dict:
 
 
 def train(workdir, secure: dict | None, timeout: float = 400.0) -> dict:
-    """ROUNDS rounds of all 8 clients; the accuracy of the last version, once evaluated."""
+    """ROUNDS rounds of all 8 clients; the mean accuracy of the last LATE versions' evaluations."""
     server = ServerProcess(experiment(secure), workdir)
     tokens = mint_tokens(server.state_dir, "fedavg", [f"c{i}" for i in range(CLIENTS)])
     server.start()
@@ -55,13 +56,13 @@ def train(workdir, secure: dict | None, timeout: float = 400.0) -> dict:
         while not [e for e in server.history() if e["version"] == status["version"]]:
             assert time.time() < t0 + timeout, "the last version was never evaluated"
             time.sleep(0.2)
-        final = [e for e in server.history() if e["version"] == status["version"]][-1]
+        late = [e["accuracy"] for e in server.history() if e["version"] > ROUNDS - LATE]
     finally:
         stop_all(clients)
         server.kill()
     logs = [(workdir / f"c{i}.log").read_text() for i in range(CLIENTS)]
     assert [p.returncode for p in clients] == [0] * CLIENTS, logs
-    return {"status": status, "accuracy": final["accuracy"], "wall": wall}
+    return {"status": status, "accuracy": sum(late) / len(late), "wall": wall}
 
 
 def test_fedavg_with_secagg_plus_matches_plaintext_accuracy(tmp_path):
@@ -78,6 +79,6 @@ def test_fedavg_with_secagg_plus_matches_plaintext_accuracy(tmp_path):
     assert abs(plain["accuracy"] - secure["accuracy"]) <= 0.01, (plain["accuracy"], secure["accuracy"])
     assert plain["accuracy"] >= 0.85
     print(
-        f"sync fedavg, {CLIENTS} clients x {ROUNDS} rounds: plaintext acc {plain['accuracy']:.3f} in "
-        f"{plain['wall']:.1f} s wall; secagg+ acc {secure['accuracy']:.3f} in {secure['wall']:.1f} s wall"
+        f"sync fedavg, {CLIENTS} clients x {ROUNDS} rounds, mean acc of the last {LATE}: plaintext {plain['accuracy']:.3f} in "
+        f"{plain['wall']:.1f} s wall; secagg+ {secure['accuracy']:.3f} in {secure['wall']:.1f} s wall"
     )

@@ -323,7 +323,7 @@ class ClientRuntime:
                 self.upload_codec, update.delta, upload_rounding_generator(task["seed"]), self.error_feedback, "self"
             )
             values, residual = upload.decoded, (upload.compensated, upload.decoded)
-        seen = self.secure.contribute(task, values.numpy(), update.n_examples)
+        seen = self.secure.contribute(task, values.numpy(), update.n_examples, update.steps)
         outcome = seen.get("outcome", {})
         if outcome.get("status") == "accepted":
             if self.error_feedback is not None:

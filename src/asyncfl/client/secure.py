@@ -7,7 +7,7 @@ and brought what the next one needs: advertise keys -> key directory -> sealed s
 incoming shares -> masked input -> unmask request -> its shares -> the round's outcome. The
 update is clipped to the round's coordinate range and encoded into the ring with stochastic
 rounding seeded from the lease (as the simulator does); its integer weight is the example
-count. The round's secrets (key pairs, self-mask seed, the shares it holds) exist only in this
+count. FedNova's clients send their delta normalized by their local work, and that work. The round's secrets (key pairs, self-mask seed, the shares it holds) exist only in this
 object's memory and go with it.
 """
 
@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from asyncfl.algorithms.fednova import local_work
 from asyncfl.client.http import ServerApi
 from asyncfl.secagg import FixedPointCodec, ProtocolViolation, Ring, SecAggAbort, SecAggClient
 from asyncfl.secagg.messages import IncomingShares, KeyDirectory, RoundParams, UnmaskRequest, from_json, to_json
@@ -29,10 +30,10 @@ class SecureRound:
     def __init__(self, api: ServerApi, log: Callable[[str], None] = lambda s: None):
         self.api, self.log = api, log
 
-    def contribute(self, lease: dict, values, n_examples: int) -> dict:
+    def contribute(self, lease: dict, values, n_examples: int, steps: int) -> dict:
         """Take part in the round of `lease` (a check-in answer) with the update `values`
-        (floats); returns the round's outcome as the server reports it, or the server's answer
-        (with "http") to a request it refused."""
+        (floats) from `steps` local steps; returns the round's outcome as the server reports
+        it, or the server's answer (with "http") to a request it refused."""
         lease_id = lease["lease_id"]
         view = self._poll(lease_id, None)
         if "outcome" in view or "http" in view:
@@ -52,7 +53,8 @@ class SecureRound:
             if "incoming" not in view:
                 return view
             codec = FixedPointCodec(enc["clip_range"], enc["max_total_weight"], Ring(params.bits))
-            encoded = codec.encode(np.asarray(values), np.random.default_rng((lease["seed"], ROUNDING_STREAM)))
+            vector = secure_values(np.asarray(values, dtype=np.float64), steps, enc)
+            encoded = codec.encode(vector, np.random.default_rng((lease["seed"], ROUNDING_STREAM)))
             masked = me.masked_input(from_json(IncomingShares, view["incoming"]), encoded, n_examples)
             sent = self._send(number, "masked", lease_id, {"weight": masked.weight, "masked": masked.masked})
             view = sent or self._poll(lease_id, "masked_input")
@@ -86,6 +88,18 @@ class SecureRound:
                 return view
             if view["phase"] != after and not until_done:
                 return view
+
+
+def secure_values(delta: np.ndarray, steps: int, encoding: dict) -> np.ndarray:
+    """The vector a client encodes: its delta, or for FedNova (`encoding["local_work"]`) its
+    delta over its local work a, followed by a scaled into the clip range, so that the round's
+    sum carries both sum_i n_i d_i / a_i and sum_i n_i a_i."""
+    work = encoding.get("local_work")
+    if work is None:
+        return delta
+    counted = steps if work["max_steps"] is None else min(steps, work["max_steps"])
+    a = local_work(max(1, counted), work["lr"], work["mu"])
+    return np.append(delta / a, a * encoding["clip_range"] / work["scale"])
 
 
 def _answer(resp) -> dict:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from asyncfl.algorithms.aggregators import BufferedAggregator
+from asyncfl.algorithms.fednova import FedNova, local_work
 from asyncfl.algorithms.types import ClientUpdate
 from asyncfl.config import ConfigError
 from asyncfl.config.secure_aggregation import SYNC_PROTOCOLS, neighbours, sync_threshold
@@ -87,10 +88,23 @@ class SecureSyncPolicy(SyncPolicy):
     runtime is the server's Coordinator (the simulator charges these rounds in
     asyncfl.sim.secure_aggregation instead). The phase handlers are called under the state lock."""
 
-    def __init__(self, spec, length: int, max_weight: int, lease_timeout: float, phase_timeout: float | None):
+    def __init__(
+        self,
+        spec,
+        length: int,
+        max_weight: int,
+        lease_timeout: float,
+        phase_timeout: float | None,
+        work: dict | None = None,
+    ):
+        """`work`: FedNova's local-work normalization (lr, mu, max_steps and the largest local
+        work, `scale`); each client then sends [d_i / a_i, a_i r / scale], one coordinate more
+        than the model, and the server steps with sum_i n_i d_i / a_i x sum_i n_i a_i / W^2."""
         sc = spec.scheduler
         super().__init__(sc.concurrency, sc.over_selection, sc.round_timeout, sc.straggler)
         s = spec.secure_aggregation
+        self.work = work
+        length += work is not None
         self.protocol, self.bits, self.length, self.max_weight = s.protocol, s.bits, length, max_weight
         self.degree, self.threshold = neighbours(s, self.selected), sync_threshold(s, self.selected)
         self.codec = FixedPointCodec(s.clip_range, self.selected * max_weight, Ring(s.bits))
@@ -277,11 +291,17 @@ class SecureSyncPolicy(SyncPolicy):
         except RingOverflowError as err:
             self._fail(rt, r, "unmask", err)
             return
+        total = result.total_weight
+        if self.work is None:  # the example-weighted mean
+            delta = weighted / total
+        else:  # FedNova's tau_eff sum_i p_i d_i: one update of local work a gives exactly this
+            work = weighted[-1] * self.work["scale"] / self.codec.clip_range
+            delta = weighted[:-1] * work / total**2
         update = ClientUpdate(
             client_id=0,
             base_version=r.base_version,
-            delta=torch.from_numpy(weighted / result.total_weight).to(torch.float32),
-            n_examples=result.total_weight,
+            delta=torch.from_numpy(delta).to(torch.float32),
+            n_examples=total,
             steps=1,
             loss=math.nan,
         )
@@ -352,6 +372,7 @@ class SecureSyncPolicy(SyncPolicy):
                 "clip_range": self.codec.clip_range,
                 "max_total_weight": self.codec.max_total_weight,
                 "max_weight": self.max_weight,
+                "local_work": self.work,
             },
         }
         for p, name in enumerate(REPLIES):
@@ -390,22 +411,35 @@ class SecureSyncPolicy(SyncPolicy):
         }
 
 
-def build_secure_policy(spec, settings, aggregator, length: int, max_weight: int) -> SecureSyncPolicy | None:
+def build_secure_policy(spec, settings, aggregator, length: int, bounds) -> SecureSyncPolicy | None:
     """The policy of a sync run with SecAgg / SecAgg+ (None for any other run); a ConfigError
-    names what the network server cannot run securely yet. `max_weight`: the largest example
-    count an update may carry (server.max_examples)."""
+    names what the network server cannot run securely yet. `bounds`: what an update may report
+    (its example count is its weight)."""
     s = spec.secure_aggregation
     if s is None or s.protocol not in SYNC_PROTOCOLS:
         return None
-    why = None
+    why, work = None, None
+    if isinstance(aggregator, FedNova) and getattr(spec.algorithm, "example_weight", "n") == "n":
+        most = bounds.max_steps if aggregator.max_steps is None else min(bounds.max_steps, aggregator.max_steps)
+        work = {
+            "lr": aggregator.lr,
+            "mu": aggregator.mu,
+            "max_steps": aggregator.max_steps,
+            "scale": local_work(most, aggregator.lr, aggregator.mu),
+        }
     if spec.privacy is not None:
         why = "privacy (DP) would need the noise added inside the secure sum"
-    elif not (isinstance(aggregator, BufferedAggregator) and aggregator.normalize == "weight"):
-        why = f"{spec.algorithm.name}'s server step needs more than the example-weighted sum of the deltas"
+    elif work is None and not (isinstance(aggregator, BufferedAggregator) and aggregator.normalize == "weight"):
+        why = (
+            f"{spec.algorithm.name}'s server step needs more than the example-weighted sum of the deltas "
+            "(fednova: example_weight 'n' only)"
+        )
     elif getattr(spec.algorithm, "partial_weight", "full") != "full":
         why = "partial_weight 'work_fraction' weighs updates by a fraction, not an integer example count"
     elif spec.scheduler.concurrency * (1 + spec.scheduler.over_selection) < 2:
         why = "a secure round needs at least 2 clients"
     if why is not None:
         raise ConfigError(f"run {spec.name!r}: secure_aggregation over HTTP: {why}")
-    return SecureSyncPolicy(spec, length, max_weight, settings.lease_timeout, settings.secagg_phase_timeout)
+    return SecureSyncPolicy(
+        spec, length, bounds.max_examples, settings.lease_timeout, settings.secagg_phase_timeout, work
+    )

@@ -100,9 +100,8 @@ class FLServer:
         )
         self.max_body_bytes = body_limit(settings, self.aggregation)
         bounds = self._report_bounds()
-        self.secure = build_secure_policy(
-            self.spec, settings, aggregator, self.model.numel, bounds.max_examples
-        )  # sync SecAgg rounds, else None
+        # sync SecAgg rounds, else None
+        self.secure = build_secure_policy(self.spec, settings, aggregator, self.model.numel, bounds)
         self.policy = self.secure or build_policy(self.spec.scheduler)
         self.coordinator = Coordinator(self.policy, self.aggregation, settings.lease_timeout, cfg.seed)
         self.shared = Shared(self.store, threading.RLock(), self.aggregation, self.coordinator, Counters())
