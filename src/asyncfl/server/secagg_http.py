@@ -31,7 +31,7 @@ from asyncfl.server.secure_rounds import MESSAGES, PHASES
 
 ENDPOINTS = {"advertise": "advertise", "shares": "share_keys", "masked": "masked_input", "unmask": "unmask"}
 MAX_WAIT = 20.0  # seconds a poll may hold its request open
-POLL_PERIOD = 0.05
+POLL_PERIOD = 0.01  # how often a held poll looks whether a phase closed
 BASE_LIMIT = 4096  # a phase body's JSON around its bytes fields
 
 
@@ -68,16 +68,19 @@ def add_secagg_routes(app: FastAPI, server, client_of, read_limited) -> None:
         client = client_of(request)
         if after is not None and after not in PHASES:
             raise rejected(ApiError(400, "malformed", f"after must be one of {', '.join(PHASES)}"))
-        deadline = asyncio.get_running_loop().time() + wait
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
         while True:
+            mark = policy.progress
             try:
                 view = await run_in_threadpool(seen, client, lease_id)  # the lock may be held by a phase closing
             except ApiError as err:
                 raise rejected(err) from None
             moved = after is None or view["phase"] == "done" or PHASES.index(view["phase"]) > PHASES.index(after)
-            if moved or "outcome" in view or asyncio.get_running_loop().time() >= deadline:
+            if moved or "outcome" in view or loop.time() >= deadline:
                 return view
-            await asyncio.sleep(POLL_PERIOD)
+            while policy.progress == mark and loop.time() < deadline:  # read without the lock: an int
+                await asyncio.sleep(POLL_PERIOD)
 
     @app.post("/v1/secagg/{number}/{endpoint}")
     async def phase_message(number: int, endpoint: str, request: Request):

@@ -10,7 +10,8 @@ its deadline: key advertisement at the round timeout (clients train before they 
 each later phase `server.secagg_phase_timeout` after the previous one closed. Whoever has not
 sent by then dropped out. The unmasked sum of the survivors' example-weighted, clipped,
 fixed-point updates is decoded and folded into the aggregator as one update of weight
-sum_i n_i, so the server optimizer steps with the FedAvg mean (within the encoding's bound).
+sum_i n_i, so the server optimizer steps with the FedAvg mean (within the encoding's bound);
+FedNova's clients add their local work as one more coordinate (see `SecureSyncPolicy`).
 A phase left with fewer than t participants fails the round (`SecAggAbort`): no step, counted
 by phase in /status, the next round starts.
 
@@ -116,6 +117,7 @@ class SecureSyncPolicy(SyncPolicy):
         self.failed: collections.Counter[str] = collections.Counter()  # by phase, 'restart' included
         self.last: dict | None = None
         self._lost = False  # a restored state had a round open whose messages are gone
+        self.progress = 0  # counts phase closes and round ends: held polls look again when it moves
 
     # ---- policy contract --------------------------------------------------------------
     def start(self, rt) -> None:
@@ -281,6 +283,7 @@ class SecureSyncPolicy(SyncPolicy):
             elif client in reply:
                 rt.extend(lease, 2 * self.phase_timeout)
         r.phase += 1
+        self.progress += 1
         self._arm(rt, self.phase_timeout)
         self._maybe_close_phase(rt)
 
@@ -349,6 +352,7 @@ class SecureSyncPolicy(SyncPolicy):
             self.outcomes.popitem(last=False)
 
     def _end_round(self, rt) -> None:
+        self.progress += 1
         rt.cancel_in_flight()
         self.open, self.current = False, None
         self.start(rt)
