@@ -14,7 +14,8 @@ Bytes travel as base64. Every endpoint takes the client token, counts against it
 reads bounded JSON; malformed input is answered 400 (not JSON, a field missing or of the wrong
 type) or 422 (a value that cannot be right: key or share sizes, peers, weight), a message out of
 turn 409, each naming the problem, and none of them changes the round. A re-send of a message
-already recorded is answered as the first time.
+already recorded is answered as the first time. A message is kept in memory only (a restart
+aborts the round anyway); a message that closes a phase is answered once that is durable.
 """
 
 from __future__ import annotations
@@ -99,9 +100,11 @@ def add_secagg_routes(app: FastAPI, server, client_of, read_limited) -> None:
         try:
             with server.lock:
                 lease = server.coordinator.active_lease(lease_id, client, server.store)
+                progress = policy.progress
                 replayed = policy.receive(server.coordinator, lease, number, phase, message)
-                epoch = server.commit.epoch
-            server.commit.sync(epoch)
+                epoch = server.commit.epoch if policy.progress != progress else None
+            if epoch is not None:  # it closed a phase (leases, perhaps a step): durable before the answer
+                server.commit.sync(epoch)
         except ApiError as err:
             raise rejected(err) from None
         return {"accepted": True, "round": number, "phase": phase, "replayed": replayed}

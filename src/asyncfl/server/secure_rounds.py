@@ -187,9 +187,9 @@ class SecureSyncPolicy(SyncPolicy):
     def receive(self, rt, lease, number: int, phase: str, message) -> bool:
         """Record a participant's message for `phase` of round `number` (its `client` field is
         replaced by the lease's id); True for a re-send of the message already recorded."""
+        if self.current is not None and number != self.current.number:
+            raise ApiError(409, "round_closed", f"round {number} is not the open round ({self.current.number})")
         r, client = self.join(lease)
-        if number != r.number:
-            raise ApiError(409, "round_closed", f"round {number} is not the open round ({r.number})")
         message = dataclasses.replace(message, client=client)
         p = PHASES.index(phase)
         sent = r.received[p].get(client)
