@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from asyncfl import strict_json
 from asyncfl.secagg.messages import from_json
 from asyncfl.server.errors import ApiError
-from asyncfl.server.secure_rounds import MESSAGES, PHASES
+from asyncfl.server.secagg_messages import MESSAGES, PHASES
 
 ENDPOINTS = {"advertise": "advertise", "shares": "share_keys", "masked": "masked_input", "unmask": "unmask"}
 MAX_WAIT = 20.0  # seconds a poll may hold its request open

@@ -38,29 +38,14 @@ from asyncfl.algorithms.types import ClientUpdate
 from asyncfl.config import ConfigError
 from asyncfl.config.secure_aggregation import SYNC_PROTOCOLS, neighbours, sync_threshold
 from asyncfl.scheduling import WAKE, SyncPolicy
-from asyncfl.secagg import (
-    FixedPointCodec,
-    ProtocolViolation,
-    Ring,
-    RingOverflowError,
-    SecAggAbort,
-    SecAggServer,
-    shamir,
-)
-from asyncfl.secagg.crypto import KEY_BYTES, seal
-from asyncfl.secagg.messages import AdvertiseKeys, MaskedInput, RoundParams, ShareKeys, UnmaskResponse, to_json
+from asyncfl.secagg import FixedPointCodec, ProtocolViolation, Ring, RingOverflowError, SecAggAbort, SecAggServer
+from asyncfl.secagg.messages import RoundParams, to_json
 from asyncfl.server.coordinator import ACTIVE
 from asyncfl.server.errors import ApiError
+from asyncfl.server.secagg_messages import PHASES, REPLIES, check
 
 log = logging.getLogger("asyncfl.server")
 
-PHASES = ("advertise", "share_keys", "masked_input", "unmask")
-MESSAGES = {"advertise": AdvertiseKeys, "share_keys": ShareKeys, "masked_input": MaskedInput, "unmask": UnmaskResponse}
-# what a participant receives once a phase closed, by the phase it opens
-REPLIES = ("directory", "incoming", "unmask_request")
-_SHARE_BYTES = len(shamir.split(bytes(KEY_BYTES), 1, [1])[1].to_bytes())
-# a sealed pair of shares: sender and recipient ids, a share of the self-mask seed and one of the key
-SHARE_CIPHERTEXT_BYTES = len(seal(bytes(KEY_BYTES), bytes(8 + 2 * _SHARE_BYTES), b""))
 MIN_PHASE_TIMEOUT = 2.0
 
 
@@ -202,48 +187,17 @@ class SecureSyncPolicy(SyncPolicy):
             raise ApiError(409, code, f"round {r.number} is in phase {PHASES[r.phase]!r}, not {phase!r}")
         if client not in r.participants():
             raise ApiError(409, "dropped", f"client {client} left round {r.number} in phase {r.dropped.get(client)!r}")
-        self._check(r, client, message)
+        check(
+            message,
+            r.replies[p - 1].get(client) if p else None,
+            self.max_weight,
+            self.length * self.codec.ring.element_bytes,
+        )
         r.received[p][client] = message
         if p == 2:
             self.arrived += 1
         self._maybe_close_phase(rt)
         return False
-
-    def _check(self, r: _Round, client: int, message) -> None:
-        """422 naming the problem for a message that is well-formed JSON but cannot be right."""
-        if isinstance(message, AdvertiseKeys):
-            if len(message.cipher_key) != KEY_BYTES or len(message.mask_key) != KEY_BYTES:
-                raise ApiError(422, "bad_key", f"public keys are {KEY_BYTES} bytes each")
-        elif isinstance(message, ShareKeys):
-            peers = set(r.replies[0][client].cipher_keys)
-            if not set(message.ciphertexts) <= peers:
-                extra = sorted(set(message.ciphertexts) - peers)
-                raise ApiError(422, "bad_recipient", f"shares for {extra}, who are not in this client's key directory")
-            if any(len(c) != SHARE_CIPHERTEXT_BYTES for c in message.ciphertexts.values()):
-                raise ApiError(422, "bad_ciphertext", f"each sealed share pair is {SHARE_CIPHERTEXT_BYTES} bytes")
-        elif isinstance(message, MaskedInput):
-            if not 1 <= message.weight <= self.max_weight:
-                raise ApiError(
-                    422, "weight_out_of_range", f"weight {message.weight} outside 1..{self.max_weight} (max_examples)"
-                )
-            expected = self.length * self.codec.ring.element_bytes
-            if len(message.masked) != expected:
-                raise ApiError(422, "bad_length", f"masked input of {len(message.masked)} bytes; expected {expected}")
-        else:
-            request = r.replies[2][client]
-            if set(message.self_mask_shares) != set(request.survivors) or set(message.key_shares) != set(
-                request.dropped
-            ):
-                raise ApiError(
-                    422,
-                    "bad_shares",
-                    f"expected self-mask shares of {list(request.survivors)} and key shares of {list(request.dropped)}",
-                )
-            try:
-                for share in [*message.self_mask_shares.values(), *message.key_shares.values()]:
-                    shamir.Share.from_bytes(share)
-            except ValueError as err:
-                raise ApiError(422, "bad_shares", f"unreadable share: {err}") from None
 
     def _maybe_close_phase(self, rt) -> None:
         r = self.current
