@@ -71,11 +71,19 @@ class Harness:
     lease and a SecAggClient."""
 
     def __init__(
-        self, tmp_path, protocol="secagg", cohort=5, threshold=0.6, neighbours=None, phase_timeout=5.0, algorithm=None
+        self,
+        tmp_path,
+        protocol="secagg",
+        cohort=5,
+        threshold=0.6,
+        neighbours=None,
+        phase_timeout=5.0,
+        algorithm=None,
+        max_examples=MAX_EXAMPLES,
     ):
         self.cfg = experiment(protocol, cohort, threshold, neighbours, algorithm)
         settings = ServerConfig(
-            max_examples=MAX_EXAMPLES, rate_per_s=1000, rate_burst=1000, secagg_phase_timeout=phase_timeout
+            max_examples=max_examples, rate_per_s=1000, rate_burst=1000, secagg_phase_timeout=phase_timeout
         )
         self.state = tmp_path / "state"
         self.settings = settings
@@ -458,3 +466,36 @@ def test_config_the_server_cannot_run_securely_is_refused(tmp_path):
     tree["runs"][0]["algorithm"]["partial_weight"] = "work_fraction"
     with pytest.raises(config.ConfigError, match="work_fraction"):
         FLServer(config.validate(tree), ServerConfig(), tmp_path / "s")
+
+
+def test_client_runtimes_take_part_unchanged(tmp_path):
+    """Three ClientRuntime objects (the code `asyncfl client` runs), in threads against the
+    in-process server, train two secure rounds: every trip ends accepted and the model steps
+    twice, with no plain upload."""
+    import threading
+
+    from asyncfl.client.http import ServerApi
+    from asyncfl.client.runtime import ClientRuntime
+
+    h = Harness(tmp_path, cohort=3, threshold=0.6, max_examples=400)  # the digits partitions hold 180
+    try:
+        runtimes = [
+            ClientRuntime(
+                ServerApi("http://testserver", h.tokens[name], transport=h.http._transport),
+                f"digits:client={i}",
+                max_trips=2,
+            )
+            for i, name in enumerate("abc")
+        ]
+        threads = [threading.Thread(target=rt.run) for rt in runtimes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert [rt.stats["accepted"] for rt in runtimes] == [2, 2, 2], [rt.stats for rt in runtimes]
+        assert h.server.aggregation.state.version == 2
+        status = h.status()
+        assert status["secure_aggregation"]["completed_rounds"] == 2
+        assert status["compression"]["bytes"]["uploads_decoded"] == 0
+    finally:
+        h.close()
