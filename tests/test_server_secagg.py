@@ -255,6 +255,17 @@ def test_dropouts_recover_up_to_n_minus_t_and_fail_cleanly_beyond(tmp_path, phas
         h.close()
 
 
+def test_a_round_nobody_joined_starts_again_without_counting_a_failure(harness):
+    h = harness
+    h.after(31)
+    assert h.status()["round"]["number"] == 2 and h.status()["secure_aggregation"]["failed_rounds"] == {}
+    ps = parties(h, 5)
+    for step in ("advertise", "share", "masked", "unmask"):
+        for p in ps:
+            getattr(p, step)()
+    assert h.server.aggregation.state.version == 1
+
+
 def test_secagg_plus_sparse_graph_round(tmp_path):
     h = Harness(tmp_path, protocol="secagg_plus", cohort=7, threshold=0.6, neighbours=4)
     try:

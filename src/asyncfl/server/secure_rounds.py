@@ -213,6 +213,9 @@ class SecureSyncPolicy(SyncPolicy):
     def _close_phase(self, rt) -> None:
         r = self.current
         p, messages = r.phase, list(r.received[r.phase].values())
+        if p == 0 and not r.members:  # nobody came (as a plain sync round, it just starts again)
+            self._end_round(rt)
+            return
         try:
             if p == 0:  # nobody joins once the keys are out: unclaimed slots close, unjoined leases end
                 rt.open_slots = 0
