@@ -82,3 +82,38 @@ def test_fedavg_with_secagg_plus_matches_plaintext_accuracy(tmp_path):
         f"sync fedavg, {CLIENTS} clients x {ROUNDS} rounds, mean acc of the last {LATE}: plaintext {plain['accuracy']:.3f} in "
         f"{plain['wall']:.1f} s wall; secagg+ {secure['accuracy']:.3f} in {secure['wall']:.1f} s wall"
     )
+
+
+def test_kill_9_mid_run_aborts_the_open_round_and_the_run_continues(tmp_path):
+    """SIGKILL the server while secure rounds run, restart it on the same state dir: the round
+    that was open fails as 'restart', no version is lost or taken twice (one version per
+    completed round), and the clients carry on to the end."""
+    clients_n, rounds = 4, 16
+    cfg = experiment({"protocol": "secagg_plus", "clip_range": 2.0, "threshold": 0.5})
+    cfg["runs"][0]["scheduler"]["concurrency"] = clients_n
+    cfg["stop"]["max_trips"] = clients_n * rounds
+    server = ServerProcess(cfg, tmp_path)
+    tokens = mint_tokens(server.state_dir, "fedavg", [f"c{i}" for i in range(clients_n)])
+    server.start()
+    clients = [spawn_client(server.url, tok, f"digits:client={i}", tmp_path, f"c{i}") for i, tok in enumerate(tokens)]
+    try:
+        deadline = time.time() + 300
+        while server.status()["version"] < 3:
+            assert time.time() < deadline, "no progress before the kill"
+            time.sleep(0.05)
+        server.kill()
+        before = server.starts
+        server.start()
+        assert server.starts == before + 1
+        for p in clients:
+            p.wait(timeout=max(1.0, deadline - time.time()))
+        s = server.status()
+    finally:
+        stop_all(clients)
+        server.kill()
+    logs = [(tmp_path / f"c{i}.log").read_text() for i in range(clients_n)]
+    assert [p.returncode for p in clients] == [0] * clients_n, logs
+    sa = s["secure_aggregation"]
+    assert sa["failed_rounds"].get("restart") == 1, sa
+    assert s["version"] == sa["completed_rounds"] >= 3
+    assert s["round"]["number"] >= s["version"] + 1
