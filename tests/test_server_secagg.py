@@ -251,6 +251,8 @@ def test_dropouts_recover_up_to_n_minus_t_and_fail_cleanly_beyond(tmp_path, phas
             assert sa["last_round"]["status"] == "aborted" and sa["last_round"]["needed"] == 3
             assert h.status()["round"]["number"] == 2 and h.status()["round"]["open"]  # the next round started
             assert ps[-1].get()["outcome"]["status"] == "aborted"
+            metrics = h.server.metrics_text()
+            assert f'asyncfl_secagg_rounds_total{{outcome="failed",phase="{failed_in[phase]}"}} 1.0' in metrics
     finally:
         h.close()
 
