@@ -189,7 +189,7 @@ def model_delta(h: Harness, w0: torch.Tensor) -> np.ndarray:
 def bound(h: Harness, ps: list[Party]) -> float:
     """The encoding's error bound on a mean of these parties' updates, plus float32 rounding."""
     total = sum(p.weight for p in ps)
-    return h.server.secure.codec.error_bound(total) / total + 1e-6
+    return h.server.secure_rounds.codec.error_bound(total) / total + 1e-6
 
 
 @pytest.fixture
@@ -318,7 +318,7 @@ def test_malformed_messages_are_refused_and_change_nothing(harness):
     h = harness
     ps = parties(h, 5)
     p = ps[0]
-    r = h.server.secure.current
+    r = h.server.secure_rounds.current
 
     def refused(status, code, endpoint, body, raw=None):
         before = [dict(x) for x in r.received], r.phase
@@ -457,7 +457,7 @@ def test_the_stored_masked_input_does_not_reveal_the_update(tmp_path):
             for step in ("advertise", "share", "masked"):
                 for p in ps:
                     getattr(p, step)()
-            stored = h.server.secure.current.received[2]
+            stored = h.server.secure_rounds.current.received[2]
             ring = Ring(32)
             for label, p in (("plus", ps[0]), ("minus", ps[1])):
                 masked = ring.from_bytes(stored[p.view["client"]].masked, h.length)

@@ -146,7 +146,7 @@ def create_app(server: FLServer, background: bool = True) -> FastAPI:
         status, answer = await run_in_threadpool(server.upload, client, body)
         return JSONResponse(answer, status_code=status)
 
-    if server.secure is not None:  # sync SecAgg rounds: /v1/secagg/...
+    if server.secure_rounds is not None:  # sync SecAgg rounds: /v1/secagg/...
         add_secagg_routes(app, server, client_of, read_limited)
 
     @app.get("/status")

@@ -38,14 +38,14 @@ BASE_LIMIT = 4096  # a phase body's JSON around its bytes fields
 
 def body_limit(server, phase: str) -> int:
     """The largest body a phase message can be: its bytes fields as base64 plus JSON around them."""
-    policy = server.secure
+    policy = server.secure_rounds
     if phase == "masked_input":
         return BASE_LIMIT + 4 * (-(-policy.length * policy.codec.ring.element_bytes // 3))
     return BASE_LIMIT + 512 * policy.selected  # one sealed share pair or share per peer, with its id
 
 
 def add_secagg_routes(app: FastAPI, server, client_of, read_limited) -> None:
-    policy = server.secure
+    policy = server.secure_rounds
 
     def rejected(err: ApiError) -> ApiError:
         server.reject(err)

@@ -101,8 +101,8 @@ class FLServer:
         self.max_body_bytes = body_limit(settings, self.aggregation)
         bounds = self._report_bounds()
         # sync SecAgg rounds, else None
-        self.secure = build_secure_policy(self.spec, settings, aggregator, self.model.numel, bounds)
-        self.policy = self.secure or build_policy(self.spec.scheduler)
+        self.secure_rounds = build_secure_policy(self.spec, settings, aggregator, self.model.numel, bounds)
+        self.policy = self.secure_rounds or build_policy(self.spec.scheduler)
         self.coordinator = Coordinator(self.policy, self.aggregation, settings.lease_timeout, cfg.seed)
         self.shared = Shared(self.store, threading.RLock(), self.aggregation, self.coordinator, Counters())
         self.lock = self.shared.lock
@@ -153,8 +153,8 @@ class FLServer:
         """Every part back to the last durable state (at start-up, and after a failed commit)."""
         self.aggregation.restore(self.store)
         self.coordinator.restore(self.store)
-        if self.secure is not None:
-            self.secure.restored(self.coordinator)
+        if self.secure_rounds is not None:
+            self.secure_rounds.restored(self.coordinator)
         self.shared.counters.restore(self.store)
         self.evaluation.restore()
         self.uploads.restore()
