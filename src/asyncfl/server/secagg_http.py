@@ -36,7 +36,7 @@ POLL_PERIOD = 0.01  # how often a held poll looks whether a phase closed
 BASE_LIMIT = 4096  # a phase body's JSON around its bytes fields
 
 
-def body_limit(server, phase: str) -> int:
+def phase_body_limit(server, phase: str) -> int:
     """The largest body a phase message can be: its bytes fields as base64 plus JSON around them."""
     policy = server.secure_rounds
     if phase == "masked_input":
@@ -90,7 +90,7 @@ def add_secagg_routes(app: FastAPI, server, client_of, read_limited) -> None:
         if phase is None:
             raise rejected(ApiError(404, "not_found", f"no secure aggregation endpoint {endpoint[:40]!r}"))
         try:
-            raw = await read_limited(request, body_limit(server, phase), server.settings.body_timeout)
+            raw = await read_limited(request, phase_body_limit(server, phase), server.settings.body_timeout)
             lease_id, message = parse(raw, phase)
         except ApiError as err:
             raise rejected(err) from None
