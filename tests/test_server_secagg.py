@@ -333,6 +333,7 @@ def test_malformed_messages_are_refused_and_change_nothing(harness):
 
     lease = p.lease["lease_id"]
     good_key = to_json(bytes(32))
+    refused(413, "too_large", "advertise", None, raw=b" " * (4096 + 512 * 5 + 1))  # 4 KiB + 512 per slot
     refused(400, "malformed", "advertise", None, raw=b"{not json")
     refused(400, "malformed", "advertise", None, raw=b'{"lease_id": "x", "lease_id": "y"}')
     refused(400, "malformed", "advertise", {"cipher_key": good_key, "mask_key": good_key})
