@@ -122,8 +122,9 @@ class Harness:
 class Party:
     """One client: checks in, joins the round, and sends each phase's message on request."""
 
-    def __init__(self, h: Harness, name: str, update: np.ndarray, weight: int, steps: int = 1):
+    def __init__(self, h: Harness, name: str, update: np.ndarray, weight: int, steps: int = 1, extras=None):
         self.h, self.name, self.update, self.weight, self.steps = h, name, update, weight, steps
+        self.extras = extras
         lease = h.request("POST", "/v1/checkin", name, json={"eligible": True}).json()
         assert lease["action"] == "train", lease
         self.lease = lease
@@ -158,9 +159,11 @@ class Party:
 
     def masked(self):
         incoming = from_json(IncomingShares, self.get()["incoming"])
-        vector = secure_values(self.update, self.steps, self.view["encoding"])
+        vector = secure_values(self.update, self.steps, self.view["encoding"], self.extras)
         encoded = self.codec.encode(vector, np.random.default_rng(7))
-        message = self.secagg.masked_input(incoming, encoded, self.weight)
+        message = self.secagg.masked_input(
+            incoming, encoded, 1 if self.view["encoding"]["unit_weight"] else self.weight
+        )
         return self.ok("masked", {"weight": message.weight, "masked": message.masked})
 
     def unmask(self):
@@ -310,6 +313,39 @@ def test_fednova_steps_with_its_normalized_average(tmp_path):
         expected = (w0 - state.w).double().numpy()
         assert np.abs(model_delta(h, w0) - expected).max() < 1e-4
         assert np.abs(expected - fedavg_delta(ps)).max() > 1e-2  # FedNova's step is not FedAvg's here
+    finally:
+        h.close()
+
+
+def test_scaffold_steps_x_and_c_as_on_plaintext(tmp_path):
+    """SCAFFOLD's clients send [delta_i, dc_i] with weight 1: the server's model and control
+    variate after the round equal a fresh ScaffoldAggregator's on the plaintext updates."""
+    from asyncfl.algorithms.scaffold import CONTROL_DELTA
+
+    h = Harness(tmp_path, algorithm={"name": "scaffold"})
+    try:
+        w0 = h.server.aggregation.state.w.clone()
+        rng = np.random.default_rng(9)
+        ps = [
+            Party(
+                h, name, rng.uniform(-CLIP, CLIP, h.length), 50, 1, {CONTROL_DELTA: rng.uniform(-CLIP, CLIP, h.length)}
+            )
+            for name in "abcde"
+        ]
+        assert ps[0].params.length == 2 * h.length and ps[0].view["encoding"]["max_weight"] == 1
+        for step in ("advertise", "share", "masked", "unmask"):
+            for p in ps:
+                getattr(p, step)()
+        reference = build_aggregator(h.cfg.runs[0], h.cfg.trainer.lr, num_users=8)
+        state = ServerState(w=w0.clone(), version=0)
+        for p in ps:
+            dc = {CONTROL_DELTA: torch.from_numpy(p.extras[CONTROL_DELTA]).float()}
+            reference.submit(state, ClientUpdate(0, 0, torch.from_numpy(p.update).float(), 50, 1, 0.5, extras=dc), w0)
+        assert reference.flush(state)
+        served = h.server.aggregation.aggregator
+        assert np.abs(model_delta(h, w0) - (w0 - state.w).double().numpy()).max() < 1e-5
+        assert (served.control - reference.control).abs().max() < 1e-5
+        assert reference.control.abs().max() > 1e-2
     finally:
         h.close()
 
@@ -482,21 +518,23 @@ def test_config_the_server_cannot_run_securely_is_refused(tmp_path):
         FLServer(config.validate(tree), ServerConfig(), tmp_path / "s")
 
 
-def test_client_runtimes_take_part_unchanged(tmp_path):
+@pytest.mark.parametrize("algorithm", ["fedavg", "scaffold"])
+def test_client_runtimes_take_part_unchanged(tmp_path, algorithm):
     """Three ClientRuntime objects (the code `asyncfl client` runs), in threads against the
     in-process server, train two secure rounds: every trip ends accepted and the model steps
-    twice, with no plain upload."""
+    twice, with no plain upload; SCAFFOLD's clients keep their advanced c_i on disk."""
     import threading
 
     from asyncfl.client.http import ServerApi
     from asyncfl.client.runtime import ClientRuntime
 
-    h = Harness(tmp_path, cohort=3, threshold=0.6, max_examples=400)  # the digits partitions hold 180
+    h = Harness(tmp_path, cohort=3, threshold=0.6, max_examples=400, algorithm={"name": algorithm})  # partitions: 180
     try:
         runtimes = [
             ClientRuntime(
                 ServerApi("http://testserver", h.tokens[name], transport=h.http._transport),
                 f"digits:client={i}",
+                ack_log=tmp_path / f"{name}.acks",
                 max_trips=2,
             )
             for i, name in enumerate("abc")
@@ -511,5 +549,8 @@ def test_client_runtimes_take_part_unchanged(tmp_path):
         status = h.status()
         assert status["secure_aggregation"]["completed_rounds"] == 2
         assert status["compression"]["bytes"]["uploads_decoded"] == 0
+        if algorithm == "scaffold":
+            states = [torch.load(rt.state_path, weights_only=True)["state"]["control"] for rt in runtimes]
+            assert all(float(c.abs().max()) > 0 for c in states)
     finally:
         h.close()

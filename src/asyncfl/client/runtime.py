@@ -161,7 +161,7 @@ class ClientRuntime:
         self._setup_state(task, cfg)
         secure = cfg.runs[0].secure_aggregation
         if secure is not None and secure.protocol in SYNC_PROTOCOLS:
-            self.secure = SecureRound(self.api, self.log)
+            self.secure, self.secure_clip = SecureRound(self.api, self.log), secure.clip_range
         comp = cfg.runs[0].compression
         if comp is not None:
             codec = parse_codec(comp.upload)
@@ -262,10 +262,10 @@ class ClientRuntime:
         key = uuid.uuid4().hex
         if self.attack is not None:  # seeded from the lease, as the simulator seeds it from the trip
             update.delta = self.attack.corrupt(update.delta, task["seed"])
-        if self.secure is not None:
-            return self._secure_upload(task, update, key)
-        payload, residual = self._encode(update.delta, task["seed"])
         extras = None if rule is None else rule.uploads(downloaded, own, update)
+        if self.secure is not None:
+            return self._secure_upload(task, update, key, extras)
+        payload, residual = self._encode(update.delta, task["seed"])
         body = wire.encode_update(
             lease_id=task["lease_id"],
             base_version=update.base_version,
@@ -314,20 +314,26 @@ class ClientRuntime:
                 f.write(json.dumps(ack) + "\n")
         return ack
 
-    def _secure_upload(self, task: dict, update, key: str) -> dict:
+    def _secure_upload(self, task: dict, update, key: str, extras: dict | None) -> dict:
         """The trip's update through a secure-aggregation round: a quantizing upload codec's
-        values, clipped and encoded, masked; the outcome is the round's."""
+        values, clipped and encoded, masked; the outcome is the round's. Per-client state
+        advances by the upload fields as the server summed them: clipped to the range."""
         values, residual = update.delta, None
         if self.upload_codec is not None:  # quantized values compose with the fixed-point encoding
             upload = encode_upload(
                 self.upload_codec, update.delta, upload_rounding_generator(task["seed"]), self.error_feedback, "self"
             )
             values, residual = upload.decoded, (upload.compensated, upload.decoded)
-        seen = self.secure.contribute(task, values.numpy(), update.n_examples, update.steps)
+        if extras is not None:
+            extras = {name: t.clamp(-self.secure_clip, self.secure_clip) for name, t in extras.items()}
+        seen = self.secure.contribute(task, values.numpy(), update.n_examples, update.steps, extras)
         outcome = seen.get("outcome", {})
         if outcome.get("status") == "accepted":
             if self.error_feedback is not None:
                 self.error_feedback.record("self", *residual)
+            if extras is not None:  # as after a plain accepted upload: the state advances, durably
+                self.own_state = self.client_rule.advanced(self.own_state, extras)
+                self._save_state()
             self.stats["accepted"] += 1
         elif seen.get("http", 409) != 409:  # a refused message (a conflict means the round went on without it)
             self._count_refusal(seen["http"], seen)

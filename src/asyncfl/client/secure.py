@@ -30,10 +30,11 @@ class SecureRound:
     def __init__(self, api: ServerApi, log: Callable[[str], None] = lambda s: None):
         self.api, self.log = api, log
 
-    def contribute(self, lease: dict, values, n_examples: int, steps: int) -> dict:
+    def contribute(self, lease: dict, values, n_examples: int, steps: int, extras: dict | None = None) -> dict:
         """Take part in the round of `lease` (a check-in answer) with the update `values`
-        (floats) from `steps` local steps; returns the round's outcome as the server reports
-        it, or the server's answer (with "http") to a request it refused."""
+        (floats) from `steps` local steps, and the algorithm's upload fields `extras`; returns
+        the round's outcome as the server reports it, or the server's answer (with "http") to a
+        request it refused."""
         lease_id = lease["lease_id"]
         view = self._poll(lease_id, None)
         if "outcome" in view or "http" in view:
@@ -53,9 +54,10 @@ class SecureRound:
             if "incoming" not in view:
                 return view
             codec = FixedPointCodec(enc["clip_range"], enc["max_total_weight"], Ring(params.bits))
-            vector = secure_values(np.asarray(values, dtype=np.float64), steps, enc)
+            vector = secure_values(np.asarray(values, dtype=np.float64), steps, enc, extras)
             encoded = codec.encode(vector, np.random.default_rng((lease["seed"], ROUNDING_STREAM)))
-            masked = me.masked_input(from_json(IncomingShares, view["incoming"]), encoded, n_examples)
+            weight = 1 if enc["unit_weight"] else n_examples
+            masked = me.masked_input(from_json(IncomingShares, view["incoming"]), encoded, weight)
             sent = self._send(number, "masked", lease_id, {"weight": masked.weight, "masked": masked.masked})
             view = sent or self._poll(lease_id, "masked_input")
             if "unmask_request" not in view:
@@ -90,13 +92,15 @@ class SecureRound:
                 return view
 
 
-def secure_values(delta: np.ndarray, steps: int, encoding: dict) -> np.ndarray:
-    """The vector a client encodes: its delta, or for FedNova (`encoding["local_work"]`) its
-    delta over its local work a, followed by a scaled into the clip range, so that the round's
-    sum carries both sum_i n_i d_i / a_i and sum_i n_i a_i."""
+def secure_values(delta: np.ndarray, steps: int, encoding: dict, extras: dict | None = None) -> np.ndarray:
+    """The vector a client encodes: its delta, followed by the algorithm's upload fields
+    (SCAFFOLD's control delta); or for FedNova (`encoding["local_work"]`) its delta over its
+    local work a, followed by a scaled into the clip range, so that the round's sum carries both
+    sum_i n_i d_i / a_i and sum_i n_i a_i."""
     work = encoding.get("local_work")
     if work is None:
-        return delta
+        fields = [np.asarray(extras[name], dtype=np.float64) for name in encoding["upload_fields"]]
+        return np.concatenate([delta, *fields])
     counted = steps if work["max_steps"] is None else min(steps, work["max_steps"])
     a = local_work(max(1, counted), work["lr"], work["mu"])
     return np.append(delta / a, a * encoding["clip_range"] / work["scale"])

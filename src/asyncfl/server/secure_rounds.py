@@ -11,7 +11,8 @@ each later phase `server.secagg_phase_timeout` after the previous one closed. Wh
 sent by then dropped out. The unmasked sum of the survivors' example-weighted, clipped,
 fixed-point updates is decoded and folded into the aggregator as one update of weight
 sum_i n_i, so the server optimizer steps with the FedAvg mean (within the encoding's bound);
-FedNova's clients add their local work as one more coordinate (see `SecureSyncPolicy`).
+FedNova's clients add their local work as one more coordinate, SCAFFOLD's their control delta
+after their delta, with weight 1 (see `SecureSyncPolicy`).
 A phase left with fewer than t participants fails the round (`SecAggAbort`): no step, counted
 by phase in /status, the next round starts.
 
@@ -34,6 +35,7 @@ import torch
 
 from asyncfl.algorithms.aggregators import BufferedAggregator
 from asyncfl.algorithms.fednova import FedNova, local_work
+from asyncfl.algorithms.scaffold import CONTROL_DELTA, ScaffoldAggregator
 from asyncfl.algorithms.types import ClientUpdate
 from asyncfl.config import ConfigError
 from asyncfl.config.secure_aggregation import SYNC_PROTOCOLS, neighbours, sync_threshold
@@ -82,15 +84,19 @@ class SecureSyncPolicy(SyncPolicy):
         lease_timeout: float,
         phase_timeout: float | None,
         work: dict | None = None,
+        controls: bool = False,
     ):
         """`work`: FedNova's local-work normalization (lr, mu, max_steps and the largest local
         work, `scale`); each client then sends [d_i / a_i, a_i r / scale], one coordinate more
-        than the model, and the server steps with sum_i n_i d_i / a_i x sum_i n_i a_i / W^2."""
+        than the model, and the server steps with sum_i n_i d_i / a_i x sum_i n_i a_i / W^2.
+        `controls`: SCAFFOLD; each client sends [delta_i, dc_i] with weight 1, and the server
+        folds in the mean delta with the sum of the control deltas."""
         sc = spec.scheduler
         super().__init__(sc.concurrency, sc.over_selection, sc.round_timeout, sc.straggler)
         s = spec.secure_aggregation
-        self.work = work
-        length += work is not None
+        self.work, self.model_length, self.controls = work, length, controls
+        length = 2 * length if controls else length + (work is not None)
+        max_weight = 1 if controls else max_weight
         self.protocol, self.bits, self.length, self.max_weight = s.protocol, s.bits, length, max_weight
         self.degree, self.threshold = neighbours(s, self.selected), sync_threshold(s, self.selected)
         self.codec = FixedPointCodec(s.clip_range, self.selected * max_weight, Ring(s.bits))
@@ -252,7 +258,11 @@ class SecureSyncPolicy(SyncPolicy):
             self._fail(rt, r, "unmask", err)
             return
         total = result.total_weight
-        if self.work is None:  # the example-weighted mean
+        extras = None
+        if self.controls:  # SCAFFOLD: the uniform mean of the deltas, the sum of the control deltas
+            delta = weighted[: self.model_length] / total
+            extras = {CONTROL_DELTA: torch.from_numpy(weighted[self.model_length :]).to(torch.float32)}
+        elif self.work is None:  # the example-weighted mean
             delta = weighted / total
         else:  # FedNova's tau_eff sum_i p_i d_i: one update of local work a gives exactly this
             work = weighted[-1] * self.work["scale"] / self.codec.clip_range
@@ -264,6 +274,7 @@ class SecureSyncPolicy(SyncPolicy):
             n_examples=total,
             steps=1,
             loss=math.nan,
+            extras=extras,
         )
         rt.submit(SimpleNamespace(upload_seq=None, upload_norm=None), update)
         stepped = rt.flush()
@@ -334,6 +345,8 @@ class SecureSyncPolicy(SyncPolicy):
                 "max_total_weight": self.codec.max_total_weight,
                 "max_weight": self.max_weight,
                 "local_work": self.work,
+                "unit_weight": self.controls,
+                "upload_fields": [CONTROL_DELTA] if self.controls else [],
             },
         }
         for p, name in enumerate(REPLIES):
@@ -390,7 +403,11 @@ def build_secure_policy(spec, settings, aggregator, length: int, bounds) -> Secu
         }
     if spec.privacy is not None:
         why = "privacy (DP) would need the noise added inside the secure sum"
-    elif work is None and not (isinstance(aggregator, BufferedAggregator) and aggregator.normalize == "weight"):
+    elif not (
+        work is not None
+        or isinstance(aggregator, ScaffoldAggregator)
+        or (isinstance(aggregator, BufferedAggregator) and aggregator.normalize == "weight")
+    ):
         why = (
             f"{spec.algorithm.name}'s server step needs more than the example-weighted sum of the deltas "
             "(fednova: example_weight 'n' only)"
@@ -402,5 +419,11 @@ def build_secure_policy(spec, settings, aggregator, length: int, bounds) -> Secu
     if why is not None:
         raise ConfigError(f"run {spec.name!r}: secure_aggregation over HTTP: {why}")
     return SecureSyncPolicy(
-        spec, length, bounds.max_examples, settings.lease_timeout, settings.secagg_phase_timeout, work
+        spec,
+        length,
+        bounds.max_examples,
+        settings.lease_timeout,
+        settings.secagg_phase_timeout,
+        work,
+        isinstance(aggregator, ScaffoldAggregator),
     )
