@@ -11,8 +11,7 @@ each later phase `server.secagg_phase_timeout` after the previous one closed. Wh
 sent by then dropped out. The unmasked sum of the survivors' example-weighted, clipped,
 fixed-point updates is decoded and folded into the aggregator as one update of weight
 sum_i n_i, so the server optimizer steps with the FedAvg mean (within the encoding's bound);
-FedNova's clients add their local work as one more coordinate, SCAFFOLD's their control delta
-after their delta, with weight 1 (see `SecureSyncPolicy`).
+what FedNova's and SCAFFOLD's clients send instead is in `secure_sums`.
 A phase left with fewer than t participants fails the round (`SecAggAbort`): no step, counted
 by phase in /status, the next round starts.
 
@@ -31,12 +30,6 @@ import os
 from types import SimpleNamespace
 from typing import Any
 
-import torch
-
-from asyncfl.algorithms.aggregators import BufferedAggregator
-from asyncfl.algorithms.fednova import FedNova, local_work
-from asyncfl.algorithms.scaffold import CONTROL_DELTA, ScaffoldAggregator
-from asyncfl.algorithms.types import ClientUpdate
 from asyncfl.config import ConfigError
 from asyncfl.config.secure_aggregation import SYNC_PROTOCOLS, neighbours, sync_threshold
 from asyncfl.scheduling import WAKE, SyncPolicy
@@ -45,6 +38,7 @@ from asyncfl.secagg.messages import RoundParams, to_json
 from asyncfl.server.coordinator import ACTIVE
 from asyncfl.server.errors import ApiError
 from asyncfl.server.secagg_messages import PHASES, REPLIES, check
+from asyncfl.server.secure_sums import SumForm, sum_form
 
 log = logging.getLogger("asyncfl.server")
 
@@ -76,30 +70,14 @@ class SecureSyncPolicy(SyncPolicy):
     runtime is the server's Coordinator (the simulator charges these rounds in
     asyncfl.sim.secure_aggregation instead). The phase handlers are called under the state lock."""
 
-    def __init__(
-        self,
-        spec,
-        length: int,
-        max_weight: int,
-        lease_timeout: float,
-        phase_timeout: float | None,
-        work: dict | None = None,
-        controls: bool = False,
-    ):
-        """`work`: FedNova's local-work normalization (lr, mu, max_steps and the largest local
-        work, `scale`); each client then sends [d_i / a_i, a_i r / scale], one coordinate more
-        than the model, and the server steps with sum_i n_i d_i / a_i x sum_i n_i a_i / W^2.
-        `controls`: SCAFFOLD; each client sends [delta_i, dc_i] with weight 1, and the server
-        folds in the mean delta with the sum of the control deltas."""
+    def __init__(self, spec, form: SumForm, lease_timeout: float, phase_timeout: float | None):
         sc = spec.scheduler
         super().__init__(sc.concurrency, sc.over_selection, sc.round_timeout, sc.straggler)
         s = spec.secure_aggregation
-        self.work, self.model_length, self.controls = work, length, controls
-        length = 2 * length if controls else length + (work is not None)
-        max_weight = 1 if controls else max_weight
-        self.protocol, self.bits, self.length, self.max_weight = s.protocol, s.bits, length, max_weight
+        self.form, self.protocol, self.bits, self.length = form, s.protocol, s.bits, form.length
+        self.max_weight = form.max_weight
         self.degree, self.threshold = neighbours(s, self.selected), sync_threshold(s, self.selected)
-        self.codec = FixedPointCodec(s.clip_range, self.selected * max_weight, Ring(s.bits))
+        self.codec = FixedPointCodec(s.clip_range, self.selected * self.max_weight, Ring(s.bits))
         self.advertise_timeout = self.round_timeout or lease_timeout
         self.phase_timeout = phase_timeout or max(MIN_PHASE_TIMEOUT, self.advertise_timeout / 4)
         self.current: _Round | None = None
@@ -251,31 +229,13 @@ class SecureSyncPolicy(SyncPolicy):
         self._maybe_close_phase(rt)
 
     def _step(self, rt, r: _Round, result) -> None:
-        """Fold the decoded sum in as one update of weight sum_i n_i and step."""
+        """Fold the decoded sum in as the one update its form makes of it, and step."""
         try:
             weighted = self.codec.decode(result.total, result.total_weight)
         except RingOverflowError as err:
             self._fail(rt, r, "unmask", err)
             return
-        total = result.total_weight
-        extras = None
-        if self.controls:  # SCAFFOLD: the uniform mean of the deltas, the sum of the control deltas
-            delta = weighted[: self.model_length] / total
-            extras = {CONTROL_DELTA: torch.from_numpy(weighted[self.model_length :]).to(torch.float32)}
-        elif self.work is None:  # the example-weighted mean
-            delta = weighted / total
-        else:  # FedNova's tau_eff sum_i p_i d_i: one update of local work a gives exactly this
-            work = weighted[-1] * self.work["scale"] / self.codec.clip_range
-            delta = weighted[:-1] * work / total**2
-        update = ClientUpdate(
-            client_id=0,
-            base_version=r.base_version,
-            delta=torch.from_numpy(delta).to(torch.float32),
-            n_examples=total,
-            steps=1,
-            loss=math.nan,
-            extras=extras,
-        )
+        update = self.form.update(weighted, result.total_weight, self.codec.clip_range, r.base_version)
         rt.submit(SimpleNamespace(upload_seq=None, upload_norm=None), update)
         stepped = rt.flush()
         version = rt.aggregation.state.version
@@ -340,14 +300,8 @@ class SecureSyncPolicy(SyncPolicy):
             "phase": PHASES[r.phase],
             "phase_deadline_in": round(max(0.0, r.deadline - rt.clock()), 3),
             "params": to_json(r.params),
-            "encoding": {
-                "clip_range": self.codec.clip_range,
-                "max_total_weight": self.codec.max_total_weight,
-                "max_weight": self.max_weight,
-                "local_work": self.work,
-                "unit_weight": self.controls,
-                "upload_fields": [CONTROL_DELTA] if self.controls else [],
-            },
+            "encoding": {"clip_range": self.codec.clip_range, "max_total_weight": self.codec.max_total_weight}
+            | self.form.encoding(),
         }
         for p, name in enumerate(REPLIES):
             if client in r.replies[p]:
@@ -387,43 +341,17 @@ class SecureSyncPolicy(SyncPolicy):
 
 def build_secure_policy(spec, settings, aggregator, length: int, bounds) -> SecureSyncPolicy | None:
     """The policy of a sync run with SecAgg / SecAgg+ (None for any other run); a ConfigError
-    names what the network server cannot run securely yet. `bounds`: what an update may report
-    (its example count is its weight)."""
+    names what the network server cannot run securely. `length`: the model's; `bounds`: what an
+    update may report (its example count is its weight)."""
     s = spec.secure_aggregation
     if s is None or s.protocol not in SYNC_PROTOCOLS:
         return None
-    why, work = None, None
-    if isinstance(aggregator, FedNova) and getattr(spec.algorithm, "example_weight", "n") == "n":
-        most = bounds.max_steps if aggregator.max_steps is None else min(bounds.max_steps, aggregator.max_steps)
-        work = {
-            "lr": aggregator.lr,
-            "mu": aggregator.mu,
-            "max_steps": aggregator.max_steps,
-            "scale": local_work(most, aggregator.lr, aggregator.mu),
-        }
+    why = None
     if spec.privacy is not None:
         why = "privacy (DP) would need the noise added inside the secure sum"
-    elif not (
-        work is not None
-        or isinstance(aggregator, ScaffoldAggregator)
-        or (isinstance(aggregator, BufferedAggregator) and aggregator.normalize == "weight")
-    ):
-        why = (
-            f"{spec.algorithm.name}'s server step needs more than the example-weighted sum of the deltas "
-            "(fednova: example_weight 'n' only)"
-        )
-    elif getattr(spec.algorithm, "partial_weight", "full") != "full":
-        why = "partial_weight 'work_fraction' weighs updates by a fraction, not an integer example count"
     elif spec.scheduler.concurrency * (1 + spec.scheduler.over_selection) < 2:
         why = "a secure round needs at least 2 clients"
     if why is not None:
         raise ConfigError(f"run {spec.name!r}: secure_aggregation over HTTP: {why}")
-    return SecureSyncPolicy(
-        spec,
-        length,
-        bounds.max_examples,
-        settings.lease_timeout,
-        settings.secagg_phase_timeout,
-        work,
-        isinstance(aggregator, ScaffoldAggregator),
-    )
+    form = sum_form(spec, aggregator, length, bounds)
+    return SecureSyncPolicy(spec, form, settings.lease_timeout, settings.secagg_phase_timeout)
