@@ -57,3 +57,9 @@ class ServerConfig(Strict):
     body_timeout: float = Field(default=30.0, gt=0, description="seconds to send a request's body (408 after)")
     keep_alive_timeout: float = Field(default=5.0, gt=0, description="seconds an idle connection stays open")
     max_connections: int = Field(default=256, ge=1, description="connections open at once (503 above)")
+    secagg_phase_timeout: float | None = Field(
+        default=None,
+        gt=0,
+        description="secure aggregation: seconds each phase after key advertisement waits for clients (then "
+        "the missing ones count as dropped); default: a quarter of the round timeout (or lease timeout), at least 2",
+    )
