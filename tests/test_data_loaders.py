@@ -470,6 +470,24 @@ def test_imbalance_stats_and_gini():
         imbalance.gini([1, -1])
 
 
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        np.random.default_rng(1).integers(0, 4000, 10_001),  # integers: counted, not sorted
+        np.random.default_rng(2).lognormal(1.0, 2.0, 5_000),  # floats: sorted
+        np.array([3]),
+    ],
+)
+def test_imbalance_from_counts_equals_the_sorted_definitions(sizes):
+    a = np.sort(sizes.astype(np.float64))
+    n = a.size
+    sorted_gini = 2.0 * np.dot(np.arange(1, n + 1), a) / (n * a.sum()) - (n + 1.0) / n
+    s = imbalance.imbalance_stats(sizes)
+    assert s["median"] == pytest.approx(np.median(a), rel=1e-12) and s["p90"] == pytest.approx(np.percentile(a, 90))
+    assert s["gini"] == pytest.approx(sorted_gini, abs=1e-12) and s["mean"] == pytest.approx(a.mean())
+    assert (s["min"], s["max"], s["clients"]) == (a[0], a[-1], n)
+
+
 @pytest.mark.parametrize("sizes", [np.full(20, 7), np.random.default_rng(0).lognormal(1.5, 1.5, 2000).astype(int) + 1])
 def test_imbalance_histogram_png(tmp_path, sizes):
     out = tmp_path / "sub" / "sizes.png"

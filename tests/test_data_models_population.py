@@ -81,7 +81,7 @@ def test_distributions_have_the_documented_scale():
 
 def test_million_device_population_is_small_and_picks_idle_eligible_devices():
     cfg = PopulationConfig(devices=1_000_000, availability=Availability(period=100.0, on_fraction=0.5))
-    pop = Population(cfg, np.random.default_rng(0))
+    pop = Population(cfg, np.random.SeedSequence(0))
     nbytes = sum(
         a.nbytes for a in (pop.compute_per_example, pop.download_bandwidth, pop.upload_bandwidth, pop.phase, pop.busy)
     )
@@ -96,13 +96,13 @@ def test_million_device_population_is_small_and_picks_idle_eligible_devices():
 
 
 def test_pick_returns_fewer_when_few_are_eligible():
-    pop = Population(PopulationConfig(devices=10), np.random.default_rng(0))
+    pop = Population(PopulationConfig(devices=10), np.random.SeedSequence(0))
     pop.busy[:7] = True
     assert sorted(pop.pick(5, 0.0, np.random.default_rng(0))) == [7, 8, 9]
 
 
 def test_trip_timing_for_one_device_is_the_population_formula_bit_for_bit():
-    pop = Population(PopulationConfig(devices=1000), np.random.default_rng(3))
+    pop = Population(PopulationConfig(devices=1000), np.random.SeedSequence(3))
     rng = np.random.default_rng(4)
     steps, per_step = rng.integers(1, 50, 1000), rng.integers(1, 33, 1000)
     down, up = 123_457, 45_679

@@ -35,6 +35,24 @@ def test_ring_wraps_modulo_2_to_the_bits():
         Ring(12)
 
 
+@pytest.mark.parametrize("bits", [8, 24, 32, 48, 64])
+def test_ring_ops_match_python_integers_modulo_2_to_the_bits(bits):
+    """Native widths (numpy's own wrap-around) and masked uint64 widths give the same arithmetic."""
+    ring, modulus = Ring(bits), 1 << bits
+    rng = np.random.default_rng(bits)
+    a_int = [int(v) for v in rng.integers(0, 2**63, 200, dtype=np.uint64)]
+    b_int = [int(v) for v in rng.integers(0, 2**63, 200, dtype=np.uint64)]
+    a, b = ring.reduce(np.array(a_int, dtype=np.uint64)), ring.reduce(np.array(b_int, dtype=np.uint64))
+    weight = 123_457
+    for got, want in (
+        (ring.add(a, b), [(x + y) % modulus for x, y in zip(a_int, b_int)]),
+        (ring.sub(a, b), [(x - y) % modulus for x, y in zip(a_int, b_int)]),
+        (ring.scale(a, weight), [(x * weight) % modulus for x in a_int]),
+    ):
+        assert [int(v) for v in got] == want and got.dtype == ring.dtype
+    assert np.array_equal(ring.from_bytes(ring.to_bytes(a)), a)
+
+
 def test_scale_keeps_the_largest_weighted_sum_inside_the_ring():
     codec = FixedPointCodec(clip_range=0.5, max_total_weight=1000)
     assert codec.max_level == (2**31 - 1) // 1000

@@ -11,6 +11,7 @@ import dataclasses
 import numpy as np
 import torch
 
+from asyncfl import plugins
 from asyncfl.algorithms import aggregators
 from asyncfl.algorithms.defs._common import build_server_opt, build_staleness
 from asyncfl.algorithms.defs.registry import ClientOptions, definition
@@ -24,7 +25,9 @@ from asyncfl.data import cifar, digits, idx, leaf, shakespeare
 from asyncfl.data.federated import FederatedDataset
 from asyncfl.data.partition import partition
 from asyncfl.data.synthetic import SyntheticFederated
+from asyncfl.data.user import FederatedData
 from asyncfl.models import FlatModel, build_model
+from asyncfl.models.custom import user_flat_model
 from asyncfl.scheduling import build_policy
 
 __all__ = [
@@ -65,6 +68,12 @@ def build_data(cfg: ExperimentConfig) -> FederatedDataset | SyntheticFederated:
     if d.seed is not None:  # the data stay fixed while the run's seed varies
         cfg = cfg.model_copy(update={"seed": d.seed})
     num_clients = d.num_clients or cfg.population.devices
+    if d.loader is not None:
+        params = {"alpha": p.alpha, "classes_per_client": p.classes_per_client, "exponent": p.exponent}
+        data = plugins.load_federated(d.loader, d.kwargs, p.kind, num_clients, cfg.seed, **params)
+        if isinstance(data, FederatedData):
+            data = dataclasses.replace(data, source=d.loader)
+        return split_client_tests(data, d.client_test_fraction, cfg.seed)
     if d.dataset == "synthetic":
         s = d.synthetic
         synth = SyntheticFederated(
@@ -125,9 +134,14 @@ def split_client_tests(data: FederatedDataset, fraction: float, seed: int) -> Fe
     return dataclasses.replace(data, client_indices=train, client_test_indices=test)
 
 
-def build_flat_model(cfg: ExperimentConfig, data) -> FlatModel:
+def build_flat_model(cfg: ExperimentConfig, data, module: torch.nn.Module | None = None) -> FlatModel:
+    """The config's model for `data`, or `module` (a user's torch module) when given."""
     torch.manual_seed(cfg.seed)
     m = cfg.model
+    if module is not None:
+        return user_flat_model(module, data)
+    if m.factory is not None:
+        return user_flat_model(plugins.build_module(m.factory, m.kwargs, data), data, f"model.factory {m.factory}")
     kwargs: dict = {}
     if m.name == "mlp":
         kwargs = {"hidden": tuple(m.hidden)}

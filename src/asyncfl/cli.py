@@ -79,7 +79,11 @@ def _add_network_commands(sub) -> None:
     cli = sub.add_parser("client", help="run a training client against a server")
     cli.add_argument("--server", required=True, help="server URL, e.g. https://host:8443")
     cli.add_argument("--token", help="client token (or env ASYNCFL_TOKEN)")
-    cli.add_argument("--data", required=True, help="digits:client=K or a path to an .npz with arrays x, y")
+    cli.add_argument(
+        "--data",
+        required=True,
+        help="digits:client=K, package.module:function returning (x, y), or a path to an .npz with arrays x, y",
+    )
     cli.add_argument("--ca-cert", help="CA bundle to verify the server's TLS certificate")
     cli.add_argument(
         "--insecure",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import yaml
@@ -36,7 +37,7 @@ from asyncfl.report.plots import write_plots
 from asyncfl.report.table import summary_table
 from asyncfl.sim import threads as thread_choice
 from asyncfl.sim.batched import make_executor
-from asyncfl.sim.metrics import Metrics
+from asyncfl.sim.metrics import Metrics, Target
 from asyncfl.sim.secure_aggregation import build_secure_aggregation
 from asyncfl.sim.simulator import RunParts, Simulation
 
@@ -46,10 +47,11 @@ PROBE_CLIENTS = 128
 
 
 def build_simulation(
-    cfg: ExperimentConfig, spec: RunSpec, data: FederatedDataset | None = None, progress=None
+    cfg: ExperimentConfig, spec: RunSpec, data: FederatedDataset | None = None, progress=None, module=None
 ) -> Simulation:
+    """`module`: a user's torch module to train instead of the config's model."""
     data = data or build_data(cfg)
-    model = build_flat_model(cfg, data)
+    model = build_flat_model(cfg, data, module)
     trainer = build_trainer(cfg, spec, model)
     parts = RunParts(
         model,
@@ -66,8 +68,10 @@ def build_simulation(
     return Simulation(parts, cfg, model.initial_weights(), build_codecs(spec), progress)
 
 
-def run_one(cfg: ExperimentConfig, spec: RunSpec, data: FederatedDataset | None = None, progress=None) -> Metrics:
-    sim = build_simulation(cfg, spec, data, progress)
+def run_one(
+    cfg: ExperimentConfig, spec: RunSpec, data: FederatedDataset | None = None, progress=None, module=None
+) -> Metrics:
+    sim = build_simulation(cfg, spec, data, progress, module)
     m = sim.run()
     if getattr(sim.data, "client_test_indices", None) is not None:  # per-client spread of the final model
         m.extra["client_accuracy"] = spread(client_accuracies(sim.model, sim.state.w, sim.data))
@@ -78,12 +82,14 @@ def run_one(cfg: ExperimentConfig, spec: RunSpec, data: FederatedDataset | None 
     return m
 
 
-def choose_threads(cfg: ExperimentConfig, spec: RunSpec, data, threads: int | str) -> thread_choice.ThreadChoice:
+def choose_threads(
+    cfg: ExperimentConfig, spec: RunSpec, data, threads: int | str, module=None
+) -> thread_choice.ThreadChoice:
     """Apply `threads` (a count, or "auto": time one training pass of `spec`, as many clients as
     will train together, with one thread and with torch's default, and keep the faster)."""
     if threads != "auto":
         return thread_choice.resolve(threads, None)
-    model = build_flat_model(cfg, data)
+    model = build_flat_model(cfg, data, module)
     trainer = build_trainer(cfg, spec, model)
 
     def fresh_executor():
@@ -101,7 +107,7 @@ def run_entry(cfg: ExperimentConfig, spec: RunSpec, m: Metrics) -> dict:
         "mode": spec.scheduler.mode,
         "concurrency": spec.scheduler.concurrency,
         "seed": cfg.seed,
-        **m.summary(cfg.target_accuracy),
+        **m.summary(Target.of_config(cfg)),
         "staleness_histogram": m.staleness_histogram(),
     }
 
@@ -112,16 +118,33 @@ def run_experiment(
     runs: list[str] | None = None,
     console: Console | None = None,
     threads: int | str = "auto",
+    data: FederatedDataset | None = None,
+    module=None,
 ) -> dict:
     """Run the named runs (all by default) and write everything under `out`; `threads` is
     torch's intra-op thread count, or "auto" (see `choose_threads`)."""
+    return execute(cfg, out, runs, console, threads, data, module)[0]
+
+
+def execute(
+    cfg: ExperimentConfig,
+    out: Path,
+    runs: list[str] | None = None,
+    console: Console | None = None,
+    threads: int | str = "auto",
+    data: FederatedDataset | None = None,
+    module=None,
+) -> tuple[dict, dict[str, Metrics]]:
+    """`run_experiment`, also returning each run's metrics; `data` and `module` (a torch module)
+    replace the config's dataset and model (the Python API's user data and model)."""
     console = console or Console()
     specs = [cfg.run(n) for n in runs] if runs else cfg.runs
     out.mkdir(parents=True, exist_ok=True)
     resolved = cfg.model_copy(update={"runs": specs})
     (out / "config.yaml").write_text(yaml.safe_dump(resolved.model_dump(mode="json"), sort_keys=False))
-    data = build_data(cfg)
-    threads_used = choose_threads(cfg, specs[0], data, threads)
+    user_data = data is not None
+    data = data if user_data else build_data(cfg)
+    threads_used = choose_threads(cfg, specs[0], data, threads, module)
     results: dict[str, Metrics] = {}
     progress = Progress(
         TextColumn("{task.description:>12}"),
@@ -138,7 +161,7 @@ def run_experiment(
             def tick(t, _task=task):
                 progress.update(_task, completed=t)
 
-            m = run_one(cfg, spec, data, progress=tick)
+            m = run_one(cfg, spec, data, progress=tick, module=module)
             progress.update(task, completed=cfg.stop.max_time, acc=f"acc {m.rows[-1]['test_accuracy']:.3f}")
             results[spec.name] = m
             run_dir = out / spec.name
@@ -151,18 +174,29 @@ def run_experiment(
     summary = {
         "preset": cfg.name,
         "target_accuracy": cfg.target_accuracy,
+        **({"target": cfg.target.model_dump()} if cfg.target is not None else {}),
         "seed": cfg.seed,
         "torch_threads": torch.get_num_threads(),  # wall times depend on it, and the last bits of floats
         "threads": threads_used.summary(),  # how it was chosen: asked for, or measured (probe seconds)
         "runs": [run_entry(cfg, spec, results[spec.name]) for spec in specs],
         # examples per client: the imbalance every run above trained on
-        "data": data_summary(cfg.data, data.client_sizes(), out),
+        "data": data_summary(
+            _data_origin(data) if user_data or cfg.data.loader else cfg.data, data.client_sizes(), out
+        ),
     }
+    if module is not None:
+        summary["model"] = type(module).__name__
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    write_plots(results, cfg.target_accuracy, out, cfg.name)
+    write_plots(results, Target.of_config(cfg), out, cfg.name)
     console.print(summary_table(summary))
     console.print(
         f"results in {out}/ (summary.json, config.yaml, */metrics.csv, accuracy_vs_time.png, "
         "accuracy_vs_trips.png, staleness.png, client_sizes.png)"
     )
-    return summary
+    return summary, results
+
+
+def _data_origin(data) -> SimpleNamespace:
+    """What a summary says of data handed in by the caller: its source and partition."""
+    kind = getattr(data, "partition_kind", "natural")
+    return SimpleNamespace(dataset=getattr(data, "source", "custom"), partition=SimpleNamespace(kind=kind))

@@ -142,11 +142,12 @@ class LocalTrainer:
         lr = torch.tensor([self.lr], dtype=w.dtype)
         corr = None if correction is None else [correction.view(1, -1)]
         losses, start_loss = 0.0, self.full_loss(w0, x, y) if self.start_loss == "full" else math.nan
-        for h in range(steps):
-            loss, first_loss = self.step([w], grads, h, lr, starts, corr)
-            if h == 0 and self.start_loss == "first_batch":
-                start_loss = float(first_loss)
-            losses += float(loss)
+        with self.model.seeded(seed):
+            for h in range(steps):
+                loss, first_loss = self.step([w], grads, h, lr, starts, corr)
+                if h == 0 and self.start_loss == "first_batch":
+                    start_loss = float(first_loss)
+                losses += float(loss)
         return ClientUpdate(
             client_id=client_id,
             base_version=base_version,

@@ -15,6 +15,10 @@ restarted client continues with it; what the server sends with the model (SCAFFO
 in the model frame, and the upload carries the definition's `upload_fields` besides the delta.
 Like the residual, the state advances only when the server accepted the update.
 
+A sync run with `secure_aggregation` (secagg_plus, secagg) never receives a plain update: after
+training, the client takes part in its lease's secure round (client/secure.py) with its update
+clipped and encoded, weighted by its example count.
+
 An upload is re-sent with the same bytes and key until the server answers, so a server
 restart mid-trip costs time, never a double count: the server answers a re-send with the
 first result.
@@ -41,8 +45,11 @@ from asyncfl.attacks import Attack, flip_labels
 from asyncfl.build import build_client_rule, build_data, build_flat_model, build_trainer
 from asyncfl.client.http import GaveUp, ServerApi
 from asyncfl.client.masking import TsaMasking, tsa_masking
+from asyncfl.client.secure import SecureRound
 from asyncfl.compression import ErrorFeedback, Raw, encode_upload, parse_codec
-from asyncfl.config import validate
+from asyncfl.config import ConfigError, validate
+from asyncfl.config.secure_aggregation import SYNC_PROTOCOLS
+from asyncfl.plugins import load_device_data
 
 
 class ClientError(RuntimeError):
@@ -51,9 +58,20 @@ class ClientError(RuntimeError):
 
 def load_data(spec: str, cfg, num_features: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`DATASET:client=K` (partition K of the task's own split of its dataset, e.g.
-    digits:client=3) or a path to an .npz with arrays `x` [n, features] and `y` [n] (integer
-    labels): the user's own data."""
+    digits:client=3), `package.module:function` (the user's loader, returning (x, y) or a torch
+    Dataset; x keeps its example shape) or a path to an .npz with arrays `x` [n, features] and
+    `y` [n] (integer labels): the user's own data."""
     name, sep, rest = spec.partition(":")
+    if sep and "=" not in rest and not Path(spec).is_file():
+        try:
+            x, y = load_device_data(spec)
+        except ConfigError as err:
+            raise ClientError(str(err)) from None
+        if x[0].numel() != num_features:
+            raise ClientError(
+                f"--data {spec}: examples of shape {list(x.shape[1:])}; the task has {num_features} features"
+            )
+        return x, y
     if sep and not Path(spec).is_file():
         key, _, value = rest.partition("=")
         if name != cfg.data.dataset:
@@ -120,6 +138,7 @@ class ClientRuntime:
         self.state_path = Path(state_path) if state_path else None
         self.client_rule = None  # set by setup() for algorithms with per-client state
         self.own_state: torch.Tensor | None = None  # that state (None: never accepted yet, zeros)
+        self.secure: SecureRound | None = None  # set by setup() for sync secure aggregation
         self.tsa_key = tsa_key  # the pinned TSA public key (base64)
         self.masking: TsaMasking | None = None  # set by setup() when the task masks uploads for a TSA
 
@@ -147,15 +166,28 @@ class ClientRuntime:
         self.x, self.y = load_data(self.data_spec, cfg, task["num_features"])
         if self.attack is not None and self.attack.flips_labels:
             self.y = flip_labels(self.y, task["num_classes"])
-        # what build_flat_model reads of a dataset; the local data stands in for the test split
+        # what build_flat_model reads of a dataset; the local data stands in for the test split.
+        # Examples with a shape (images from a loader) are stored flat, as the server does
+        example_shape = tuple(self.x.shape[1:]) if self.x.dim() > 2 else None
+        self.x = self.x.reshape(len(self.x), -1)
         shape = SimpleNamespace(
-            num_features=task["num_features"], num_classes=task["num_classes"], x=self.x, x_test=self.x
+            num_features=task["num_features"],
+            num_classes=task["num_classes"],
+            x=self.x,
+            x_test=self.x,
+            example_shape=example_shape,
         )
-        self.model = build_flat_model(cfg, shape)
+        try:
+            self.model = build_flat_model(cfg, shape)
+        except ConfigError as err:  # the task's model plug-in against this device's data
+            raise ClientError(str(err)) from None
         self.trainer = build_trainer(cfg, cfg.runs[0], self.model)  # the simulator's trainer, same settings
         if [list(s) for s in self.model.shapes] != [x["shape"] for x in task["tensors"]]:
             raise ClientError("the model built from the task config does not match the server's tensors")
         self._setup_state(task, cfg)
+        secure = cfg.runs[0].secure_aggregation
+        if secure is not None and secure.protocol in SYNC_PROTOCOLS:
+            self.secure, self.secure_clip = SecureRound(self.api, self.log), secure.clip_range
         try:
             self.masking = tsa_masking(task, self.tsa_key)
         except ValueError as err:
@@ -262,11 +294,13 @@ class ClientRuntime:
         key = uuid.uuid4().hex
         if self.attack is not None:  # seeded from the lease, as the simulator seeds it from the trip
             update.delta = self.attack.corrupt(update.delta, task["seed"])
+        extras = None if rule is None else rule.uploads(downloaded, own, update)
+        if self.secure is not None:
+            return self._secure_upload(task, update, key, extras)
         if self.masking is not None:
             payload, residual = self.masking.payload(update.delta, task["seed"], task["lease_id"]), None
         else:
             payload, residual = self._encode(update.delta, task["seed"])
-        extras = None if rule is None else rule.uploads(downloaded, own, update)
         body = wire.encode_update(
             lease_id=task["lease_id"],
             base_version=update.base_version,
@@ -296,18 +330,53 @@ class ClientRuntime:
                 self.own_state = rule.advanced(own, extras)
                 self._save_state()
             self.stats["accepted"] += 1
-        elif answer.get("error") == "stale":
+        else:
+            self._count_refusal(resp.status_code, answer)
+        return self._acknowledged({**answer, "key": key, "lease": task["lease_id"], "http": resp.status_code})
+
+    def _count_refusal(self, status: int, answer: dict) -> None:
+        if answer.get("error") == "stale":
             self.stats["discarded"] += 1
         elif answer.get("error", "").startswith("lease") or answer.get("error") == "no_lease":
             self.stats["lost"] += 1
         else:
             self.stats["rejected"] += 1
-            self.log(f"upload rejected: {resp.status_code} {answer}")
-        ack = {**answer, "key": key, "lease": task["lease_id"], "http": resp.status_code}
+            self.log(f"upload rejected: {status} {answer}")
+
+    def _acknowledged(self, ack: dict) -> dict:
         if self.ack_log is not None:
             with open(self.ack_log, "a") as f:
                 f.write(json.dumps(ack) + "\n")
         return ack
+
+    def _secure_upload(self, task: dict, update, key: str, extras: dict | None) -> dict:
+        """The trip's update through a secure-aggregation round: a quantizing upload codec's
+        values, clipped and encoded, masked; the outcome is the round's. Per-client state
+        advances by the upload fields as the server summed them: clipped to the range."""
+        values, residual = update.delta, None
+        if self.upload_codec is not None:  # quantized values compose with the fixed-point encoding
+            upload = encode_upload(
+                self.upload_codec, update.delta, upload_rounding_generator(task["seed"]), self.error_feedback, "self"
+            )
+            values, residual = upload.decoded, (upload.compensated, upload.decoded)
+        if extras is not None:
+            extras = {name: t.clamp(-self.secure_clip, self.secure_clip) for name, t in extras.items()}
+        seen = self.secure.contribute(task, values.numpy(), update.n_examples, update.steps, extras)
+        outcome = seen.get("outcome", {})
+        if outcome.get("status") == "accepted":
+            if self.error_feedback is not None:
+                self.error_feedback.record("self", *residual)
+            if extras is not None:  # as after a plain accepted upload: the state advances, durably
+                self.own_state = self.client_rule.advanced(self.own_state, extras)
+                self._save_state()
+            self.stats["accepted"] += 1
+        elif seen.get("http", 409) != 409:  # a refused message (a conflict means the round went on without it)
+            self._count_refusal(seen["http"], seen)
+        else:
+            self.stats["lost"] += 1  # dropped out of, or left, a round, or the round failed
+        return self._acknowledged(
+            {**outcome, **seen, "key": key, "lease": task["lease_id"], "http": seen.get("http", 200)}
+        )
 
     def _encode(self, delta: torch.Tensor, seed: int) -> tuple[bytes | None, tuple | None]:
         """The upload codec's payload for `delta` (None without compression) and, with error

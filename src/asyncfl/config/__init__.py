@@ -28,7 +28,15 @@ from asyncfl.config.transport import CompressionConfig
 
 _LAZY = {
     name: "experiment"
-    for name in ("AlgorithmConfig", "EvalConfig", "ExperimentConfig", "RunSpec", "StopConfig", "privacy_denominator")
+    for name in (
+        "AlgorithmConfig",
+        "EvalConfig",
+        "ExperimentConfig",
+        "RunSpec",
+        "StopConfig",
+        "TargetConfig",
+        "privacy_denominator",
+    )
 }
 _LAZY |= {
     name: "loader" for name in ("apply_override", "apply_quick", "load", "preset_dict", "preset_names", "validate")
@@ -76,6 +84,7 @@ __all__ = [
     "StudyMethod",
     "StudyRatio",
     "SyntheticConfig",
+    "TargetConfig",
     "TrainerConfig",
     "USER_DATASETS",
     "apply_override",

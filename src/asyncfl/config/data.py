@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -79,9 +79,21 @@ class DataConfig(Strict):
     max_users: int | None = Field(default=None, gt=0, description="LEAF: keep the first N users")
     synthetic: SyntheticConfig = SyntheticConfig()
     shakespeare: ShakespeareConfig = ShakespeareConfig()
+    loader: str | None = Field(
+        default=None,
+        pattern=r"^[\w.]+:[\w.]+$",
+        description="package.module:function returning asyncfl.FederatedData, or (train, test) to "
+        "partition; replaces dataset",
+    )
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the loader")
 
     @model_validator(mode="after")
     def _partition(self):
+        if self.kwargs and self.loader is None:
+            raise ValueError("data.kwargs needs data.loader")
+        if self.loader is not None:  # the loader's own clients unless a partitioner is named
+            self.partition.kind = self.partition.kind or "natural"
+            return self
         natural = self.dataset in USER_DATASETS or self.dataset == "synthetic"
         if self.partition.kind is None:
             self.partition.kind = "natural" if natural else "dirichlet"

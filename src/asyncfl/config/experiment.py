@@ -3,7 +3,7 @@ the shared settings (data, model, population, trainer, evaluation, stop)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -107,6 +107,11 @@ class RunSpec(Strict):
 
 class EvalConfig(Strict):
     every_seconds: float | None = Field(default=10.0, gt=0, description="virtual seconds between evaluations")
+    metrics: list[Annotated[str, Field(pattern=r"^(perplexity|[\w.]+:[\w.]+)$")]] = Field(
+        default=[],
+        description="more columns per evaluation: perplexity, or package.module:function called as "
+        "f(logits, y) on the test set, returning a float or a {name: float} dict",
+    )
     every_versions: int | None = Field(default=None, gt=0, description="also evaluate every N server steps")
     personalize: bool = Field(
         default=False, description="also report accuracy after one local step per client (always on for perfedavg)"
@@ -119,6 +124,16 @@ class EvalConfig(Strict):
         return self
 
 
+class TargetConfig(Strict):
+    """The goal time/trips/bytes to target are measured against, on any reported metric."""
+
+    metric: str = Field(
+        default="test_accuracy", description="test_accuracy, test_loss, perplexity, or a column of eval.metrics"
+    )
+    mode: Literal["max", "min"] = Field(default="max", description="max: reach at least value; min: at most")
+    value: float
+
+
 class StopConfig(Strict):
     max_time: float = Field(default=3600.0, gt=0, description="virtual seconds")
     max_trips: int | None = Field(default=None, gt=0)
@@ -129,6 +144,9 @@ class ExperimentConfig(Strict):
     name: str = "experiment"
     seed: int = Field(default=0, ge=0)
     target_accuracy: float = Field(default=0.9, gt=0, le=1)
+    target: TargetConfig | None = Field(
+        default=None, description="a target on another metric; replaces target_accuracy"
+    )
     executor: Literal["sequential", "batched"] = "sequential"
     executor_memory_mb: float = Field(default=512.0, gt=0, description="batched executor: memory per pass")
     data: DataConfig = DataConfig()
@@ -146,6 +164,19 @@ class ExperimentConfig(Strict):
         default=None,
         description="compare runs an attack x defence matrix (asyncfl.robustness) instead of the runs side by side",
     )
+
+    @model_validator(mode="after")
+    def _target_reported(self):
+        t, names = self.target, self.eval.metrics
+        if t is None or t.metric in ("test_accuracy", "test_loss"):
+            return self
+        if t.metric == "perplexity" and "perplexity" not in names:
+            raise ValueError("target.metric perplexity needs it in eval.metrics: [perplexity]")
+        if t.metric != "perplexity" and not any(":" in n for n in names):
+            raise ValueError(
+                f"target.metric {t.metric!r} is not reported: add the function that computes it to eval.metrics"
+            )
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self):

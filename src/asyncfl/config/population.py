@@ -9,6 +9,8 @@ from pydantic import Field
 from asyncfl.attacks import Attack, AttackKind
 from asyncfl.config.base import Strict
 
+ON_DEMAND_ABOVE = 10_000_000  # `profiles: auto` computes profiles on demand above this many devices
+
 
 class Dist(Strict):
     """A per-device random quantity. `scale` is the median (lognormal, pareto), the sigma of the
@@ -57,3 +59,12 @@ class PopulationConfig(Strict):
     availability: Availability = Availability()
     retry_interval: float = Field(default=60.0, gt=0, description="wait when no device is eligible")
     attack: AttackConfig = AttackConfig()
+    profiles: Literal["auto", "arrays", "on_demand"] = Field(
+        default="auto",
+        description="arrays: every device's profile drawn up front; on_demand: a device's profile computed from "
+        "(seed, device id) when it is picked, so the population costs nothing until it trains; auto: on_demand "
+        "above 10^7 devices",
+    )
+
+    def on_demand(self) -> bool:
+        return self.profiles == "on_demand" or (self.profiles == "auto" and self.devices > ON_DEMAND_ABOVE)

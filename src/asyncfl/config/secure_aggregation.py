@@ -7,6 +7,7 @@ the server (robust rules, top-k, a Byzantine filter, norm checks) is refused wit
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -52,6 +53,20 @@ class SecureAggregationConfig(Strict):
         if self.neighbours is not None and self.neighbours % 2:
             raise ValueError(f"neighbours must be even (a k-regular ring graph), got {self.neighbours}")
         return self
+
+
+def neighbours(s: SecureAggregationConfig, clients: int) -> int:
+    """k: all other clients for secagg; secagg_plus's configured (even) k, by default
+    2 ceil(log2 n) (all pairs when that is not below n - 1)."""
+    if s.protocol == "secagg":
+        return clients - 1
+    k = s.neighbours if s.neighbours is not None else 2 * math.ceil(math.log2(clients))
+    return k if k < clients - 1 else clients - 1
+
+
+def sync_threshold(s: SecureAggregationConfig, clients: int) -> int:
+    """t: the threshold fraction of a neighbourhood (k + 1 clients; all n for secagg)."""
+    return max(1, math.ceil(s.threshold * (neighbours(s, clients) + 1) - 1e-9))
 
 
 def check_run(spec) -> None:

@@ -65,3 +65,9 @@ class ServerConfig(Strict):
     tsa_token_file: str | None = Field(
         default=None, description="file holding the bearer token shared with the TSA; default: $ASYNCFL_TSA_TOKEN"
     )
+    secagg_phase_timeout: float | None = Field(
+        default=None,
+        gt=0,
+        description="secure aggregation: seconds each phase after key advertisement waits for clients (then "
+        "the missing ones count as dropped); default: a quarter of the round timeout (or lease timeout), at least 2",
+    )

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from asyncfl.data.federated import FederatedDataset
+from asyncfl.data.streams import chunked
 
 
 class SyntheticFederated:
@@ -99,9 +100,13 @@ class SyntheticFederated:
     def client_sizes(self) -> np.ndarray:
         """Examples per device (int64, read-only), computed once for the whole population."""
         if self._sizes is None:
-            z = np.random.default_rng([self.seed, 1]).standard_normal(self.num_clients)
-            sizes = np.rint(self.size_median * np.exp(self.size_sigma * z))
-            self._sizes = np.clip(sizes, self.min_size, self.max_size).astype(np.int64)
+            rng = np.random.default_rng([self.seed, 1])
+
+            def draw(k: int) -> np.ndarray:
+                sizes = np.rint(self.size_median * np.exp(self.size_sigma * rng.standard_normal(k)))
+                return np.clip(sizes, self.min_size, self.max_size)
+
+            self._sizes = chunked(self.num_clients, draw, np.int64)
             self._sizes.flags.writeable = False
         return self._sizes
 

@@ -9,18 +9,21 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from asyncfl.sim.metrics import Metrics  # noqa: E402
+from asyncfl.sim.metrics import Metrics, Target  # noqa: E402
 
 
-def _curves(results: dict[str, Metrics], x: str, xlabel: str, target: float, path: Path, title: str) -> None:
+def _curves(results: dict[str, Metrics], x: str, xlabel: str, target: Target, path: Path, title: str) -> None:
+    """The target's metric against x, per run, with the target as a line."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    metric = target.metric
     for name, m in results.items():
-        ax.plot([r[x] for r in m.rows], [r["test_accuracy"] for r in m.rows], label=name, lw=1.6)
-    ax.axhline(target, color="grey", ls="--", lw=1, label=f"target {target:g}")
+        ax.plot([r[x] for r in m.rows], [r.get(metric, float("nan")) for r in m.rows], label=name, lw=1.6)
+    ax.axhline(target.value, color="grey", ls="--", lw=1, label=f"target {target.value:g}")
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel(metric.replace("_", " "))
     ax.set_title(title)
-    ax.set_ylim(0, 1)
+    if metric == "test_accuracy":
+        ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -28,10 +31,14 @@ def _curves(results: dict[str, Metrics], x: str, xlabel: str, target: float, pat
     plt.close(fig)
 
 
-def write_plots(results: dict[str, Metrics], target: float, out: Path, title: str) -> list[Path]:
+def write_plots(results: dict[str, Metrics], target: float | Target, out: Path, title: str) -> list[Path]:
+    """`target`: a test accuracy, or a Target on another metric (its curves are drawn instead;
+    the files keep their names)."""
+    target = Target.of(target)
+    what = "accuracy" if target.metric == "test_accuracy" else target.metric.replace("_", " ")
     paths = [out / "accuracy_vs_time.png", out / "accuracy_vs_trips.png", out / "staleness.png"]
-    _curves(results, "virtual_time", "virtual time (s)", target, paths[0], f"{title}: accuracy vs time")
-    _curves(results, "trips_started", "client trips started", target, paths[1], f"{title}: accuracy vs trips")
+    _curves(results, "virtual_time", "virtual time (s)", target, paths[0], f"{title}: {what} vs time")
+    _curves(results, "trips_started", "client trips started", target, paths[1], f"{title}: {what} vs trips")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, m in results.items():
         if m.staleness:

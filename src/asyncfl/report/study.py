@@ -38,8 +38,8 @@ COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e3
 def write_outputs(
     cfg, groups, finals: dict, out: Path, wall: float, rss: dict, console: Console, threads: dict | None = None
 ) -> dict:
-    from asyncfl.build import build_data
     from asyncfl.data.imbalance import data_summary
+    from asyncfl.study.shared import shared_data
 
     st = cfg.study
     methods = [m.name for m in st.methods]
@@ -48,7 +48,7 @@ def write_outputs(
     runs = [finals[k]["entry"] for k in keys]
     grid = [dict(r["entry"], chosen=r["entry"]["grid_index"] == g.chosen) for g in groups for r in g.results]
     ratio_blocks = ratios(st, finals)
-    data = build_data(cfg.model_copy(update={"seed": st.grid_seed}))
+    data = shared_data(cfg.model_copy(update={"seed": st.grid_seed}))
     # what the shared model of synthetic data alone scores: the task's ceiling on held-out devices
     common = data.common_model_accuracy if getattr(data, "common_model", 0) else None
     summary = {

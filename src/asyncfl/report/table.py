@@ -20,15 +20,20 @@ def _bytes(v) -> str:
 
 
 def summary_table(summary: dict) -> Table:
-    t = Table(title=f"{summary['preset']}: target accuracy {summary['target_accuracy']:g}")
+    goal = summary.get("target")
+    aim = f"{goal['metric']} {'≥' if goal['mode'] == 'max' else '≤'} {goal['value']:g}" if goal else None
+    t = Table(title=f"{summary['preset']}: target " + (aim or f"accuracy {summary['target_accuracy']:g}"))
     # codec and epsilon columns only when some run compresses or is differentially private
     codec = any(r.get("codec") is not None for r in summary["runs"])
     eps = any(r.get("epsilon") is not None for r in summary["runs"])
     spread = any(r.get("client_accuracy") for r in summary["runs"])  # per-device test splits
+    other = goal["metric"] if goal and goal["metric"] != "test_accuracy" else None  # the target's own metric
     cols = (
         ["run", "mode", "C"]
         + (["codec"] if codec else [])
-        + ["final acc", "time to target (s)", "trips to target", "bytes to target", "server steps", "mean staleness"]
+        + ["final acc"]
+        + ([f"final {other}"] if other else [])
+        + ["time to target (s)", "trips to target", "bytes to target", "server steps", "mean staleness"]
         + (["epsilon"] if eps else [])
         + (["device acc mean", "device acc std", "device acc p10"] if spread else [])
         + ["wall (s)"]
@@ -39,8 +44,10 @@ def summary_table(summary: dict) -> Table:
         cells = [r["name"], r["mode"], str(r["concurrency"])]
         if codec:
             cells.append((r.get("codec") or "dense") + (" +EF" if r.get("error_feedback") else ""))
+        cells.append(f"{r['final_accuracy']:.3f}")
+        if other:
+            cells.append(_fmt(r.get(f"final_{other}"), ".4g"))
         cells += [
-            f"{r['final_accuracy']:.3f}",
             _fmt(r["time_to_target"], ".0f"),
             _fmt(r["trips_to_target"], "d"),
             _bytes(r["bytes_to_target"]),

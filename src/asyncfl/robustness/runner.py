@@ -29,10 +29,10 @@ def run_robustness(
     t0 = time.perf_counter()
     cells = plan(cfg)
     if rb.workers == 1:
-        from asyncfl.build import build_data
         from asyncfl.experiment import choose_threads
+        from asyncfl.study.shared import shared_data
 
-        choose_threads(cfg, cfg.runs[0], build_data(cfg), threads)
+        choose_threads(cfg, cfg.runs[0], shared_data(cfg), threads)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     console.print(

@@ -9,6 +9,7 @@ client sends nothing from that phase on), and counts the bytes each phase sends 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
@@ -31,6 +32,8 @@ class RoundResult:
     survivors: tuple[int, ...]
     upload_bytes: dict[str, int]
     download_bytes: dict[str, int]
+    client_seconds: dict[str, float]  # per phase, summed over the clients (encoding included)
+    server_seconds: dict[str, float]  # per phase
 
 
 def make_params(
@@ -76,20 +79,36 @@ def run_round(
         down[phase] += sum(wire_bytes(reply) for reply in replies.values())
         return replies
 
+    client_s = dict.fromkeys(PHASES, 0.0)
+    server_s = dict.fromkeys(PHASES, 0.0)
+
+    def on_clients(phase: str, work) -> list:
+        t0 = time.perf_counter()
+        out = sent(phase, [work(c) for c in survivors_of(phase)])
+        client_s[phase] += time.perf_counter() - t0
+        return out
+
+    def on_server(phase: str, work, messages):
+        t0 = time.perf_counter()
+        out = work(messages)
+        server_s[phase] += time.perf_counter() - t0
+        return out
+
     directories = delivered(
-        "advertise", server.collect_keys(sent("advertise", [clients[c].advertise() for c in survivors_of("advertise")]))
+        "advertise",
+        on_server("advertise", server.collect_keys, on_clients("advertise", lambda c: clients[c].advertise())),
     )
-    incoming = delivered(
-        "share_keys",
-        server.route_shares(
-            sent("share_keys", [clients[c].share_keys(directories[c]) for c in survivors_of("share_keys")])
-        ),
+    shares = on_clients("share_keys", lambda c: clients[c].share_keys(directories[c]))
+    incoming = delivered("share_keys", on_server("share_keys", server.route_shares, shares))
+    inputs = on_clients(
+        "masked_input", lambda c: clients[c].masked_input(incoming[c], codec.encode(updates[c], rng), weights[c])
     )
-    inputs = [
-        clients[c].masked_input(incoming[c], codec.encode(updates[c], rng), weights[c])
-        for c in survivors_of("masked_input")
-    ]
-    requests = delivered("masked_input", server.collect_masked(sent("masked_input", inputs)))
+    requests = delivered("masked_input", on_server("masked_input", server.collect_masked, inputs))
+    t0 = time.perf_counter()
     responses = [clients[c].unmask(requests[c]) for c in survivors_of("unmask") if c in requests]
-    result = server.unmask(sent("unmask", responses))
-    return RoundResult(codec.decode(result.total, result.total_weight), result.total_weight, result.survivors, up, down)
+    client_s["unmask"] += time.perf_counter() - t0
+    result = on_server("unmask", server.unmask, sent("unmask", responses))
+    t0 = time.perf_counter()
+    total = codec.decode(result.total, result.total_weight)
+    server_s["unmask"] += time.perf_counter() - t0
+    return RoundResult(total, result.total_weight, result.survivors, up, down, client_s, server_s)

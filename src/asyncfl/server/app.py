@@ -2,7 +2,8 @@
 service.py; every error leaves as JSON {"error": code, "detail": message} with a 4xx status.
 
 Endpoints for clients (client token): POST /v1/checkin, GET /v1/task, GET /v1/model/{version},
-POST /v1/update (binary frame, see wire.py). For operators (operator token, as a bearer header
+POST /v1/update (binary frame, see wire.py); with sync secure aggregation /v1/secagg/...
+(secagg_http.py). For operators (operator token, as a bearer header
 or the cookie POST /v1/session sets for the dashboard): GET /status, GET /metrics (both public
 with `server.public_status`), GET /v1/history, GET / (dashboard), GET /docs, /redoc,
 /openapi.json. Open: GET /healthz.
@@ -25,6 +26,7 @@ from asyncfl import strict_json
 from asyncfl.server.auth import OPERATOR_COOKIE, bearer
 from asyncfl.server.dashboard import PAGE, SIGN_IN
 from asyncfl.server.errors import ApiError
+from asyncfl.server.secagg_http import add_secagg_routes
 from asyncfl.server.service import HISTORY_LIMIT, HISTORY_MAX_LIMIT, FLServer
 
 log = logging.getLogger("asyncfl.server")
@@ -143,6 +145,9 @@ def create_app(server: FLServer, background: bool = True) -> FastAPI:
             raise
         status, answer = await run_in_threadpool(server.upload, client, body)
         return JSONResponse(answer, status_code=status)
+
+    if server.secure_rounds is not None:  # sync SecAgg rounds: /v1/secagg/...
+        add_secagg_routes(app, server, client_of, read_limited)
 
     @app.get("/status")
     async def status(request: Request):

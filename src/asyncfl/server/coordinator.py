@@ -174,6 +174,20 @@ class Coordinator:
         }.get(state, ("no_lease", f"lease state {state}"))
         raise ApiError(409, *reason)
 
+    def extend(self, lease: Lease, seconds: float) -> None:
+        """Keep a live lease at least `seconds` more (a secure-aggregation round holds its
+        participants through its phases, whose own deadlines decide who dropped)."""
+        until = self.clock() + seconds
+        if lease.state == ACTIVE and lease.expires_at < until:
+            lease.expires_at = until
+            self._dirty[lease.lease_id] = lease
+
+    def close(self, lease: Lease, counted: bool) -> None:
+        """End a live lease without an upload of its own: a secure round's survivor (its work
+        counted: done) or a participant that dropped out of the round (cancelled)."""
+        if lease.state == ACTIVE:
+            self._end(lease, DONE if counted else CANCELLED)
+
     def report(self, lease: Lease, update: ClientUpdate, seq: int, norm: float | None = None) -> Verdict | None:
         """Upload number `seq` against a live lease: the trip ends, the policy folds it in.
         Returns its verdict; None when the policy did not submit it. `norm` is the update's L2

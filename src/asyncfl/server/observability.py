@@ -82,6 +82,15 @@ def prometheus(status: dict, upload_latency: list[float]) -> str:
             "privacy_steps_total", "counter", "Noisy server steps (DP aggregates).", [({}, privacy["privacy_steps"])]
         )
         metric("privacy_clip_norm", "gauge", "Current clip norm C.", [({}, privacy["clip_norm"])])
+    rounds = status.get("secure_aggregation") or {}
+    if "completed_rounds" in rounds:  # sync SecAgg rounds
+        metric(
+            "secagg_rounds_total",
+            "counter",
+            "Secure aggregation rounds: completed, and failed by the phase that failed.",
+            [({"outcome": "completed"}, rounds["completed_rounds"])]
+            + [({"outcome": "failed", "phase": k}, v) for k, v in sorted(rounds["failed_rounds"].items())],
+        )
     ev = status.get("last_eval") or {}
     metric("test_accuracy", "gauge", "Test accuracy at the last evaluation.", [({}, ev.get("accuracy", math.nan))])
     metric("test_loss", "gauge", "Test loss at the last evaluation.", [({}, ev.get("loss", math.nan))])

@@ -39,6 +39,7 @@ from asyncfl.server.errors import ApiError
 from asyncfl.server.evaluation import Evaluation
 from asyncfl.server.limits import body_limit
 from asyncfl.server.reports import STEPS_MARGIN, ReportBounds
+from asyncfl.server.secure_rounds import build_secure_policy
 from asyncfl.server.selector import Selector
 from asyncfl.server.settings import ServerConfig
 from asyncfl.server.shared import Counters, Shared
@@ -105,12 +106,15 @@ class FLServer:
             build_norm_guard(settings.norm_guard, w0) if self.tsa is None else None,  # norms are masked
         )
         self.max_body_bytes = body_limit(settings, self.aggregation)
-        self.policy = build_policy(self.spec.scheduler)
+        bounds = self._report_bounds()
+        # sync SecAgg rounds, else None
+        self.secure_rounds = build_secure_policy(self.spec, settings, aggregator, self.model.numel, bounds)
+        self.policy = self.secure_rounds or build_policy(self.spec.scheduler)
         self.coordinator = Coordinator(self.policy, self.aggregation, settings.lease_timeout, cfg.seed)
         self.shared = Shared(self.store, threading.RLock(), self.aggregation, self.coordinator, Counters())
         self.lock = self.shared.lock
         self.commit = GroupCommit(self.shared, self._restore)
-        self.uploads = Uploads(self.shared, self.commit, self._report_bounds(), self.algorithm.name)
+        self.uploads = Uploads(self.shared, self.commit, bounds, self.algorithm.name)
         self.unmasker = None if self.tsa is None else self.tsa.unmasker(self.shared, self.commit)
         self.evaluation = Evaluation(self.shared, self.model, self.data, cfg.target_accuracy, settings.eval_every_s)
         self.view = StatusView(self)
@@ -157,6 +161,8 @@ class FLServer:
         """Every part back to the last durable state (at start-up, and after a failed commit)."""
         self.aggregation.restore(self.store)
         self.coordinator.restore(self.store)
+        if self.secure_rounds is not None:
+            self.secure_rounds.restored(self.coordinator)
         self.shared.counters.restore(self.store)
         self.evaluation.restore()
         self.uploads.restore()

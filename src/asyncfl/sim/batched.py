@@ -28,6 +28,7 @@ from asyncfl.attacks import flip_labels
 from asyncfl.data.federated import FederatedDataset
 from asyncfl.sim.executor import Executor, SequentialExecutor, TrainJob
 from asyncfl.sim.kernels import Kernel, NotVectorisable, activation_floats, build_kernel
+from asyncfl.sim.unfused import unfused
 
 
 def _storage_users(t: torch.Tensor) -> int:
@@ -62,7 +63,11 @@ class BatchedExecutor(Executor):
             self.flat_index = np.concatenate(data.client_indices)
             self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
         self._act = activation_floats(trainer.model.module, sample_x)
-        self._fwd_eval = vmap(lambda w, x: trainer.model.forward(w, x), in_dims=(0, None))
+        self._fwd_eval = vmap(self._forward_unfused, in_dims=(0, None))
+
+    def _forward_unfused(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        with unfused(self.trainer.model.module):
+            return self.trainer.model.forward(w, x)
 
     # pool bookkeeping
     def _take(self, job_id: int) -> tuple[TrainJob, ClientUpdate]:
@@ -349,7 +354,8 @@ class BatchedExecutor(Executor):
         out = []
         per = max(1, (64 * 2**20) // (4 * len(y) * max(self._act, 1)))  # snapshots per pass
         for s in range(0, len(ws), per):
-            logits = self._fwd_eval(torch.stack(ws[s : s + per]), x)  # [K, N, C]
+            with self.trainer.model.evaluating():
+                logits = self._fwd_eval(torch.stack(ws[s : s + per]), x)  # [K, N, C]
             k, n, c = logits.shape
             ce = nn.functional.cross_entropy(logits.reshape(-1, c), y.repeat(k), reduction="none").view(k, n)
             correct = (logits.argmax(2) == y).sum(1).tolist()
@@ -374,6 +380,6 @@ def make_executor(
     try:
         return BatchedExecutor(trainer, data, memory_mb)
     except NotVectorisable as why:
-        msg = f"batched executor unavailable for {type(trainer.model.module).__name__} ({why}); using sequential"
+        msg = f"batched executor unavailable for {trainer.model.name} ({why}); using sequential"
         (notify or (lambda m: print(m, file=sys.stderr)))(msg)
         return SequentialExecutor(trainer, data)

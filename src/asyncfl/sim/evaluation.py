@@ -8,7 +8,8 @@ import time
 import torch
 
 from asyncfl.sim.executor import Executor
-from asyncfl.sim.metrics import Metrics
+from asyncfl.sim.metrics import Metrics, Target
+from asyncfl.sim.scores import Scores
 
 
 class Evaluations:
@@ -22,12 +23,15 @@ class Evaluations:
         executor: Executor,
         x_test: torch.Tensor,
         y_test: torch.Tensor,
-        target: float,
+        target: float | Target,
         at_once: bool,
         batch: int = 32,
+        scores: Scores | None = None,
     ):
+        """`scores`: metrics beyond accuracy and loss (`eval.metrics`), added to every row."""
         self.metrics, self.executor, self.x_test, self.y_test = metrics, executor, x_test, y_test
-        self.target, self.at_once, self.batch = target, at_once, batch
+        self.target, self.at_once, self.batch = Target.of(target), at_once, batch
+        self.scores = scores
         self.queue: list[tuple[dict, torch.Tensor]] = []
         self.reached_target = False
         self.last_version = 0
@@ -49,9 +53,11 @@ class Evaluations:
             return
         t0 = time.perf_counter()
         scores = self.executor.evaluate_many([w for _, w in self.queue], self.x_test, self.y_test)
-        for (row, _), (acc, loss) in zip(self.queue, scores):
+        for (row, w), (acc, loss) in zip(self.queue, scores):
             row["test_accuracy"], row["test_loss"] = acc, loss
-            if acc >= self.target:
+            if self.scores is not None:
+                self.scores.add(row, w, self.x_test, self.y_test)
+            if self.target.reached(row):
                 self.reached_target = True
         self.queue.clear()
         self.seconds += time.perf_counter() - t0

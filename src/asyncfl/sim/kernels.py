@@ -14,6 +14,7 @@ from torch.func import functional_call, vmap
 from asyncfl.algorithms.trainer import LocalTrainer
 from asyncfl.models.flat import FlatModel
 from asyncfl.models.zoo import MLP, LogisticRegression
+from asyncfl.sim.unfused import unfused
 
 
 class NotVectorisable(Exception):
@@ -48,7 +49,8 @@ class FuncKernel(Kernel):
         names = model.names
 
         def fwd(params, x):
-            return functional_call(model.module, dict(zip(names, params)), (x,))
+            with unfused(model.module):
+                return functional_call(model.module, dict(zip(names, params)), (x,))
 
         self.fwd = vmap(fwd)
 
@@ -178,6 +180,21 @@ def activation_floats(module: nn.Module, sample_x: torch.Tensor) -> int:
     return max(total, 1)
 
 
+def _refuse_layers(module: nn.Module) -> None:
+    """Layers a vmapped pass cannot train as the sequential executor does, named with the reason."""
+    for name, m in module.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            raise NotVectorisable(
+                f"{name} ({type(m).__name__}) normalises over the batch, and the batched executor's "
+                "loss and evaluation forwards batch several clients' examples together"
+            )
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            raise NotVectorisable(
+                f"{name} ({type(m).__name__}) draws random masks, which vmap cannot draw as the "
+                "sequential executor does (per job, from the job's seed)"
+            )
+
+
 def build_kernel(trainer: LocalTrainer, sample_x: torch.Tensor) -> Kernel:
     """Pick a kernel and prove it on a tiny probe against the sequential trainer; raises
     NotVectorisable with the reason when the model cannot be batched faithfully."""
@@ -185,6 +202,7 @@ def build_kernel(trainer: LocalTrainer, sample_x: torch.Tensor) -> Kernel:
     buffers = [n for n, _ in model.module.named_buffers()]
     if buffers:
         raise NotVectorisable(f"model has buffers ({', '.join(buffers[:3])}), e.g. running statistics")
+    _refuse_layers(model.module)
     ops = _chain_ops(model.module)
     if ops:
         kernel: Kernel = ChainKernel(model, ops)

@@ -2,23 +2,56 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from asyncfl.config import Dist, PopulationConfig
+from asyncfl.data.streams import chunked
+from asyncfl.sim.profiles import on_demand_profiles
+
+
+def _draw(dist: Dist, k: int, rng: np.random.Generator) -> np.ndarray:
+    if dist.kind == "lognormal":
+        return dist.scale * np.exp(dist.sigma * rng.standard_normal(k))
+    if dist.kind == "halfnormal":
+        return np.abs(dist.scale * rng.standard_normal(k))
+    if dist.kind == "exponential":
+        return rng.exponential(dist.scale, k)
+    if dist.kind == "pareto":  # scale is the median: x_m = scale / 2^(1/shape)
+        return dist.scale * 2.0 ** (-1.0 / dist.shape) * (1.0 + rng.pareto(dist.shape, k))
+    return np.full(k, dist.scale)
 
 
 def sample(dist: Dist, n: int, rng: np.random.Generator) -> np.ndarray:
-    if dist.kind == "lognormal":
-        v = dist.scale * np.exp(dist.sigma * rng.standard_normal(n))
-    elif dist.kind == "halfnormal":
-        v = np.abs(dist.scale * rng.standard_normal(n))
-    elif dist.kind == "exponential":
-        v = rng.exponential(dist.scale, n)
-    elif dist.kind == "pareto":  # scale is the median: x_m = scale / 2^(1/shape)
-        v = dist.scale * 2.0 ** (-1.0 / dist.shape) * (1.0 + rng.pareto(dist.shape, n))
-    else:
-        v = np.full(n, dist.scale)
-    return np.maximum(v, dist.minimum).astype(np.float32)
+    return chunked(n, lambda k: np.maximum(_draw(dist, k, rng), dist.minimum))
+
+
+_PROFILES: dict[str, tuple] = {}  # the last population drawn in this process, by config and seed
+
+
+def _shared_profiles(cfg: PopulationConfig, seed: np.random.SeedSequence) -> tuple:
+    """(compute_per_example, download_bandwidth, upload_bandwidth, phase, malicious), read-only,
+    drawn once per process for the last (config, seed) asked for."""
+    key = json.dumps([cfg.model_dump(mode="json"), str(seed.entropy), list(seed.spawn_key)])
+    if key not in _PROFILES:
+        _PROFILES.clear()  # one population at a time: at 10^8 devices each holds gigabytes
+        _PROFILES[key] = _draw_profiles(cfg, seed)
+    return _PROFILES[key]
+
+
+def _draw_profiles(cfg: PopulationConfig, seed: np.random.SeedSequence) -> tuple:
+    rng = np.random.default_rng(seed)
+    n = cfg.devices
+    arrays = [sample(cfg.compute_per_example, n, rng), sample(cfg.download_bandwidth, n, rng)]
+    arrays.append(sample(cfg.upload_bandwidth, n, rng))
+    arrays.append(chunked(n, rng.random) if cfg.availability.on_fraction < 1 else None)
+    a = cfg.attack  # drawn last, so a run without attackers keeps every other draw
+    arrays.append(chunked(n, lambda k: rng.random(k) < a.fraction, bool) if a.fraction else None)
+    for array in arrays:
+        if array is not None:
+            array.flags.writeable = False
+    return tuple(arrays)
 
 
 def trip_timing(
@@ -37,19 +70,30 @@ def trip_timing(
 
 
 class Population:
-    def __init__(self, cfg: PopulationConfig, rng: np.random.Generator):
+    """Every device's profile (speeds, bandwidths, availability phase, whether it attacks) as
+    arrays, and which devices are busy now.
+
+    The profile arrays are drawn from `seed` (a SeedSequence) and read-only: runs of one process
+    with the same population config and seed (a study's grid, a robustness matrix's defences)
+    share one draw (`_shared_profiles`); only the busy flags are the run's own. With
+    `profiles: on_demand` (by default above 10^7 devices) they are readers that compute a
+    device's values when asked (`asyncfl.sim.profiles`), and a population costs its busy flags.
+    """
+
+    def __init__(self, cfg: PopulationConfig, seed: np.random.SeedSequence, shared: bool = True):
+        """`shared=False`: a draw of this population alone, which leaves the process's shared
+        draw in place (a study's round-timeout sample between its runs)."""
         n = cfg.devices
         self.size = n
-        self.compute_per_example = sample(cfg.compute_per_example, n, rng)  # seconds
-        self.download_bandwidth = sample(cfg.download_bandwidth, n, rng)  # bytes / s
-        self.upload_bandwidth = sample(cfg.upload_bandwidth, n, rng)
+        if cfg.on_demand():
+            profiles = on_demand_profiles(cfg, seed)
+        else:
+            profiles = _shared_profiles(cfg, seed) if shared else _draw_profiles(cfg, seed)
+        self.compute_per_example, self.download_bandwidth, self.upload_bandwidth, self.phase, self.malicious = profiles
         self.period = cfg.availability.period
         self.on_fraction = cfg.availability.on_fraction
-        self.phase = rng.random(n).astype(np.float32) if self.on_fraction < 1 else None
         self.busy = np.zeros(n, dtype=bool)
-        a = cfg.attack  # drawn last, so a run without attackers keeps every other draw
-        self.malicious = rng.random(n) < a.fraction if a.fraction else None
-        self.attack = a.attack()  # what the malicious devices do; None without attackers
+        self.attack = cfg.attack.attack()  # what the malicious devices do; None without attackers
         self._stream: list[int] = []  # pre-drawn uniform device ids for small picks
 
     def trip_durations(

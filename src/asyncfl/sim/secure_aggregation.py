@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from asyncfl.config.secure_aggregation import SecureAggregationConfig
+from asyncfl.config.secure_aggregation import SecureAggregationConfig, neighbours, sync_threshold
 from asyncfl.secagg import FixedPointCodec, Ring, make_params, mask_for_tsa, run_round
 from asyncfl.secagg.crypto import KeyPair
 from asyncfl.secagg.messages import TsaContribution, TsaRequest, TsaResponse, wire_bytes
@@ -48,20 +48,6 @@ class SecureCost:
     client_seconds: float
     threshold: int | None = None
     tsa_step_bytes: int = 0
-
-
-def neighbours(s: SecureAggregationConfig, clients: int) -> int:
-    """k: all other clients for secagg; secagg_plus's configured (even) k, by default
-    2 ceil(log2 n) (all pairs when that is not below n - 1)."""
-    if s.protocol == "secagg":
-        return clients - 1
-    k = s.neighbours if s.neighbours is not None else 2 * math.ceil(math.log2(clients))
-    return k if k < clients - 1 else clients - 1
-
-
-def sync_threshold(s: SecureAggregationConfig, clients: int) -> int:
-    """t: the threshold fraction of a neighbourhood (k + 1 clients; all n for secagg)."""
-    return max(1, math.ceil(s.threshold * (neighbours(s, clients) + 1) - 1e-9))
 
 
 def sync_cost(s: SecureAggregationConfig, clients: int, length: int) -> SecureCost:

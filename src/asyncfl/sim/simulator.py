@@ -31,8 +31,9 @@ from asyncfl.scheduling import WAKE, AsyncPolicy, SyncPolicy
 from asyncfl.sim.evaluation import Evaluations
 from asyncfl.sim.events import EventQueue
 from asyncfl.sim.executor import Executor, TrainJob
-from asyncfl.sim.metrics import Metrics
+from asyncfl.sim.metrics import Metrics, Target
 from asyncfl.sim.population import Population, trip_timing
+from asyncfl.sim.scores import Scores
 from asyncfl.sim.secure_aggregation import SecureAggregation
 
 FINISH, DROP, TIMER, EVAL, END = range(5)
@@ -92,10 +93,10 @@ class Simulation:
         self.model, self.data, self.trainer = model, data, trainer
         self.executor, self.aggregator, self.policy = parts.executor, parts.aggregator, parts.policy
         self.norm_guard = parts.norm_guard
-        self.eval_cfg, self.stop, self.target = cfg.eval, cfg.stop, cfg.target_accuracy
+        self.eval_cfg, self.stop, self.target = cfg.eval, cfg.stop, Target.of_config(cfg)
         self.seed = seed
         profile_ss, select_ss, drop_ss = np.random.SeedSequence(seed).spawn(3)
-        self.population = Population(population, np.random.default_rng(profile_ss))
+        self.population = Population(population, profile_ss)
         self.select_rng = np.random.default_rng(select_ss)
         self.drop_rng = np.random.default_rng(drop_ss)
         self.dropout = population.dropout
@@ -134,7 +135,13 @@ class Simulation:
         self.progress = progress
         self._draw_base, self._seeds, self._drops = 0, [], []
         self.evaluations = Evaluations(
-            self.metrics, self.executor, data.x_test, data.y_test, self.target, at_once=self.stop.at_target
+            self.metrics,
+            self.executor,
+            data.x_test,
+            data.y_test,
+            self.target,
+            at_once=self.stop.at_target,
+            scores=Scores(cfg.eval.metrics, model) if cfg.eval.metrics else None,
         )
         # optional observer of trips, called as trace(event, trip) with event "start", "report"
         # (before the policy sees it; partial reports included), "drop" or "cancel": what another

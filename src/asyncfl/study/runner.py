@@ -102,10 +102,10 @@ def _runs_threads(cfg: ExperimentConfig, threads: int | str) -> dict:
     (measured on the first method's run when "auto")."""
     if cfg.study.workers > 1:
         return {"mode": "fixed", "threads": 1}
-    from asyncfl.build import build_data
     from asyncfl.experiment import choose_threads
+    from asyncfl.study.shared import shared_data
 
-    return choose_threads(cfg, cfg.run(cfg.study.methods[0].name), build_data(cfg), threads).summary()
+    return choose_threads(cfg, cfg.run(cfg.study.methods[0].name), shared_data(cfg), threads).summary()
 
 
 def _as_seed_run(g: Group) -> dict:

@@ -8,16 +8,16 @@ import copy
 
 from asyncfl import config
 from asyncfl.study.planning import PlannedRun
+from asyncfl.study.shared import shared_data
 
 
 def execute(tree: dict) -> dict:
     """Run one single-run experiment; returns its summary entry, evaluation rows and staleness."""
-    from asyncfl.build import build_data
     from asyncfl.experiment import run_entry, run_one
 
     cfg = config.validate(tree)
     spec = cfg.runs[0]
-    m = run_one(cfg, spec, build_data(cfg))
+    m = run_one(cfg, spec, shared_data(cfg))
     entry = run_entry(cfg, spec, m)
     entry["reached_target"] = entry["time_to_target"] is not None
     # server steps per virtual hour, over the run (which stops at the target when stop.at_target)
