@@ -9,6 +9,7 @@ import numpy as np
 from asyncfl.config import Dist, PopulationConfig
 from asyncfl.data.streams import chunked
 from asyncfl.sim.profiles import on_demand_profiles
+from asyncfl.sim.trace_devices import traced_profiles
 
 
 def _draw(dist: Dist, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -78,6 +79,8 @@ class Population:
     share one draw (`_shared_profiles`); only the busy flags are the run's own. With
     `profiles: on_demand` (by default above 10^7 devices) they are readers that compute a
     device's values when asked (`asyncfl.sim.profiles`), and a population costs its busy flags.
+    With `traces`, measured capacities replace the drawn ones and measured online intervals
+    the diurnal model (`asyncfl.sim.trace_devices`).
     """
 
     def __init__(self, cfg: PopulationConfig, seed: np.random.SeedSequence, shared: bool = True):
@@ -89,6 +92,9 @@ class Population:
             profiles = on_demand_profiles(cfg, seed)
         else:
             profiles = _shared_profiles(cfg, seed) if shared else _draw_profiles(cfg, seed)
+        self.traced = None  # TracedAvailability: devices online by their trace rows' intervals
+        if cfg.traces is not None:
+            profiles, self.traced = traced_profiles(cfg.traces, n, seed, profiles, cfg.on_demand())
         self.compute_per_example, self.download_bandwidth, self.upload_bandwidth, self.phase, self.malicious = profiles
         self.period = cfg.availability.period
         self.on_fraction = cfg.availability.on_fraction
@@ -112,6 +118,8 @@ class Population:
         )[2]
 
     def available(self, ids: np.ndarray, t: float) -> np.ndarray:
+        if self.traced is not None:
+            return self.traced.active(ids, t)
         if self.phase is None:
             return np.ones(len(ids), dtype=bool)
         return (t / self.period + self.phase[ids]) % 1.0 < self.on_fraction
@@ -120,7 +128,7 @@ class Population:
         """Walk a pre-drawn stream of uniform ids, skipping ineligible ones: an async report asks
         for one device, and a vectorised draw per report would dominate the loop at 10^4 in flight."""
         out: list[int] = []
-        busy, stream = self.busy, self._stream
+        busy, stream, traced = self.busy, self._stream, self.traced
         for _ in range(16 * k):
             if not stream:
                 stream = self._stream = rng.integers(0, self.size, 4096).tolist()[::-1]
@@ -128,6 +136,8 @@ class Population:
             if busy[d] or d in out:
                 continue
             if self.phase is not None and (t / self.period + self.phase[d]) % 1.0 >= self.on_fraction:
+                continue
+            if traced is not None and not traced.active_one(d, t):
                 continue
             out.append(d)
             if len(out) == k:
@@ -148,7 +158,7 @@ class Population:
         for _ in range(4):  # rejection sampling: cheap when most devices are free
             cand = np.unique(rng.integers(0, self.size, size=2 * (k - len(chosen)) + 8))
             ok = ~self.busy[cand]
-            if self.phase is not None:
+            if self.phase is not None or self.traced is not None:
                 ok &= self.available(cand, t)
             cand = cand[ok]
             if len(chosen):  # the fast path may have found some
