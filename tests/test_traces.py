@@ -5,6 +5,7 @@ bad trace files are refused naming the problem."""
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import numpy as np
@@ -204,3 +205,7 @@ def test_traces_preset_quick_runs_both_methods(tmp_path):
     assert set(runs) == {"fedavg", "fedbuff"}
     for r in runs.values():
         assert r["final_accuracy"] > 0.85, r["name"]
+    # memory: each run's process peak as it ended, the experiment's at the end (one process here)
+    peaks = [runs["fedavg"]["peak_rss_mb"], runs["fedbuff"]["peak_rss_mb"], summary["peak_rss_mb"]["main"]]
+    assert 50 < peaks[0] <= peaks[1] <= peaks[2] < 4096
+    assert json.loads((tmp_path / "summary.json").read_text())["peak_rss_mb"] == summary["peak_rss_mb"]
