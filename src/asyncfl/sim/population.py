@@ -28,6 +28,9 @@ def sample(dist: Dist, n: int, rng: np.random.Generator) -> np.ndarray:
     return chunked(n, lambda k: np.maximum(_draw(dist, k, rng), dist.minimum))
 
 
+TRACED_ROUNDS, MAX_DRAWS = 12, 1 << 22  # traced pick(): rounds of rejection sampling, most ids a round draws
+EXHAUSTIVE_UP_TO = 1_000_000  # above, a traced pick() does not scan every free device for the last few
+
 _PROFILES: dict[str, tuple] = {}  # the last population drawn in this process, by config and seed
 
 
@@ -155,8 +158,14 @@ class Population:
             chosen = np.array(few, dtype=np.int64)
         else:
             chosen = np.empty(0, dtype=np.int64)
-        for _ in range(4):  # rejection sampling: cheap when most devices are free
-            cand = np.unique(rng.integers(0, self.size, size=2 * (k - len(chosen)) + 8))
+        # rejection sampling: cheap when most devices are free. A trace can leave few devices
+        # online at once, and a large population is too large to scan for them: there, it goes
+        # on with 4x more candidates each round
+        sparse = self.traced is not None and self.size > EXHAUSTIVE_UP_TO
+        for r in range(TRACED_ROUNDS if sparse else 4):
+            draws = 2 * (k - len(chosen)) + 8
+            draws = draws if r < 4 else min(draws << 2 * (r - 3), MAX_DRAWS)
+            cand = np.unique(rng.integers(0, self.size, size=draws))
             ok = ~self.busy[cand]
             if self.phase is not None or self.traced is not None:
                 ok &= self.available(cand, t)
@@ -168,6 +177,8 @@ class Population:
                 chosen = rng.permutation(cand)[:k]
             if len(chosen) == k:
                 return chosen.tolist()
+        if sparse:
+            return chosen.tolist()  # ~10^6 uniform candidates found too few: hardly any is online
         free = np.flatnonzero(~self.busy)
         free = free[self.available(free, t)]
         free = np.setdiff1d(free, chosen, assume_unique=True)
