@@ -215,3 +215,19 @@ def test_traces_preset_quick_runs_both_methods(tmp_path):
     peaks = [runs["fedavg"]["peak_rss_mb"], runs["fedbuff"]["peak_rss_mb"], summary["peak_rss_mb"]["main"]]
     assert 50 < peaks[0] <= peaks[1] <= peaks[2] < 4096
     assert json.loads((tmp_path / "summary.json").read_text())["peak_rss_mb"] == summary["peak_rss_mb"]
+
+
+def test_the_round_timeout_sample_follows_the_traced_capacity(tmp_path):
+    from asyncfl.study.timeouts import trip_durations
+
+    def durations(compute):
+        (tmp_path / "one.csv").write_text(CAPACITY.splitlines()[0] + f"\nx,{compute},1.0e+6,2.5e+5\n")
+        tree = config.preset_dict("quickstart")
+        tree["population"]["traces"] = {"capacity": str(tmp_path / "one.csv")}
+        return trip_durations(config.validate(tree))
+
+    slow, fast = durations(0.5), durations(0.05)
+    assert len(slow) == 100 and np.all(np.isfinite(slow))
+    # one trace row: every device has its speeds, so durations differ only by the work per client
+    work = (slow - fast) / (0.5 - 0.05)  # examples trained per trip
+    assert np.allclose(work, np.round(work), atol=1e-3) and work.min() >= 1

@@ -223,9 +223,12 @@ def _existing(path: str) -> Path:
     return p
 
 
-def _stamp(path: str) -> float | None:
-    """The file's modification time, so that a rewritten file is read again."""
-    return None if path.startswith(BUILTIN) else _existing(path).stat().st_mtime_ns
+def _stamp(path: str) -> tuple | None:
+    """The file's modification time and size, so that a rewritten file is read again."""
+    if path.startswith(BUILTIN):
+        return None
+    st = _existing(path).stat()
+    return st.st_mtime_ns, st.st_size
 
 
 def load_capacity(path: str, fmt: str, compute_scale: float = 1.0) -> CapacityTrace:
