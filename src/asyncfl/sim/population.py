@@ -28,7 +28,7 @@ def sample(dist: Dist, n: int, rng: np.random.Generator) -> np.ndarray:
     return chunked(n, lambda k: np.maximum(_draw(dist, k, rng), dist.minimum))
 
 
-TRACED_ROUNDS, MAX_DRAWS = 12, 1 << 22  # traced pick(): rounds of rejection sampling, most ids a round draws
+TRACED_ROUNDS, MAX_DRAWS = 12, 1 << 20  # traced pick(): rounds of rejection sampling, most ids a round draws
 EXHAUSTIVE_UP_TO = 1_000_000  # above, a traced pick() does not scan every free device for the last few
 
 _PROFILES: dict[str, tuple] = {}  # the last population drawn in this process, by config and seed
