@@ -32,6 +32,7 @@ from asyncfl.build import (  # noqa: F401
 from asyncfl.config import ExperimentConfig, RunSpec
 from asyncfl.data.federated import FederatedDataset
 from asyncfl.data.imbalance import data_summary
+from asyncfl.memory import peak_rss_mb, process_peak_rss_mb
 from asyncfl.report.clients import client_accuracies, spread
 from asyncfl.report.plots import write_plots
 from asyncfl.report.table import summary_table
@@ -109,6 +110,7 @@ def run_entry(cfg: ExperimentConfig, spec: RunSpec, m: Metrics) -> dict:
         "seed": cfg.seed,
         **m.summary(Target.of_config(cfg)),
         "staleness_histogram": m.staleness_histogram(),
+        "peak_rss_mb": process_peak_rss_mb(),  # of the process that ran it, by the run's end
     }
 
 
@@ -146,6 +148,7 @@ def execute(
     data = data if user_data else build_data(cfg)
     threads_used = choose_threads(cfg, specs[0], data, threads, module)
     results: dict[str, Metrics] = {}
+    entries: list[dict] = []
     progress = Progress(
         TextColumn("{task.description:>12}"),
         BarColumn(),
@@ -164,6 +167,7 @@ def execute(
             m = run_one(cfg, spec, data, progress=tick, module=module)
             progress.update(task, completed=cfg.stop.max_time, acc=f"acc {m.rows[-1]['test_accuracy']:.3f}")
             results[spec.name] = m
+            entries.append(run_entry(cfg, spec, m))  # now: its peak_rss_mb is the process's as this run ends
             run_dir = out / spec.name
             run_dir.mkdir(exist_ok=True)
             m.write_csv(run_dir / "metrics.csv")
@@ -178,12 +182,13 @@ def execute(
         "seed": cfg.seed,
         "torch_threads": torch.get_num_threads(),  # wall times depend on it, and the last bits of floats
         "threads": threads_used.summary(),  # how it was chosen: asked for, or measured (probe seconds)
-        "runs": [run_entry(cfg, spec, results[spec.name]) for spec in specs],
+        "runs": entries,
         # examples per client: the imbalance every run above trained on
         "data": data_summary(
             _data_origin(data) if user_data or cfg.data.loader else cfg.data, data.client_sizes(), out
         ),
     }
+    summary["peak_rss_mb"] = peak_rss_mb()  # this process's and its largest child's, MB
     if module is not None:
         summary["model"] = type(module).__name__
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -16,7 +16,7 @@ import importlib
 from asyncfl.config.base import ConfigError, Strict
 from asyncfl.config.data import USER_DATASETS, DataConfig, PartitionConfig, ShakespeareConfig, SyntheticConfig
 from asyncfl.config.model import ModelConfig
-from asyncfl.config.population import AttackConfig, Availability, Dist, PopulationConfig
+from asyncfl.config.population import AttackConfig, Availability, Dist, PopulationConfig, TraceConfig
 from asyncfl.config.privacy import AdaptiveClipConfig, PrivacyConfig
 from asyncfl.config.robustness import MatrixAttack, MatrixDefence, RobustnessConfig
 from asyncfl.config.scheduler import SchedulerConfig
@@ -85,6 +85,7 @@ __all__ = [
     "StudyRatio",
     "SyntheticConfig",
     "TargetConfig",
+    "TraceConfig",
     "TrainerConfig",
     "USER_DATASETS",
     "apply_override",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from asyncfl.attacks import Attack, AttackKind
 from asyncfl.config.base import Strict
@@ -50,6 +50,43 @@ class AttackConfig(Strict):
         return Attack(self.kind, self.factor, self.noise_std, self.seed)
 
 
+class TraceConfig(Strict):
+    """Measured device behaviour from local trace files (`asyncfl.sim.traces` gives the formats):
+    `capacity` replaces the drawn compute speeds and bandwidths, `availability` the diurnal model.
+    Device i takes trace row i of a seeded permutation when the population is no larger than the
+    trace (a random subset), else the row floor(u x rows) for u a uniform hashed from (seed, i)
+    (a draw with replacement that costs nothing per device)."""
+
+    format: Literal["csv", "fedscale"] = Field(
+        default="csv", description="csv: our columns; fedscale: FedScale's pickled capacity and behaviour dicts"
+    )
+    capacity: str | None = Field(default=None, description="path of the capacity trace (or builtin:NAME/capacity.csv)")
+    availability: str | None = Field(
+        default=None, description="path of the availability trace (or builtin:NAME/availability.csv)"
+    )
+    period: float | None = Field(
+        default=None, gt=0, description="csv availability: seconds after which intervals repeat (default: latest end)"
+    )
+    compute_scale: float = Field(
+        default=1.0, gt=0, description="multiplies the trace's compute time per example (another model's cost)"
+    )
+
+    @model_validator(mode="after")
+    def _readable(self) -> TraceConfig:
+        """Read the files now (once per process: cached), so a bad trace fails before any run."""
+        from asyncfl.sim.traces import load_availability, load_capacity
+
+        if self.capacity is None and self.availability is None:
+            raise ValueError("traces: give capacity, availability or both")
+        if self.format == "fedscale" and self.period is not None:
+            raise ValueError("traces.period: fedscale traces carry their own period (finish_time)")
+        if self.capacity is not None:
+            load_capacity(self.capacity, self.format, self.compute_scale)
+        if self.availability is not None:
+            load_availability(self.availability, self.format, self.period)
+        return self
+
+
 class PopulationConfig(Strict):
     devices: int = Field(default=100, gt=0)
     compute_per_example: Dist = Dist(kind="lognormal", scale=0.05, sigma=1.0)
@@ -64,6 +101,10 @@ class PopulationConfig(Strict):
         description="arrays: every device's profile drawn up front; on_demand: a device's profile computed from "
         "(seed, device id) when it is picked, so the population costs nothing until it trains; auto: on_demand "
         "above 10^7 devices",
+    )
+
+    traces: TraceConfig | None = Field(
+        default=None, description="measured capacity and availability traces replacing the drawn profiles"
     )
 
     def on_demand(self) -> bool:

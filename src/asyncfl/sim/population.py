@@ -9,6 +9,7 @@ import numpy as np
 from asyncfl.config import Dist, PopulationConfig
 from asyncfl.data.streams import chunked
 from asyncfl.sim.profiles import on_demand_profiles
+from asyncfl.sim.trace_devices import traced_profiles
 
 
 def _draw(dist: Dist, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -26,6 +27,9 @@ def _draw(dist: Dist, k: int, rng: np.random.Generator) -> np.ndarray:
 def sample(dist: Dist, n: int, rng: np.random.Generator) -> np.ndarray:
     return chunked(n, lambda k: np.maximum(_draw(dist, k, rng), dist.minimum))
 
+
+TRACED_ROUNDS, MAX_DRAWS = 12, 1 << 20  # traced pick(): rounds of rejection sampling, most ids a round draws
+EXHAUSTIVE_UP_TO = 1_000_000  # above, a traced pick() does not scan every free device for the last few
 
 _PROFILES: dict[str, tuple] = {}  # the last population drawn in this process, by config and seed
 
@@ -78,6 +82,8 @@ class Population:
     share one draw (`_shared_profiles`); only the busy flags are the run's own. With
     `profiles: on_demand` (by default above 10^7 devices) they are readers that compute a
     device's values when asked (`asyncfl.sim.profiles`), and a population costs its busy flags.
+    With `traces`, measured capacities replace the drawn ones and measured online intervals
+    the diurnal model (`asyncfl.sim.trace_devices`).
     """
 
     def __init__(self, cfg: PopulationConfig, seed: np.random.SeedSequence, shared: bool = True):
@@ -89,6 +95,9 @@ class Population:
             profiles = on_demand_profiles(cfg, seed)
         else:
             profiles = _shared_profiles(cfg, seed) if shared else _draw_profiles(cfg, seed)
+        self.traced = None  # TracedAvailability: devices online by their trace rows' intervals
+        if cfg.traces is not None:
+            profiles, self.traced = traced_profiles(cfg.traces, n, seed, profiles, cfg.on_demand())
         self.compute_per_example, self.download_bandwidth, self.upload_bandwidth, self.phase, self.malicious = profiles
         self.period = cfg.availability.period
         self.on_fraction = cfg.availability.on_fraction
@@ -112,6 +121,8 @@ class Population:
         )[2]
 
     def available(self, ids: np.ndarray, t: float) -> np.ndarray:
+        if self.traced is not None:
+            return self.traced.active(ids, t)
         if self.phase is None:
             return np.ones(len(ids), dtype=bool)
         return (t / self.period + self.phase[ids]) % 1.0 < self.on_fraction
@@ -120,7 +131,7 @@ class Population:
         """Walk a pre-drawn stream of uniform ids, skipping ineligible ones: an async report asks
         for one device, and a vectorised draw per report would dominate the loop at 10^4 in flight."""
         out: list[int] = []
-        busy, stream = self.busy, self._stream
+        busy, stream, traced = self.busy, self._stream, self.traced
         for _ in range(16 * k):
             if not stream:
                 stream = self._stream = rng.integers(0, self.size, 4096).tolist()[::-1]
@@ -128,6 +139,8 @@ class Population:
             if busy[d] or d in out:
                 continue
             if self.phase is not None and (t / self.period + self.phase[d]) % 1.0 >= self.on_fraction:
+                continue
+            if traced is not None and not traced.active_one(d, t):
                 continue
             out.append(d)
             if len(out) == k:
@@ -145,10 +158,16 @@ class Population:
             chosen = np.array(few, dtype=np.int64)
         else:
             chosen = np.empty(0, dtype=np.int64)
-        for _ in range(4):  # rejection sampling: cheap when most devices are free
-            cand = np.unique(rng.integers(0, self.size, size=2 * (k - len(chosen)) + 8))
+        # rejection sampling: cheap when most devices are free. A trace can leave few devices
+        # online at once, and a large population is too large to scan for them: there, it goes
+        # on with 4x more candidates each round
+        sparse = self.traced is not None and self.size > EXHAUSTIVE_UP_TO
+        for r in range(TRACED_ROUNDS if sparse else 4):
+            draws = 2 * (k - len(chosen)) + 8
+            draws = draws if r < 4 else min(draws << 2 * (r - 3), MAX_DRAWS)
+            cand = np.unique(rng.integers(0, self.size, size=draws))
             ok = ~self.busy[cand]
-            if self.phase is not None:
+            if self.phase is not None or self.traced is not None:
                 ok &= self.available(cand, t)
             cand = cand[ok]
             if len(chosen):  # the fast path may have found some
@@ -158,6 +177,8 @@ class Population:
                 chosen = rng.permutation(cand)[:k]
             if len(chosen) == k:
                 return chosen.tolist()
+        if sparse:
+            return chosen.tolist()  # ~10^6 uniform candidates found too few: hardly any is online
         free = np.flatnonzero(~self.busy)
         free = free[self.available(free, t)]
         free = np.setdiff1d(free, chosen, assume_unique=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import resource
 import time
 from concurrent.futures import FIRST_COMPLETED, wait
 from pathlib import Path
@@ -14,6 +13,7 @@ import yaml
 from rich.console import Console
 
 from asyncfl.config import ExperimentConfig, StudyConfig
+from asyncfl.memory import peak_rss_mb
 from asyncfl.report import study as report
 from asyncfl.sim.metrics import write_rows
 from asyncfl.study.planning import Group, plan, seed_run
@@ -127,13 +127,6 @@ def _as_seed_run(g: Group) -> dict:
     )
     r["config"]["runs"][0]["name"] = e["name"]
     return r
-
-
-def peak_rss_mb() -> dict:
-    """Peak resident set size of this process and of the largest finished child (MB)."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return {"main": round(own, 1), "largest_worker": round(child, 1) if child else None}
 
 
 def write_run(result: dict, run_dir: Path) -> None:
