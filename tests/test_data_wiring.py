@@ -2,6 +2,7 @@
 data generated per device, token inputs, and the batched executor on each."""
 
 import numpy as np
+import pytest
 import torch
 from test_data_loaders import femnist_user, write_leaf
 
@@ -83,3 +84,16 @@ def test_client_test_fraction_holds_out_examples_per_client(small):
     data = build_data(cfg)
     for train, test in zip(data.client_indices, data.client_test_indices):
         assert len(test) >= 1 and not set(train) & set(test)
+
+
+def test_more_clients_than_examples_is_a_config_error_naming_the_setting():
+    """One client per device of a large population on a small dataset would build millions of
+    empty clients (at 10^8 devices, more than the machine's memory): refused with the fix."""
+    from asyncfl import config
+    from asyncfl.build import build_data
+
+    cfg = config.load(preset="quickstart", overrides=["population.devices=100000000"])
+    with pytest.raises(config.ConfigError, match=r"population.devices .*100,000,000 clients for 1,437"):
+        build_data(cfg)
+    cfg = config.load(preset="quickstart", overrides=["population.devices=100000000", "data.num_clients=100"])
+    assert build_data(cfg).num_clients == 100

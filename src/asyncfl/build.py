@@ -104,6 +104,12 @@ def build_data(cfg: ExperimentConfig) -> FederatedDataset | SyntheticFederated:
         train = np.concatenate(pool.client_indices)  # re-partition the users' pooled training examples
         pool = (pool.x[train], pool.y[train], pool.x_test, pool.y_test, pool.num_classes)
     x, y, x_test, y_test, classes = pool
+    if num_clients > len(y):  # every client would not even get one example; at 10^8, gigabytes of empty clients
+        source = "data.num_clients" if d.num_clients else "population.devices (data.num_clients unset)"
+        raise ConfigError(
+            f"{source}: {num_clients:,} clients for {len(y):,} training examples of {d.dataset}; set data.num_clients "
+            "to at most the examples (devices then share clients' data)"
+        )
     try:
         parts = partition(
             p.kind,
