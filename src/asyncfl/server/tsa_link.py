@@ -23,15 +23,17 @@ from __future__ import annotations
 
 import logging
 import threading
+from urllib.parse import unquote
 
 import httpx
 
 from asyncfl.secagg.crypto import to_base64
-from asyncfl.secagg.messages import MaskedUpload, TsaRequest, TsaResponse, from_json, to_json
+from asyncfl.secagg.messages import MaskedUpload, TsaRequest, TsaResponse, to_json
 from asyncfl.server.durability import GroupCommit
 from asyncfl.server.errors import ApiError
 from asyncfl.server.shared import Shared
 from asyncfl.server.tsa_buffer import MaskedFedBuff
+from asyncfl.tsa.app import BINARY
 
 log = logging.getLogger("asyncfl.server")
 POLL, FIRST_RETRY, LONGEST_RETRY, REFUSED_WAIT = 0.02, 0.2, 5.0, 5.0
@@ -53,10 +55,10 @@ class TsaLink:
     def __init__(self, url: str, token: str, timeout: float = 60.0):
         self.http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
 
-    def _post(self, path: str, body: dict) -> httpx.Response:
+    def _post(self, path: str, body: dict, **kw) -> httpx.Response:
         """The TSA's 200 answer; raises TsaRefused (4xx) or TsaUnavailable."""
         try:
-            resp = self.http.post(path, json=body)
+            resp = self.http.post(path, json=body, **kw)
         except httpx.HTTPError as err:
             raise TsaUnavailable(f"TSA unreachable: {err!r}") from None
         if 400 <= resp.status_code < 500:
@@ -86,11 +88,11 @@ class TsaLink:
         raise ApiError(503, "tsa_unavailable", "the TSA cannot verify uploads now", {"Retry-After": "1"})
 
     def unmask(self, request: TsaRequest) -> TsaResponse:
-        resp = self._post("/v1/unmask", to_json(request))
-        try:
-            response = from_json(TsaResponse, resp.json())
-        except ValueError as err:
-            raise TsaUnavailable(f"TSA answer unreadable: {err}") from None
+        """The TSA's answer, as raw bytes (its length is checked against the buffer's when unmasking)."""
+        resp = self._post("/v1/unmask", to_json(request), headers={"Accept": BINARY})
+        if resp.headers.get("content-type") != BINARY:
+            raise TsaUnavailable(f"TSA answered {resp.headers.get('content-type')!r}, not {BINARY}")
+        response = TsaResponse(unquote(resp.headers.get("x-step-id", "")), resp.content)
         if response.step_id != request.step_id:
             raise TsaUnavailable(f"TSA answered step {response.step_id!r} for {request.step_id!r}")
         return response

@@ -2,7 +2,9 @@
 For the FL server only (bearer token): POST /v1/verify, {"update_id", "sealed_seed" (base64)} of
 one upload before the server acknowledges it, answered {"ok": true} once its seed is reserved to
 it; POST /v1/unmask, a `TsaRequest` as JSON, answered with a `TsaResponse` as JSON
-(`asyncfl.secagg.messages.to_json`). Every refusal leaves as JSON
+(`asyncfl.secagg.messages.to_json`), or, for `Accept: application/octet-stream` (what the FL
+server asks for), the raw mask sum with the step id URL-quoted in `X-Step-Id`: base64 in JSON
+costs tens of milliseconds per step for a 1M-coordinate model. Every refusal leaves as JSON
 {"error": code, "detail": message}: 401 without the server's token, 400 for a body that is not
 a request, 413 above the size limit, 422 for a request the TSA refuses (fewer than K
 contributions, a used contribution, seed or step id, a weight out of range, an unauthenticated
@@ -13,9 +15,10 @@ from __future__ import annotations
 
 import hmac
 import logging
+from urllib.parse import quote
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from asyncfl import strict_json
@@ -26,6 +29,7 @@ from asyncfl.secagg.tsa_store import ReplayedContribution, TsaRefusal
 
 log = logging.getLogger("asyncfl.tsa")
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
+BINARY = "application/octet-stream"
 REFUSALS = {
     TooFewContributions: "too_few_contributions",
     ReplayedContribution: "replayed_contribution",
@@ -109,6 +113,8 @@ def create_tsa_app(tsa: TrustedAggregator, token: str) -> FastAPI:
             response = await run_in_threadpool(tsa.unmask, unmask_request)
         except TsaRefusal as refusal:
             return _refused(refusal, f"step {unmask_request.step_id!r}")
+        if request.headers.get("accept") == BINARY:
+            return Response(response.mask_sum, media_type=BINARY, headers={"X-Step-Id": quote(response.step_id)})
         return to_json(response)
 
     return app
