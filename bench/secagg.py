@@ -149,6 +149,7 @@ def main() -> None:
     p.add_argument("--uploaders", type=int, default=8, help="concurrent uploaders in the HTTP ingest")
     p.add_argument("--hidden", type=int, nargs="+", default=[1024, 960], help="MLP widths in the HTTP ingest")
     p.add_argument("--http-seconds", type=float, default=10.0, help="measured seconds per HTTP ingest run")
+    p.add_argument("--http-pairs", type=int, default=3, help="plaintext and TSA HTTP ingest runs, alternating")
     p.add_argument("--no-http", action="store_true", help="skip the HTTP ingest")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
@@ -163,7 +164,11 @@ def main() -> None:
         rounds.append({"protocol": "secagg_plus", **round_costs(n, 2 * math.ceil(math.log2(n)), args.round_params)})
         if n <= args.all_pairs_max:
             rounds.append({"protocol": "secagg", **round_costs(n, None, args.round_params)})
-    http = None if args.no_http else http_ingest(args.hidden, args.uploaders, args.buffer, args.http_seconds, 2.0)
+    http = (
+        None
+        if args.no_http
+        else http_ingest(args.hidden, args.uploaders, args.buffer, args.http_seconds, 2.0, args.http_pairs)
+    )
     result = {
         "params": args.params,
         "buffer": args.buffer,
