@@ -16,8 +16,16 @@ from test_server_inputs import assert_rejected
 from test_tsa_server import K, TsaHarness, plain_fedbuff_step
 
 from asyncfl.client.masking import tsa_masking
-from asyncfl.secagg import ReplayedContribution, SqliteStore, TrustedAggregator, UnauthenticatedContribution, prg
+from asyncfl.secagg import (
+    MemoryStore,
+    ReplayedContribution,
+    SqliteStore,
+    TrustedAggregator,
+    UnauthenticatedContribution,
+    prg,
+)
 from asyncfl.secagg.crypto import KeyPair
+from asyncfl.secagg.messages import TsaContribution, TsaRequest
 from asyncfl.secagg.tsa import seal_seed
 from asyncfl.server.tsa_buffer import LEVELS
 
@@ -123,11 +131,13 @@ def test_uploads_wait_while_the_tsa_cannot_vet_them(tmp_path):
         assert h.upload("a", body).json()["verdict"] == "buffered"  # the client's re-send
 
 
-def test_a_reserved_seed_stays_its_uploads_across_tsa_restarts(tmp_path):
-    key, seed = KeyPair(), b"\x03" * prg.SEED_BYTES
+@pytest.mark.parametrize("durable", [True, False], ids=["sqlite_restarted", "memory"])
+def test_a_reserved_seed_stays_its_uploads(tmp_path, durable):
+    key, seed, memory = KeyPair(), b"\x03" * prg.SEED_BYTES, MemoryStore()
 
     def tsa():
-        return TrustedAggregator(key, SqliteStore(tmp_path / "used.db"), "task", 4, 1, 1)
+        store = SqliteStore(tmp_path / "used.db") if durable else memory
+        return TrustedAggregator(key, store, "task", 4, 1, 1)
 
     tsa().verify("u1", seal_seed(seed, key.public_bytes(), "task", "u1"))
     restarted = tsa()
@@ -138,6 +148,12 @@ def test_a_reserved_seed_stays_its_uploads_across_tsa_restarts(tmp_path):
         restarted.verify("u3", seal_seed(seed, key.public_bytes(), "task", "u2"))
     fresh = b"\x04" * prg.SEED_BYTES
     restarted.verify("u3", seal_seed(fresh, key.public_bytes(), "task", "u3"))
+    request = TsaRequest("s1", 4, (TsaContribution("u3", 1, seal_seed(fresh, key.public_bytes(), "task", "u3")),))
+    restarted.unmask(request)  # u3's seed is used by step s1 from now on
+    with pytest.raises(ReplayedContribution, match="its seed was used by step 's1'"):
+        restarted.verify("u4", seal_seed(fresh, key.public_bytes(), "task", "u4"))
+    with pytest.raises(ReplayedContribution, match="its update id was used by step 's1'"):
+        restarted.verify("u3", seal_seed(b"\x05" * prg.SEED_BYTES, key.public_bytes(), "task", "u3"))
 
 
 def test_the_verify_endpoint_needs_the_token_and_a_well_formed_upload(tmp_path):
