@@ -2,8 +2,8 @@
 the server process or the TSA process (at random) is SIGKILLed at random moments and restarted
 on its state dir (8 times; 30 in `make test-slow`). After each restart every acknowledged upload
 is in the update log once; at the end every acknowledged upload is in exactly one step or still
-buffered, the TSA used each contribution in exactly one step (never a seed twice), and training
-still reaches the target."""
+buffered, the TSA used each contribution in exactly one step (never a seed twice) and only
+seeds it had verified for those uploads, and training still reaches the target."""
 
 from __future__ import annotations
 
@@ -105,8 +105,14 @@ def kill_and_restart(tmp_path, kills: int, seed: int) -> None:
     with closing(sqlite3.connect(server.state_dir / "state.db")) as db:
         accepted = dict(db.execute("SELECT lease_id, seq FROM updates WHERE verdict IN ('buffered', 'stepped')"))
     with closing(sqlite3.connect(tsa.state_dir / "used.db")) as db:
-        used = [key for (key,) in db.execute("SELECT key FROM used")]
+        used_by = db.execute("SELECT key, step_id FROM used").fetchall()
+        reserved = dict(db.execute("SELECT seed, update_id FROM reserved"))
         steps = db.execute("SELECT count(*) FROM steps").fetchone()[0]
+    used = [key for key, _ in used_by]
+    # the server folded vetted uploads only: each step's seeds were reserved to that step's ids
+    for step in {step for _, step in used_by}:
+        ids = {k.removeprefix("id:") for k, s in used_by if s == step and k.startswith("id:")}
+        assert {reserved.get(k) for k, s in used_by if s == step and k.startswith("seed:")} == ids
     used_ids = [k.removeprefix("id:") for k in used if k.startswith("id:")]
     final = status["version"]
     # each step unmasked K fresh contributions, each an acknowledged upload, none used twice

@@ -162,6 +162,16 @@ def test_tsa_http_refusals_and_exact_retry(tmp_path):
         assert h.status()["version"] == 1
 
 
+def test_the_binary_answer_is_the_json_answer(tmp_path):
+    with TsaHarness(tmp_path) as h:
+        for client, seed in zip("abc", range(K)):
+            assert h.masked_upload(client, random_delta(h.server.model.numel, seed)).status_code == 200
+        request = h.server.aggregation.aggregator.pending_request()
+        binary = h.server.unmasker.link.unmask(request)  # what the server asks for: raw bytes
+        as_json = h.tsa.post("/v1/unmask", json=to_json(request)).json()  # an exact retry
+        assert as_json == to_json(binary) and len(binary.mask_sum) == 4 * h.server.model.numel
+
+
 def test_a_refused_buffer_waits_and_steps_once_the_tsa_agrees(tmp_path):
     with TsaHarness(tmp_path, min_contributions=K + 1) as h:  # a TSA configured with another K
         n, agg = h.server.model.numel, h.server.aggregation.aggregator

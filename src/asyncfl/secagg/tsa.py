@@ -9,6 +9,8 @@ subtracts to obtain sum_i w_i x_i (+ noise). The server never holds a seed or th
 key; the TSA never sees a masked update. The TSA refuses to help unless it can authenticate at
 least K distinct contributions that were never used before with weights in range, and it
 records them durably before answering (`tsa_store`), so no mask can be revealed alone or twice.
+The server only folds an upload the TSA has verified (`verify`: the seed opens under its id and
+is reserved to it), so one client's bad sealed seed costs that upload, never a buffer's step.
 
 The TSA process stands in for a TEE enclave: in production its key pair is generated inside the
 enclave and clients pin the public key from an attestation report (see
@@ -148,6 +150,13 @@ class TrustedAggregator:
     def public_key(self) -> bytes:
         return self._key_pair.public_bytes()
 
+    def verify(self, update_id: str, sealed_seed: bytes) -> None:
+        """Check one upload's sealed seed before the server folds it: it must open under its
+        update id, and its seed and id must be fresh; the seed is then reserved to this id for
+        good (durably), so any later upload reusing it is refused. Raises a `TsaRefusal`."""
+        seed = self._open(update_id, sealed_seed)
+        self._store.reserve(update_id, f"seed:{hashlib.sha256(seed).hexdigest()}")
+
     def unmask(self, request: TsaRequest) -> TsaResponse:
         """Check, durably claim, and answer one step's request; raises a `TsaRefusal` subclass."""
         contributions = request.contributions
@@ -164,7 +173,7 @@ class TrustedAggregator:
                 raise WeightOutOfRange(
                     f"contribution {contribution.update_id!r} has weight {weight!r}, allowed 1..{self.max_weight}"
                 )
-        seeds = [self._open(contribution) for contribution in contributions]
+        seeds = [self._open(contribution.update_id, contribution.sealed_seed) for contribution in contributions]
         seed_digests = [hashlib.sha256(seed).hexdigest() for seed in seeds]
         if len(set(seed_digests)) != len(seeds):
             raise ReplayedContribution(f"step {request.step_id!r} contains one seed twice")
@@ -180,17 +189,15 @@ class TrustedAggregator:
             total = ring.sub(total, ring.from_signed(noise))
         return TsaResponse(request.step_id, ring.to_bytes(total))
 
-    def _open(self, contribution: TsaContribution) -> bytes:
+    def _open(self, update_id: str, sealed_seed: bytes) -> bytes:
         try:
-            seed = unseal_by(
-                self._key_pair, contribution.sealed_seed, seal_binding(self.task, contribution.update_id), _SEAL_INFO
-            )
+            seed = unseal_by(self._key_pair, sealed_seed, seal_binding(self.task, update_id), _SEAL_INFO)
         except AuthenticationError as error:
             raise UnauthenticatedContribution(
-                f"contribution {contribution.update_id!r} failed authentication (tampered ciphertext or forged id)"
+                f"contribution {update_id!r} failed authentication (tampered ciphertext or forged id)"
             ) from error
         if len(seed) != prg.SEED_BYTES:
-            raise UnauthenticatedContribution(f"contribution {contribution.update_id!r} sealed a malformed seed")
+            raise UnauthenticatedContribution(f"contribution {update_id!r} sealed a malformed seed")
         return seed
 
 

@@ -114,8 +114,9 @@ class FLServer:
         self.shared = Shared(self.store, threading.RLock(), self.aggregation, self.coordinator, Counters())
         self.lock = self.shared.lock
         self.commit = GroupCommit(self.shared, self._restore)
-        self.uploads = Uploads(self.shared, self.commit, bounds, self.algorithm.name)
         self.unmasker = None if self.tsa is None else self.tsa.unmasker(self.shared, self.commit)
+        vet = None if self.unmasker is None else self.unmasker.link.vet
+        self.uploads = Uploads(self.shared, self.commit, bounds, self.algorithm.name, vet)
         self.evaluation = Evaluation(self.shared, self.model, self.data, cfg.target_accuracy, settings.eval_every_s)
         self.view = StatusView(self)
         self.selector = Selector(self.coordinator, settings.retry_after, lambda: self.done)

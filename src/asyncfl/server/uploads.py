@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 
 from asyncfl.algorithms.types import ClientUpdate, Verdict
 from asyncfl.server.auth import user_id
@@ -23,11 +24,20 @@ class Uploads:
     """Once an upload names a live lease, the trip is over whatever comes of it: an upload
     refused after that point (a reported value out of bounds, the norm guard, a refused step,
     or a server fault) ends the lease, reopens its slot for the policy (`on_lost`) and is
-    logged with its answer, so a re-send gets the same answer."""
+    logged with its answer, so a re-send gets the same answer. `vet` (with a TSA: `TsaLink.vet`)
+    judges a masked upload before the lock is taken; the refusal it returns ends the lease the
+    same way."""
 
-    def __init__(self, shared: Shared, commit: GroupCommit, bounds: ReportBounds, algorithm: str):
+    def __init__(
+        self,
+        shared: Shared,
+        commit: GroupCommit,
+        bounds: ReportBounds,
+        algorithm: str,
+        vet: Callable[[object], ApiError | None] | None = None,
+    ):
         self.shared, self.commit = shared, commit
-        self.bounds, self.algorithm = bounds, algorithm
+        self.bounds, self.algorithm, self.vet = bounds, algorithm, vet
         self.next_seq = 1
         self._inflight: dict[tuple[str, str], tuple[int, dict, int]] = {}
 
@@ -52,10 +62,11 @@ class Uploads:
                 replay = sh.store.query("SELECT status, response FROM updates WHERE client=? AND idem_key=?", key)
                 if replay:
                     return replay[0][0], json.loads(replay[0][1]) | {"replayed": True}
+                refusal = None if self.vet is None or checked.masked is None else self.vet(checked.masked)
                 with sh.lock:
                     pending = self._inflight.get(key)
                     if pending is None:
-                        status, answer, epoch = self._fold(client, h, checked)
+                        status, answer, epoch = self._fold(client, h, checked, refusal)
             if pending is not None:  # a re-send: the first answer, once it is durable
                 status, answer, epoch = pending
                 self.commit.sync(epoch)
@@ -67,8 +78,9 @@ class Uploads:
             sh.counters.rejected[err.code] += 1
             raise
 
-    def _fold(self, client: str, h, checked) -> tuple[int, dict, int]:
-        """Under the state lock: the lease rule, then the policy folds the update in."""
+    def _fold(self, client: str, h, checked, refusal: ApiError | None = None) -> tuple[int, dict, int]:
+        """Under the state lock: the lease rule, then the policy folds the update in (unless
+        vetting refused it)."""
         sh, counters = self.shared, self.shared.counters
         lease = sh.coordinator.active_lease(h.lease_id, client, sh.store)
         if h.base_version != lease.base_version:
@@ -81,6 +93,8 @@ class Uploads:
         version_before = sh.aggregation.state.version
         staleness = version_before - h.base_version
         try:
+            if refusal is not None:
+                raise refusal
             self.bounds.check(h, self.algorithm)
             sh.aggregation.screen(checked.norm)
             verdict = sh.coordinator.report(lease, self._update(client, h, checked), seq, checked.norm)
