@@ -280,7 +280,9 @@ def test_with_dp_the_tsa_adds_the_noise_and_the_server_accounts_it(tmp_path):
         assert report["epsilon"] == pytest.approx(epsilon(1.0, 0.1, 1, 1e-5))
 
 
-def test_adaptive_clipping_and_compression_with_the_tsa_are_refused_by_serve(tmp_path):
+def test_adaptive_clipping_and_missing_tsa_terms_are_refused_by_serve(tmp_path):
+    """(Quantized uploads compose with the masking: test_quantized_uploads_compose_with_the_masking;
+    top-k is a config error, tests/test_secagg_config.py.)"""
     from asyncfl.config import ConfigError
 
     init_state(tmp_path / "tsa")
@@ -288,7 +290,6 @@ def test_adaptive_clipping_and_compression_with_the_tsa_are_refused_by_serve(tmp
     adaptive = {"noise_multiplier": 0.0, "clip_norm": 1.0, "sample_rate": 0.1, "adaptive": {}}
     for extra, server, words in (
         ({"privacy": adaptive}, {}, "adaptive clipping needs every update's norm"),
-        ({"compression": {"upload": "int8"}}, {}, "compression with secure_aggregation 'tsa'"),
         ({}, {"tsa_public_key": "bm90IGEga2V5"}, "must be the base64 X25519 key"),
         ({}, {"tsa_url": None}, "needs server.tsa_url"),
     ):
@@ -307,3 +308,28 @@ def test_tsa_cli_prints_the_public_key_and_serve_needs_its_terms(tmp_path, capsy
     monkeypatch.setenv("ASYNCFL_TSA_TOKEN", "t" * 32)
     assert main(["tsa", "serve", "--state", str(tmp_path / "s"), "--task", "t"]) == 2
     assert "give --config, or --length --min-contributions --max-weight" in capsys.readouterr().err
+
+
+def test_quantized_uploads_compose_with_the_masking(tmp_path):
+    """int8 uploads under the TSA: the client quantizes (stochastic rounding from the lease's
+    seed), then clips, encodes and masks the quantized values; the server steps by the plaintext
+    step of what was quantized, and a real client runtime's trips are accepted."""
+    from test_client_runtime import in_process_client
+
+    from asyncfl.algorithms.seeds import upload_rounding_generator
+    from asyncfl.compression import encode_upload, parse_codec
+
+    with TsaHarness(tmp_path, compression={"upload": "int8"}) as h:
+        n, w0 = h.server.model.numel, h.weights(0)
+        codec, quantized = parse_codec("int8"), []
+        for client, i in zip("abc", range(K)):
+            lease = h.checkin(client)
+            values = encode_upload(codec, random_delta(n, i, 0.3), upload_rounding_generator(lease["seed"])).decoded
+            quantized.append(values)
+            assert h.masked_upload(client, values, lease).status_code == 200
+        assert h.server.unmasker.step_once()
+        bound = h.server.tsa.terms.codec.error_bound(K * LEVELS) / (K * LEVELS) + 1e-6
+        assert (h.weights(1) - plain_fedbuff_step(w0, quantized, 0.5)).abs().max() <= bound
+        key = h.http.get("/v1/task", headers=h.auth("d")).json()["secure_aggregation"]["tsa_public_key"]
+        rt = in_process_client(h, "d", max_trips=2, idle_wait=0.01, tsa_key=key)
+        assert rt.run()["accepted"] == 2 and rt.upload_codec is not None

@@ -47,6 +47,7 @@ from asyncfl.client.http import GaveUp, ServerApi
 from asyncfl.client.masking import TsaMasking, tsa_masking
 from asyncfl.client.secure import SecureRound
 from asyncfl.compression import ErrorFeedback, Raw, encode_upload, parse_codec
+from asyncfl.compression.error_feedback import Upload
 from asyncfl.config import ConfigError, validate
 from asyncfl.config.secure_aggregation import SYNC_PROTOCOLS
 from asyncfl.plugins import load_device_data
@@ -197,8 +198,9 @@ class ClientRuntime:
         comp = cfg.runs[0].compression
         if comp is not None:
             codec = parse_codec(comp.upload)
-            if not isinstance(codec, Raw):
-                self.upload_codec, self.upload_spec = codec, comp.upload
+            if not isinstance(codec, Raw):  # masked uploads keep the masked frame's spec
+                self.upload_codec = codec
+                self.upload_spec = self.upload_spec if self.masking is not None else comp.upload
                 self.error_feedback = ErrorFeedback(codec) if comp.error_feedback else None
             down = parse_codec(comp.download)
             if not down.lossless:
@@ -298,9 +300,11 @@ class ClientRuntime:
         if self.secure is not None:
             return self._secure_upload(task, update, key, extras)
         if self.masking is not None:
-            payload, residual = self.masking.payload(update.delta, task["seed"], task["lease_id"]), None
+            values, residual = self._quantized(update.delta, task["seed"])
+            payload = self.masking.payload(values, task["seed"], task["lease_id"])
         else:
-            payload, residual = self._encode(update.delta, task["seed"])
+            upload, residual = self._codec_upload(update.delta, task["seed"])
+            payload = None if upload is None else upload.payload
         body = wire.encode_update(
             lease_id=task["lease_id"],
             base_version=update.base_version,
@@ -349,16 +353,18 @@ class ClientRuntime:
                 f.write(json.dumps(ack) + "\n")
         return ack
 
+    def _quantized(self, delta: torch.Tensor, seed: int) -> tuple[torch.Tensor, tuple | None]:
+        """Under secure aggregation, the values a quantizing upload codec sends (they compose with
+        the fixed-point encoding, which then masks them), the delta itself without such a codec;
+        and the error-feedback pair to record once the update is accepted (see `_codec_upload`)."""
+        upload, residual = self._codec_upload(delta, seed)
+        return (delta if upload is None else upload.decoded), residual
+
     def _secure_upload(self, task: dict, update, key: str, extras: dict | None) -> dict:
         """The trip's update through a secure-aggregation round: a quantizing upload codec's
         values, clipped and encoded, masked; the outcome is the round's. Per-client state
         advances by the upload fields as the server summed them: clipped to the range."""
-        values, residual = update.delta, None
-        if self.upload_codec is not None:  # quantized values compose with the fixed-point encoding
-            upload = encode_upload(
-                self.upload_codec, update.delta, upload_rounding_generator(task["seed"]), self.error_feedback, "self"
-            )
-            values, residual = upload.decoded, (upload.compensated, upload.decoded)
+        values, residual = self._quantized(update.delta, task["seed"])
         if extras is not None:
             extras = {name: t.clamp(-self.secure_clip, self.secure_clip) for name, t in extras.items()}
         seen = self.secure.contribute(task, values.numpy(), update.n_examples, update.steps, extras)
@@ -378,14 +384,14 @@ class ClientRuntime:
             {**outcome, **seen, "key": key, "lease": task["lease_id"], "http": seen.get("http", 200)}
         )
 
-    def _encode(self, delta: torch.Tensor, seed: int) -> tuple[bytes | None, tuple | None]:
-        """The upload codec's payload for `delta` (None without compression) and, with error
+    def _codec_upload(self, delta: torch.Tensor, seed: int) -> tuple[Upload | None, tuple | None]:
+        """The upload codec's encoding of `delta` (None without compression) and, with error
         feedback, (compensated, decoded) to record once the server has accepted it."""
         if self.upload_codec is None:
             return None, None
         gen = upload_rounding_generator(seed)  # as the simulator seeds it
         upload = encode_upload(self.upload_codec, delta, gen, self.error_feedback, "self")
-        return upload.payload, None if self.error_feedback is None else (upload.compensated, upload.decoded)
+        return upload, None if self.error_feedback is None else (upload.compensated, upload.decoded)
 
     def _step_budget(self, deadline_in: float | None) -> int | None:
         """With a round deadline (sync, partial stragglers) take only the steps that fit:

@@ -111,11 +111,6 @@ def tsa_terms_of(cfg, settings, run: str | None) -> TsaTerms:
 
 def check_serve(spec, settings) -> None:
     """What `asyncfl serve` does not support with the TSA yet, refused with the reason."""
-    if spec.compression is not None:
-        raise ConfigError(
-            "compression with secure_aggregation 'tsa' is not supported by `asyncfl serve` yet: masked uploads "
-            "are bits/8 bytes per coordinate; remove the compression section"
-        )
     missing = [k for k in ("tsa_url", "tsa_public_key") if getattr(settings, k) is None]
     if missing:
         raise ConfigError(f"secure_aggregation 'tsa' needs server.{' and server.'.join(missing)}")
