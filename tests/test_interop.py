@@ -3,6 +3,8 @@
 partitioners over it. They come with the `interop` extra (`make test` installs it); without it
 these tests skip."""
 
+import os
+
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
@@ -10,6 +12,7 @@ from torch import nn
 
 import asyncfl
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here downloads; an attempt fails instead of waiting
 datasets = pytest.importorskip("datasets")
 partitioner = pytest.importorskip("flwr_datasets.partitioner")
 
