@@ -2,11 +2,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-slow lint bench clean data browser
+.PHONY: install demo test test-slow lint bench clean data browser docs
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,interop]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -26,6 +26,11 @@ lint: install
 browser:
 	@command -v chromium >/dev/null || ($(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium)
 
+# the API reference, from the docstrings (pdoc): build/api/index.html; tests/test_api_reference.py
+# builds it too and fails on any warning
+docs: install
+	$(PY) docs/api_reference.py build/api
+
 test-slow: install browser
 	$(PY) -m pytest -q -m slow
 
@@ -36,4 +41,4 @@ data:
 	test -e $(FASHION) || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist)
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache build/api

@@ -147,3 +147,27 @@ def test_import_asyncfl_loads_neither_torch_nor_the_simulator():
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
     out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True).stdout
     assert out.strip() == "[]"
+
+
+def test_read_only_arrays_are_copied_writable_ones_shared():
+    """PIL images and Hugging Face datasets give read-only arrays, which torch cannot share."""
+    x = np.arange(8, dtype=np.float32).reshape(4, 2)
+    y = np.array([0, 1, 0, 1])
+    shared = asyncfl.FederatedData.from_arrays(x, y, [0, 0, 1, 1], test=(x, y))
+    assert np.shares_memory(shared.x.numpy(), x)
+    x.flags.writeable = False
+    copied = asyncfl.FederatedData.from_arrays(x, y, [0, 0, 1, 1], test=(x, y))
+    assert not np.shares_memory(copied.x.numpy(), x) and torch.equal(copied.x, shared.x)
+
+
+def test_a_dataset_of_pil_images_as_torchvision_folders_give():
+    """torchvision's ImageFolder / MNIST without a transform yield (PIL image, label) pairs."""
+    from PIL import Image
+
+    gray = np.array([[0, 255], [51, 102]], dtype=np.uint8)
+    rgb = np.stack([gray, 255 - gray, np.zeros_like(gray)], axis=-1)
+    for pixels, shape in ((gray, (2, 2)), (rgb, (2, 2, 3))):
+        items = [(Image.fromarray(pixels), label) for label in (0, 1, 1)]
+        data = asyncfl.FederatedData.from_dataset(items, 1, test=items)
+        assert data.example_shape == shape and data.y.tolist() == [0, 1, 1]
+        assert torch.allclose(data.x[0], torch.as_tensor(pixels.reshape(-1) / 255, dtype=torch.float32))

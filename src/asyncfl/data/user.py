@@ -18,13 +18,22 @@ from asyncfl.data.federated import FederatedDataset
 from asyncfl.data.partition import partition as split_by
 
 
+def _tensor(value) -> torch.Tensor:
+    """`value` as a tensor, sharing its memory where torch can: a read-only array (what PIL
+    images and Hugging Face datasets give) is copied, since torch cannot share one safely."""
+    if isinstance(value, torch.Tensor):
+        return value
+    array = np.asarray(value)
+    return torch.as_tensor(array if array.flags.writeable else array.copy())
+
+
 def as_tensors(source, what: str = "data", keys: tuple[str, str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, y) from a pair of arrays or tensors, or from a map-style dataset whose items are
     (x, y) pairs, or dicts read at `keys` (x key, y key: a Hugging Face dataset's columns).
     8-bit images (uint8, e.g. PIL images) become float32 in [0, 1], other floats float32,
     other integers int64 (token ids); labels int64."""
     if isinstance(source, tuple) and len(source) == 2:
-        x, y = (torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v for v in source)
+        x, y = (_tensor(v) for v in source)
     elif hasattr(source, "__getitem__") and hasattr(source, "__len__"):
         items = [source[i] for i in range(len(source))]
         if keys is not None:
@@ -33,7 +42,7 @@ def as_tensors(source, what: str = "data", keys: tuple[str, str] | None = None) 
             items = [(it[keys[0]], it[keys[1]]) for it in items]
         if not items or not all(isinstance(it, (tuple, list)) and len(it) == 2 for it in items):
             raise ValueError(f"{what}: a dataset's items must be (x, y) pairs (or dicts: give keys=(x, y))")
-        x = torch.stack([torch.as_tensor(np.asarray(it[0])) for it in items])
+        x = torch.stack([_tensor(it[0]) for it in items])
         y = torch.as_tensor(np.asarray([int(it[1]) for it in items]))
     else:
         raise ValueError(f"{what}: expected (x, y) arrays or a torch Dataset, got {type(source).__name__}")
