@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 
-from asyncfl.server.testing import ServerProcess, mint_tokens, spawn_client, stop_all
+from asyncfl.server.testing import ServerProcess, mint_tokens, spawn_fleet, stop_all, wait_all
 from tests.test_server_e2e import experiment
 
 CLIENTS, ATTACKERS = 10, 2
@@ -29,13 +29,9 @@ def test_sign_flipping_client_processes_are_refused_by_the_default_guard(tmp_pat
     server.start()
     t0 = time.time()
     attack = ("--attack", "sign_flip", "--attack-factor", "10")
-    clients = [
-        spawn_client(server.url, tok, f"digits:client={i}", tmp_path, f"c{i}", *(attack if i < ATTACKERS else ()))
-        for i, tok in enumerate(tokens)
-    ]
+    clients = spawn_fleet(server.url, tokens, tmp_path, lambda i: attack if i < ATTACKERS else ())
     try:
-        for p in clients:
-            p.wait(timeout=max(1.0, t0 + 400 - time.time()))
+        wait_all(clients, t0 + 400)
     finally:
         stop_all(clients)
     try:

@@ -320,7 +320,7 @@ def test_real_clients_keep_their_control_variates_on_disk_across_restarts(tmp_pa
     one the server never counted, would break that."""
     from test_server_e2e import CLIENTS, experiment
 
-    from asyncfl.server.testing import ServerProcess, mint_tokens, spawn_client, stop_all
+    from asyncfl.server.testing import ServerProcess, mint_tokens, spawn_fleet, stop_all
 
     run = {"name": "scaffold", "algorithm": {"name": "scaffold"}, "scheduler": {"mode": "sync", "concurrency": 4}}
     cfg = experiment(run) | {"stop": {"at_target": False, "max_trips": 16}}
@@ -329,9 +329,7 @@ def test_real_clients_keep_their_control_variates_on_disk_across_restarts(tmp_pa
     server.start()
 
     def clients(*extra):
-        procs = [
-            spawn_client(server.url, tokens[i], f"digits:client={i}", tmp_path, f"c{i}", *extra) for i in range(CLIENTS)
-        ]
+        procs = spawn_fleet(server.url, tokens[:CLIENTS], tmp_path, lambda i: extra)
         try:
             assert [p.wait(timeout=300) for p in procs] == [0] * CLIENTS, [
                 (tmp_path / f"c{i}.log").read_text() for i in range(CLIENTS)

@@ -17,7 +17,7 @@ from contextlib import closing
 import httpx
 import pytest
 
-from asyncfl.server.testing import ServerProcess, mint_tokens, spawn_client, stop_all
+from asyncfl.server.testing import ServerProcess, mint_tokens, spawn_fleet, stop_all
 
 CLIENTS, KILLS, K = 6, 12, 4
 
@@ -98,7 +98,7 @@ def kill_and_restart(tmp_path, kills: int, seed: int) -> None:
     server.start()
     watcher = Watcher(server)
     watcher.start()
-    clients = [spawn_client(server.url, tok, f"digits:client={i}", tmp_path, f"c{i}") for i, tok in enumerate(tokens)]
+    clients = spawn_fleet(server.url, tokens, tmp_path)
     checks = 0
     try:
         deadline = time.monotonic() + 120

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from asyncfl.server.testing import ServerProcess, mint_tokens, spawn_client, stop_all
+from asyncfl.server.testing import ServerProcess, mint_tokens, spawn_fleet, stop_all, wait_all
 
 CLIENTS = 8
 
@@ -44,10 +44,9 @@ def train(workdir, run: dict, timeout: float = 400.0) -> dict:
     tokens = mint_tokens(server.state_dir, run["name"], [f"c{i}" for i in range(CLIENTS)])
     server.start()
     t0 = time.time()
-    clients = [spawn_client(server.url, tok, f"digits:client={i}", workdir, f"c{i}") for i, tok in enumerate(tokens)]
+    clients = spawn_fleet(server.url, tokens, workdir)
     try:
-        for p in clients:
-            p.wait(timeout=max(1.0, t0 + timeout - time.time()))
+        wait_all(clients, t0 + timeout)
     finally:
         stop_all(clients)
     status = server.status()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 
-from asyncfl.server.testing import ServerProcess, mint_tokens, spawn_client, stop_all
+from asyncfl.server.testing import ServerProcess, mint_tokens, spawn_fleet, stop_all, wait_all
 
 CLIENTS = 8
 ROUNDS = 60
@@ -47,10 +47,9 @@ def train(workdir, secure: dict | None, timeout: float = 400.0) -> dict:
     tokens = mint_tokens(server.state_dir, "fedavg", [f"c{i}" for i in range(CLIENTS)])
     server.start()
     t0 = time.time()
-    clients = [spawn_client(server.url, tok, f"digits:client={i}", workdir, f"c{i}") for i, tok in enumerate(tokens)]
+    clients = spawn_fleet(server.url, tokens, workdir)
     try:
-        for p in clients:
-            p.wait(timeout=max(1.0, t0 + timeout - time.time()))
+        wait_all(clients, t0 + timeout)
         wall = time.time() - t0
         status = server.status()
         while not [e for e in server.history() if e["version"] == status["version"]]:
@@ -95,7 +94,7 @@ def test_kill_9_mid_run_aborts_the_open_round_and_the_run_continues(tmp_path):
     server = ServerProcess(cfg, tmp_path)
     tokens = mint_tokens(server.state_dir, "fedavg", [f"c{i}" for i in range(clients_n)])
     server.start()
-    clients = [spawn_client(server.url, tok, f"digits:client={i}", tmp_path, f"c{i}") for i, tok in enumerate(tokens)]
+    clients = spawn_fleet(server.url, tokens, tmp_path)
     try:
         deadline = time.time() + 300
         while server.status()["version"] < 3:
@@ -105,8 +104,7 @@ def test_kill_9_mid_run_aborts_the_open_round_and_the_run_continues(tmp_path):
         before = server.starts
         server.start()
         assert server.starts == before + 1
-        for p in clients:
-            p.wait(timeout=max(1.0, deadline - time.time()))
+        wait_all(clients, deadline)
         s = server.status()
     finally:
         stop_all(clients)

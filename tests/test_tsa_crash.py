@@ -14,34 +14,19 @@ import time
 from contextlib import closing
 
 import pytest
-from test_server_crash import CLIENTS, Watcher, acknowledged, check_logged_once
+from test_server_crash import CLIENTS, K, Watcher, acknowledged, check_logged_once
+from test_server_crash import experiment as plain_experiment
 
-from asyncfl.server.testing import ServerProcess, mint_tokens, spawn_client, stop_all
+from asyncfl.server.testing import ServerProcess, mint_tokens, spawn_fleet, stop_all
 from asyncfl.tsa.testing import TsaProcess
-
-K = 4
 
 
 def experiment(target_stop: bool, tsa: TsaProcess | None = None) -> dict:
-    return {
-        "name": "crash",
-        "seed": 3,
-        "target_accuracy": 0.9,
-        "data": {"partition": {"kind": "dirichlet", "alpha": 1.0}, "num_clients": CLIENTS},
-        "model": {"name": "mlp", "hidden": [64]},
-        "trainer": {"lr": 0.05, "batch_size": 16, "local_steps": 10},
-        "stop": {"at_target": target_stop},
-        "server": {"lease_timeout": 60, "retry_after": 0.1, "eval_every_s": 0.25, "rate_per_s": 500, "rate_burst": 500}
-        | (tsa.server_settings() if tsa is not None else {}),
-        "runs": [
-            {
-                "name": "crashy",
-                "algorithm": {"name": "fedbuff", "buffer_size": K},
-                "scheduler": {"mode": "async", "concurrency": CLIENTS},
-                "secure_aggregation": {"protocol": "tsa", "clip_range": 1.0},
-            }
-        ],
-    }
+    """test_server_crash's run with its uploads masked for a TSA."""
+    tree = plain_experiment(target_stop)
+    tree["server"] |= tsa.server_settings() if tsa is not None else {}
+    tree["runs"][0]["secure_aggregation"] = {"protocol": "tsa", "clip_range": 1.0}
+    return tree
 
 
 def kill_and_restart(tmp_path, kills: int, seed: int) -> None:
@@ -55,9 +40,7 @@ def kill_and_restart(tmp_path, kills: int, seed: int) -> None:
     watcher = Watcher(server)
     watcher.start()
     extra = ("--tsa-key", tsa.public_key)
-    clients = [
-        spawn_client(server.url, tok, f"digits:client={i}", tmp_path, f"c{i}", *extra) for i, tok in enumerate(tokens)
-    ]
+    clients = spawn_fleet(server.url, tokens, tmp_path, lambda i: extra)
     killed, stops = {"server": 0, "tsa": 0}, False
     try:
         deadline = time.monotonic() + 120

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from asyncfl.privacy import epsilon
-from asyncfl.server.testing import ServerProcess, mint_tokens, spawn_client, stop_all
+from asyncfl.server.testing import ServerProcess, mint_tokens, spawn_fleet, stop_all, wait_all
 from asyncfl.tsa.testing import TsaProcess
 
 CLIENTS, TRIPS, K = 8, 400, 4
@@ -64,12 +64,9 @@ def train(workdir, secure: bool, timeout: float = 400.0, privacy: dict | None = 
     tokens = mint_tokens(server.state_dir, "fedbuff", [f"c{i}" for i in range(CLIENTS)])
     server.start()
     t0 = time.time()
-    clients = [
-        spawn_client(server.url, tok, f"digits:client={i}", workdir, f"c{i}", *extra) for i, tok in enumerate(tokens)
-    ]
+    clients = spawn_fleet(server.url, tokens, workdir, lambda i: extra)
     try:
-        for p in clients:
-            p.wait(timeout=max(1.0, t0 + timeout - time.time()))
+        wait_all(clients, t0 + timeout)
         status = settle(server)
         wall = time.time() - t0
     finally:

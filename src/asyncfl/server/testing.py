@@ -88,6 +88,28 @@ class Child:
             os.kill(self.pid, sig)
 
 
+def wait_healthy(proc: Child, url: str, what: str, workdir: Path, timeout: float, verify=True) -> None:
+    """Until `url`/healthz answers 200; raises if the process exits first or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}; see {workdir}")
+        try:
+            if httpx.get(url + "/healthz", timeout=2, verify=verify).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} not ready after {timeout} s")
+
+
+def kill_child(proc: Child | None, sig: int = signal.SIGKILL) -> None:
+    """Signal a process that is still running and wait for it to end."""
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -148,22 +170,10 @@ class ServerProcess:
         self.wait_ready(timeout)
 
     def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.workdir}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=2, verify=self.verify).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"server not ready after {timeout} s")
+        wait_healthy(self.proc, self.url, "server", self.workdir, timeout, self.verify)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout=30)
+        kill_child(self.proc, sig)
 
     @property
     def operator_token(self) -> str:
@@ -205,6 +215,20 @@ def spawn_client(url: str, token: str, data: str, workdir: Path, name: str, *ext
         *extra,
     ]
     return Child(argv, Path(workdir) / f"{name}.log", {"ASYNCFL_TOKEN": token})
+
+
+def spawn_fleet(url: str, tokens: list[str], workdir: Path, extra_of=lambda i: ()) -> list[Child]:
+    """Client processes c0, c1, ... on digits:client=0, 1, ... with those tokens; `extra_of(i)`:
+    more argv for client i (an attack, a pinned TSA key)."""
+    return [
+        spawn_client(url, token, f"digits:client={i}", workdir, f"c{i}", *extra_of(i)) for i, token in enumerate(tokens)
+    ]
+
+
+def wait_all(procs: list[Child], deadline: float) -> None:
+    """Wait for every process until the wall-clock `deadline` (time.time()), each at least 1 s."""
+    for p in procs:
+        p.wait(timeout=max(1.0, deadline - time.time()))
 
 
 def stop_all(procs: list[Child], timeout: float = 10.0) -> None:

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import secrets
 import signal
-import time
 from pathlib import Path
 
-import httpx
-
-from asyncfl.server.testing import Child, free_port
+from asyncfl.server.testing import Child, free_port, kill_child, wait_healthy
 from asyncfl.tsa.state import init_state
 
 
@@ -39,19 +36,7 @@ class TsaProcess:
         argv += ["--token-file", str(self.token_file), "--config", str(self.config_path)]
         self.proc = Child(argv, self.workdir / f"tsa-{self.starts}.log")
         self.starts += 1
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"tsa exited with {self.proc.returncode}; see {self.workdir}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"tsa not ready after {timeout} s")
+        wait_healthy(self.proc, self.url, "tsa", self.workdir, timeout)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout=30)
+        kill_child(self.proc, sig)
