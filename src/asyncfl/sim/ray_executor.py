@@ -55,13 +55,13 @@ class TrainingActor:
         torch.set_num_threads(threads)  # the driver's: thread counts change the last bits of floats
         trainer, data = shared
         self.executor = BatchedExecutor(trainer, data, memory_mb)  # the driver has vetted the model
-        # as wide as the local executor's passes, which hold some client with a full minibatch
-        self.executor.min_width = trainer.batch_size
 
-    def train(self, specs: list[tuple], *bases: torch.Tensor) -> tuple[torch.Tensor, list[tuple]]:
-        """One pass: specs are (job id, client, version, index into bases, seed, steps,
-        correction, flip labels). Returns the stacked deltas and each update's other fields."""
+    def train(self, specs: list[tuple], min_width: int, *bases: torch.Tensor) -> tuple[torch.Tensor, list[tuple]]:
+        """One pass, its minibatch slots at least `min_width` wide: specs are (job id, client,
+        version, index into bases, seed, steps, correction, flip labels). Returns the stacked
+        deltas and each update's other fields."""
         ex = self.executor
+        ex.min_width = min_width
         for job_id, client, version, b, seed, steps, correction, flip in specs:
             ex.submit(TrainJob(job_id, client, version, bases[b], seed, steps, correction=correction, flip_labels=flip))
         ex.run_pool()
@@ -70,10 +70,11 @@ class TrainingActor:
         return torch.stack([u.delta for u in updates]), fields
 
 
-class PoolCount:
-    """Client updates counted as the local batched executor trains them (its pool rule: a missing
-    result trains every pending job that reports), so that a run's `client_updates` does not
-    depend on how far ahead the actors trained."""
+class LocalPasses:
+    """The passes the local batched executor would train (its pool rule: a missing result trains
+    every pending job that reports, the one asked for first), replayed on job ids: they give a
+    run's `client_updates` however far ahead the actors trained, and the minibatch width each
+    job's pass had."""
 
     def __init__(self):
         self.pending: dict[int, TrainJob] = {}
@@ -92,15 +93,19 @@ class PoolCount:
             del self.trained_steps[job.job_id]
             self.pending[job.job_id] = job
 
-    def result(self, job_id: int) -> None:
+    def result(self, job_id: int) -> list[TrainJob]:
+        """The jobs the local executor trains now, in its order (none if it holds this one)."""
+        trained = []
         if job_id not in self.trained_steps:
             everyone = not self.pending[job_id].reports
             trained = [j for j in self.pending.values() if everyone or j.reports or j.job_id == job_id]
+            trained.sort(key=lambda j: j.job_id != job_id)
             for job in trained:
                 del self.pending[job.job_id]
                 self.trained_steps[job.job_id] = job.steps
             self.trained += len(trained)
         del self.trained_steps[job_id]
+        return trained
 
 
 class RayExecutor(Executor):
@@ -125,25 +130,29 @@ class RayExecutor(Executor):
         self.replies: dict[ray.ObjectRef, list] = {}  # fetched replies -> [value, rows not taken]
         self.rows_left: dict[ray.ObjectRef, int] = {}
         self.models: OrderedDict[int, tuple[torch.Tensor, ray.ObjectRef]] = OrderedDict()
-        self.count = PoolCount()
+        self.passes = LocalPasses()
+        # the minibatch width of shipped passes: the local executor's large passes hold a client with
+        # a full minibatch, and a pass's width changes the last bits of floats. Kernels that may mix
+        # examples train each width apart (no padding), and so do epochs, slot by slot
+        self.width = 0 if self.local.kernel.mixes_examples or trainer.local_epochs else trainer.batch_size
         self.shipped_jobs = 0  # jobs trained remotely, retrained ones included
 
     def submit(self, job):
         self.pending[job.job_id] = job
-        self.count.submit(job)
+        self.passes.submit(job)
         if job.reports:  # a job that will not report is trained only if its result is asked for
             self.outbox[job.job_id] = job
 
     def cancel(self, job_id):
         self.pending.pop(job_id, None)
         self.outbox.pop(job_id, None)
-        self.count.cancel(job_id)
+        self.passes.cancel(job_id)
         self._forget(job_id)
 
     def set_steps(self, job_id, steps):
         job = self.pending[job_id]
         job.steps = steps
-        self.count.set_steps(job, steps)
+        self.passes.set_steps(job, steps)
         shipped = self.shipped.get(job_id)
         if shipped is not None and shipped[2] != steps:  # trained ahead with more steps: train it again
             self._forget(job_id)
@@ -152,8 +161,11 @@ class RayExecutor(Executor):
     def result(self, job_id):
         self._flush()
         job = self.pending.pop(job_id)
-        self.count.result(job_id)
-        self.trained = self.count.trained
+        for chunk in self._narrow(self.passes.result(job_id)):  # trained as the local executor does
+            for other in chunk:
+                self._forget(other.job_id)
+            self._ship(chunk, min_width=0)
+        self.trained = self.passes.trained
         if job_id not in self.shipped:  # a job that was not expected to report
             self._ship([job])
         ref, row, _, _ = self.shipped[job_id]
@@ -200,7 +212,16 @@ class RayExecutor(Executor):
             self.models.popitem(last=False)
         return ref
 
-    def _ship(self, jobs: list[TrainJob]) -> None:
+    def _narrow(self, jobs: list[TrainJob]) -> list[list[TrainJob]]:
+        """The local executor's chunks of a pass whose minibatches are narrower than the width
+        the actors pad to: no client in them has a full minibatch (rare; rounding differs)."""
+        if not self.width:
+            return []
+        size, full = self.local.chunk_size(), self.trainer.batch_size
+        chunks = [jobs[s : s + size] for s in range(0, len(jobs), size)]
+        return [c for c in chunks if max(int(self.local.sizes[job.client]) for job in c) < full]
+
+    def _ship(self, jobs: list[TrainJob], min_width: int | None = None) -> None:
         refs: list[ray.ObjectRef] = []
         where: dict[int, int] = {}
         specs = []
@@ -222,7 +243,8 @@ class RayExecutor(Executor):
                 )
             )
         actor = min(range(len(self.actors)), key=self.in_flight.__getitem__)
-        ref = self.actors[actor].train.remote(specs, *refs)
+        width = self.width if min_width is None else min_width
+        ref = self.actors[actor].train.remote(specs, width, *refs)
         self.in_flight[actor] += 1
         self.rows_left[ref] = len(jobs)
         for row, job in enumerate(jobs):
