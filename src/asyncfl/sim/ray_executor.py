@@ -1,17 +1,16 @@
 """Client training on a pool of Ray actors, each holding the data, the model and a batched executor.
 
-A job is fixed when its trip starts, so it is shipped then: the jobs submitted since the
-simulator last asked about results (the trips one event-loop moment started) go out as a few
-batched passes, and the event loop runs on while actors train; it blocks only on a result that
-is not back yet. Each start model is put in the object store once. A pass's composition is set
-by the event loop alone, never by which actor is free, so a run's results do not depend on the
-number of actors or the order in which they finish.
+A job is fixed when its trip starts, so it can be trained from then on: jobs are shipped as
+batched passes as soon as they are a fraction of the jobs in flight, and the event loop runs on
+while actors train; it blocks only on a result that is not back yet. Each start model is put in
+the object store once. A pass's composition is set by the event loop alone, never by which
+actor is free, so a run's results do not depend on the number of actors or the order in which
+they finish; they equal the local batched executor's (see `LocalPasses` and `min_width`).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -26,9 +25,9 @@ from asyncfl.data.federated import FederatedDataset
 from asyncfl.sim.batched import BatchedExecutor
 from asyncfl.sim.executor import Executor, TrainJob
 
-# a moment's jobs go out in up to this many passes, so that as many actors train them at once;
-# a constant, so that the passes (and their float rounding) do not depend on the actor count
-SPREAD = 4
+# jobs wait to be shipped until they are this fraction of the jobs in flight (or one is needed):
+# passes large enough that the per-call cost is shared, early enough that few results are waited on
+SHIP_FRACTION = 1 / 8
 # start models kept in the object store: async runs ship jobs of the newest few versions
 MODELS_KEPT = 8
 
@@ -142,6 +141,8 @@ class RayExecutor(Executor):
         self.passes.submit(job)
         if job.reports:  # a job that will not report is trained only if its result is asked for
             self.outbox[job.job_id] = job
+            if len(self.outbox) >= SHIP_FRACTION * len(self.pending):
+                self._flush()
 
     def cancel(self, job_id):
         self.pending.pop(job_id, None)
@@ -155,15 +156,13 @@ class RayExecutor(Executor):
         self.passes.set_steps(job, steps)
         shipped = self.shipped.get(job_id)
         if shipped is not None and shipped[2] != steps:  # trained ahead with more steps: train it again
-            self._forget(job_id)
             self.outbox[job_id] = job
 
     def result(self, job_id):
-        self._flush()
+        if job_id in self.outbox:
+            self._flush()
         job = self.pending.pop(job_id)
         for chunk in self._narrow(self.passes.result(job_id)):  # trained as the local executor does
-            for other in chunk:
-                self._forget(other.job_id)
             self._ship(chunk, min_width=0)
         self.trained = self.passes.trained
         if job_id not in self.shipped:  # a job that was not expected to report
@@ -192,10 +191,10 @@ class RayExecutor(Executor):
             self.in_flight[actor] -= 1
 
     def _flush(self) -> None:
-        """Ship the jobs submitted since the last call, in up to SPREAD passes."""
+        """Ship the waiting jobs, in passes of the local executor's size."""
         jobs = [job for job in self.outbox.values() if job.reports]
         self.outbox.clear()
-        size = max(1, min(self.local.chunk_size(), math.ceil(len(jobs) / SPREAD)))
+        size = self.local.chunk_size()
         for s in range(0, len(jobs), size):
             self._ship(jobs[s : s + size])
 
@@ -248,6 +247,8 @@ class RayExecutor(Executor):
         self.in_flight[actor] += 1
         self.rows_left[ref] = len(jobs)
         for row, job in enumerate(jobs):
+            self.outbox.pop(job.job_id, None)
+            self._forget(job.job_id)  # a job shipped again: its earlier result is not wanted
             self.shipped[job.job_id] = (ref, row, job.steps, actor)
         self.shipped_jobs += len(jobs)
 
