@@ -38,3 +38,67 @@ def batched(tmp_path_factory):
 def test_same_summary_as_the_batched_executor(small, tmp_path, batched, actors):
     ours = summary_of(small(executor="ray", ray_actors=actors), tmp_path)
     assert ours == batched
+
+
+def test_each_update_equals_the_batched_executors_in_any_order(torch_threads):
+    """Jobs of three start models, small clients among them (narrow minibatches), partial work,
+    a cancelled job and one nobody expected to report: every update is the batched executor's,
+    bit for bit, asked for in a shuffled order, and the client update count is the same."""
+    import random
+
+    import numpy as np
+    import torch
+    from conftest import digits_clients
+
+    from asyncfl.algorithms.trainer import LocalTrainer
+    from asyncfl.models import FlatModel, build_model
+    from asyncfl.sim.batched import BatchedExecutor
+    from asyncfl.sim.executor import TrainJob
+    from asyncfl.sim.ray_executor import RayExecutor
+
+    torch_threads(1)
+    data = digits_clients(60)
+    torch.manual_seed(0)
+    trainer = LocalTrainer(
+        FlatModel(build_model("mlp", data.num_features, data.num_classes, hidden=(32,))), 0.1, 16, local_steps=5
+    )
+    w0 = trainer.model.initial_weights()
+    bases = [w0 + 0.01 * v for v in range(3)]
+
+    small = np.flatnonzero(data.client_sizes() < 16).tolist()
+    # jobs 7 (not expected to report) and 11, 12 (cut short after training) train again alone,
+    # on small clients: a pass without a full minibatch
+    clients = {7: small[0], 11: small[1], 12: small[2]}
+
+    def jobs():
+        return [
+            TrainJob(k, clients.get(k, (7 * k) % 60), k % 3, bases[k % 3], 100 + k, 1 + k % 5, reports=k != 7)
+            for k in range(40)
+        ]
+
+    local, remote = BatchedExecutor(trainer, data), RayExecutor(trainer, data, actors=2)
+    order = [k for k in range(40) if k != 3]
+    random.Random(0).shuffle(order)
+    got = {}
+    for ex in (local, remote):
+        for job in jobs():
+            ex.submit(job)
+        ex.cancel(3)
+        ex.set_steps(11, 1)
+        ex.set_steps(12, 2)
+        got[ex] = {k: ex.result(k) for k in order}
+    for k in order:
+        u, v = got[local][k], got[remote][k]
+        assert torch.equal(u.delta, v.delta), k
+        assert (u.client_id, u.base_version, u.n_examples, u.steps, u.loss, u.start_loss, u.planned_steps) == (
+            v.client_id,
+            v.base_version,
+            v.n_examples,
+            v.steps,
+            v.loss,
+            v.start_loss,
+            v.planned_steps,
+        )
+    assert remote.trained == local.trained
+    assert remote.models_put == 3  # each start model once
+    remote.close()

@@ -135,6 +135,7 @@ class RayExecutor(Executor):
         # examples train each width apart (no padding), and so do epochs, slot by slot
         self.width = 0 if self.local.kernel.mixes_examples or trainer.local_epochs else trainer.batch_size
         self.shipped_jobs = 0  # jobs trained remotely, retrained ones included
+        self.models_put = 0  # start models put in the object store
 
     def submit(self, job):
         self.pending[job.job_id] = job
@@ -206,6 +207,7 @@ class RayExecutor(Executor):
             self.models.move_to_end(key)
             return kept[1]
         ref = ray.put(w)
+        self.models_put += 1
         self.models[key] = (w, ref)  # the tensor stays referenced, so its id is not reused meanwhile
         if len(self.models) > MODELS_KEPT:
             self.models.popitem(last=False)
