@@ -43,7 +43,8 @@ def connect(address: str | None) -> None:
     else:  # local workers import this very asyncfl (a source checkout included)
         source = str(Path(asyncfl.__file__).resolve().parents[1])
         path = os.pathsep.join(p for p in (source, os.environ.get("PYTHONPATH")) if p)
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": path}}, **quiet)
+        # "local": a new Ray of our own, never a cluster that `ray start` left recorded in /tmp/ray
+        ray.init(address="local", runtime_env={"env_vars": {"PYTHONPATH": path}}, **quiet)
 
 
 @ray.remote
