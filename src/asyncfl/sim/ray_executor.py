@@ -127,8 +127,8 @@ class RayExecutor(Executor):
         self.in_flight = [0] * actors  # passes shipped to each actor and not yet collected
         self.outbox: dict[int, TrainJob] = {}  # submitted, not shipped yet
         self.shipped: dict[int, tuple[ray.ObjectRef, int, int, int]] = {}  # job -> (reply, row, steps, actor)
-        self.replies: dict[ray.ObjectRef, list] = {}  # fetched replies -> [value, rows not taken]
-        self.rows_left: dict[ray.ObjectRef, int] = {}
+        self.replies: dict[ray.ObjectRef, tuple] = {}  # fetched replies, until every row is taken
+        self.rows_left: dict[ray.ObjectRef, int] = {}  # reply -> its jobs still waiting for it
         self.models: OrderedDict[int, tuple[torch.Tensor, ray.ObjectRef]] = OrderedDict()
         self.passes = LocalPasses()
         # the minibatch width of shipped passes: the local executor's large passes hold a client with
@@ -158,7 +158,9 @@ class RayExecutor(Executor):
         self.passes.set_steps(job, steps)
         shipped = self.shipped.get(job_id)
         if shipped is not None and shipped[2] != steps:  # trained ahead with more steps: train it again
-            self.outbox[job_id] = job
+            self._forget(job_id)
+            if job.reports:
+                self.outbox[job_id] = job
 
     def result(self, job_id):
         if job_id in self.outbox:
@@ -171,8 +173,8 @@ class RayExecutor(Executor):
             self._ship([job])
         ref, row, _, _ = self.shipped[job_id]
         if ref not in self.replies:
-            self.replies[ref] = [ray.get(ref), self.rows_left[ref]]
-        (deltas, fields), _ = self.replies[ref]
+            self.replies[ref] = ray.get(ref)
+        deltas, fields = self.replies[ref]
         self._forget(job_id)
         n, steps, loss, start_loss, planned = fields[row]
         return ClientUpdate(job.client, job.base_version, deltas[row].clone(), n, steps, loss, start_loss, planned)
