@@ -167,3 +167,14 @@ def test_ray_address_applies_to_the_ray_executor_only(tmp_path, capsys):
     rc = main(["simulate", "--preset", "quickstart", "--ray-address", "auto", "--out", str(tmp_path)])
     assert rc == 2
     assert "--ray-address applies to executor ray" in capsys.readouterr().out
+
+
+def test_without_ray_the_ray_executor_asks_for_the_extra(small, tmp_path, monkeypatch):
+    import sys
+
+    from asyncfl.config import ConfigError
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if it were not installed
+    monkeypatch.delitem(sys.modules, "asyncfl.sim.ray_executor")
+    with pytest.raises(ConfigError, match=r"pip install 'asyncfl\[ray\]'"):
+        run_experiment(small(executor="ray"), tmp_path, threads=1)

@@ -25,6 +25,7 @@ from asyncfl.algorithms.shuffle import minibatches, mix
 from asyncfl.algorithms.trainer import LocalTrainer
 from asyncfl.algorithms.types import ClientUpdate
 from asyncfl.attacks import flip_labels
+from asyncfl.config.base import ConfigError
 from asyncfl.data.federated import FederatedDataset
 from asyncfl.sim.executor import Executor, SequentialExecutor, TrainJob
 from asyncfl.sim.kernels import Kernel, NotVectorisable, activation_floats, build_kernel
@@ -388,8 +389,10 @@ def make_executor(
         raise ValueError(f"unknown executor {kind!r}; use 'sequential', 'batched' or 'ray'")
     try:
         if kind == "ray":
-            from asyncfl.sim.ray_executor import RayExecutor
-
+            try:
+                from asyncfl.sim.ray_executor import RayExecutor
+            except ImportError as missing:
+                raise ConfigError("executor ray needs Ray: pip install 'asyncfl[ray]'") from missing
             return RayExecutor(trainer, data, memory_mb, ray_actors, ray_address)
         return BatchedExecutor(trainer, data, memory_mb)
     except NotVectorisable as why:
