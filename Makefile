@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e '.[test,interop]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,interop,ray]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -45,6 +45,11 @@ def _add_config_args(p: argparse.ArgumentParser, allow_file: bool) -> None:
         "or --set runs.fedbuff.algorithm.buffer_size=5 (repeatable)",
     )
     p.add_argument("--seed", type=int, help="override the experiment seed")
+    p.add_argument(
+        "--ray-address",
+        help="executor ray: join this Ray cluster ('auto', or the head's HOST:PORT) instead of starting "
+        "Ray on this machine; the config's ray_address",
+    )
     p.add_argument("--out", type=Path, required=True, help="results directory")
     p.add_argument("--quick", action="store_true", help="apply the experiment's quick: block (a small variant)")
     p.add_argument(
@@ -219,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config.load(
             getattr(args, "config", None), args.preset, args.overrides, args.seed, quick=getattr(args, "quick", False)
         )
+        if args.ray_address:
+            if cfg.executor != "ray":
+                raise config.ConfigError("--ray-address applies to executor ray (--set executor=ray)")
+            cfg = cfg.model_copy(update={"ray_address": args.ray_address})
         runs = [cfg.run(args.run).name] if args.command == "simulate" else None
         if args.command == "compare" and cfg.study is not None:
             from asyncfl.study import run_study  # a study: grids, seeds and ratios (asyncfl.study)

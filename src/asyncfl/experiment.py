@@ -58,7 +58,9 @@ def build_simulation(
         model,
         data,
         trainer,
-        make_executor(cfg.executor, trainer, data, cfg.executor_memory_mb),
+        make_executor(
+            cfg.executor, trainer, data, cfg.executor_memory_mb, ray_actors=cfg.ray_actors, ray_address=cfg.ray_address
+        ),
         build_aggregator(spec, cfg.trainer.lr, num_users=num_users(cfg, data), seed=cfg.seed),
         build_policy(spec.scheduler),
         build_client_rule(spec, cfg.trainer.lr),
@@ -73,7 +75,10 @@ def run_one(
     cfg: ExperimentConfig, spec: RunSpec, data: FederatedDataset | None = None, progress=None, module=None
 ) -> Metrics:
     sim = build_simulation(cfg, spec, data, progress, module)
-    m = sim.run()
+    try:
+        m = sim.run()
+    finally:
+        sim.executor.close()
     if getattr(sim.data, "client_test_indices", None) is not None:  # per-client spread of the final model
         m.extra["client_accuracy"] = spread(client_accuracies(sim.model, sim.state.w, sim.data))
         meta = client_options(spec)  # a meta-trained model is meant to be evaluated after its personal step
@@ -93,8 +98,9 @@ def choose_threads(
     model = build_flat_model(cfg, data, module)
     trainer = build_trainer(cfg, spec, model)
 
-    def fresh_executor():
-        return make_executor(cfg.executor, trainer, data, cfg.executor_memory_mb, notify=lambda _: None)
+    def fresh_executor():  # a ray executor's actors train with the threads chosen here, by a local pass
+        kind = "batched" if cfg.executor == "ray" else cfg.executor
+        return make_executor(kind, trainer, data, cfg.executor_memory_mb, notify=lambda _: None)
 
     clients = min(spec.scheduler.concurrency, PROBE_CLIENTS)
     probe = thread_choice.training_probe(fresh_executor, model.initial_weights(), clients, data.num_clients, cfg.seed)

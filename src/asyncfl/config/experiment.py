@@ -147,8 +147,14 @@ class ExperimentConfig(Strict):
     target: TargetConfig | None = Field(
         default=None, description="a target on another metric; replaces target_accuracy"
     )
-    executor: Literal["sequential", "batched"] = "sequential"
+    executor: Literal["sequential", "batched", "ray"] = "sequential"
     executor_memory_mb: float = Field(default=512.0, gt=0, description="batched executor: memory per pass")
+    ray_actors: int = Field(
+        default=2, ge=1, description="ray executor: actors that train jobs, each a batched executor"
+    )
+    ray_address: str | None = Field(
+        default=None, description="ray executor: the cluster to join ('auto', 'HOST:PORT'); None starts Ray locally"
+    )
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     population: PopulationConfig = PopulationConfig()

@@ -25,6 +25,7 @@ from asyncfl.algorithms.shuffle import minibatches, mix
 from asyncfl.algorithms.trainer import LocalTrainer
 from asyncfl.algorithms.types import ClientUpdate
 from asyncfl.attacks import flip_labels
+from asyncfl.config.base import ConfigError
 from asyncfl.data.federated import FederatedDataset
 from asyncfl.sim.executor import Executor, SequentialExecutor, TrainJob
 from asyncfl.sim.kernels import Kernel, NotVectorisable, activation_floats, build_kernel
@@ -50,6 +51,10 @@ class BatchedExecutor(Executor):
         self._slabs: dict[int, tuple[torch.Tensor, set[int], int]] = {}  # pass -> (buffer, jobs in done, rows)
         self._slab_of: dict[int, int] = {}  # job -> the pass whose tensor holds its delta
         self.memory_mb = memory_mb
+        # minibatch slots of every pass at least this wide (fixed-size batches only): the examples
+        # a pass sums over change the last bits of floats, so the ray executor's actors pad their
+        # small passes as wide as the local executor's large ones are
+        self.min_width = 0
         self.train_seconds = 0.0  # inside the vectorised passes
         self.gather_seconds = 0.0  # minibatch indices, stacking start models, writing deltas
         self.passes = 0
@@ -270,6 +275,8 @@ class BatchedExecutor(Executor):
         flipped = self._flipped(jobs)
         batches = steps * tr.batches_per_step
         gidx_t = torch.from_numpy(self._minibatches(jobs, ns, batches, bs, index, offsets))
+        if tr.local_epochs is None and gidx_t.shape[2] < self.min_width:  # zero-weight slots: any example
+            gidx_t = nn.functional.pad(gidx_t, (0, self.min_width - gidx_t.shape[2]))
         s_max, b_max = int(steps.max(initial=0)), gidx_t.shape[2]
         if tr.local_epochs is None:  # every batch full: one [J, B] weight for the whole pass
             widths = None
@@ -370,16 +377,25 @@ def make_executor(
     data: FederatedDataset,
     memory_mb: float = 512.0,
     notify: Callable[[str], None] | None = None,
+    ray_actors: int = 2,
+    ray_address: str | None = None,
 ) -> Executor:
     """The executor a config names; a model the batched one cannot train faithfully falls back
-    to the sequential reference with a one-line notice rather than a wrong result."""
+    to the sequential reference with a one-line notice rather than a wrong result. `ray` trains
+    on Ray actors (`asyncfl.sim.ray_executor`, the optional extra asyncfl[ray])."""
     if kind == "sequential":
         return SequentialExecutor(trainer, data)
-    if kind != "batched":
-        raise ValueError(f"unknown executor {kind!r}; use 'sequential' or 'batched'")
+    if kind not in ("batched", "ray"):
+        raise ValueError(f"unknown executor {kind!r}; use 'sequential', 'batched' or 'ray'")
     try:
+        if kind == "ray":
+            try:
+                from asyncfl.sim.ray_executor import RayExecutor
+            except ImportError as missing:
+                raise ConfigError("executor ray needs Ray: pip install 'asyncfl[ray]'") from missing
+            return RayExecutor(trainer, data, memory_mb, ray_actors, ray_address)
         return BatchedExecutor(trainer, data, memory_mb)
     except NotVectorisable as why:
-        msg = f"batched executor unavailable for {trainer.model.name} ({why}); using sequential"
+        msg = f"{kind} executor unavailable for {trainer.model.name} ({why}); using sequential"
         (notify or (lambda m: print(m, file=sys.stderr)))(msg)
         return SequentialExecutor(trainer, data)

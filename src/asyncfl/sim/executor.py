@@ -56,6 +56,10 @@ class Executor(ABC):
         """(accuracy, loss) of several global-model snapshots; batched executors vectorise it."""
         return [self.trainer.model.evaluate(w, x, y) for w in ws]
 
+    def close(self) -> None:
+        """The run is over: drop the jobs still pending (remote executors also end their workers)."""
+        self.pending.clear()
+
     @abstractmethod
     def result(self, job_id: int) -> ClientUpdate:
         """Train (at least) this job and return its update; the job leaves the pool."""

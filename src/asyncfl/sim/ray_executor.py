@@ -1,0 +1,265 @@
+"""Client training on a pool of Ray actors, each holding the data, the model and a batched executor.
+
+A job is fixed when its trip starts, so it can be trained from then on: jobs are shipped as
+batched passes as soon as they are a fraction of the jobs in flight, and the event loop runs on
+while actors train; it blocks only on a result that is not back yet. Each start model is put in
+the object store once. A pass's composition is set by the event loop alone, never by which
+actor is free, so a run's results do not depend on the number of actors or the order in which
+they finish; they equal the local batched executor's (see `LocalPasses` and `min_width`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import ray
+import torch
+
+import asyncfl
+from asyncfl.algorithms.trainer import LocalTrainer
+from asyncfl.algorithms.types import ClientUpdate
+from asyncfl.data.federated import FederatedDataset
+from asyncfl.sim.batched import BatchedExecutor
+from asyncfl.sim.executor import Executor, TrainJob
+
+# jobs wait to be shipped until they are this fraction of the jobs in flight (or one is needed):
+# passes large enough that the per-call cost is shared, early enough that few results are waited on
+SHIP_FRACTION = 1 / 8
+# start models kept in the object store: async runs ship jobs of the newest few versions
+MODELS_KEPT = 8
+
+
+def connect(address: str | None) -> None:
+    """Join the cluster at `address`, or start Ray on this machine, unless Ray already runs in
+    this process (a test's or a user's ray.init). Ray shuts down when the process exits."""
+    if ray.is_initialized():
+        return
+    quiet = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
+    if address:
+        ray.init(address=address, **quiet)
+    else:  # local workers import this very asyncfl (a source checkout included)
+        source = str(Path(asyncfl.__file__).resolve().parents[1])
+        path = os.pathsep.join(p for p in (source, os.environ.get("PYTHONPATH")) if p)
+        # "local": a new Ray of our own, never a cluster that `ray start` left recorded in /tmp/ray
+        ray.init(address="local", runtime_env={"env_vars": {"PYTHONPATH": path}}, **quiet)
+
+
+@ray.remote
+class TrainingActor:
+    """Trains shipped passes with its own batched executor."""
+
+    def __init__(self, shared: tuple[LocalTrainer, FederatedDataset], memory_mb: float, threads: int):
+        torch.set_num_threads(threads)  # the driver's: thread counts change the last bits of floats
+        trainer, data = shared
+        self.executor = BatchedExecutor(trainer, data, memory_mb)  # the driver has vetted the model
+
+    def train(self, specs: list[tuple], min_width: int, *bases: torch.Tensor) -> tuple[torch.Tensor, list[tuple]]:
+        """One pass, its minibatch slots at least `min_width` wide: specs are (job id, client,
+        version, index into bases, seed, steps, correction, flip labels). Returns the stacked
+        deltas and each update's other fields."""
+        ex = self.executor
+        ex.min_width = min_width
+        for job_id, client, version, b, seed, steps, correction, flip in specs:
+            ex.submit(TrainJob(job_id, client, version, bases[b], seed, steps, correction=correction, flip_labels=flip))
+        ex.run_pool()
+        updates = [ex.result(spec[0]) for spec in specs]
+        fields = [(u.n_examples, u.steps, u.loss, u.start_loss, u.planned_steps) for u in updates]
+        return torch.stack([u.delta for u in updates]), fields
+
+
+class LocalPasses:
+    """The passes the local batched executor would train (its pool rule: a missing result trains
+    every pending job that reports, the one asked for first), replayed on job ids: they give a
+    run's `client_updates` however far ahead the actors trained, and the minibatch width each
+    job's pass had."""
+
+    def __init__(self):
+        self.pending: dict[int, TrainJob] = {}
+        self.trained_steps: dict[int, int] = {}  # jobs the local executor would hold trained
+        self.trained = 0
+
+    def submit(self, job: TrainJob) -> None:
+        self.pending[job.job_id] = job
+
+    def cancel(self, job_id: int) -> None:
+        self.pending.pop(job_id, None)
+        self.trained_steps.pop(job_id, None)
+
+    def set_steps(self, job: TrainJob, steps: int) -> None:
+        if self.trained_steps.get(job.job_id, steps) != steps:  # trained ahead with more steps: again
+            del self.trained_steps[job.job_id]
+            self.pending[job.job_id] = job
+
+    def result(self, job_id: int) -> list[TrainJob]:
+        """The jobs the local executor trains now, in its order (none if it holds this one)."""
+        trained = []
+        if job_id not in self.trained_steps:
+            everyone = not self.pending[job_id].reports
+            trained = [j for j in self.pending.values() if everyone or j.reports or j.job_id == job_id]
+            trained.sort(key=lambda j: j.job_id != job_id)
+            for job in trained:
+                del self.pending[job.job_id]
+                self.trained_steps[job.job_id] = job.steps
+            self.trained += len(trained)
+        del self.trained_steps[job_id]
+        return trained
+
+
+class RayExecutor(Executor):
+    def __init__(
+        self,
+        trainer: LocalTrainer,
+        data: FederatedDataset,
+        memory_mb: float = 512.0,
+        actors: int = 2,
+        address: str | None = None,
+    ):
+        super().__init__(trainer, data)
+        self.local = BatchedExecutor(trainer, data, memory_mb)  # evaluates; raises NotVectorisable first
+        connect(address)
+        shared = ray.put((trainer, data))
+        threads = torch.get_num_threads()
+        spread = TrainingActor.options(scheduling_strategy="SPREAD")
+        self.actors = [spread.remote(shared, memory_mb, threads) for _ in range(actors)]
+        self.in_flight = [0] * actors  # passes shipped to each actor and not yet collected
+        self.outbox: dict[int, TrainJob] = {}  # submitted, not shipped yet
+        self.shipped: dict[int, tuple[ray.ObjectRef, int, int, int]] = {}  # job -> (reply, row, steps, actor)
+        self.replies: dict[ray.ObjectRef, tuple] = {}  # fetched replies, until every row is taken
+        self.rows_left: dict[ray.ObjectRef, int] = {}  # reply -> its jobs still waiting for it
+        self.models: OrderedDict[int, tuple[torch.Tensor, ray.ObjectRef]] = OrderedDict()
+        self.passes = LocalPasses()
+        # the minibatch width of shipped passes: the local executor's large passes hold a client with
+        # a full minibatch, and a pass's width changes the last bits of floats. Kernels that may mix
+        # examples train each width apart (no padding), and so do epochs, slot by slot
+        self.width = 0 if self.local.kernel.mixes_examples or trainer.local_epochs else trainer.batch_size
+        self.shipped_jobs = 0  # jobs trained remotely, retrained ones included
+        self.models_put = 0  # start models put in the object store
+
+    def submit(self, job):
+        self.pending[job.job_id] = job
+        self.passes.submit(job)
+        if job.reports:  # a job that will not report is trained only if its result is asked for
+            self.outbox[job.job_id] = job
+            if len(self.outbox) >= SHIP_FRACTION * len(self.pending):
+                self._flush()
+
+    def cancel(self, job_id):
+        self.pending.pop(job_id, None)
+        self.outbox.pop(job_id, None)
+        self.passes.cancel(job_id)
+        self._forget(job_id)
+
+    def set_steps(self, job_id, steps):
+        job = self.pending[job_id]
+        job.steps = steps
+        self.passes.set_steps(job, steps)
+        shipped = self.shipped.get(job_id)
+        if shipped is not None and shipped[2] != steps:  # trained ahead with more steps: train it again
+            self._forget(job_id)
+            if job.reports:
+                self.outbox[job_id] = job
+
+    def result(self, job_id):
+        if job_id in self.outbox:
+            self._flush()
+        job = self.pending.pop(job_id)
+        for chunk in self._narrow(self.passes.result(job_id)):  # trained as the local executor does
+            self._ship(chunk, min_width=0)
+        self.trained = self.passes.trained
+        if job_id not in self.shipped:  # a job that was not expected to report
+            self._ship([job])
+        ref, row, _, _ = self.shipped[job_id]
+        if ref not in self.replies:
+            self.replies[ref] = ray.get(ref)
+        deltas, fields = self.replies[ref]
+        self._forget(job_id)
+        n, steps, loss, start_loss, planned = fields[row]
+        return ClientUpdate(job.client, job.base_version, deltas[row].clone(), n, steps, loss, start_loss, planned)
+
+    def evaluate_many(self, ws, x, y):
+        return self.local.evaluate_many(ws, x, y)
+
+    def _forget(self, job_id: int) -> None:
+        """Drop a job's claim on its reply; the reply goes once no job waits on it."""
+        entry = self.shipped.pop(job_id, None)
+        if entry is None:
+            return
+        ref, _, _, actor = entry
+        self.rows_left[ref] -= 1
+        if self.rows_left[ref] == 0:
+            del self.rows_left[ref]
+            self.replies.pop(ref, None)
+            self.in_flight[actor] -= 1
+
+    def _flush(self) -> None:
+        """Ship the waiting jobs, in passes of the local executor's size."""
+        jobs = [job for job in self.outbox.values() if job.reports]
+        self.outbox.clear()
+        size = self.local.chunk_size()
+        for s in range(0, len(jobs), size):
+            self._ship(jobs[s : s + size])
+
+    def _model_ref(self, w: torch.Tensor) -> ray.ObjectRef:
+        """The object-store copy of a start model, put once (jobs of one version share the tensor)."""
+        key = id(w)
+        kept = self.models.get(key)
+        if kept is not None and kept[0] is w:
+            self.models.move_to_end(key)
+            return kept[1]
+        ref = ray.put(w)
+        self.models_put += 1
+        self.models[key] = (w, ref)  # the tensor stays referenced, so its id is not reused meanwhile
+        if len(self.models) > MODELS_KEPT:
+            self.models.popitem(last=False)
+        return ref
+
+    def _narrow(self, jobs: list[TrainJob]) -> list[list[TrainJob]]:
+        """The local executor's chunks of a pass whose minibatches are narrower than the width
+        the actors pad to: no client in them has a full minibatch (rare; rounding differs)."""
+        if not self.width:
+            return []
+        size, full = self.local.chunk_size(), self.trainer.batch_size
+        chunks = [jobs[s : s + size] for s in range(0, len(jobs), size)]
+        return [c for c in chunks if max(int(self.local.sizes[job.client]) for job in c) < full]
+
+    def _ship(self, jobs: list[TrainJob], min_width: int | None = None) -> None:
+        refs: list[ray.ObjectRef] = []
+        where: dict[int, int] = {}
+        specs = []
+        for job in jobs:
+            key = id(job.base_w)
+            if key not in where:
+                where[key] = len(refs)
+                refs.append(self._model_ref(job.base_w))
+            specs.append(
+                (
+                    job.job_id,
+                    job.client,
+                    job.base_version,
+                    where[key],
+                    job.seed,
+                    job.steps,
+                    job.correction,
+                    job.flip_labels,
+                )
+            )
+        actor = min(range(len(self.actors)), key=self.in_flight.__getitem__)
+        width = self.width if min_width is None else min_width
+        ref = self.actors[actor].train.remote(specs, width, *refs)
+        self.in_flight[actor] += 1
+        self.rows_left[ref] = len(jobs)
+        for row, job in enumerate(jobs):
+            self.outbox.pop(job.job_id, None)
+            self._forget(job.job_id)  # a job shipped again: its earlier result is not wanted
+            self.shipped[job.job_id] = (ref, row, job.steps, actor)
+        self.shipped_jobs += len(jobs)
+
+    def close(self) -> None:
+        """End the actors; Ray itself stays up for the process's next run and shuts down at exit."""
+        super().close()
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []

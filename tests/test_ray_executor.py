@@ -1,0 +1,180 @@
+"""The ray executor: the batched executor's results, trained on Ray actors ahead of need."""
+
+import json
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'asyncfl[ray]'")
+
+from asyncfl.experiment import run_experiment  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    """One small local Ray for the module: its start-up is most of these tests' time."""
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def summary_of(cfg, out) -> dict:
+    """summary.json without what is measured rather than computed."""
+    run_experiment(cfg, out, threads=1)
+    s = json.loads((out / "summary.json").read_text())
+    for r in s["runs"]:
+        r.pop("wall_seconds"), r.pop("peak_rss_mb")
+    s.pop("peak_rss_mb"), s.pop("threads")
+    return s
+
+
+@pytest.fixture(scope="module")
+def batched(tmp_path_factory):
+    from conftest import small_config
+
+    return summary_of(small_config(executor="batched"), tmp_path_factory.mktemp("batched"))
+
+
+@pytest.mark.parametrize("actors", [1, 2, 3])
+def test_same_summary_as_the_batched_executor(small, tmp_path, batched, actors):
+    ours = summary_of(small(executor="ray", ray_actors=actors), tmp_path)
+    assert ours == batched
+
+
+def test_each_update_equals_the_batched_executors_in_any_order(torch_threads):
+    """Jobs of three start models, small clients among them (narrow minibatches), partial work,
+    a cancelled job and one nobody expected to report: every update is the batched executor's,
+    bit for bit, asked for in a shuffled order, and the client update count is the same."""
+    import random
+
+    import numpy as np
+    import torch
+    from conftest import digits_clients
+
+    from asyncfl.algorithms.trainer import LocalTrainer
+    from asyncfl.models import FlatModel, build_model
+    from asyncfl.sim.batched import BatchedExecutor
+    from asyncfl.sim.executor import TrainJob
+    from asyncfl.sim.ray_executor import RayExecutor
+
+    torch_threads(1)
+    data = digits_clients(60)
+    torch.manual_seed(0)
+    trainer = LocalTrainer(
+        FlatModel(build_model("mlp", data.num_features, data.num_classes, hidden=(32,))), 0.1, 16, local_steps=5
+    )
+    w0 = trainer.model.initial_weights()
+    bases = [w0 + 0.01 * v for v in range(3)]
+
+    small = np.flatnonzero(data.client_sizes() < 16).tolist()
+    # jobs 7 (not expected to report) and 11, 12 (cut short after training) train again alone,
+    # on small clients: a pass without a full minibatch
+    clients = {7: small[0], 11: small[1], 12: small[2]}
+
+    def jobs():
+        return [
+            TrainJob(k, clients.get(k, (7 * k) % 60), k % 3, bases[k % 3], 100 + k, 1 + k % 5, reports=k != 7)
+            for k in range(40)
+        ]
+
+    local, remote = BatchedExecutor(trainer, data), RayExecutor(trainer, data, actors=2)
+    order = [k for k in range(40) if k != 3]
+    random.Random(0).shuffle(order)
+    got = {}
+    for ex in (local, remote):
+        for job in jobs():
+            ex.submit(job)
+        ex.cancel(3)
+        ex.set_steps(11, 1)
+        ex.set_steps(12, 2)
+        got[ex] = {k: ex.result(k) for k in order}
+    for k in order:
+        u, v = got[local][k], got[remote][k]
+        assert torch.equal(u.delta, v.delta), k
+        assert (u.client_id, u.base_version, u.n_examples, u.steps, u.loss, u.start_loss, u.planned_steps) == (
+            v.client_id,
+            v.base_version,
+            v.n_examples,
+            v.steps,
+            v.loss,
+            v.start_loss,
+            v.planned_steps,
+        )
+    assert remote.trained == local.trained
+    assert remote.models_put == 3  # each start model once
+    remote.close()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_two_node_cluster_joined_from_the_command_line(tmp_path, batched):
+    """`ray start --head` and a second `ray start --address` on this machine: the command line
+    joins them with --ray-address, and the summary is the batched executor's."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import yaml
+    from conftest import small_config
+
+    import asyncfl
+
+    ray_cli = Path(sys.executable).parent / "ray"
+    source = str(Path(asyncfl.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": source, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    address = f"127.0.0.1:{free_port()}"
+    common = ["--num-cpus=1", "--block", "--disable-usage-stats"]
+    head = subprocess.Popen(
+        [ray_cli, "start", "--head", f"--port={address.split(':')[1]}", "--include-dashboard=false", *common], env=env
+    )
+    nodes = [head]
+    try:
+        time.sleep(5)
+        nodes.append(subprocess.Popen([ray_cli, "start", f"--address={address}", *common], env=env))
+        time.sleep(3)
+        config_file = tmp_path / "small.yaml"
+        config_file.write_text(yaml.safe_dump(small_config(executor="ray").model_dump(mode="json")))
+        out = tmp_path / "out"
+        command = [sys.executable, "-m", "asyncfl.cli", "compare", "--config", str(config_file), "--threads", "1"]
+        command += ["--ray-address", address, "--set", "ray_actors=2", "--out", str(out)]
+        subprocess.run(command, env=env, check=True, timeout=300, capture_output=True)
+        s = json.loads((out / "summary.json").read_text())
+        for r in s["runs"]:
+            r.pop("wall_seconds"), r.pop("peak_rss_mb")
+        s.pop("peak_rss_mb"), s.pop("threads")
+        assert s == batched
+    finally:
+        for node in reversed(nodes):
+            node.terminate()
+            node.wait(timeout=60)
+        # the head records its address for later ray.init() calls to join: not once it is gone
+        record = Path("/tmp/ray/ray_current_cluster")
+        if record.exists() and record.read_text().strip().endswith(":" + address.split(":")[1]):
+            record.unlink()
+
+
+def test_ray_address_applies_to_the_ray_executor_only(tmp_path, capsys):
+    from asyncfl.cli import main
+
+    rc = main(["simulate", "--preset", "quickstart", "--ray-address", "auto", "--out", str(tmp_path)])
+    assert rc == 2
+    assert "--ray-address applies to executor ray" in capsys.readouterr().out
+
+
+def test_without_ray_the_ray_executor_asks_for_the_extra(small, tmp_path, monkeypatch):
+    import sys
+
+    from asyncfl.config import ConfigError
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if it were not installed
+    monkeypatch.delitem(sys.modules, "asyncfl.sim.ray_executor")
+    with pytest.raises(ConfigError, match=r"pip install 'asyncfl\[ray\]'"):
+        run_experiment(small(executor="ray"), tmp_path, threads=1)
