@@ -31,6 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from server import experiment as server_experiment  # noqa: E402  (bench/server.py)
+
 from asyncfl import wire  # noqa: E402
 from asyncfl.secagg import FixedPointCodec, Ring, prg  # noqa: E402
 from asyncfl.secagg.crypto import from_base64  # noqa: E402
@@ -42,31 +44,15 @@ RUN = "ingest"
 
 
 def experiment(hidden: list[int], clients: int, buffer_size: int, tsa: TsaProcess | None = None) -> dict:
-    run = {
-        "name": RUN,
-        "algorithm": {"name": "fedbuff", "buffer_size": buffer_size},
-        "scheduler": {"mode": "async", "concurrency": clients},
-    }
-    server = {
-        "lease_timeout": 120,
-        "retry_after": 0.01,
-        "eval_every_s": 5,
-        "max_body_bytes": 64 * 2**20,
-        "rate_per_s": 1e6,
-        "rate_burst": 1e6,
-        "max_update_norm": 1e6,
-    }
+    """bench/server.py's FedBuff task (no rate limits, no norm guard in the way), run `RUN`,
+    its uploads masked for `tsa` when given."""
+    tree = server_experiment(hidden, clients, buffer_size)
+    run = tree["runs"][0]
+    run["name"] = RUN
     if tsa is not None:
         run["secure_aggregation"] = {"protocol": "tsa", "clip_range": 0.5}
-        server |= tsa.server_settings()
-    return {
-        "name": "bench",
-        "seed": 0,
-        "data": {"partition": {"kind": "iid"}, "num_clients": clients},
-        "model": {"name": "mlp", "hidden": hidden},
-        "server": server,
-        "runs": [run],
-    }
+        tree["server"] |= tsa.server_settings()
+    return tree
 
 
 class PlainFrames:
