@@ -178,3 +178,25 @@ def test_without_ray_the_ray_executor_asks_for_the_extra(small, tmp_path, monkey
     monkeypatch.delitem(sys.modules, "asyncfl.sim.ray_executor")
     with pytest.raises(ConfigError, match=r"pip install 'asyncfl\[ray\]'"):
         run_experiment(small(executor="ray"), tmp_path, threads=1)
+
+
+def test_a_killed_actor_is_replaced_and_the_result_is_unchanged(small, tmp_path, batched, monkeypatch):
+    """kill -9 of one actor's process mid-run: a new actor takes its place, the passes it had
+    not answered are trained again (jobs are deterministic), and summary.json is unchanged."""
+    import os
+    import signal
+
+    from asyncfl.sim import ray_executor
+
+    seen, result = [], ray_executor.RayExecutor.result
+
+    def killing_result(self, job_id):
+        seen.append(self)
+        if len(seen) == 30:  # mid-run, with passes in flight
+            os.kill(ray.get(self.actors[0].pid.remote()), signal.SIGKILL)
+        return result(self, job_id)
+
+    monkeypatch.setattr(ray_executor.RayExecutor, "result", killing_result)
+    ours = summary_of(small(executor="ray", ray_actors=2), tmp_path)
+    assert len(seen) > 30 and seen[29].replaced >= 1  # the executor of the run it was killed in
+    assert ours == batched

@@ -56,6 +56,9 @@ class TrainingActor:
         trainer, data = shared
         self.executor = BatchedExecutor(trainer, data, memory_mb)  # the driver has vetted the model
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def train(self, specs: list[tuple], min_width: int, *bases: torch.Tensor) -> tuple[torch.Tensor, list[tuple]]:
         """One pass, its minibatch slots at least `min_width` wide: specs are (job id, client,
         version, index into bases, seed, steps, correction, flip labels). Returns the stacked
@@ -120,10 +123,11 @@ class RayExecutor(Executor):
         super().__init__(trainer, data)
         self.local = BatchedExecutor(trainer, data, memory_mb)  # evaluates; raises NotVectorisable first
         connect(address)
-        shared = ray.put((trainer, data))
-        threads = torch.get_num_threads()
-        spread = TrainingActor.options(scheduling_strategy="SPREAD")
-        self.actors = [spread.remote(shared, memory_mb, threads) for _ in range(actors)]
+        self._shared = ray.put((trainer, data))
+        self._actor_args = (memory_mb, torch.get_num_threads())
+        self.actors = [self._new_actor() for _ in range(actors)]
+        self.passes_of: dict[ray.ObjectRef, tuple[list[TrainJob], int]] = {}  # reply -> its pass and width
+        self.replaced = 0  # actors that died and were replaced
         self.in_flight = [0] * actors  # passes shipped to each actor and not yet collected
         self.outbox: dict[int, TrainJob] = {}  # submitted, not shipped yet
         self.shipped: dict[int, tuple[ray.ObjectRef, int, int, int]] = {}  # job -> (reply, row, steps, actor)
@@ -171,13 +175,33 @@ class RayExecutor(Executor):
         self.trained = self.passes.trained
         if job_id not in self.shipped:  # a job that was not expected to report
             self._ship([job])
-        ref, row, _, _ = self.shipped[job_id]
-        if ref not in self.replies:
-            self.replies[ref] = ray.get(ref)
+        while (ref := self.shipped[job_id][0]) not in self.replies:
+            try:
+                self.replies[ref] = ray.get(ref)
+            except ray.exceptions.RayActorError:  # its actor died: replace it, train its passes again
+                self._replace(self.shipped[job_id][3])
+        row = self.shipped[job_id][1]
         deltas, fields = self.replies[ref]
         self._forget(job_id)
         n, steps, loss, start_loss, planned = fields[row]
         return ClientUpdate(job.client, job.base_version, deltas[row].clone(), n, steps, loss, start_loss, planned)
+
+    def _new_actor(self):
+        return TrainingActor.options(scheduling_strategy="SPREAD").remote(self._shared, *self._actor_args)
+
+    def _replace(self, actor: int) -> None:
+        """A new actor in a dead one's place, and every pass the dead one had not answered shipped
+        to it again, the same jobs at the same width: jobs are deterministic, so the run's results
+        do not change."""
+        self.actors[actor] = self._new_actor()
+        self.replaced += 1
+        lost: dict[ray.ObjectRef, list[tuple[int, int]]] = {}
+        for job_id, (ref, row, _, where) in list(self.shipped.items()):
+            if where == actor and ref not in self.replies:
+                lost.setdefault(ref, []).append((row, job_id))
+        for ref, rows in lost.items():
+            jobs, width = self.passes_of[ref]
+            self._ship([jobs[row] for row, _ in sorted(rows)], min_width=width, actor=actor)
 
     def evaluate_many(self, ws, x, y):
         return self.local.evaluate_many(ws, x, y)
@@ -192,6 +216,7 @@ class RayExecutor(Executor):
         if self.rows_left[ref] == 0:
             del self.rows_left[ref]
             self.replies.pop(ref, None)
+            self.passes_of.pop(ref, None)
             self.in_flight[actor] -= 1
 
     def _flush(self) -> None:
@@ -225,7 +250,7 @@ class RayExecutor(Executor):
         chunks = [jobs[s : s + size] for s in range(0, len(jobs), size)]
         return [c for c in chunks if max(int(self.local.sizes[job.client]) for job in c) < full]
 
-    def _ship(self, jobs: list[TrainJob], min_width: int | None = None) -> None:
+    def _ship(self, jobs: list[TrainJob], min_width: int | None = None, actor: int | None = None) -> None:
         refs: list[ray.ObjectRef] = []
         where: dict[int, int] = {}
         specs = []
@@ -246,11 +271,13 @@ class RayExecutor(Executor):
                     job.flip_labels,
                 )
             )
-        actor = min(range(len(self.actors)), key=self.in_flight.__getitem__)
+        if actor is None:
+            actor = min(range(len(self.actors)), key=self.in_flight.__getitem__)
         width = self.width if min_width is None else min_width
         ref = self.actors[actor].train.remote(specs, width, *refs)
         self.in_flight[actor] += 1
         self.rows_left[ref] = len(jobs)
+        self.passes_of[ref] = (jobs, width)
         for row, job in enumerate(jobs):
             self.outbox.pop(job.job_id, None)
             self._forget(job.job_id)  # a job shipped again: its earlier result is not wanted
