@@ -101,6 +101,8 @@ def test_each_update_equals_the_batched_executors_in_any_order(torch_threads):
         )
     assert remote.trained == local.trained
     assert remote.models_put == 3  # each start model once
+    peaks = remote.actor_peak_rss_mb()  # an actor holds torch, the data and its passes: not GBs
+    assert len(peaks) == 2 and all(100 < p < 2000 for p in peaks), peaks
     remote.close()
 
 

@@ -22,6 +22,7 @@ import asyncfl
 from asyncfl.algorithms.trainer import LocalTrainer
 from asyncfl.algorithms.types import ClientUpdate
 from asyncfl.data.federated import FederatedDataset
+from asyncfl.memory import process_peak_rss_mb
 from asyncfl.sim.batched import BatchedExecutor
 from asyncfl.sim.executor import Executor, TrainJob
 
@@ -58,6 +59,9 @@ class TrainingActor:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def peak_rss_mb(self) -> float:
+        return process_peak_rss_mb()
 
     def train(self, specs: list[tuple], min_width: int, *bases: torch.Tensor) -> tuple[torch.Tensor, list[tuple]]:
         """One pass, its minibatch slots at least `min_width` wide: specs are (job id, client,
@@ -202,6 +206,10 @@ class RayExecutor(Executor):
         for ref, rows in lost.items():
             jobs, width = self.passes_of[ref]
             self._ship([jobs[row] for row, _ in sorted(rows)], min_width=width, actor=actor)
+
+    def actor_peak_rss_mb(self) -> list[float]:
+        """Each live actor's peak resident memory so far (MB), in actor order."""
+        return ray.get([actor.peak_rss_mb.remote() for actor in self.actors])
 
     def evaluate_many(self, ws, x, y):
         return self.local.evaluate_many(ws, x, y)
