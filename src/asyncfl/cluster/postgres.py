@@ -125,10 +125,12 @@ class LocalPostgres:
         """The superuser's URL to the `postgres` database."""
         return self.url_for("postgres")
 
-    def url_for(self, database: str) -> str:
+    def url_for(self, database: str, user: str = SUPERUSER, password: str | None = None) -> str:
+        """URL of `database` as `user` (the superuser, with its generated password, by default)."""
         if self.port is None:
             raise PostgresError("the cluster has not been started")
-        return f"postgresql://{SUPERUSER}:{self.password}@127.0.0.1:{self.port}/{database}"
+        password = self.password if password is None else password
+        return f"postgresql://{user}:{password}@127.0.0.1:{self.port}/{database}"
 
     def start(self) -> str:
         """Start the server (creating the cluster first time); a no-op when it runs. Returns url."""
@@ -187,17 +189,29 @@ class LocalPostgres:
                 self._watchdog.stdin.close()
                 self._watchdog = None
 
-    def create_database(self, name: str, template: str | None = None) -> str:
-        """CREATE DATABASE `name` (copied from `template` when given); returns its URL."""
+    def create_database(self, name: str, template: str | None = None, owner: str | None = None) -> str:
+        """CREATE DATABASE `name` (a copy of `template` when given, owned by the role `owner`);
+        returns the superuser's URL to it."""
         import psycopg
         from psycopg import sql
 
         query = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
         if template is not None:
             query = sql.SQL("{} TEMPLATE {}").format(query, sql.Identifier(template))
+        if owner is not None:
+            query = sql.SQL("{} OWNER {}").format(query, sql.Identifier(owner))
         with psycopg.connect(self.url, autocommit=True, connect_timeout=10) as conn:
             conn.execute(query)
         return self.url_for(name)
+
+    def create_role(self, name: str, password: str) -> None:
+        """A login role without superuser rights (what a deployment's asyncfl role would be)."""
+        import psycopg
+        from psycopg import sql
+
+        query = sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(name), sql.Literal(password))
+        with psycopg.connect(self.url, autocommit=True, connect_timeout=10) as conn:
+            conn.execute(query)
 
     def drop_database(self, name: str) -> None:
         """DROP DATABASE, disconnecting whoever is still connected to it."""
