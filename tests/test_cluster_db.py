@@ -16,7 +16,8 @@ import pytest
 psycopg = pytest.importorskip("psycopg")
 
 from asyncfl.cli import main  # noqa: E402
-from asyncfl.cluster import db, postgres  # noqa: E402
+from asyncfl.cluster import db  # noqa: E402
+from asyncfl.cluster import postgres as harness  # noqa: E402
 
 TABLES_0001 = {"tasks", "members", "tokens", "slots", "leases", "partials", "updates", "versions"}
 TABLES_0001 |= {"aggregator_state", "evals"}
@@ -62,7 +63,7 @@ def _tables(url: str) -> set[str]:
 
 
 def test_cluster_runs_unprivileged_survives_restarts_and_is_removed_by_stop():
-    cluster = postgres.LocalPostgres()
+    cluster = harness.LocalPostgres()
     with cluster:
         base, port = cluster.base, cluster.port
         expected_uid = pwd.getpwnam("postgres").pw_uid if os.geteuid() == 0 else os.geteuid()
@@ -113,10 +114,10 @@ def test_cluster_is_removed_when_its_owner_is_killed():
 
 
 def test_missing_binaries_name_the_package_and_make(monkeypatch):
-    monkeypatch.setattr(postgres.shutil, "which", lambda name: None)
-    monkeypatch.setattr(postgres.glob, "glob", lambda pattern: [])
-    with pytest.raises(postgres.PostgresNotInstalled, match=r"`postgresql` package.*make"):
-        postgres.find_bindir()
+    monkeypatch.setattr(harness.shutil, "which", lambda name: None)
+    monkeypatch.setattr(harness.glob, "glob", lambda pattern: [])
+    with pytest.raises(harness.PostgresNotInstalled, match=r"`postgresql` package.*make"):
+        harness.find_bindir()
 
 
 def test_migrate_creates_every_table_once(postgres):
@@ -242,6 +243,6 @@ def test_cli_migrates_from_the_flag_or_the_environment(postgres, monkeypatch, ca
 
 
 def test_cli_reports_an_unreachable_database(capsys):
-    url = f"postgresql://nobody:x@127.0.0.1:{postgres.free_port()}/none"
+    url = f"postgresql://nobody:x@127.0.0.1:{harness.free_port()}/none"
     assert main(["db", "migrate", "--database-url", url]) == 2
     assert "cannot reach the database" in capsys.readouterr().err

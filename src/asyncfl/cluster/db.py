@@ -12,8 +12,11 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
-import psycopg
-from psycopg.conninfo import conninfo_to_dict
+try:
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+except ImportError as err:  # the extra is optional: the simulator and single-process server do without it
+    raise ImportError("the multi-process server needs psycopg: pip install 'asyncfl[postgres]'") from err
 
 from asyncfl.config import ConfigError
 

@@ -111,6 +111,7 @@ class LocalPostgres:
         self.password = secrets.token_urlsafe(18)
         self._user = _server_user()
         self._watchdog: subprocess.Popen | None = None
+        self._first_start = True  # the port may still be changed if someone else took it
 
     @property
     def data_dir(self) -> Path:
