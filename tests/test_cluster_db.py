@@ -11,13 +11,13 @@ import time
 import uuid
 from pathlib import Path
 
+import psycopg
 import pytest
 
-psycopg = pytest.importorskip("psycopg")
-
-from asyncfl.cli import main  # noqa: E402
-from asyncfl.cluster import db  # noqa: E402
-from asyncfl.cluster import postgres as harness  # noqa: E402
+from asyncfl.cli import main
+from asyncfl.cluster import db
+from asyncfl.cluster import postgres as harness
+from asyncfl.config import ConfigError
 
 TABLES_0001 = {"tasks", "members", "tokens", "slots", "leases", "partials", "updates", "versions"}
 TABLES_0001 |= {"aggregator_state", "evals"}
@@ -246,3 +246,22 @@ def test_cli_reports_an_unreachable_database(capsys):
     url = f"postgresql://nobody:x@127.0.0.1:{harness.free_port()}/none"
     assert main(["db", "migrate", "--database-url", url]) == 2
     assert "cannot reach the database" in capsys.readouterr().err
+
+
+def test_a_failing_migration_is_rolled_back_alone(postgres, monkeypatch):
+    """Each migration is its own transaction: those before a broken one stay applied."""
+    url = _fresh_database(postgres)
+    shipped = db.migrations()
+    broken = db.Migration(shipped[-1].version + 1, "broken", "CREATE TABLE half_done (x integer); SELECT nope;")
+    monkeypatch.setattr(db, "migrations", lambda: [*shipped, broken])
+    with pytest.raises(db.SchemaError, match=f"migration {broken.version:04d}_broken failed"):
+        db.migrate(url)
+    tables = _tables(url)
+    assert "half_done" not in tables and tables >= TABLES_0001
+    with db.connect(url) as conn:
+        assert db.schema_version(conn) == shipped[-1].version
+
+
+def test_an_invalid_url_is_a_config_error():
+    with pytest.raises(ConfigError, match="invalid database URL"):
+        db.connect("postgresql://[not a url")

@@ -48,7 +48,11 @@ class Migration:
 def connect(url: str, **kwargs) -> psycopg.Connection:
     """A psycopg connection, autocommit off (callers commit their transactions), with a connect
     timeout unless the URL sets one: a dead database fails fast instead of hanging a role."""
-    if "connect_timeout" not in conninfo_to_dict(url) and "connect_timeout" not in kwargs:
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.ProgrammingError as err:
+        raise ConfigError(f"invalid database URL: {err}") from None
+    if "connect_timeout" not in params and "connect_timeout" not in kwargs:
         kwargs["connect_timeout"] = CONNECT_TIMEOUT_S
     return psycopg.connect(url, autocommit=False, **kwargs)
 
@@ -104,7 +108,10 @@ def migrate(url: str) -> list[int]:
                             f"this asyncfl has {migration.name!r}: the database comes from a diverged asyncfl"
                         )
                     continue
-                conn.execute(migration.sql)  # no parameters: several statements in one go
+                try:
+                    conn.execute(migration.sql)  # no parameters: several statements in one go
+                except psycopg.Error as err:
+                    raise SchemaError(f"migration {migration.version:04d}_{migration.name} failed: {err}") from err
                 conn.execute(
                     "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (migration.version, migration.name)
                 )
