@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -111,6 +112,28 @@ def test_cluster_is_removed_when_its_owner_is_killed():
         time.sleep(0.1)
     assert not os.path.exists(base)
     assert not _alive(int(pid))
+
+
+def test_a_port_taken_before_the_first_start_is_replaced_and_a_failed_start_leaves_nothing(monkeypatch):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        real_free_port = harness.free_port
+        ports = iter([busy])
+        monkeypatch.setattr(harness, "free_port", lambda: next(ports, None) or real_free_port())
+        with harness.LocalPostgres() as cluster:
+            assert cluster.port != busy
+            psycopg.connect(cluster.url).close()
+        monkeypatch.setattr(harness, "free_port", lambda: busy)
+        parent = tempfile.mkdtemp()
+        os.chmod(parent, 0o755)  # the server's user must reach its data dir when we are root
+        try:
+            with pytest.raises(harness.PostgresError, match="could not bind"):
+                harness.LocalPostgres(base_dir=parent).start()
+            assert os.listdir(parent) == []
+        finally:
+            os.rmdir(parent)
 
 
 def test_missing_binaries_name_the_package_and_make(monkeypatch):

@@ -111,7 +111,6 @@ class LocalPostgres:
         self.password = secrets.token_urlsafe(18)
         self._user = _server_user()
         self._watchdog: subprocess.Popen | None = None
-        self._first_start = True  # the port may still be changed if someone else took it
 
     @property
     def data_dir(self) -> Path:
@@ -134,24 +133,18 @@ class LocalPostgres:
         return f"postgresql://{user}:{password}@127.0.0.1:{self.port}/{database}"
 
     def start(self) -> str:
-        """Start the server (creating the cluster first time); a no-op when it runs. Returns url."""
+        """Start the server (creating the cluster first time); a no-op when it runs. Returns url.
+        A cluster that fails to come up the first time is removed (the error carries its log)."""
         if self.base is None:
-            self._init_cluster()
+            try:
+                self._init_cluster()
+                return self._start_server(attempts=5)
+            except BaseException:
+                self.stop()
+                raise
         if self.running():
             return self.url
-        attempts = 5 if self._first_start else 1
-        for attempt in range(attempts):
-            try:
-                self._pg_ctl(
-                    "start", "-w", "-t", str(START_TIMEOUT_S), "-l", str(self.log_path), "-o", f"-p {self.port}"
-                )
-                break
-            except PostgresError:
-                if attempt == attempts - 1 or "could not bind" not in self._log_tail():
-                    raise
-                self.port = free_port()  # someone took the port between free_port() and the bind
-        self._first_start = False
-        return self.url
+        return self._start_server(attempts=1)
 
     def running(self) -> bool:
         if self.base is None or not self.data_dir.exists():
@@ -183,7 +176,7 @@ class LocalPostgres:
             if self.running():
                 self._kill_postmaster()
             shutil.rmtree(self.base, ignore_errors=True)
-            self.base = None
+            self.base = self.port = None
             if self._watchdog is not None:
                 self._watchdog.kill()
                 self._watchdog.wait()
@@ -243,9 +236,22 @@ class LocalPostgres:
             raise PostgresError("the cluster has not been created (start() first) or was removed")
         return self.base
 
+    def _start_server(self, attempts: int) -> str:
+        """pg_ctl start; with attempts > 1 (a new cluster) a port taken meanwhile is replaced."""
+        for attempt in range(attempts):
+            try:
+                self._pg_ctl(
+                    "start", "-w", "-t", str(START_TIMEOUT_S), "-l", str(self.log_path), "-o", f"-p {self.port}"
+                )
+                break
+            except PostgresError:
+                if attempt == attempts - 1 or "could not bind" not in self._log_tail():
+                    raise
+                self.port = free_port()  # someone took the port between free_port() and the bind
+        return self.url
+
     def _init_cluster(self) -> None:
         self.base = Path(tempfile.mkdtemp(prefix="asyncfl-pg-", dir=self._base_parent))
-        self._first_start = True
         if self._user is not None:
             os.chown(self.base, self._user.pw_uid, self._user.pw_gid)
         self._start_watchdog()
@@ -254,25 +260,9 @@ class LocalPostgres:
         if self._user is not None:
             os.chown(pwfile, self._user.pw_uid, self._user.pw_gid)
         try:
-            self._run(
-                [
-                    str(self.bindir / "initdb"),
-                    "-D",
-                    str(self.data_dir),
-                    "-U",
-                    SUPERUSER,
-                    "--pwfile",
-                    str(pwfile),
-                    "--auth",
-                    "scram-sha-256",
-                    "-E",
-                    "UTF8",
-                    "--locale",
-                    "C",
-                    # a throwaway cluster: no flush of initdb's files; fsync is on for the server
-                    "--no-sync",
-                ]
-            )
+            # a throwaway cluster: initdb's files are not flushed (--no-sync); the server's fsync is on
+            options = f"-U {SUPERUSER} --auth scram-sha-256 -E UTF8 --locale C --no-sync".split()
+            self._run([str(self.bindir / "initdb"), "-D", str(self.data_dir), "--pwfile", str(pwfile), *options])
         finally:
             pwfile.unlink()
         settings = {
