@@ -89,11 +89,9 @@ def _server_user() -> pwd.struct_passwd | None:
     try:
         return pwd.getpwnam(SUPERUSER)
     except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--user-group", "--no-create-home", "--shell", "/bin/false", SUPERUSER],
-            check=True,
-            capture_output=True,
-        )
+        useradd = shutil.which("useradd") or "/usr/sbin/useradd"
+        options = "--system --user-group --no-create-home --shell /bin/false".split()
+        subprocess.run([useradd, *options, SUPERUSER], check=True, capture_output=True)
         return pwd.getpwnam(SUPERUSER)
 
 
@@ -251,7 +249,7 @@ class LocalPostgres:
         return self.url
 
     def _init_cluster(self) -> None:
-        self.base = Path(tempfile.mkdtemp(prefix="asyncfl-pg-", dir=self._base_parent))
+        self.base = Path(tempfile.mkdtemp(prefix="asyncfl-pg-", dir=self._base_parent)).resolve()
         if self._user is not None:
             os.chown(self.base, self._user.pw_uid, self._user.pw_gid)
         self._start_watchdog()
@@ -290,11 +288,19 @@ class LocalPostgres:
         self._run([str(self.bindir / "pg_ctl"), *args, "-D", str(self.data_dir)])
 
     def _as_server_user(self, argv: list[str]) -> list[str]:
-        return argv if self._user is None else ["runuser", "-u", self._user.pw_name, "--", *argv]
+        if self._user is None:
+            return argv
+        runuser = shutil.which("runuser") or "/usr/sbin/runuser"  # sbin: not on every root's PATH
+        return [runuser, "-u", self._user.pw_name, "--", *argv]
 
     def _run(self, argv: list[str], check: bool = True) -> int:
         out = subprocess.run(
-            self._as_server_user(argv), stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
+            self._as_server_user(argv),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd="/",  # the server's user may not be allowed into ours
         )
         if check and out.returncode != 0:
             raise PostgresError(
