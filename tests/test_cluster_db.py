@@ -147,7 +147,7 @@ def test_migrate_creates_every_table_once(postgres):
     url = _fresh_database(postgres)
     with db.connect(url) as conn:
         assert db.schema_version(conn) == 0
-        with pytest.raises(db.SchemaError, match="asyncfl db migrate"):
+        with pytest.raises(db.SchemaError, match="lacks migrations 0001.*asyncfl db migrate"):
             db.check_schema(conn)
     latest = db.migrations()[-1].version
     assert db.migrate(url) == [m.version for m in db.migrations()]
@@ -288,3 +288,15 @@ def test_a_failing_migration_is_rolled_back_alone(postgres, monkeypatch):
 def test_an_invalid_url_is_a_config_error():
     with pytest.raises(ConfigError, match="invalid database URL"):
         db.connect("postgresql://[not a url")
+
+
+def test_a_database_missing_an_earlier_migration_is_not_current(pg_url, monkeypatch):
+    shipped = db.migrations()
+    later = db.Migration(shipped[-1].version + 1, "later", "SELECT 1;")
+    monkeypatch.setattr(db, "migrations", lambda: [*shipped, later])
+    with db.connect(pg_url) as conn:
+        conn.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, 'later')", (later.version,))
+        conn.execute("DELETE FROM schema_migrations WHERE version = %s", (shipped[0].version,))
+        conn.commit()
+        with pytest.raises(db.SchemaError, match=f"lacks migrations {shipped[0].version:04d}:"):
+            db.check_schema(conn)

@@ -71,21 +71,27 @@ def migrations() -> list[Migration]:
     return found
 
 
+def applied_versions(conn: psycopg.Connection) -> set[int]:
+    """The migrations applied to the database (none when it has no schema_migrations table)."""
+    if not conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()[0]:
+        return set()
+    return {version for (version,) in conn.execute("SELECT version FROM schema_migrations")}
+
+
 def schema_version(conn: psycopg.Connection) -> int:
-    """The newest migration applied to the database (0: none, or no schema_migrations table)."""
-    exists = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()[0]
-    if not exists:
-        return 0
-    return conn.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()[0]
+    """The newest migration applied to the database (0: none)."""
+    return max(applied_versions(conn), default=0)
 
 
 def check_schema(conn: psycopg.Connection) -> None:
     """Refuse to run a role against a database not migrated to exactly what this code knows."""
-    have, want = schema_version(conn), migrations()[-1].version
-    if have < want:
-        raise SchemaError(f"database schema is at version {have}, this asyncfl needs {want}: run `asyncfl db migrate`")
-    if have > want:
-        raise SchemaError(_newer_message(have, want))
+    applied, known = applied_versions(conn), {m.version for m in migrations()}
+    if max(applied, default=0) > max(known):
+        raise SchemaError(_newer_message(max(applied), max(known)))
+    if missing := sorted(known - applied):
+        raise SchemaError(
+            f"database schema lacks migrations {', '.join(f'{v:04d}' for v in missing)}: run `asyncfl db migrate`"
+        )
 
 
 def migrate(url: str) -> list[int]:
