@@ -22,14 +22,16 @@ otherwise; on a machine shared with other work that hands the actors' CPU to eve
 the local executor trains at the driver's niceness, so the bench starts Ray (its own and
 Flower's) with RAY_worker_niceness=0 unless the environment sets it. What two processes can get
 of a shared machine varies: `machine_two_worker_speedup`, measured after each repeat, is two Ray
-tasks of fixed work run at once against one alone (2.0 on two idle cores), the ceiling of the
-2 actors / 1 actor ratio at the time.
+tasks of fixed work run at once against one alone (2.0 on two idle cores), a rough gauge of
+what two processes could get of the cores at the time.
 
 Figures: updates/s; the ratios 2 actors / 1 actor on the heavy model (goal >= 1.6x) and ray
 (2 actors, the default `ray_actors`) / local on the MLP (goal >= 0.5x); the per-job overhead,
 the wall time per update of 1 actor minus the local executor's on the MLP (whose training takes
-a fraction of a millisecond), i.e. what shipping a job and its reply costs beyond training it;
-each actor's peak RSS and the driver's.
+a fraction of a millisecond), i.e. what shipping a job and its reply costs beyond training it
+(each task row has it; on the heavy model it also holds the difference between the actors'
+narrow passes and the local executor's wide ones, which vmapped convolutions train at another
+speed per client); each actor's peak RSS and the driver's.
 
 `--peer flower` runs the heavy task through Flower's simulation engine too (bench/flower_peer.py,
 in its own venv under build/, installed on first use from PyPI with the torch build already in
@@ -37,7 +39,8 @@ use): FedAvg sampling all `clients` each round, client resources of one CPU (2 R
 cores), the same model, data, start weights, local steps, batch size and lr, and as many timed
 client updates as the asyncfl pool (`rounds` x `clients`, after one untimed warm-up round). It
 runs after asyncfl's repeats, with asyncfl's Ray shut down; its time includes FedAvg's
-aggregation of each round (small next to training) and its round barriers.
+aggregation of each round (small next to training) and its round barriers. When Flower cannot
+be installed or run, `flower` holds `error`, the reason, and no figures.
 
     python bench/ray_scale.py [--json] [--quick] [--threads 1] [--repeats 3] [--peer flower]
 """
@@ -108,25 +111,25 @@ def pool_jobs(trainer: LocalTrainer, clients: int, pool: int, w0: torch.Tensor, 
 
 
 @ray.remote(num_cpus=1)
-def _busy_seconds(threads: int) -> float:
-    """A fixed amount of matrix products: the same work whatever else runs."""
-    torch.set_num_threads(threads)
-    a = torch.randn(256, 256)
+def _busy_seconds() -> float:
+    """A fixed amount of single-threaded work (pure Python: nothing to import)."""
     t = time.perf_counter()
-    for _ in range(1500):
-        a @ a
+    sum(i * i for i in range(3_000_000))
     return time.perf_counter() - t
 
 
-def two_worker_speedup(threads: int) -> float:
+def two_worker_speedup() -> float:
     """What the machine gives two Ray workers now: 2 x (one worker's time for a fixed job) / (the
-    time of two running it at once). 2.0 on two idle cores; less when others share them."""
-    t = time.perf_counter()
-    ray.get(_busy_seconds.remote(threads))
-    one = time.perf_counter() - t
-    t = time.perf_counter()
-    ray.get([_busy_seconds.remote(threads) for _ in range(2)])
-    return 2 * one / (time.perf_counter() - t)
+    time of two running it at once), one worker timed before and after the two. 2.0 on two idle
+    cores; less when others share them."""
+
+    def wall(tasks: int) -> float:
+        t = time.perf_counter()
+        ray.get([_busy_seconds.remote() for _ in range(tasks)])
+        return time.perf_counter() - t
+
+    before, both, after = wall(1), wall(2), wall(1)
+    return (before + after) / both
 
 
 def measure(name: str, trainer: LocalTrainer, data: FederatedDataset, pool: int, repeats: int) -> dict:
@@ -138,14 +141,13 @@ def measure(name: str, trainer: LocalTrainer, data: FederatedDataset, pool: int,
     }
     for ex in executors.values():  # warm-up: actors up, kernels built, buffers allocated
         time_executor(ex, pool_jobs(trainer, data.num_clients, pool, w0, repeats))
-    threads = torch.get_num_threads()
-    two_worker_speedup(threads)  # starts the task workers
+    two_worker_speedup()  # starts the task workers
     seconds: dict[str, list[float]] = {e: [] for e in EXECUTORS}
     speedups = []
     for r in range(repeats):
         for e in EXECUTORS[r % 3 :] + EXECUTORS[: r % 3]:
             seconds[e].append(time_executor(executors[e], pool_jobs(trainer, data.num_clients, pool, w0, r)) / pool)
-        speedups.append(two_worker_speedup(threads))
+        speedups.append(two_worker_speedup())
     row = {"task": name, "model": trainer.model.module.__class__.__name__, "params": trainer.model.numel}
     row.update(pool=pool, clients=data.num_clients, local_steps=trainer.local_steps, batch_size=trainer.batch_size)
     row.update(lr=trainer.lr, repeats=repeats)
@@ -168,7 +170,7 @@ def flower_python(venv: Path) -> Path:
     python = venv / "bin" / "python"
     if (
         python.exists()
-        and subprocess.run([python, "-c", "import flwr.simulation"], capture_output=True).returncode == 0
+        and subprocess.run([python, "-c", "import flwr.simulation, torch"], capture_output=True).returncode == 0
     ):
         return python
 
