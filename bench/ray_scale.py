@@ -7,7 +7,10 @@ in bench/throughput.py; the clock covers submit to last result, so it holds the 
 shipping to actors and the replies, and nothing of a simulation's event loop, evaluation or
 aggregation, which are the same whatever the executor. Repeats are interleaved (local, 1 actor,
 2 actors, the order rotated each repeat) so drifts in machine speed hit all three; the medians
-are reported. Ray's start-up, the actors' start and a warm-up pool per executor are not timed.
+set updates/s; ratios and the overhead are medians over repeats of each repeat's own ratio
+(difference), so a load that changes between repeats weighs less (the MLP, whose repeats take
+about a second, gets three times the repeats). `seconds_per_update` in the JSON holds every
+timed repeat. Ray's start-up, the actors' start and a warm-up pool per executor are not timed.
 
 Tasks: `heavy`, the cifar_cnn of the model zoo (1.76M parameters, two 5x5 convolutions of 64
 channels) on generated 32x32x3 inputs (the synthetic dataset with 3,072 features; every client
@@ -151,15 +154,21 @@ def measure(name: str, trainer: LocalTrainer, data: FederatedDataset, pool: int,
     row = {"task": name, "model": trainer.model.module.__class__.__name__, "params": trainer.model.numel}
     row.update(pool=pool, clients=data.num_clients, local_steps=trainer.local_steps, batch_size=trainer.batch_size)
     row.update(lr=trainer.lr, repeats=repeats)
+    row["seconds_per_update"] = seconds
     for e in EXECUTORS:
         row[f"{e}_updates_per_s"] = 1 / statistics.median(seconds[e])
-    row["ray2_over_ray1"] = row["ray2_updates_per_s"] / row["ray1_updates_per_s"]
+
+    def paired(fn) -> float:  # over repeats: each compares runs a few seconds apart
+        return statistics.median(fn(*times) for times in zip(*seconds.values(), strict=True))
+
+    row["ray2_over_ray1"] = paired(lambda local, ray1, ray2: ray1 / ray2)
     row["machine_two_worker_speedup"] = statistics.median(speedups)
+    row["ray1_over_local"] = paired(lambda local, ray1, ray2: local / ray1)
+    row["ray2_over_local"] = paired(lambda local, ray1, ray2: local / ray2)
+    row["overhead_ms_per_job"] = paired(lambda local, ray1, ray2: 1000 * (ray1 - local))
     for e in ("ray1", "ray2"):
-        row[f"{e}_over_local"] = row[f"{e}_updates_per_s"] / row["local_updates_per_s"]
         row[f"{e}_actor_peak_rss_mb"] = executors[e].actor_peak_rss_mb()
         executors[e].close()
-    row["overhead_ms_per_job"] = 1000 * (1 / row["ray1_updates_per_s"] - 1 / row["local_updates_per_s"])
     return row
 
 
@@ -283,7 +292,7 @@ def main() -> None:
     os.environ.setdefault("RAY_worker_niceness", "0")  # before Ray starts: its workers inherit it
     trainer, data, module = heavy_task(args.clients)
     heavy = measure("heavy", trainer, data, args.clients * args.rounds, args.repeats)
-    mlp = measure("mlp", *mlp_task()[:2], args.mlp_pool, args.repeats)
+    mlp = measure("mlp", *mlp_task()[:2], args.mlp_pool, 3 * args.repeats)
     ray.shutdown()
     out = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

@@ -3,6 +3,7 @@ consistent with the others."""
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -45,12 +46,16 @@ def test_quick_run_reports_every_figure():
     assert (heavy["task"], heavy["model"], heavy["params"]) == ("heavy", "CifarCNN", 1_756_426)
     assert (mlp["task"], mlp["model"], mlp["local_steps"], mlp["batch_size"]) == ("mlp", "MLP", 10, 16)
     assert heavy["pool"] == heavy["clients"] == 2 and mlp["pool"] == 64
+    assert (heavy["repeats"], mlp["repeats"]) == (1, 3)
     for row in (heavy, mlp):
-        rates = [row[f"{e}_updates_per_s"] for e in ("local", "ray1", "ray2")]
-        assert all(r > 0 for r in rates), row
-        assert row["ray2_over_ray1"] == pytest.approx(rates[2] / rates[1])
-        assert row["ray2_over_local"] == pytest.approx(rates[2] / rates[0])
-        assert row["overhead_ms_per_job"] == pytest.approx(1000 * (1 / rates[1] - 1 / rates[0]))
+        seconds = row["seconds_per_update"]  # per repeat: local, ray1, ray2
+        assert all(len(seconds[e]) == row["repeats"] and min(seconds[e]) > 0 for e in ("local", "ray1", "ray2"))
+        for e in ("local", "ray1", "ray2"):
+            assert row[f"{e}_updates_per_s"] == pytest.approx(1 / statistics.median(seconds[e]))
+        repeats = list(zip(seconds["local"], seconds["ray1"], seconds["ray2"], strict=True))
+        assert row["ray2_over_ray1"] == pytest.approx(statistics.median(r1 / r2 for _, r1, r2 in repeats))
+        assert row["ray2_over_local"] == pytest.approx(statistics.median(lo / r2 for lo, _, r2 in repeats))
+        assert row["overhead_ms_per_job"] == pytest.approx(statistics.median(1000 * (r1 - lo) for lo, r1, _ in repeats))
         assert 0 < row["machine_two_worker_speedup"] < 3
         assert len(row["ray1_actor_peak_rss_mb"]) == 1 and len(row["ray2_actor_peak_rss_mb"]) == 2
         assert all(100 < p < 4000 for p in row["ray1_actor_peak_rss_mb"] + row["ray2_actor_peak_rss_mb"]), row
