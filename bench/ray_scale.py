@@ -26,7 +26,10 @@ the local executor trains at the driver's niceness, so the bench starts Ray (its
 Flower's) with RAY_worker_niceness=0 unless the environment sets it. What two processes can get
 of a shared machine varies: `machine_two_worker_speedup`, measured after each repeat, is two Ray
 tasks of fixed work run at once against one alone (2.0 on two idle cores), a rough gauge of
-what two processes could get of the cores at the time.
+what two processes could get of the cores at the time. The CPU time of the processes that train
+(the driver, and the actors) is read from /proc for each timed repeat: CPU ms per update (the
+work, whatever the load) and the cores they got (CPU time / wall time), which tell a shortfall
+of the 2 actors / 1 actor ratio caused by the machine from one caused by the executor.
 
 Figures: updates/s; the ratios 2 actors / 1 actor on the heavy model (goal >= 1.6x) and ray
 (2 actors, the default `ray_actors`) / local on the MLP (goal >= 0.5x); the per-job overhead,
@@ -135,6 +138,15 @@ def two_worker_speedup() -> float:
     return (before + after) / both
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time these processes have used so far (Linux /proc)."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def measure(name: str, trainer: LocalTrainer, data: FederatedDataset, pool: int, repeats: int) -> dict:
     w0 = trainer.model.initial_weights()
     executors = {
@@ -145,11 +157,21 @@ def measure(name: str, trainer: LocalTrainer, data: FederatedDataset, pool: int,
     for ex in executors.values():  # warm-up: actors up, kernels built, buffers allocated
         time_executor(ex, pool_jobs(trainer, data.num_clients, pool, w0, repeats))
     two_worker_speedup()  # starts the task workers
+    workers = {e: [os.getpid()] for e in EXECUTORS}  # who trains: the driver, and the actors
+    for e in ("ray1", "ray2"):
+        workers[e] += ray.get([actor.pid.remote() for actor in executors[e].actors])
     seconds: dict[str, list[float]] = {e: [] for e in EXECUTORS}
+    cores: dict[str, list[float]] = {e: [] for e in EXECUTORS}
+    cpu: dict[str, list[float]] = {e: [] for e in EXECUTORS}
     speedups = []
     for r in range(repeats):
         for e in EXECUTORS[r % 3 :] + EXECUTORS[: r % 3]:
-            seconds[e].append(time_executor(executors[e], pool_jobs(trainer, data.num_clients, pool, w0, r)) / pool)
+            used = cpu_seconds(workers[e])
+            wall = time_executor(executors[e], pool_jobs(trainer, data.num_clients, pool, w0, r))
+            used = cpu_seconds(workers[e]) - used
+            seconds[e].append(wall / pool)
+            cpu[e].append(used / pool)
+            cores[e].append(used / wall)
         speedups.append(two_worker_speedup())
     row = {"task": name, "model": trainer.model.module.__class__.__name__, "params": trainer.model.numel}
     row.update(pool=pool, clients=data.num_clients, local_steps=trainer.local_steps, batch_size=trainer.batch_size)
@@ -157,6 +179,8 @@ def measure(name: str, trainer: LocalTrainer, data: FederatedDataset, pool: int,
     row["seconds_per_update"] = seconds
     for e in EXECUTORS:
         row[f"{e}_updates_per_s"] = 1 / statistics.median(seconds[e])
+        row[f"{e}_cpu_ms_per_update"] = 1000 * statistics.median(cpu[e])
+        row[f"{e}_cores_used"] = statistics.median(cores[e])
 
     def paired(fn) -> float:  # over repeats: each compares runs a few seconds apart
         return statistics.median(fn(*times) for times in zip(*seconds.values(), strict=True))
@@ -258,6 +282,10 @@ def print_table(out: dict) -> None:
         g = out["goals"][key]
         console.print(f"{text}: {g['value']:.2f}x (goal >= {g['goal']}x: {'met' if g['met'] else 'NOT met'})")
     console.print(f"per-job overhead (MLP, 1 actor - local, per update): {out['overhead_ms_per_job']:.2f} ms")
+    for r in out["tasks"]:
+        work = ", ".join(f"{r[f'{e}_cpu_ms_per_update']:,.2f}" for e in EXECUTORS)
+        got = ", ".join(f"{r[f'{e}_cores_used']:.2f}" for e in EXECUTORS)
+        console.print(f"{r['task']}, local; 1 actor; 2 actors: CPU ms per update {work}; cores they got {got}")
     for r in out["tasks"]:
         peaks = ", ".join(f"{p:,.0f}" for p in r["ray1_actor_peak_rss_mb"] + r["ray2_actor_peak_rss_mb"])
         console.print(f"actor peak RSS, {r['task']} (1 actor; 2 actors): {peaks} MB")

@@ -52,6 +52,7 @@ def test_quick_run_reports_every_figure():
         assert all(len(seconds[e]) == row["repeats"] and min(seconds[e]) > 0 for e in ("local", "ray1", "ray2"))
         for e in ("local", "ray1", "ray2"):
             assert row[f"{e}_updates_per_s"] == pytest.approx(1 / statistics.median(seconds[e]))
+            assert row[f"{e}_cpu_ms_per_update"] > 0 and 0 < row[f"{e}_cores_used"] <= 2.5, row
         repeats = list(zip(seconds["local"], seconds["ray1"], seconds["ray2"], strict=True))
         assert row["ray2_over_ray1"] == pytest.approx(statistics.median(r1 / r2 for _, r1, r2 in repeats))
         assert row["ray2_over_local"] == pytest.approx(statistics.median(lo / r2 for lo, _, r2 in repeats))
