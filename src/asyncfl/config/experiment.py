@@ -153,7 +153,9 @@ class ExperimentConfig(Strict):
         default=2, ge=1, description="ray executor: actors that train jobs, each a batched executor"
     )
     ray_address: str | None = Field(
-        default=None, description="ray executor: the cluster to join ('auto', 'HOST:PORT'); None starts Ray locally"
+        default=None,
+        description="ray executor, study / robustness backend ray: the cluster to join ('auto', 'HOST:PORT'); "
+        "None starts Ray locally",
     )
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
