@@ -148,6 +148,14 @@ def test_workers_default_to_one_locally_and_to_the_cluster_on_ray():
         tiny_study(backend="ray", workers=0)
 
 
+def test_the_ray_executor_within_runs_on_ray_is_refused():
+    with pytest.raises(config.ConfigError, match="executor ray within study.backend ray: each run is already a Ray"):
+        small_config(executor="ray", study=tiny_study(backend="ray").study.model_dump())
+    with pytest.raises(config.ConfigError, match="executor ray within robustness.backend ray"):
+        small_config(executor="ray", robustness=tiny_matrix(backend="ray").robustness.model_dump())
+    assert small_config(executor="ray", study=tiny_study().study.model_dump()).study.backend == "local"
+
+
 def test_more_workers_than_the_cluster_has_cpus_is_a_config_error(monkeypatch):
     from asyncfl.study import ray_pool
 

@@ -205,6 +205,18 @@ class ExperimentConfig(Strict):
                         raise ValueError(f"robustness.defences.{d.name}.runs: {n!r} is not a run; runs: {names}")
         return self
 
+    @model_validator(mode="after")
+    def _ray_once(self):
+        """Runs that are Ray tasks hold one CPU each: actors of their own could wait for a CPU forever."""
+        runs_on = self.study or self.robustness
+        if self.executor == "ray" and runs_on is not None and runs_on.backend == "ray":
+            which = "study" if self.study is not None else "robustness"
+            raise ValueError(
+                f"executor ray within {which}.backend ray: each run is already a Ray task; "
+                "use executor batched (or the local backend)"
+            )
+        return self
+
     def run(self, name: str | None) -> RunSpec:
         if name is None:
             return self.runs[0]
