@@ -18,6 +18,8 @@ from asyncfl.sim.ray_executor import connect
 
 # how long the cluster may take to free the CPUs `workers` asks for before that is an error
 RESERVE_TIMEOUT_S = 60.0
+# after an error, how long a cancelled run may take to end before it is cancelled again
+CANCEL_AGAIN_S = 2.0
 
 
 @ray.remote(num_cpus=1)
@@ -63,10 +65,12 @@ class RayPool:
         """`cancel_futures` (after an error): the runs not finished are cancelled, the queued
         ones before they start. The CPUs `workers` reserved go back to the cluster; Ray itself
         stays up until this process exits."""
-        if cancel_futures:
-            for future, ref in self.tasks:
-                if not future.done():
-                    ray.cancel(ref)
+        unfinished = [(future, ref) for future, ref in self.tasks if cancel_futures and not future.done()]
+        while unfinished:  # a cancel can be lost to a task just starting: cancel again until each has ended
+            for _, ref in unfinished:
+                ray.cancel(ref, force=True)  # a running one too: its worker is ended
+            wait_all([future for future, _ in unfinished], timeout=CANCEL_AGAIN_S)
+            unfinished = [(future, ref) for future, ref in unfinished if not future.done()]
         if wait:
             wait_all([future for future, _ in self.tasks])
         if self.group is not None:
