@@ -182,6 +182,27 @@ def test_a_failed_run_raises_its_error_and_cancels_the_runs_not_finished():
     assert all(isinstance(f.exception(), ray.exceptions.TaskCancelledError) for f in slow)
 
 
+@pytest.mark.slow
+def test_a_study_on_a_two_node_cluster_joined_from_the_command_line(local_study, tmp_path):
+    """Its runs on two one-CPU nodes, each importing this checkout's asyncfl: the local files."""
+    import subprocess
+
+    from ray_cluster import node_env, two_node_cluster
+
+    local, local_out = local_study
+    config_file = tmp_path / "study.yaml"
+    config_file.write_text(json.dumps(tiny_study(backend="ray").model_dump(mode="json")))
+    out = tmp_path / "out"
+    with two_node_cluster() as address:
+        command = [sys.executable, "-m", "asyncfl.cli", "compare", "--config", str(config_file), "--threads", "1"]
+        command += ["--ray-address", address, "--out", str(out)]
+        subprocess.run(command, env=node_env(), check=True, timeout=300, capture_output=True)
+    ours = json.loads((out / "summary.json").read_text())
+    assert ours["study"]["workers"] == 2  # the cluster's CPUs
+    assert without_measured(ours) == without_measured(local)
+    assert run_files(out) == run_files(local_out)
+
+
 def test_ray_address_applies_to_a_study_on_ray_only(tmp_path, capsys):
     from asyncfl.cli import main
 
