@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import psycopg
+from psycopg.types.json import Jsonb
 
 from asyncfl import config
 from asyncfl.algorithms.aggregators import Aggregator, BufferedAggregator, FedAsync, RobustAggregator
@@ -74,13 +75,7 @@ def add_task(conn: psycopg.Connection, cfg: ExperimentConfig, run: str | None = 
         cur = conn.execute(
             "INSERT INTO tasks(task, config, run, fingerprint, concurrency) VALUES (%s, %s, %s, %s, %s) "
             "ON CONFLICT (task) DO NOTHING",
-            (
-                name,
-                psycopg.types.json.Jsonb(cfg.model_dump(mode="json")),
-                spec.name,
-                fingerprint(cfg, spec.name, name),
-                concurrency,
-            ),
+            (name, Jsonb(cfg.model_dump(mode="json")), spec.name, fingerprint(cfg, spec.name, name), concurrency),
         )
         if cur.rowcount != 1:
             raise ConfigError(f"task {name!r} exists already; give another --task")
