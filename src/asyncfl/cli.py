@@ -1,6 +1,7 @@
 """`asyncfl` command line: simulate one run, compare a preset's runs side by side, or run the
-network server (`serve`), a client (`client`), the token admin (`token`) and the trusted secure
-aggregator (`tsa`)."""
+network server (`serve`, one process or `--role` of the multi-process one), a client (`client`),
+the token admin (`token`), the trusted secure aggregator (`tsa`) and the multi-process server's
+database tools (`db`), tasks and local cluster (`cluster`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from rich.console import Console
 
 from asyncfl import config
 from asyncfl.attacks import KINDS as ATTACK_KINDS
+from asyncfl.cluster.arguments import add_cluster_command, add_database_url, add_serve_role, add_token_database
 from asyncfl.experiment import run_experiment
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # `serve --log-level`: uvicorn's
@@ -63,8 +65,9 @@ def _add_config_args(p: argparse.ArgumentParser, allow_file: bool) -> None:
 
 def _add_network_commands(sub) -> None:
     srv = sub.add_parser("serve", help="run the federated-learning server (HTTP)")
-    srv.add_argument("--config", type=Path, required=True, help="experiment YAML (may hold a server: section)")
+    srv.add_argument("--config", type=Path, help="experiment YAML (may hold a server: section); --role server only")
     srv.add_argument("--run", help="which of the config's runs (default: the first)")
+    add_serve_role(srv)
     srv.add_argument("--server-config", type=Path, help="server settings YAML (limits, leases, rate limits)")
     srv.add_argument(
         "--set",
@@ -120,6 +123,7 @@ def _add_network_commands(sub) -> None:
     tsub = tok.add_subparsers(dest="token_command", required=True)
     create = tsub.add_parser("create", help="mint a token and print it once")
     create.add_argument("--state-dir", type=Path, default=Path("server-state"))
+    add_token_database(create)
     create.add_argument(
         "--task", help="task id (the run's name unless server.task is set); optional for --operator: any task"
     )
@@ -159,12 +163,23 @@ def _add_tsa_command(sub) -> None:
     srv.add_argument("--log-level", default="warning", choices=LOG_LEVELS)
 
 
+def _add_db_command(sub) -> None:
+    db = sub.add_parser("db", help="the multi-process server's PostgreSQL database")
+    dsub = db.add_subparsers(dest="db_command", required=True)
+    mig = dsub.add_parser("migrate", help="create or upgrade the schema (idempotent; safe to run concurrently)")
+    add_database_url(mig)
+
+
 def _network_command(args) -> int:
     """Web-stack commands load lazily, so the simulator's commands stay light."""
-    if args.command == "client":
+    if args.command == "db":
+        from asyncfl.cluster.db import migrate_command as run
+    elif args.command == "client":
         from asyncfl.client.main import client as run
     elif args.command == "tsa":
         from asyncfl.tsa.commands import tsa as run
+    elif args.command == "cluster":
+        from asyncfl.cluster.commands import cluster as run
     else:
         from asyncfl.server.commands import serve, token
 
@@ -208,9 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     _add_config_args(cmp_, allow_file=True)
     sub.add_parser("presets", help="list the built-in presets")
     _add_network_commands(sub)
+    _add_db_command(sub)
+    add_cluster_command(sub)
     _add_privacy_command(sub)
     args = parser.parse_args(argv)
-    if args.command in ("serve", "client", "token", "tsa"):
+    if args.command in ("serve", "client", "token", "tsa", "db", "cluster"):
         return _network_command(args)
     if args.command == "privacy":
         return _privacy_command(args)

@@ -43,7 +43,7 @@ class OwnedTask:
 
     def __init__(self, conn: psycopg.Connection, member: str, task: str, epoch: int):
         self.conn, self.member, self.task, self.epoch = conn, member, task, epoch
-        tree, run = conn.execute("SELECT config, run FROM tasks WHERE task = %s", (task,)).fetchone()
+        tree, run, state = conn.execute("SELECT config, run, state FROM tasks WHERE task = %s", (task,)).fetchone()
         self.objects = build_objects(task_config(tree), run)
         self.aggregator = self.objects.aggregator
         self.keep_versions = self.objects.settings.keep_versions
@@ -58,7 +58,7 @@ class OwnedTask:
         self.models = {version: self.state.w}  # recent versions: FedAsync's base models
         self.buffered: list[tuple[int, int]] = []  # (partial id, updates) folded since the last step
         self.evaluation = TaskEvaluation(self.objects)
-        self.done = False
+        self.done = state == "done"
 
     # ---- folding ----------------------------------------------------------------------
     def poll(self) -> int:
