@@ -126,13 +126,20 @@ def test_granted_slot_gives_a_lease_and_a_recheckin_the_same_one(cluster):
     assert lease["action"] == "train" and lease["base_version"] == 0 and lease["model_url"] == "/v1/model/0"
     assert 59 <= lease["lease_expires_in"] <= 60
     assert fetch(url, "SELECT lease_id FROM slots WHERE task='fb' AND slot=0") == [(lease["lease_id"],)]
-    assert a.checkin("a")["lease_id"] == lease["lease_id"]  # from memory
+    assert a.checkin("a")["lease_id"] == lease["lease_id"]
     b.selector.refresh()
-    assert b.checkin("a")["lease_id"] == lease["lease_id"]  # another selector, from the lease feed
+    assert b.checkin("a")["lease_id"] == lease["lease_id"]  # another selector, with no slot of its own
     assert a.checkin("b")["action"] == "retry"  # the only slot is taken
     r = a.http.get("/v1/model/0", headers=a.auth("a"))
     assert r.status_code == 200 and wire.decode(r.content, wire.ModelHeader).header.version == 0
     assert a.http.get("/v1/task", headers=a.auth("a")).json()["task"] == "fb"
+    b.selector._stop.set()  # b's lease feed lags: it still sees the lease active
+    b.selector._thread.join()
+    assert a.upload("a", frame(a, lease)).status_code == 200
+    assert ("fb", "a") in b.selector.leases
+    for n in (a, b):  # the used lease is never handed out again
+        again = n.checkin("a")
+        assert again.get("lease_id") != lease["lease_id"], again
 
 
 def test_two_selectors_racing_never_lease_more_than_the_slots(cluster):

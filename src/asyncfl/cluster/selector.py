@@ -228,7 +228,7 @@ class Selector:
 
     def checkin(self, client: str, task: str, eligible: bool = True) -> dict:
         """A client with an active lease gets it back; a new lease only on a slot this selector
-        holds; "retry" otherwise, from memory."""
+        holds; "retry" otherwise, from memory: no database round trip."""
         served, view = self.served(task), self.view(task)
         retry_after = served.settings.retry_after
         with self.lock:
@@ -236,11 +236,9 @@ class Selector:
             stop = view.state == "done" or (served.max_trips is not None and view.issued >= served.max_trips)
         if stop:
             answer = {"action": "stop", "reason": "the run has finished"}
-        elif held is not None and held.expires_at > time.time():
-            answer = train_answer(held.lease_id, held.base_version, held.seed, held.expires_at - time.time())
-        elif not eligible or view.free <= 0:
+        elif not eligible or (held is None and view.free <= 0):
             answer = retry_answer(retry_after, eligible)
-        else:
+        else:  # a lease known from the feed is confirmed: its upload may have reached another selector
             try:
                 answer = self._claim(client, task, served, view)
             except psycopg.errors.UniqueViolation:  # another selector leased to this client meanwhile
@@ -300,6 +298,12 @@ class Selector:
         if lease_id is None:
             return retry_answer(served.settings.retry_after, True)
         return train_answer(lease_id, version, seed, expires_in)
+
+    def lease_ended(self, task: str, client: str, lease_id: str) -> None:
+        with self.lock:
+            held = self.leases.get((task, client))
+            if held is not None and held.lease_id == lease_id:
+                del self.leases[(task, client)]
 
     def task_info(self, task: str) -> dict:
         return self.served(task).info
