@@ -127,13 +127,21 @@ class Selector:
         self.pool.close()
 
     def _loop(self) -> None:
+        failing = False  # logged once per outage, not every refresh
         while not self._stop.wait(REFRESH_S):
             try:
                 self.refresh()
             except ApiError as err:
-                log.warning("selector refresh: %s", err.detail)
+                if not failing:
+                    log.warning("selector refresh: %s", err.detail)
+                failing = True
+                continue
             except Exception:
                 log.exception("selector refresh failed")
+                continue
+            if failing:
+                log.warning("selector refresh: the database is reachable again")
+            failing = False
 
     def refresh(self) -> None:
         """Heartbeat, tasks, this selector's free slots and the lease feed, in one connection;
