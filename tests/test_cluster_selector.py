@@ -265,6 +265,9 @@ def test_refusals_use_the_single_process_codes_and_leave_the_partials_unchanged(
     assert fetch(url, "SELECT verdict, status FROM updates ORDER BY seq") == [("rejected", 422), ("discarded", 409)]
     status = a.http.get("/status", headers=a.auth("a"))
     assert status.status_code == 403 and status.json()["error"] == "forbidden"  # a client token is no operator's
+    rejected = a.selector.rejected
+    codes = ["malformed", "bad_tensor_count", "non_finite", "no_lease", "base_mismatch", "n_examples_too_large"]
+    assert all(rejected[("fb", code)] == 1 for code in [*codes, "lease_used", "stale"]), rejected
 
 
 def test_database_down_answers_503_and_acknowledges_nothing(cluster):
