@@ -32,7 +32,13 @@ def add_serve_role(srv: argparse.ArgumentParser) -> None:
         "role of the multi-process server over PostgreSQL (--database-url; see docs/deploy.md)",
     )
     add_database_url(srv, required=False)
-    srv.add_argument("--member-timeout", type=float, default=3.0, help="cluster roles: seconds a silent member lives")
+    srv.add_argument(
+        "--member-timeout",
+        type=float,
+        default=3.0,
+        help="coordinator: seconds after its last heartbeat a selector or aggregator counts as dead (its free "
+        "slots and its tasks move on)",
+    )
 
 
 def add_token_database(create: argparse.ArgumentParser) -> None:
