@@ -212,3 +212,49 @@ def test_cluster_up_runs_every_role_and_tears_down(tmp_path):
         assert prefix in text
     with pytest.raises(OSError):  # the local PostgreSQL is gone
         socket.create_connection(("127.0.0.1", pg_port), timeout=2).close()
+
+
+@pytest.mark.slow
+def test_cluster_rides_out_a_postgresql_restart(postgres, pg_url, tmp_path):
+    """PostgreSQL down for a few seconds mid-training: selectors answer 503 meanwhile (clients
+    back off and re-send), every role reconnects, training goes on, and the accounting holds:
+    every acknowledged update logged once and in exactly one partial sum."""
+    clients = 3
+    with session(pg_url) as conn:
+        add_task(conn, validate(EXPERIMENT))
+        tokens = [create_token(conn, f"c{i}", "fedbuff") for i in range(clients)]
+    cluster = Cluster(pg_url, tmp_path)
+    try:
+        cluster.role("aggregator")
+        cluster.role("coordinator")
+        port = free_port()
+        selector = cluster.role("selector", "--port", str(port))
+        _until(lambda: _healthy(port), "the selector")
+        for i, token in enumerate(tokens):
+            cluster.spawn(
+                f"client{i}",
+                *("client", "--server", f"http://127.0.0.1:{port}", "--token", token),
+                *("--data", f"digits:client={i}", "--ack-log", str(tmp_path / f"acks{i}.jsonl"), "--backoff-cap", "1"),
+            )
+        _until(lambda: _task(pg_url)[2] >= 2, "version 2")
+        postgres.shutdown("fast")
+        time.sleep(3)
+        postgres.start()
+        version = _task(pg_url)[2]
+        _until(lambda: _task(pg_url)[2] >= version + 3, "training to go on after the restart")
+        assert selector.poll() is None
+        for p in cluster.procs:
+            if "client" in p.args:
+                p.terminate()
+        time.sleep(2)
+    finally:
+        cluster.stop()
+    acks = [json.loads(line) for i in range(clients) for line in open(tmp_path / f"acks{i}.jsonl")]
+    accepted = {a["key"] for a in acks if a["http"] == 200}
+    assert len(accepted) > 3 * K and not [a for a in acks if a["http"] >= 500]
+    logged = fetch(pg_url, "SELECT idem_key, partial_id FROM updates WHERE task = 'fedbuff' AND status = 200")
+    assert accepted <= {key for key, _ in logged} and len(logged) == len({key for key, _ in logged})
+    in_partials = fetch(pg_url, "SELECT coalesce(sum(count), 0) FROM partials WHERE task = 'fedbuff'")[0][0]
+    assert sum(1 for _, pid in logged if pid is not None) == in_partials
+    selector_log = next(tmp_path.glob("selector-*.log")).read_text()
+    assert "unavailable" in selector_log or "selector refresh" in selector_log  # it did see the outage

@@ -261,9 +261,13 @@ class UploadCommitter:
             if freed:
                 conn.execute("UPDATE slots SET lease_id=NULL, selector=%s WHERE lease_id = ANY(%s)", (me, freed))
         self.commits += 1
+        for p in batch:  # ended here or, for those lost, elsewhere
+            self.selector.lease_ended(p.served.name, p.client, p.checked.header.lease_id)
         for p, result in answers:
             if p.verdict == "buffered":
                 p.served.accepted(p.checked.norm)
+            else:  # counted by reason, as the single process counts them
+                self.selector.reject(p.served.name, p.refusal or ApiError(409, "stale", ""))
             self.selector.count(self.selector.view(p.served.name), f"uploads_{p.verdict}")
             self.selector.count(self.selector.view(p.served.name), "upload_payload_bytes", p.checked.payload_bytes)
             p.finish(result)
