@@ -108,13 +108,17 @@ def cluster(args) -> int:
         from asyncfl.cluster.up import up
 
         return up(args)
-    from asyncfl.cluster.tasks import add_task, list_tasks
+    from asyncfl.cluster.tasks import add_task, finish_task, list_tasks
 
     with _session(args) as conn:
         if args.task_command == "add":
             cfg = load_task_config(args)
             name = add_task(conn, cfg, args.run, args.task)
             print(f"task {name!r} added (run {cfg.run(args.run).name!r})")
+        elif args.task_command == "finish":
+            if not finish_task(conn, args.task):
+                raise ConfigError(f"no task {args.task!r} in this database (asyncfl cluster task list)")
+            print(f"task {args.task!r} done")
         else:
             print("task\trun\tstate\tversion\tleased/concurrency\towner (epoch)")
             for t in list_tasks(conn):
