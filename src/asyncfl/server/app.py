@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Query, Request
@@ -63,6 +64,44 @@ async def read_limited(request: Request, limit: int, timeout: float | None = Non
         ) from None
 
 
+def checkin_eligible(raw: bytes) -> bool:
+    """A check-in body: empty, or {"eligible": bool}; 400 otherwise."""
+    if not raw.strip():
+        return True
+    try:
+        body = strict_json.loads(raw)
+    except strict_json.JsonError as err:
+        raise ApiError(400, "malformed", f"check-in body is not JSON: {err}") from None
+    if not isinstance(body, dict) or not isinstance(body.get("eligible", True), bool):
+        raise ApiError(400, "malformed", 'check-in body must be an object like {"eligible": true}')
+    return body.get("eligible", True)
+
+
+def add_error_handlers(app: FastAPI, reject: Callable[[ApiError], None]) -> None:
+    """Every error leaves as JSON {"error": code, "detail": message}; `reject` counts the
+    requests FastAPI itself refuses as malformed."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, err: ApiError):
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, err: RequestValidationError):
+        e = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
+        loc = ".".join(str(p) for p in e.get("loc", ()))
+        reject(ApiError(400, "malformed", ""))
+        return JSONResponse({"error": "malformed", "detail": f"{loc}: {e.get('msg')}"}, status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
+        return JSONResponse(
+            {"error": code, "detail": str(err.detail)},
+            status_code=err.status_code,
+            headers=getattr(err, "headers", None),
+        )
+
+
 def create_app(server: FLServer, background: bool = True) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -87,41 +126,17 @@ def create_app(server: FLServer, background: bool = True) -> FastAPI:
             request.headers.get("authorization"), request.cookies.get(OPERATOR_COOKIE), address(request)
         )
 
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, err: ApiError):
-        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def bad_request(request: Request, err: RequestValidationError):
-        e = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
-        loc = ".".join(str(p) for p in e.get("loc", ()))
-        server.reject(ApiError(400, "malformed", ""))
-        return JSONResponse({"error": "malformed", "detail": f"{loc}: {e.get('msg')}"}, status_code=400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, err: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
-        return JSONResponse(
-            {"error": code, "detail": str(err.detail)},
-            status_code=err.status_code,
-            headers=getattr(err, "headers", None),
-        )
+    add_error_handlers(app, server.reject)
 
     @app.post("/v1/checkin")
     async def checkin(request: Request):
         client = client_of(request)
         raw = await read_limited(request, CHECKIN_LIMIT, server.settings.body_timeout)
-        eligible = True
-        if raw.strip():
-            try:
-                body = strict_json.loads(raw)
-            except strict_json.JsonError as err:
-                server.reject(ApiError(400, "malformed", ""))
-                raise ApiError(400, "malformed", f"check-in body is not JSON: {err}") from None
-            if not isinstance(body, dict) or not isinstance(body.get("eligible", True), bool):
-                server.reject(ApiError(400, "malformed", ""))
-                raise ApiError(400, "malformed", 'check-in body must be an object like {"eligible": true}')
-            eligible = body.get("eligible", True)
+        try:
+            eligible = checkin_eligible(raw)
+        except ApiError as err:
+            server.reject(err)
+            raise
         return await run_in_threadpool(server.checkin, client, eligible)
 
     @app.get("/v1/task")

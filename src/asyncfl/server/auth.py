@@ -10,6 +10,8 @@ import hashlib
 import secrets
 import threading
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 from asyncfl.server.errors import ApiError
 from asyncfl.server.store import Store
@@ -19,6 +21,7 @@ CLIENT, OPERATOR = "client", "operator"
 ANY_TASK = "*"  # the task of an operator token not bound to one
 OPERATOR_COOKIE = "asyncfl_operator"  # the dashboard's credential (HttpOnly, SameSite=Strict)
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
+T = TypeVar("T")
 
 
 def new_token() -> str:
@@ -43,18 +46,24 @@ def bearer(authorization: str | None) -> str:
 
 
 class Authenticator:
-    def __init__(self, store: Store, task: str):
+    """`store` is anything with Store's `lookup_token` (the cluster's selectors cache PostgreSQL's)."""
+
+    def __init__(self, store: Store, task: str | None):
         self.store, self.task = store, task
 
-    def identify(self, token: str, role: str) -> str:
-        """The name behind a live token of `role` for this task, or a 401/403."""
+    def lookup(self, token: str, role: str) -> tuple[str, str]:
+        """(name, task) behind a live token of `role`, whatever its task, or a 401/403."""
         found = self.store.lookup_token(token, role) if len(token) <= 256 else None
         if found is None:
             other = OPERATOR if role == CLIENT else CLIENT
             if len(token) <= 256 and self.store.lookup_token(token, other) is not None:
                 raise ApiError(403, "forbidden", f"this endpoint needs a token of role {role!r}, not {other!r}")
             raise ApiError(401, "unauthorized", "invalid or revoked token", _CHALLENGE)
-        name, task = found
+        return found
+
+    def identify(self, token: str, role: str) -> str:
+        """The name behind a live token of `role` for this task, or a 401/403."""
+        name, task = self.lookup(token, role)
         if task != self.task and not (role == OPERATOR and task == ANY_TASK):
             raise ApiError(403, "forbidden", f"token belongs to task {task!r}; this server runs task {self.task!r}")
         return name
@@ -97,3 +106,23 @@ class RateLimiter:
                 if len(self._buckets) > 100_000:
                     self._buckets.clear()
             self._buckets[key] = (level - 1.0, now)
+
+
+def admit(
+    identify: Callable[[], T],
+    address: str,
+    anonymous: RateLimiter,
+    per_name: RateLimiter | None = None,
+    name_of: Callable[[T], str] = str,
+) -> T:
+    """Who `identify` finds behind a request, once the rate limits let it through: requests
+    without a valid token count against their address's bucket (`anonymous`), the others
+    against their name's (`per_name`, when given); 429 once a bucket is empty."""
+    try:
+        found = identify()
+    except ApiError:
+        anonymous.check(address)
+        raise
+    if per_name is not None:
+        per_name.check(name_of(found))
+    return found

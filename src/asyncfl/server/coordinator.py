@@ -57,6 +57,32 @@ def _seed_of(stored: int) -> int:
     return stored & ((1 << 64) - 1)
 
 
+def no_lease(lease_id: str, client: str) -> ApiError:
+    return ApiError(409, "no_lease", f"lease {lease_id!r} was not issued to client {client!r}; check in first")
+
+
+def base_mismatch(sent: int, lease_id: str, base_version: int) -> ApiError:
+    return ApiError(
+        409, "base_mismatch", f"base_version {sent} does not match lease {lease_id}'s version {base_version}"
+    )
+
+
+def lease_ended(state: str) -> ApiError:
+    """The 409 for an upload against a lease that is no longer active, naming why."""
+    reason = {
+        EXPIRED: (
+            "lease_expired",
+            "lease expired before the upload arrived; the slot went to another client and the update is not counted",
+        ),
+        CANCELLED: ("lease_cancelled", "the round this lease belonged to has closed; the update is not counted"),
+        DONE: (
+            "lease_used",
+            "this lease already delivered an update (re-send with the same idempotency key to get its result)",
+        ),
+    }.get(state, ("no_lease", f"lease state {state}"))
+    return ApiError(409, *reason)
+
+
 class Coordinator:
     def __init__(
         self,
@@ -156,23 +182,9 @@ class Coordinator:
                 else store.query("SELECT client, state FROM leases WHERE lease_id=?", (lease_id,))
             )
             if not rows or rows[0][0] != client:
-                raise ApiError(
-                    409, "no_lease", f"lease {lease_id!r} was not issued to client {client!r}; check in first"
-                )
+                raise no_lease(lease_id, client)
             state = rows[0][1]
-        reason = {
-            EXPIRED: (
-                "lease_expired",
-                "lease expired before the upload arrived; the slot went to "
-                "another client and the update is not counted",
-            ),
-            CANCELLED: ("lease_cancelled", "the round this lease belonged to has closed; the update is not counted"),
-            DONE: (
-                "lease_used",
-                "this lease already delivered an update (re-send with the same idempotency key to get its result)",
-            ),
-        }.get(state, ("no_lease", f"lease state {state}"))
-        raise ApiError(409, *reason)
+        raise lease_ended(state)
 
     def extend(self, lease: Lease, seconds: float) -> None:
         """Keep a live lease at least `seconds` more (a secure-aggregation round holds its

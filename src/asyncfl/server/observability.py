@@ -17,17 +17,22 @@ def _num(v) -> str:
     return repr(float(v))
 
 
+def metric_lines(name: str, kind: str, help_: str, samples: list[tuple[dict, float]]) -> list[str]:
+    """One metric family in Prometheus text: HELP, TYPE, then a line per (labels, value)."""
+    out = [f"# HELP asyncfl_{name} {help_}", f"# TYPE asyncfl_{name} {kind}"]
+    for labels, value in samples:
+        lab = ",".join(f'{k}="{_esc(str(v))}"' for k, v in labels.items())
+        val = _num(value)
+        out.append(f"asyncfl_{name}{{{lab}}} {val}" if lab else f"asyncfl_{name} {val}")
+    return out
+
+
 def prometheus(status: dict, upload_latency: list[float]) -> str:
     """Prometheus text exposition (version 0.0.4) of a /status snapshot."""
     out: list[str] = []
 
     def metric(name: str, kind: str, help_: str, samples: list[tuple[dict, float]]) -> None:
-        out.append(f"# HELP asyncfl_{name} {help_}")
-        out.append(f"# TYPE asyncfl_{name} {kind}")
-        for labels, value in samples:
-            lab = ",".join(f'{k}="{_esc(str(v))}"' for k, v in labels.items())
-            val = _num(value)
-            out.append(f"asyncfl_{name}{{{lab}}} {val}" if lab else f"asyncfl_{name} {val}")
+        out.extend(metric_lines(name, kind, help_, samples))
 
     metric("model_version", "gauge", "Server model version (server steps).", [({}, status["version"])])
     metric("buffer_fill", "gauge", "Updates in the aggregation buffer.", [({}, status["buffer"]["fill"])])
@@ -94,12 +99,20 @@ def prometheus(status: dict, upload_latency: list[float]) -> str:
     ev = status.get("last_eval") or {}
     metric("test_accuracy", "gauge", "Test accuracy at the last evaluation.", [({}, ev.get("accuracy", math.nan))])
     metric("test_loss", "gauge", "Test loss at the last evaluation.", [({}, ev.get("loss", math.nan))])
+    out.extend(upload_seconds(upload_latency))
+    return "\n".join(out) + "\n"
+
+
+def upload_seconds(upload_latency: list[float]) -> list[str]:
+    """The upload handling time summary (quantiles over recent uploads)."""
     lat = sorted(upload_latency)
     qs = [({"quantile": q}, lat[min(len(lat) - 1, int(q * len(lat)))] if lat else math.nan) for q in (0.5, 0.9, 0.99)]
-    out.append("# HELP asyncfl_upload_seconds Upload handling time over recent uploads.")
-    out.append("# TYPE asyncfl_upload_seconds summary")
+    out = [
+        "# HELP asyncfl_upload_seconds Upload handling time over recent uploads.",
+        "# TYPE asyncfl_upload_seconds summary",
+    ]
     for labels, value in qs:
         out.append(f'asyncfl_upload_seconds{{quantile="{labels["quantile"]}"}} {_num(value)}')
     out.append(f"asyncfl_upload_seconds_sum {_num(sum(lat))}")
     out.append(f"asyncfl_upload_seconds_count {len(lat)}")
-    return "\n".join(out) + "\n"
+    return out

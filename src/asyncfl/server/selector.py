@@ -10,6 +10,24 @@ from collections.abc import Callable
 from asyncfl.server.coordinator import Coordinator, Lease
 
 
+def retry_answer(retry_after: float, eligible: bool) -> dict:
+    """Come back later: jitter spreads a herd of waiting clients over time."""
+    wait = retry_after * random.uniform(0.75, 1.25)
+    why = "not eligible" if not eligible else "concurrency limit reached; no slot is open"
+    return {"action": "retry", "retry_after": round(wait, 3), "reason": why}
+
+
+def train_answer(lease_id: str, base_version: int, seed: int, expires_in: float) -> dict:
+    return {
+        "action": "train",
+        "lease_id": lease_id,
+        "base_version": base_version,
+        "model_url": f"/v1/model/{base_version}",
+        "seed": seed,
+        "lease_expires_in": round(expires_in, 3),
+    }
+
+
 class Selector:
     def __init__(self, coordinator: Coordinator, retry_after: float, done: Callable[[], bool]):
         self.coordinator, self.retry_after, self.done = coordinator, retry_after, done
@@ -23,19 +41,11 @@ class Selector:
         lease = self.coordinator.claim(client) if eligible else None
         if lease is None:
             self.deferred += 1
-            # jitter spreads a herd of waiting clients over time
-            wait = self.retry_after * random.uniform(0.75, 1.25)
-            why = "not eligible" if not eligible else "concurrency limit reached; no slot is open"
-            return {"action": "retry", "retry_after": round(wait, 3), "reason": why}, None
+            return retry_answer(self.retry_after, eligible), None
         self.assigned += 1
-        answer = {
-            "action": "train",
-            "lease_id": lease.lease_id,
-            "base_version": lease.base_version,
-            "model_url": f"/v1/model/{lease.base_version}",
-            "seed": lease.seed,
-            "lease_expires_in": round(lease.expires_at - self.coordinator.clock(), 3),
-        }
+        answer = train_answer(
+            lease.lease_id, lease.base_version, lease.seed, lease.expires_at - self.coordinator.clock()
+        )
         deadline = self.coordinator.round_deadline()
         if deadline is not None:
             answer["round_deadline_in"] = round(max(0.0, deadline), 3)

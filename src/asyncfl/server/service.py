@@ -29,10 +29,10 @@ from asyncfl.build import (
     num_users,
 )
 from asyncfl.compression import parse_codec
-from asyncfl.config import ConfigError, ExperimentConfig
+from asyncfl.config import ConfigError, ExperimentConfig, RunSpec
 from asyncfl.scheduling import build_policy
 from asyncfl.server.aggregation import AggregationRole, AggregationSettings
-from asyncfl.server.auth import Authenticator, RateLimiter
+from asyncfl.server.auth import Authenticator, RateLimiter, admit
 from asyncfl.server.coordinator import Coordinator
 from asyncfl.server.durability import STATE_FORMAT, GroupCommit
 from asyncfl.server.errors import ApiError
@@ -51,6 +51,47 @@ from asyncfl.server.uploads import Uploads
 log = logging.getLogger("asyncfl.server")
 PROTOCOL = 1
 HISTORY_LIMIT, HISTORY_MAX_LIMIT = 1000, 10_000  # evaluations per /v1/history page: default, most
+
+
+def report_bounds(cfg: ExperimentConfig, spec: RunSpec, settings: ServerConfig, data, model) -> ReportBounds:
+    """What an upload may report: n_examples up to server.max_examples, else the task's
+    largest client partition; steps up to STEPS_MARGIN x what the trainer plans for that
+    many examples."""
+    max_examples = settings.max_examples or int(data.client_sizes().max())
+    max_steps = STEPS_MARGIN * build_trainer(cfg, spec, model).num_steps(max_examples)
+    return ReportBounds(max_examples, max_steps, settings.max_loss, definition(spec.algorithm.name).reported)
+
+
+def describe_task(
+    task: str, cfg: ExperimentConfig, spec: RunSpec, data, model, upload_codec: str | None, download_codec, body: int
+) -> dict:
+    """What a client needs to build the same model and trainer as the simulator (GET /v1/task):
+    `upload_codec` the codec uploads must use (None: raw), `body` the largest upload accepted."""
+    algorithm = definition(spec.algorithm.name)
+    return {
+        "protocol": PROTOCOL,
+        "task": task,
+        "run": spec.name,
+        "config": cfg.model_copy(update={"runs": [spec]}).model_dump(mode="json"),
+        "num_features": data.num_features,
+        "num_classes": data.num_classes,
+        "prox_mu": client_options(spec).prox_mu,
+        # per-client state the client keeps between trips, and what it uploads besides its delta
+        "client_state": algorithm.client_state,
+        "upload_fields": list(algorithm.upload_fields),
+        "tensors": [{"name": n, "shape": list(s)} for n, s in zip(model.names, model.shapes)],
+        "codecs": [upload_codec or "none"],
+        "download_codec": download_codec.spec if download_codec is not None else "none",
+        "max_body_bytes": body,
+    }
+
+
+def model_frame_bytes(seed: int, version: int, w, model, download_codec, extras: dict) -> bytes:
+    """A version's frame: raw float32, or with a lossy download codec its payload, stochastic
+    rounding seeded from (experiment seed, version) as in the simulator; followed by what the
+    aggregator sends with that version (SCAFFOLD's c; raw)."""
+    gen = None if download_codec is None else download_rounding_generator(seed, version)
+    return wire.encode_model(version, w, model.names, model.shapes, download_codec, gen, extras)
 
 
 def fingerprint(cfg: ExperimentConfig, run: str, task: str) -> str:
@@ -106,7 +147,7 @@ class FLServer:
             build_norm_guard(settings.norm_guard, w0) if self.tsa is None else None,  # norms are masked
         )
         self.max_body_bytes = body_limit(settings, self.aggregation)
-        bounds = self._report_bounds()
+        bounds = report_bounds(cfg, self.spec, settings, self.data, self.model)
         # sync SecAgg rounds, else None
         self.secure_rounds = build_secure_policy(self.spec, settings, aggregator, self.model.numel, bounds)
         self.policy = self.secure_rounds or build_policy(self.spec.scheduler)
@@ -128,14 +169,6 @@ class FLServer:
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
         self._open(fingerprint(cfg, self.spec.name, self.task))
-
-    def _report_bounds(self) -> ReportBounds:
-        """What an upload may report: n_examples up to server.max_examples, else the task's
-        largest client partition; steps up to STEPS_MARGIN x what the trainer plans for that
-        many examples."""
-        max_examples = self.settings.max_examples or int(self.data.client_sizes().max())
-        max_steps = STEPS_MARGIN * build_trainer(self.cfg, self.spec, self.model).num_steps(max_examples)
-        return ReportBounds(max_examples, max_steps, self.settings.max_loss, self.algorithm.reported)
 
     # ---- start-up ---------------------------------------------------------------------
     def _open(self, fp: str) -> None:
@@ -181,14 +214,7 @@ class FLServer:
 
     def _limited(self, identify, address: str, per_name: RateLimiter | None = None) -> str:
         try:
-            try:
-                name = identify()
-            except ApiError:
-                self.anonymous.check(address)
-                raise
-            if per_name is not None:
-                per_name.check(name)
-            return name
+            return admit(identify, address, self.anonymous, per_name)
         except ApiError as err:
             self.reject(err)
             raise
@@ -217,27 +243,20 @@ class FLServer:
 
     def task_info(self) -> dict:
         """What a client needs to build the same model and trainer as the simulator."""
-        return {
-            "protocol": PROTOCOL,
-            "task": self.task,
-            "run": self.spec.name,
-            "config": self.cfg.model_copy(update={"runs": [self.spec]}).model_dump(mode="json"),
-            "num_features": self.data.num_features,
-            "num_classes": self.data.num_classes,
-            "prox_mu": client_options(self.spec).prox_mu,
-            # per-client state the client keeps between trips, and what it uploads besides its delta
-            "client_state": self.algorithm.client_state,
-            "upload_fields": list(self.algorithm.upload_fields),
-            "tensors": [{"name": n, "shape": list(s)} for n, s in zip(self.model.names, self.model.shapes)],
-            "codecs": [self.aggregation.expected_codec or "none"],
-            "download_codec": self.download_codec.spec if self.download_codec is not None else "none",
-            "max_body_bytes": self.max_body_bytes,
-        } | ({} if self.tsa is None else {"secure_aggregation": self.tsa.advertised()})
+        info = describe_task(
+            self.task,
+            self.cfg,
+            self.spec,
+            self.data,
+            self.model,
+            self.aggregation.expected_codec,
+            self.download_codec,
+            self.max_body_bytes,
+        )
+        return info | ({} if self.tsa is None else {"secure_aggregation": self.tsa.advertised()})
 
     def model_frame(self, version: int) -> bytes:
-        """A version's frame, built once: raw float32, or with a lossy download codec its
-        payload, stochastic rounding seeded from (experiment seed, version) as in the simulator;
-        followed by what the aggregator sends with that version (SCAFFOLD's c; raw)."""
+        """A version's frame (`model_frame_bytes`), built once."""
         with self.lock:
             frame = self._frames.get(version)
             if frame is None:
@@ -259,10 +278,7 @@ class FLServer:
                         f"{self.aggregation.state.version}",
                     )
         if frame is None:
-            gen = None
-            if self.download_codec is not None:
-                gen = download_rounding_generator(self.cfg.seed, version)
-            frame = wire.encode_model(version, w, self.model.names, self.model.shapes, self.download_codec, gen, extras)
+            frame = model_frame_bytes(self.cfg.seed, version, w, self.model, self.download_codec, extras)
             with self.lock:
                 if len(self._frames) > 4:
                     self._frames.pop(min(self._frames))

@@ -12,12 +12,42 @@ from collections.abc import Callable
 
 from asyncfl.algorithms.types import ClientUpdate, Verdict
 from asyncfl.server.auth import user_id
+from asyncfl.server.coordinator import base_mismatch
 from asyncfl.server.durability import GroupCommit
 from asyncfl.server.errors import ApiError
 from asyncfl.server.reports import ReportBounds
 from asyncfl.server.shared import Shared
 
 log = logging.getLogger("asyncfl.server")
+
+
+def client_update(client: str, h, checked) -> ClientUpdate:
+    """What the aggregator folds of a checked upload."""
+    return ClientUpdate(
+        client_id=user_id(client),
+        base_version=h.base_version,
+        delta=checked.delta,
+        n_examples=h.n_examples,
+        steps=h.steps,
+        loss=math.nan if h.loss is None else h.loss,
+        start_loss=math.nan if h.start_loss is None else h.start_loss,
+        planned_steps=h.planned_steps,
+        extras=checked.extras,
+        masked=checked.masked,
+    )
+
+
+def stale_answer(seq: int, version: int, staleness: int, max_staleness: int | None) -> dict:
+    return {
+        "error": "stale",
+        "seq": seq,
+        "version": version,
+        "detail": f"staleness {staleness} exceeds max_staleness {max_staleness}; update discarded",
+    }
+
+
+def accepted_answer(verdict: str, seq: int, staleness: int, version: int) -> dict:
+    return {"status": "accepted", "verdict": verdict, "seq": seq, "staleness": staleness, "version": version}
 
 
 class Uploads:
@@ -84,11 +114,7 @@ class Uploads:
         sh, counters = self.shared, self.shared.counters
         lease = sh.coordinator.active_lease(h.lease_id, client, sh.store)
         if h.base_version != lease.base_version:
-            raise ApiError(
-                409,
-                "base_mismatch",
-                f"base_version {h.base_version} does not match lease {lease.lease_id}'s version {lease.base_version}",
-            )
+            raise base_mismatch(h.base_version, lease.lease_id, lease.base_version)
         seq = self.next_seq
         version_before = sh.aggregation.state.version
         staleness = version_before - h.base_version
@@ -97,7 +123,7 @@ class Uploads:
                 raise refusal
             self.bounds.check(h, self.algorithm)
             sh.aggregation.screen(checked.norm)
-            verdict = sh.coordinator.report(lease, self._update(client, h, checked), seq, checked.norm)
+            verdict = sh.coordinator.report(lease, client_update(client, h, checked), seq, checked.norm)
         except Exception as err:  # the lease ends and its slot reopens, whatever went wrong
             sh.coordinator.release(lease, seq)
             if not isinstance(err, ApiError):
@@ -109,16 +135,7 @@ class Uploads:
             return self._logged(client, h, checked, seq, version_before, staleness, "rejected", err.status, answer)
         version = sh.aggregation.state.version
         if verdict == Verdict.DISCARDED:
-            status, answer = (
-                409,
-                {
-                    "error": "stale",
-                    "seq": seq,
-                    "version": version,
-                    "detail": f"staleness {staleness} exceeds max_staleness "
-                    f"{sh.aggregation.aggregator.max_staleness}; update discarded",
-                },
-            )
+            status, answer = 409, stale_answer(seq, version, staleness, sh.aggregation.aggregator.max_staleness)
             counters.rejected["stale"] += 1
         elif verdict is None:  # the policy did not submit it
             status, answer = (
@@ -131,33 +148,9 @@ class Uploads:
                 },
             )
         else:
-            status, answer = (
-                200,
-                {
-                    "status": "accepted",
-                    "verdict": verdict.value,
-                    "seq": seq,
-                    "staleness": staleness,
-                    "version": version,
-                },
-            )
+            status, answer = 200, accepted_answer(verdict.value, seq, staleness, version)
         return self._logged(
             client, h, checked, seq, version_before, staleness, verdict.value if verdict else "none", status, answer
-        )
-
-    @staticmethod
-    def _update(client: str, h, checked) -> ClientUpdate:
-        return ClientUpdate(
-            client_id=user_id(client),
-            base_version=h.base_version,
-            delta=checked.delta,
-            n_examples=h.n_examples,
-            steps=h.steps,
-            loss=math.nan if h.loss is None else h.loss,
-            start_loss=math.nan if h.start_loss is None else h.start_loss,
-            planned_steps=h.planned_steps,
-            extras=checked.extras,
-            masked=checked.masked,
         )
 
     def _logged(

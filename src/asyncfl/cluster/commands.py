@@ -1,0 +1,148 @@
+"""What the multi-process server's commands run (cli.py imports this only when one runs)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+import psycopg
+
+from asyncfl.config import ConfigError
+
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+
+
+def log_level(name: str) -> int:
+    """A level by `serve --log-level`'s names (uvicorn's, whose 'trace' is below debug)."""
+    return 5 if name == "trace" else logging.getLevelNamesMapping()[name.upper()]
+
+
+def _database_url(args) -> str:
+    if not args.database_url:
+        raise ConfigError("give --database-url (or set $ASYNCFL_DATABASE_URL)")
+    return args.database_url
+
+
+def _session(args):
+    from asyncfl.cluster.members import session
+
+    try:
+        return session(_database_url(args))
+    except psycopg.OperationalError as err:
+        raise ConfigError(f"cannot reach the database: {str(err).strip()}") from None
+
+
+def _stop_on_signals() -> threading.Event:
+    """Set on SIGTERM or Ctrl-C, so a role finishes its round and leaves cleanly."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def serve_role(args) -> int:
+    """`asyncfl serve --role coordinator|aggregator|selector --database-url URL`."""
+    import torch
+
+    from asyncfl.cluster.db import check_schema
+    from asyncfl.cluster.members import Timing
+
+    torch.set_num_threads(1)
+    logging.basicConfig(level=log_level(args.log_level), format=LOG_FORMAT)
+    url = _database_url(args)
+    with _session(args) as conn:
+        check_schema(conn)
+    if args.role == "selector":
+        return _serve_selector(args, url)
+    timing = Timing(member_timeout_s=args.member_timeout)
+    if args.role == "coordinator":
+        from asyncfl.cluster.coordinator import Coordinator
+
+        role = Coordinator(url, timing=timing)
+    else:
+        from asyncfl.cluster.aggregator import AggregatorRole
+
+        role = AggregatorRole(url, timing=timing)
+    print(f"asyncfl {args.role} {role.member}", flush=True)
+    role.run(_stop_on_signals())
+    return 0
+
+
+def _serve_selector(args, url: str) -> int:
+    """HTTP on --host/--port (TLS with --ssl-certfile/--ssl-keyfile); the selector-wide settings
+    (rate limits, connection limits) from --server-config, per-task ones from each task's config."""
+    import uvicorn
+    import yaml
+
+    from asyncfl.cluster.selector import Selector
+    from asyncfl.cluster.selector_app import create_selector_app
+    from asyncfl.config import ServerConfig
+    from asyncfl.server.limits import uvicorn_options
+
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        raise ConfigError("give both --ssl-certfile and --ssl-keyfile for TLS")
+    tree = yaml.safe_load(args.server_config.read_text()) if args.server_config else {}
+    try:
+        settings = ServerConfig.model_validate(tree or {})
+    except ValueError as err:
+        raise ConfigError(f"server config {args.server_config}: {err}") from None
+    selector = Selector(url, settings)
+    selector.address = f"{'https' if args.ssl_certfile else 'http'}://{args.host}:{args.port}"
+    print(f"asyncfl selector {selector.id}: {selector.address}/", flush=True)
+    uvicorn.run(
+        create_selector_app(selector),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
+        access_log=False,
+        **uvicorn_options(settings),
+    )
+    return 0
+
+
+def cluster(args) -> int:
+    if args.cluster_command == "up":
+        from asyncfl.cluster.up import up
+
+        return up(args)
+    from asyncfl.cluster.tasks import add_task, finish_task, list_tasks
+
+    with _session(args) as conn:
+        if args.task_command == "add":
+            cfg = load_task_config(args)
+            name = add_task(conn, cfg, args.run, args.task)
+            print(f"task {name!r} added (run {cfg.run(args.run).name!r})")
+        elif args.task_command == "finish":
+            if not finish_task(conn, args.task):
+                raise ConfigError(f"no task {args.task!r} in this database (asyncfl cluster task list)")
+            print(f"task {args.task!r} done")
+        else:
+            print("task\trun\tstate\tversion\tleased/concurrency\towner (epoch)")
+            for t in list_tasks(conn):
+                print(
+                    f"{t['task']}\t{t['run']}\t{t['state']}\t{t['version']}\t{t['leased']}/{t['concurrency']}\t"
+                    f"{t['owner'] or '-'} ({t['owner_epoch']})"
+                )
+    return 0
+
+
+def load_task_config(args):
+    from asyncfl.server.settings import load_serve_config
+
+    cfg, _ = load_serve_config(args.config, args.overrides, args.server_config, args.seed)
+    return cfg
+
+
+def token_create(args) -> int:
+    """`asyncfl token create --database-url URL --task T --client NAME [--operator]`."""
+    from asyncfl.cluster.tasks import create_token
+    from asyncfl.server.auth import ANY_TASK, CLIENT, OPERATOR
+
+    if args.task is None and not args.operator:
+        raise ConfigError("a client token needs --task")
+    with _session(args) as conn:
+        print(create_token(conn, args.client, args.task or ANY_TASK, OPERATOR if args.operator else CLIENT))
+    return 0

@@ -1,0 +1,328 @@
+"""The selector role of a cluster: check-ins, task descriptions and model downloads for every
+task in the database, with the single process's answers (server/selector.py), so `asyncfl
+client` works unchanged against any selector. Selectors keep no state a client depends on: any
+of them answers any request.
+
+The hot path, a check-in answered "retry", touches no database: tokens are cached for a few
+seconds (a revocation holds within TOKEN_TTL_S), and a background thread refreshes every
+REFRESH_S each task's version and state, the free slots the coordinator granted this selector,
+and the active leases (from the lease change feed, resynchronised in full every RESYNC_S since
+sequence numbers may commit out of order). Only a check-in that can get a slot claims one, in
+one transaction. Uploads go through `upload_commit.UploadCommitter`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+
+import psycopg
+
+from asyncfl.algorithms.seeds import trip_seed
+from asyncfl.cluster import members
+from asyncfl.cluster.members import DEFAULT_TIMING
+from asyncfl.cluster.pgpool import Pool
+from asyncfl.cluster.served_task import ServedTask
+from asyncfl.cluster.upload_commit import UploadCommitter
+from asyncfl.config import ServerConfig
+from asyncfl.server.auth import CLIENT, Authenticator, RateLimiter, admit, bearer
+from asyncfl.server.errors import ApiError
+from asyncfl.server.selector import retry_answer, train_answer
+from asyncfl.server.store import hash_token
+
+log = logging.getLogger("asyncfl.cluster")
+REFRESH_S = 0.15
+RESYNC_S = 2.0
+TOKEN_TTL_S, UNKNOWN_TOKEN_TTL_S = 5.0, 1.0
+TOKENS_CACHED = 100_000
+
+
+class TokenCache:
+    """Store's `lookup_token` over PostgreSQL, remembered for a few seconds."""
+
+    def __init__(self, pool: Pool):
+        self.pool = pool
+        self._entries: dict[tuple[str, str], tuple[tuple[str, str] | None, float]] = {}
+        self._lock = threading.Lock()
+
+    def lookup_token(self, token: str, role: str = CLIENT) -> tuple[str, str] | None:
+        key, now = (hash_token(token), role), time.monotonic()
+        with self._lock:
+            hit = self._entries.get(key)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        with self.pool.connection() as conn:
+            row = conn.execute(
+                "SELECT client, task FROM tokens WHERE hash=%s AND role=%s AND NOT revoked", key
+            ).fetchone()
+        found = None if row is None else (row[0], row[1])
+        with self._lock:
+            if len(self._entries) >= TOKENS_CACHED:
+                self._entries.clear()
+            self._entries[key] = (found, now + (TOKEN_TTL_S if found else UNKNOWN_TOKEN_TTL_S))
+        return found
+
+
+@dataclass
+class TaskView:
+    """What this selector knows of a task between refreshes."""
+
+    version: int
+    state: str
+    issued: int
+    free: int = 0  # slots granted to this selector and free
+    counts: collections.Counter[str] = field(default_factory=collections.Counter)
+
+
+class Selector:
+    def __init__(self, url: str, settings: ServerConfig | None = None, member_id: str | None = None, pool_size=8):
+        self.settings = settings or ServerConfig()
+        self.pool = Pool(url, pool_size)
+        self.id = member_id or members.member_id("selector")
+        self.address: str | None = None
+        self.auth = Authenticator(TokenCache(self.pool), None)
+        self.limiter = RateLimiter(self.settings.rate_per_s, self.settings.rate_burst)
+        self.anonymous = RateLimiter(self.settings.anonymous_rate_per_s, self.settings.anonymous_burst, "address")
+        self.lock = threading.Lock()
+        self.views: dict[str, TaskView] = {}
+        self.leases: dict[tuple[str, str], str] = {}  # (task, client) -> active lease id
+        self.rejected: collections.Counter[tuple[str, str]] = collections.Counter()  # (task, code)
+        self._served: dict[str, ServedTask] = {}
+        self._building, self._refreshing = threading.Lock(), threading.Lock()
+        self._cursor, self._resynced, self._beat = 0, 0.0, 0.0
+        self.commits = UploadCommitter(self)
+        self.started = time.time()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---- background -------------------------------------------------------------------
+    def start(self) -> None:
+        self.refresh()
+        self.commits.start()
+        self._thread = threading.Thread(target=self._loop, name="asyncfl-selector-refresh", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.commits.stop()
+        try:
+            with self.pool.connection() as conn:
+                members.leave(conn, self.id)
+        except ApiError:
+            pass  # the coordinator notices the missing heartbeat instead
+        self.pool.close()
+
+    def _loop(self) -> None:
+        failing = False  # logged once per outage, not every refresh
+        while not self._stop.wait(REFRESH_S):
+            try:
+                self.refresh()
+            except ApiError as err:
+                if not failing:
+                    log.warning("selector refresh: %s", err.detail)
+                failing = True
+                continue
+            except Exception:
+                log.exception("selector refresh failed")
+                continue
+            if failing:
+                log.warning("selector refresh: the database is reachable again")
+            failing = False
+
+    def refresh(self) -> None:
+        """Heartbeat, tasks, this selector's free slots and the lease feed, in one connection;
+        one refresh at a time, so an older read never overwrites a newer one."""
+        with self._refreshing:
+            self._refresh()
+
+    def _refresh(self) -> None:
+        now = time.monotonic()
+        resync = now - self._resynced >= RESYNC_S
+        with self.pool.connection() as conn:
+            if now - self._beat >= DEFAULT_TIMING.heartbeat_s:
+                members.heartbeat(conn, self.id, "selector", self.address, {"tasks": len(self.views)})
+                self._beat = now
+            tasks = conn.execute("SELECT task, version, state, issued FROM tasks").fetchall()
+            free = dict(
+                conn.execute(
+                    "SELECT task, count(*) FROM slots WHERE selector=%s AND lease_id IS NULL GROUP BY task", (self.id,)
+                ).fetchall()
+            )
+            where, args = ("state='active'", ()) if resync else ("change > %s", (self._cursor,))
+            changes = conn.execute(
+                f"SELECT task, client, lease_id, state, change FROM leases WHERE {where} ORDER BY change", args
+            ).fetchall()
+        with self.lock:
+            for name, version, state, issued in tasks:
+                view = self.views.get(name)
+                if view is None:
+                    self.views[name] = TaskView(version, state, issued, free.get(name, 0))
+                else:
+                    view.version, view.state, view.issued, view.free = version, state, issued, free.get(name, 0)
+            for gone in set(self.views) - {t[0] for t in tasks}:
+                del self.views[gone]
+            if resync:
+                self.leases = {}
+                self._resynced = now
+            for task, client, lease_id, state, change in changes:
+                if state == "active":
+                    self.leases[(task, client)] = lease_id
+                elif self.leases.get((task, client)) == lease_id:
+                    del self.leases[(task, client)]
+                self._cursor = max(self._cursor, change)
+
+    # ---- tasks ------------------------------------------------------------------------
+    def served(self, task: str) -> ServedTask:
+        """The task's judge of uploads and its description, built on first use."""
+        found = self._served.get(task)
+        if found is not None:
+            return found
+        with self._building:
+            if task not in self._served:
+                with self.pool.connection() as conn:
+                    row = conn.execute("SELECT config, run FROM tasks WHERE task=%s", (task,)).fetchone()
+                if row is None:
+                    raise ApiError(403, "forbidden", f"token belongs to task {task!r}, which this cluster does not run")
+                self._served[task] = ServedTask(task, row[0], row[1])
+            return self._served[task]
+
+    def view(self, task: str) -> TaskView:
+        with self.lock:
+            found = self.views.get(task)
+        if found is None:
+            self.served(task)  # 403 for a task the database does not hold
+            self.refresh()
+            with self.lock:
+                found = self.views.get(task)
+            if found is None:
+                raise ApiError(403, "forbidden", f"token belongs to task {task!r}, which this cluster does not run")
+        return found
+
+    # ---- requests ---------------------------------------------------------------------
+    def authenticate(self, authorization: str | None, address: str) -> tuple[str, str]:
+        """(client, task) behind a request's client token, within the rate limits."""
+        try:
+            return admit(
+                lambda: self.auth.lookup(bearer(authorization), CLIENT),
+                address,
+                self.anonymous,
+                self.limiter,
+                lambda found: found[0],
+            )
+        except ApiError as err:
+            self.reject("", err)
+            raise
+
+    def reject(self, task: str, err: ApiError) -> None:
+        with self.lock:
+            self.rejected[(task, err.code)] += 1
+
+    def checkin(self, client: str, task: str, eligible: bool = True) -> dict:
+        """A client with an active lease gets it back; a new lease only on a slot this selector
+        holds; "retry" otherwise, from memory: no database round trip."""
+        served, view = self.served(task), self.view(task)
+        retry_after = served.settings.retry_after
+        with self.lock:
+            held = self.leases.get((task, client))
+            stop = view.state == "done" or (served.max_trips is not None and view.issued >= served.max_trips)
+        if stop:
+            answer = {"action": "stop", "reason": "the run has finished"}
+        elif not eligible or (held is None and view.free <= 0):
+            answer = retry_answer(retry_after, eligible)
+        else:  # a lease known from the feed is confirmed: its upload may have reached another selector
+            try:
+                answer = self._claim(client, task, served, view)
+            except psycopg.errors.UniqueViolation:  # another selector leased to this client meanwhile
+                answer = self._claim(client, task, served, view)
+        self.count(view, f"checkin_{answer['action']}")
+        return answer
+
+    def count(self, view: TaskView, what: str, n: int = 1) -> None:
+        with self.lock:
+            view.counts[what] += n
+
+    def _claim(self, client: str, task: str, served: ServedTask, view: TaskView) -> dict:
+        """One transaction: the client's active lease if it has one (another selector may have
+        issued it), else a free slot of ours, the trip's number and the lease."""
+        lease_id = None
+        with self.pool.transaction() as conn:
+            held = conn.execute(
+                "SELECT lease_id, base_version, seed, extract(epoch FROM expires_at - now())::float8 FROM leases "
+                "WHERE task=%s AND client=%s AND state='active'",
+                (task, client),
+            ).fetchone()
+            if held is not None:
+                if held[3] <= 0:  # expiring: the coordinator frees it within a tick
+                    return retry_answer(served.settings.retry_after, True)
+                return train_answer(held[0], held[1], held[2] & ((1 << 64) - 1), held[3])
+            slot = conn.execute(
+                "SELECT slot FROM slots WHERE task=%s AND selector=%s AND lease_id IS NULL LIMIT 1 "
+                "FOR UPDATE SKIP LOCKED",
+                (task, self.id),
+            ).fetchone()
+            if slot is not None:
+                trip = conn.execute(
+                    "UPDATE tasks SET issued=issued+1 WHERE task=%s AND state='running' "
+                    "AND (%s::bigint IS NULL OR issued < %s) RETURNING issued, version",
+                    (task, served.max_trips, served.max_trips),
+                ).fetchone()
+                if trip is None:  # done, or stop.max_trips reached: the next refresh shows it
+                    return {"action": "stop", "reason": "the run has finished"}
+                issued, version = trip
+                seed = int(trip_seed(served.cfg.seed, issued - 1)[0])  # trips count from 0, as in the simulator
+                lease_id = f"L{issued}-{secrets.token_hex(6)}"
+                conn.execute("UPDATE slots SET lease_id=%s WHERE task=%s AND slot=%s", (lease_id, task, slot[0]))
+                expires_in = served.settings.lease_timeout
+                conn.execute(
+                    "INSERT INTO leases(lease_id, task, client, base_version, seed, expires_at) "
+                    "VALUES(%s, %s, %s, %s, %s, now() + make_interval(secs => %s))",
+                    (lease_id, task, client, version, _signed(seed), expires_in),
+                )
+        with self.lock:
+            if lease_id is None:  # no lease for this client, none free: what the feed said is past
+                view.free = 0
+                self.leases.pop((task, client), None)
+            else:
+                view.free -= 1
+                view.issued = max(view.issued, issued)
+                self.leases[(task, client)] = lease_id
+        if lease_id is None:
+            return retry_answer(served.settings.retry_after, True)
+        return train_answer(lease_id, version, seed, expires_in)
+
+    def lease_ended(self, task: str, client: str, lease_id: str) -> None:
+        with self.lock:
+            if self.leases.get((task, client)) == lease_id:
+                del self.leases[(task, client)]
+
+    def task_info(self, task: str) -> dict:
+        return self.served(task).info
+
+    def model_frame(self, task: str, version: int) -> bytes:
+        def load(v: int) -> bytes | None:
+            with self.pool.connection() as conn:
+                row = conn.execute("SELECT weights FROM versions WHERE task=%s AND version=%s", (task, v)).fetchone()
+            return None if row is None else row[0]
+
+        frame = self.served(task).frame(version, load)
+        self.count(self.view(task), "downloads")
+        self.count(self.view(task), "download_bytes", len(frame))
+        return frame
+
+    def upload(self, client: str, task: str, body: bytes) -> tuple[int, dict]:
+        try:
+            return self.commits.upload(client, task, body)
+        except ApiError as err:
+            self.reject(task, err)
+            raise
+
+
+def _signed(seed: int) -> int:
+    """A uint64 seed as PostgreSQL's signed bigint (two's complement)."""
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
