@@ -99,30 +99,42 @@ def migrate(url: str) -> list[int]:
     known = migrations()
     applied_now = []
     with connect(url) as conn:
-        for migration in known:
-            with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-                conn.execute(_SCHEMA_TABLE)
-                applied = dict(conn.execute("SELECT version, name FROM schema_migrations").fetchall())
-                newest = max(applied, default=0)
-                if newest > known[-1].version:
-                    raise SchemaError(_newer_message(newest, known[-1].version))
-                if migration.version in applied:
-                    if applied[migration.version] != migration.name:
-                        raise SchemaError(
-                            f"migration {migration.version} was applied as {applied[migration.version]!r}, "
-                            f"this asyncfl has {migration.name!r}: the database comes from a diverged asyncfl"
-                        )
-                    continue
-                try:
-                    conn.execute(migration.sql)  # no parameters: several statements in one go
-                except psycopg.Error as err:
-                    raise SchemaError(f"migration {migration.version:04d}_{migration.name} failed: {err}") from err
-                conn.execute(
-                    "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (migration.version, migration.name)
-                )
-                applied_now.append(migration.version)
+        # one lock for the whole loop (a session lock, held across the per-migration
+        # transactions), so of two processes migrating at once one applies everything
+        conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+        conn.commit()
+        try:
+            _apply(conn, known, applied_now)
+        finally:
+            conn.rollback()
+            conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+            conn.commit()
     return applied_now
+
+
+def _apply(conn: psycopg.Connection, known: list[Migration], applied_now: list[int]) -> None:
+    for migration in known:
+        with conn.transaction():
+            conn.execute(_SCHEMA_TABLE)
+            applied = dict(conn.execute("SELECT version, name FROM schema_migrations").fetchall())
+            newest = max(applied, default=0)
+            if newest > known[-1].version:
+                raise SchemaError(_newer_message(newest, known[-1].version))
+            if migration.version in applied:
+                if applied[migration.version] != migration.name:
+                    raise SchemaError(
+                        f"migration {migration.version} was applied as {applied[migration.version]!r}, "
+                        f"this asyncfl has {migration.name!r}: the database comes from a diverged asyncfl"
+                    )
+                continue
+            try:
+                conn.execute(migration.sql)  # no parameters: several statements in one go
+            except psycopg.Error as err:
+                raise SchemaError(f"migration {migration.version:04d}_{migration.name} failed: {err}") from err
+            conn.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (migration.version, migration.name)
+            )
+            applied_now.append(migration.version)
 
 
 def _newer_message(have: int, known: int) -> str:
