@@ -28,7 +28,7 @@ from asyncfl.cluster.evals import TaskEvaluation
 from asyncfl.cluster.members import DEFAULT_TIMING, Timing, session
 from asyncfl.cluster.partials import Partial, decode_partial
 from asyncfl.cluster.tasks import build_objects, task_config
-from asyncfl.server.aggregation import _all_finite
+from asyncfl.server.aggregation import all_finite
 from asyncfl.server.store import tensor_bytes, tensor_load
 
 log = logging.getLogger("asyncfl.cluster.aggregator")
@@ -107,7 +107,7 @@ class OwnedTask:
     def _stepped(self, stepped: bool) -> None:
         """After the aggregator stepped (or emptied its buffer without a step): commit the
         version, or refuse a step that made anything non-finite, as the single process does."""
-        if stepped and torch.isfinite(self.state.w).all() and _all_finite(self.aggregator.state_dict()):
+        if stepped and torch.isfinite(self.state.w).all() and all_finite(self.aggregator.state_dict()):
             self._commit()
             return
         last = max(self.models)

@@ -74,13 +74,13 @@ def _cloned(tree):
     return tree
 
 
-def _all_finite(tree) -> bool:
+def all_finite(tree) -> bool:
     if isinstance(tree, torch.Tensor):
         return bool(torch.isfinite(tree).all()) if tree.is_floating_point() else True
     if isinstance(tree, dict):
-        return all(_all_finite(v) for v in tree.values())
+        return all(all_finite(v) for v in tree.values())
     if isinstance(tree, list | tuple):
-        return all(_all_finite(v) for v in tree)
+        return all(all_finite(v) for v in tree)
     return not isinstance(tree, float) or math.isfinite(tree)
 
 
@@ -244,7 +244,7 @@ class AggregationRole:
         return stepped
 
     def _step_finite(self) -> bool:
-        return bool(torch.isfinite(self.state.w).all()) and _all_finite(self.aggregator.state_dict())
+        return bool(torch.isfinite(self.state.w).all()) and all_finite(self.aggregator.state_dict())
 
     def _refuse_step(self, w: torch.Tensor, version: int) -> None:
         """Back to the model and aggregator state of the last step (or of the restart); the
