@@ -61,3 +61,40 @@ def pytest_configure(config):
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One throwaway PostgreSQL cluster (`LocalPostgres`) for the whole session, removed at its end.
+    Skipped only where the server binaries are missing: `make test` installs them."""
+    from asyncfl.cluster.postgres import LocalPostgres, PostgresNotInstalled
+
+    try:
+        cluster = LocalPostgres()
+    except PostgresNotInstalled as err:
+        pytest.skip(str(err))
+    with cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def _migrated_template(postgres) -> str:
+    """A migrated database that each test's database is copied from (faster than migrating each)."""
+    from asyncfl.cluster.db import migrate
+
+    name = "asyncfl_migrated_template"
+    migrate(postgres.create_database(name))
+    return name
+
+
+@pytest.fixture
+def pg_url(postgres, _migrated_template) -> str:
+    """The URL of a fresh, migrated database of its own for one test; dropped after it."""
+    import uuid
+
+    postgres.start()  # a no-op unless an earlier test left the server stopped
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    url = postgres.create_database(name, template=_migrated_template)
+    yield url
+    postgres.start()
+    postgres.drop_database(name)

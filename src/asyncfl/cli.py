@@ -1,10 +1,11 @@
 """`asyncfl` command line: simulate one run, compare a preset's runs side by side, or run the
-network server (`serve`), a client (`client`), the token admin (`token`) and the trusted secure
-aggregator (`tsa`)."""
+network server (`serve`), a client (`client`), the token admin (`token`), the trusted secure
+aggregator (`tsa`) and the multi-process server's database tools (`db`)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -159,9 +160,30 @@ def _add_tsa_command(sub) -> None:
     srv.add_argument("--log-level", default="warning", choices=LOG_LEVELS)
 
 
+def add_database_url_argument(p: argparse.ArgumentParser) -> None:
+    """--database-url of the multi-process server's commands; defaults to $ASYNCFL_DATABASE_URL."""
+    env = os.environ.get("ASYNCFL_DATABASE_URL")
+    p.add_argument(
+        "--database-url",
+        default=env,
+        required=env is None,
+        metavar="URL",
+        help="PostgreSQL URL, e.g. postgresql://user:pass@host:5432/db (default: $ASYNCFL_DATABASE_URL)",
+    )
+
+
+def _add_db_command(sub) -> None:
+    db = sub.add_parser("db", help="the multi-process server's PostgreSQL database")
+    dsub = db.add_subparsers(dest="db_command", required=True)
+    mig = dsub.add_parser("migrate", help="create or upgrade the schema (idempotent; safe to run concurrently)")
+    add_database_url_argument(mig)
+
+
 def _network_command(args) -> int:
     """Web-stack commands load lazily, so the simulator's commands stay light."""
-    if args.command == "client":
+    if args.command == "db":
+        from asyncfl.cluster.db import migrate_command as run
+    elif args.command == "client":
         from asyncfl.client.main import client as run
     elif args.command == "tsa":
         from asyncfl.tsa.commands import tsa as run
@@ -208,9 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     _add_config_args(cmp_, allow_file=True)
     sub.add_parser("presets", help="list the built-in presets")
     _add_network_commands(sub)
+    _add_db_command(sub)
     _add_privacy_command(sub)
     args = parser.parse_args(argv)
-    if args.command in ("serve", "client", "token", "tsa"):
+    if args.command in ("serve", "client", "token", "tsa", "db"):
         return _network_command(args)
     if args.command == "privacy":
         return _privacy_command(args)
