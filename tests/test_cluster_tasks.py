@@ -68,3 +68,23 @@ def test_tokens_are_stored_hashed_as_the_single_process_stores_them(pg_url):
     assert fetch(pg_url, "SELECT hash, client, task, role FROM tokens") == [
         (hash_token(token), "alice", "fedbuff", "client")
     ]
+
+
+def test_cli_adds_lists_and_mints(pg_url, tmp_path, capsys):
+    import yaml
+
+    from asyncfl.cli import main
+
+    path = tmp_path / "x.yaml"
+    path.write_text(yaml.safe_dump(experiment(FEDBUFF, FEDASYNC).model_dump(mode="json")))
+    assert main(["cluster", "task", "add", "--database-url", pg_url, "--config", str(path), "--run", "fedasync"]) == 0
+    assert main(["cluster", "task", "list", "--database-url", pg_url]) == 0
+    args = ["token", "create", "--database-url", pg_url, "--task", "fedasync", "--client", "c1"]
+    assert main(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "task 'fedasync' added (run 'fedasync')"
+    assert out[2].split("\t")[:5] == ["fedasync", "fedasync", "running", "0", "0/4"]
+    assert fetch(pg_url, "SELECT hash, client FROM tokens") == [(hash_token(out[3]), "c1")]
+    sync = ["--set", "runs.fedbuff.scheduler.mode=sync", "--task", "t2"]
+    assert main(["cluster", "task", "add", "--database-url", pg_url, "--config", str(path), *sync]) == 2
+    assert "synchronous rounds" in capsys.readouterr().err

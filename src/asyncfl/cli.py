@@ -1,11 +1,11 @@
 """`asyncfl` command line: simulate one run, compare a preset's runs side by side, or run the
-network server (`serve`), a client (`client`), the token admin (`token`), the trusted secure
-aggregator (`tsa`) and the multi-process server's database tools (`db`)."""
+network server (`serve`, one process or `--role` of the multi-process one), a client (`client`),
+the token admin (`token`), the trusted secure aggregator (`tsa`) and the multi-process server's
+database tools (`db`), tasks and local cluster (`cluster`)."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -13,6 +13,7 @@ from rich.console import Console
 
 from asyncfl import config
 from asyncfl.attacks import KINDS as ATTACK_KINDS
+from asyncfl.cluster.arguments import add_cluster_command, add_database_url, add_serve_role, add_token_database
 from asyncfl.experiment import run_experiment
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # `serve --log-level`: uvicorn's
@@ -64,8 +65,9 @@ def _add_config_args(p: argparse.ArgumentParser, allow_file: bool) -> None:
 
 def _add_network_commands(sub) -> None:
     srv = sub.add_parser("serve", help="run the federated-learning server (HTTP)")
-    srv.add_argument("--config", type=Path, required=True, help="experiment YAML (may hold a server: section)")
+    srv.add_argument("--config", type=Path, help="experiment YAML (may hold a server: section); --role server only")
     srv.add_argument("--run", help="which of the config's runs (default: the first)")
+    add_serve_role(srv)
     srv.add_argument("--server-config", type=Path, help="server settings YAML (limits, leases, rate limits)")
     srv.add_argument(
         "--set",
@@ -121,6 +123,7 @@ def _add_network_commands(sub) -> None:
     tsub = tok.add_subparsers(dest="token_command", required=True)
     create = tsub.add_parser("create", help="mint a token and print it once")
     create.add_argument("--state-dir", type=Path, default=Path("server-state"))
+    add_token_database(create)
     create.add_argument(
         "--task", help="task id (the run's name unless server.task is set); optional for --operator: any task"
     )
@@ -160,23 +163,11 @@ def _add_tsa_command(sub) -> None:
     srv.add_argument("--log-level", default="warning", choices=LOG_LEVELS)
 
 
-def add_database_url_argument(p: argparse.ArgumentParser) -> None:
-    """--database-url of the multi-process server's commands; defaults to $ASYNCFL_DATABASE_URL."""
-    env = os.environ.get("ASYNCFL_DATABASE_URL")
-    p.add_argument(
-        "--database-url",
-        default=env,
-        required=env is None,
-        metavar="URL",
-        help="PostgreSQL URL, e.g. postgresql://user:pass@host:5432/db (default: $ASYNCFL_DATABASE_URL)",
-    )
-
-
 def _add_db_command(sub) -> None:
     db = sub.add_parser("db", help="the multi-process server's PostgreSQL database")
     dsub = db.add_subparsers(dest="db_command", required=True)
     mig = dsub.add_parser("migrate", help="create or upgrade the schema (idempotent; safe to run concurrently)")
-    add_database_url_argument(mig)
+    add_database_url(mig)
 
 
 def _network_command(args) -> int:
@@ -187,6 +178,8 @@ def _network_command(args) -> int:
         from asyncfl.client.main import client as run
     elif args.command == "tsa":
         from asyncfl.tsa.commands import tsa as run
+    elif args.command == "cluster":
+        from asyncfl.cluster.commands import cluster as run
     else:
         from asyncfl.server.commands import serve, token
 
@@ -231,9 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("presets", help="list the built-in presets")
     _add_network_commands(sub)
     _add_db_command(sub)
+    add_cluster_command(sub)
     _add_privacy_command(sub)
     args = parser.parse_args(argv)
-    if args.command in ("serve", "client", "token", "tsa", "db"):
+    if args.command in ("serve", "client", "token", "tsa", "db", "cluster"):
         return _network_command(args)
     if args.command == "privacy":
         return _privacy_command(args)

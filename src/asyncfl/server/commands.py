@@ -10,6 +10,12 @@ from asyncfl.config import ConfigError
 
 
 def serve(args) -> int:
+    if args.role != "server":
+        from asyncfl.cluster.commands import serve_role
+
+        return serve_role(args)
+    if args.config is None:
+        raise ConfigError("asyncfl serve needs --config (the multi-process roles read their tasks from --database-url)")
     import torch
     import uvicorn
     from uvicorn.config import LOG_LEVELS
@@ -46,6 +52,10 @@ def serve(args) -> int:
 
 
 def token(args) -> int:
+    if args.token_command == "create" and args.database_url:
+        from asyncfl.cluster.commands import token_create
+
+        return token_create(args)
     from asyncfl.server.auth import ANY_TASK, CLIENT, OPERATOR, new_token
     from asyncfl.server.store import Store
 
