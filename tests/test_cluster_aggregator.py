@@ -150,3 +150,39 @@ def test_old_versions_are_pruned_unless_a_lease_starts_from_them(pg_url):
     _assign(pg_url, "fedasync", role.member, 1)
     role.round()
     assert fetch(pg_url, "SELECT version FROM versions ORDER BY version") == [(0,), (4,), (5,)]
+
+
+def test_a_non_finite_step_is_refused_and_its_updates_discarded(pg_url):
+    """A sum that overflowed: the step is refused as the single process refuses it, the model and
+    the aggregator's state stay as they were, and the next buffer steps from them."""
+    cfg = experiment(FEDBUFF_ADAM)
+    with session(pg_url) as conn:
+        add_task(conn, cfg)
+    objects = build_objects(cfg)
+    numel = objects.model.numel
+    bad = insert_partial(
+        pg_url, "fedbuff_adam", Partial(count=3, weight_sum=3.0, total=torch.full((numel,), torch.inf))
+    )
+    ups = updates(3, numel)
+    good = insert_partial(pg_url, "fedbuff_adam", _summed(objects.aggregator, ups, 0))
+    role = AggregatorRole(pg_url)
+    _assign(pg_url, "fedbuff_adam", role.member, 1)
+    role.round()
+    assert fetch(pg_url, "SELECT id, folded_version, discarded FROM partials ORDER BY id") == [
+        (bad, 0, 3),
+        (good, 1, 0),
+    ]
+    ref = _single_process(cfg, None, ups, [0, 0, 0])
+    assert torch.allclose(_weights(pg_url, "fedbuff_adam", 1), ref.w, atol=1e-7)
+
+
+def test_reaching_the_target_ends_the_task(pg_url):
+    cfg = experiment(FEDASYNC, target_accuracy=0.01, stop={"at_target": True})
+    with session(pg_url) as conn:
+        add_task(conn, cfg)
+    role = AggregatorRole(pg_url)
+    _assign(pg_url, "fedasync", role.member, 1)
+    role.round()  # the first evaluation is due at once
+    ((version, accuracy),) = fetch(pg_url, "SELECT version, accuracy FROM evals")
+    assert version == 0 and accuracy >= 0.01
+    assert fetch(pg_url, "SELECT state FROM tasks") == [("done",)]

@@ -7,17 +7,18 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
 
+import psycopg
 import pytest
 
-psycopg = pytest.importorskip("psycopg")
-
-from asyncfl.cli import main  # noqa: E402
-from asyncfl.cluster import db  # noqa: E402
-from asyncfl.cluster import postgres as harness  # noqa: E402
+from asyncfl.cli import main
+from asyncfl.cluster import db
+from asyncfl.cluster import postgres as harness
+from asyncfl.config import ConfigError
 
 TABLES_0001 = {"tasks", "members", "tokens", "slots", "leases", "partials", "updates", "versions"}
 TABLES_0001 |= {"aggregator_state", "evals"}
@@ -113,6 +114,28 @@ def test_cluster_is_removed_when_its_owner_is_killed():
     assert not _alive(int(pid))
 
 
+def test_a_port_taken_before_the_first_start_is_replaced_and_a_failed_start_leaves_nothing(monkeypatch):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        real_free_port = harness.free_port
+        ports = iter([busy])
+        monkeypatch.setattr(harness, "free_port", lambda: next(ports, None) or real_free_port())
+        with harness.LocalPostgres() as cluster:
+            assert cluster.port != busy
+            psycopg.connect(cluster.url).close()
+        monkeypatch.setattr(harness, "free_port", lambda: busy)
+        parent = tempfile.mkdtemp()
+        os.chmod(parent, 0o755)  # the server's user must reach its data dir when we are root
+        try:
+            with pytest.raises(harness.PostgresError, match="could not bind"):
+                harness.LocalPostgres(base_dir=parent).start()
+            assert os.listdir(parent) == []
+        finally:
+            os.rmdir(parent)
+
+
 def test_missing_binaries_name_the_package_and_make(monkeypatch):
     monkeypatch.setattr(harness.shutil, "which", lambda name: None)
     monkeypatch.setattr(harness.glob, "glob", lambda pattern: [])
@@ -124,7 +147,7 @@ def test_migrate_creates_every_table_once(postgres):
     url = _fresh_database(postgres)
     with db.connect(url) as conn:
         assert db.schema_version(conn) == 0
-        with pytest.raises(db.SchemaError, match="asyncfl db migrate"):
+        with pytest.raises(db.SchemaError, match="lacks migrations 0001.*asyncfl db migrate"):
             db.check_schema(conn)
     latest = db.migrations()[-1].version
     assert db.migrate(url) == [m.version for m in db.migrations()]
@@ -246,3 +269,34 @@ def test_cli_reports_an_unreachable_database(capsys):
     url = f"postgresql://nobody:x@127.0.0.1:{harness.free_port()}/none"
     assert main(["db", "migrate", "--database-url", url]) == 2
     assert "cannot reach the database" in capsys.readouterr().err
+
+
+def test_a_failing_migration_is_rolled_back_alone(postgres, monkeypatch):
+    """Each migration is its own transaction: those before a broken one stay applied."""
+    url = _fresh_database(postgres)
+    shipped = db.migrations()
+    broken = db.Migration(shipped[-1].version + 1, "broken", "CREATE TABLE half_done (x integer); SELECT nope;")
+    monkeypatch.setattr(db, "migrations", lambda: [*shipped, broken])
+    with pytest.raises(db.SchemaError, match=f"migration {broken.version:04d}_broken failed"):
+        db.migrate(url)
+    tables = _tables(url)
+    assert "half_done" not in tables and tables >= TABLES_0001
+    with db.connect(url) as conn:
+        assert db.schema_version(conn) == shipped[-1].version
+
+
+def test_an_invalid_url_is_a_config_error():
+    with pytest.raises(ConfigError, match="invalid database URL"):
+        db.connect("postgresql://[not a url")
+
+
+def test_a_database_missing_an_earlier_migration_is_not_current(pg_url, monkeypatch):
+    shipped = db.migrations()
+    later = db.Migration(shipped[-1].version + 1, "later", "SELECT 1;")
+    monkeypatch.setattr(db, "migrations", lambda: [*shipped, later])
+    with db.connect(pg_url) as conn:
+        conn.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, 'later')", (later.version,))
+        conn.execute("DELETE FROM schema_migrations WHERE version = %s", (shipped[0].version,))
+        conn.commit()
+        with pytest.raises(db.SchemaError, match=f"lacks migrations {shipped[0].version:04d}:"):
+            db.check_schema(conn)

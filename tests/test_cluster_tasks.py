@@ -88,3 +88,6 @@ def test_cli_adds_lists_and_mints(pg_url, tmp_path, capsys):
     sync = ["--set", "runs.fedbuff.scheduler.mode=sync", "--task", "t2"]
     assert main(["cluster", "task", "add", "--database-url", pg_url, "--config", str(path), *sync]) == 2
     assert "synchronous rounds" in capsys.readouterr().err
+    assert main(["cluster", "task", "finish", "--database-url", pg_url, "--task", "fedasync"]) == 0
+    assert fetch(pg_url, "SELECT state FROM tasks") == [("done",)]
+    assert main(["cluster", "task", "finish", "--database-url", pg_url, "--task", "nope"]) == 2

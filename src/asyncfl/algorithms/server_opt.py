@@ -46,6 +46,10 @@ class SGD(ServerOptimizer):
     def state_dict(self):
         return {} if self.m is None else {"m": self.m}
 
+    def load_state_dict(self, state):
+        self.m = None  # a state saved before the first step holds no momentum: none is kept
+        super().load_state_dict(state)
+
 
 class Adaptive(ServerOptimizer):
     """FedAdam / FedYogi / FedAdagrad (Reddi et al.), which differ only in the v update."""
@@ -74,3 +78,7 @@ class Adaptive(ServerOptimizer):
 
     def state_dict(self):
         return {} if self.m is None else {"m": self.m, "v": self.v}
+
+    def load_state_dict(self, state):
+        self.m = self.v = None  # a state saved before the first step holds no moments: none are kept
+        super().load_state_dict(state)

@@ -14,6 +14,7 @@ them again from the last step's state: every accepted update lands in exactly on
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 
@@ -43,7 +44,7 @@ class OwnedTask:
 
     def __init__(self, conn: psycopg.Connection, member: str, task: str, epoch: int):
         self.conn, self.member, self.task, self.epoch = conn, member, task, epoch
-        tree, run = conn.execute("SELECT config, run FROM tasks WHERE task = %s", (task,)).fetchone()
+        tree, run, state = conn.execute("SELECT config, run, state FROM tasks WHERE task = %s", (task,)).fetchone()
         self.objects = build_objects(task_config(tree), run)
         self.aggregator = self.objects.aggregator
         self.keep_versions = self.objects.settings.keep_versions
@@ -58,7 +59,7 @@ class OwnedTask:
         self.models = {version: self.state.w}  # recent versions: FedAsync's base models
         self.buffered: list[tuple[int, int]] = []  # (partial id, updates) folded since the last step
         self.evaluation = TaskEvaluation(self.objects)
-        self.done = False
+        self.done = state == "done"
 
     # ---- folding ----------------------------------------------------------------------
     def poll(self) -> int:
@@ -197,7 +198,9 @@ class OwnedTask:
 
 
 class AggregatorRole:
-    """The process's loop: heartbeat, follow the tasks assigned to it, fold each."""
+    """The process's loop: follow the tasks assigned to it, fold each. `run` heartbeats from a
+    thread of its own, so a long evaluation or step does not make the coordinator think it dead
+    (a paused or partitioned process is handled by the fence instead)."""
 
     def __init__(self, url: str, member: str | None = None, timing: Timing = DEFAULT_TIMING, poll_s: float = 0.05):
         self.url, self.timing, self.poll_s = url, timing, poll_s
@@ -205,14 +208,17 @@ class AggregatorRole:
         self.conn = session(url)
         self.tasks: dict[str, OwnedTask] = {}
         self._failed: dict[tuple[str, int], float] = {}  # (task, epoch) that failed to load -> when
-        self._beat = 0.0
+        self._beat = -math.inf
+        self._beating = False  # True while `run`'s heartbeat thread runs
+
+    def heartbeat(self, conn: psycopg.Connection) -> None:
+        members.heartbeat(conn, self.member, "aggregator", stats={"tasks": sorted(self.tasks)})
+        self._beat = time.monotonic()
 
     def round(self) -> int:
         """One pass over the owned tasks; partials read."""
-        now = time.monotonic()
-        if now - self._beat >= self.timing.heartbeat_s:
-            members.heartbeat(self.conn, self.member, "aggregator", stats={"tasks": sorted(self.tasks)})
-            self._beat = now
+        if not self._beating and time.monotonic() - self._beat >= self.timing.heartbeat_s:
+            self.heartbeat(self.conn)
         self._follow_assignments()
         read = 0
         for name, owned in list(self.tasks.items()):
@@ -235,7 +241,7 @@ class AggregatorRole:
             log.info("task %s: assigned elsewhere; dropped", name)
             del self.tasks[name]
         for name, epoch in owned.items():
-            if name in self.tasks or time.monotonic() - self._failed.get((name, epoch), -60.0) < 30.0:
+            if name in self.tasks or time.monotonic() - self._failed.get((name, epoch), -math.inf) < 30.0:
                 continue
             try:
                 self.tasks[name] = OwnedTask(self.conn, self.member, name, epoch)
@@ -246,9 +252,27 @@ class AggregatorRole:
                 log.exception("task %s: cannot load it; retrying in 30 s", name)
                 self._failed[(name, epoch)] = time.monotonic()
 
+    def _heartbeats(self, stop: threading.Event) -> None:
+        conn = None
+        while not stop.is_set():
+            try:
+                if conn is None or conn.closed:
+                    conn = session(self.url)
+                self.heartbeat(conn)
+            except Exception as err:  # the thread must outlive any failure: it is the liveness signal
+                log.warning("aggregator heartbeat failed: %s", err)
+                if conn is not None:
+                    conn.close()
+            stop.wait(self.timing.heartbeat_s)
+        if conn is not None:
+            conn.close()
+
     def run(self, stop: threading.Event) -> None:
         """Rounds until `stop`; a failed round (the database away) drops the tasks whose state
         may be ahead of it and reconnects."""
+        beats = threading.Thread(target=self._heartbeats, args=(stop,), name="asyncfl-heartbeat", daemon=True)
+        self._beating = True
+        beats.start()
         while not stop.is_set():
             try:
                 if self.conn.closed:
@@ -260,6 +284,7 @@ class AggregatorRole:
                 read = 0
             if not read:
                 stop.wait(self.poll_s)
+        beats.join()
         if not self.conn.closed:
             members.leave(self.conn, self.member)
             self.conn.close()

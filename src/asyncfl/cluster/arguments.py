@@ -32,7 +32,13 @@ def add_serve_role(srv: argparse.ArgumentParser) -> None:
         "role of the multi-process server over PostgreSQL (--database-url; see docs/deploy.md)",
     )
     add_database_url(srv, required=False)
-    srv.add_argument("--member-timeout", type=float, default=3.0, help="cluster roles: seconds a silent member lives")
+    srv.add_argument(
+        "--member-timeout",
+        type=float,
+        default=3.0,
+        help="coordinator: seconds after its last heartbeat a selector or aggregator counts as dead (its free "
+        "slots and its tasks move on)",
+    )
 
 
 def add_token_database(create: argparse.ArgumentParser) -> None:
@@ -58,6 +64,9 @@ def add_cluster_command(sub) -> None:
     add.add_argument("--task", help="task id tokens are bound to (default: server.task, else the run's name)")
     ls = tsub.add_parser("list", help="the tasks, their versions, owners and leased slots")
     add_database_url(ls)
+    finish = tsub.add_parser("finish", help="stop leasing a task's slots (uploads in flight still fold)")
+    add_database_url(finish)
+    finish.add_argument("--task", required=True)
     up = csub.add_parser("up", help="run a whole cluster on this machine (child processes, prefixed logs)")
     _task_source(up)
     add_database_url(up, required=False)

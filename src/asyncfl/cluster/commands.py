@@ -54,9 +54,7 @@ def serve_role(args) -> int:
     with _session(args) as conn:
         check_schema(conn)
     if args.role == "selector":
-        from asyncfl.cluster.selector_app import serve_selector
-
-        return serve_selector(args)
+        return _serve_selector(args, url)
     timing = Timing(member_timeout_s=args.member_timeout)
     if args.role == "coordinator":
         from asyncfl.cluster.coordinator import Coordinator
@@ -71,18 +69,56 @@ def serve_role(args) -> int:
     return 0
 
 
+def _serve_selector(args, url: str) -> int:
+    """HTTP on --host/--port (TLS with --ssl-certfile/--ssl-keyfile); the selector-wide settings
+    (rate limits, connection limits) from --server-config, per-task ones from each task's config."""
+    import uvicorn
+    import yaml
+
+    from asyncfl.cluster.selector import Selector
+    from asyncfl.cluster.selector_app import create_selector_app
+    from asyncfl.config import ServerConfig
+    from asyncfl.server.limits import uvicorn_options
+
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        raise ConfigError("give both --ssl-certfile and --ssl-keyfile for TLS")
+    tree = yaml.safe_load(args.server_config.read_text()) if args.server_config else {}
+    try:
+        settings = ServerConfig.model_validate(tree or {})
+    except ValueError as err:
+        raise ConfigError(f"server config {args.server_config}: {err}") from None
+    selector = Selector(url, settings)
+    selector.address = f"{'https' if args.ssl_certfile else 'http'}://{args.host}:{args.port}"
+    print(f"asyncfl selector {selector.id}: {selector.address}/", flush=True)
+    uvicorn.run(
+        create_selector_app(selector),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
+        access_log=False,
+        **uvicorn_options(settings),
+    )
+    return 0
+
+
 def cluster(args) -> int:
     if args.cluster_command == "up":
         from asyncfl.cluster.up import up
 
         return up(args)
-    from asyncfl.cluster.tasks import add_task, list_tasks
+    from asyncfl.cluster.tasks import add_task, finish_task, list_tasks
 
     with _session(args) as conn:
         if args.task_command == "add":
             cfg = load_task_config(args)
             name = add_task(conn, cfg, args.run, args.task)
             print(f"task {name!r} added (run {cfg.run(args.run).name!r})")
+        elif args.task_command == "finish":
+            if not finish_task(conn, args.task):
+                raise ConfigError(f"no task {args.task!r} in this database (asyncfl cluster task list)")
+            print(f"task {args.task!r} done")
         else:
             print("task\trun\tstate\tversion\tleased/concurrency\towner (epoch)")
             for t in list_tasks(conn):

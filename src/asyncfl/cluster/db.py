@@ -48,7 +48,11 @@ class Migration:
 def connect(url: str, **kwargs) -> psycopg.Connection:
     """A psycopg connection, autocommit off (callers commit their transactions), with a connect
     timeout unless the URL sets one: a dead database fails fast instead of hanging a role."""
-    if "connect_timeout" not in conninfo_to_dict(url) and "connect_timeout" not in kwargs:
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.ProgrammingError as err:
+        raise ConfigError(f"invalid database URL: {err}") from None
+    if "connect_timeout" not in params and "connect_timeout" not in kwargs:
         kwargs["connect_timeout"] = CONNECT_TIMEOUT_S
     return psycopg.connect(url, autocommit=False, **kwargs)
 
@@ -67,21 +71,27 @@ def migrations() -> list[Migration]:
     return found
 
 
+def applied_versions(conn: psycopg.Connection) -> set[int]:
+    """The migrations applied to the database (none when it has no schema_migrations table)."""
+    if not conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()[0]:
+        return set()
+    return {version for (version,) in conn.execute("SELECT version FROM schema_migrations")}
+
+
 def schema_version(conn: psycopg.Connection) -> int:
-    """The newest migration applied to the database (0: none, or no schema_migrations table)."""
-    exists = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()[0]
-    if not exists:
-        return 0
-    return conn.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()[0]
+    """The newest migration applied to the database (0: none)."""
+    return max(applied_versions(conn), default=0)
 
 
 def check_schema(conn: psycopg.Connection) -> None:
     """Refuse to run a role against a database not migrated to exactly what this code knows."""
-    have, want = schema_version(conn), migrations()[-1].version
-    if have < want:
-        raise SchemaError(f"database schema is at version {have}, this asyncfl needs {want}: run `asyncfl db migrate`")
-    if have > want:
-        raise SchemaError(_newer_message(have, want))
+    applied, known = applied_versions(conn), {m.version for m in migrations()}
+    if max(applied, default=0) > max(known):
+        raise SchemaError(_newer_message(max(applied), max(known)))
+    if missing := sorted(known - applied):
+        raise SchemaError(
+            f"database schema lacks migrations {', '.join(f'{v:04d}' for v in missing)}: run `asyncfl db migrate`"
+        )
 
 
 def migrate(url: str) -> list[int]:
@@ -104,7 +114,10 @@ def migrate(url: str) -> list[int]:
                             f"this asyncfl has {migration.name!r}: the database comes from a diverged asyncfl"
                         )
                     continue
-                conn.execute(migration.sql)  # no parameters: several statements in one go
+                try:
+                    conn.execute(migration.sql)  # no parameters: several statements in one go
+                except psycopg.Error as err:
+                    raise SchemaError(f"migration {migration.version:04d}_{migration.name} failed: {err}") from err
                 conn.execute(
                     "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (migration.version, migration.name)
                 )

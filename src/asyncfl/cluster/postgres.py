@@ -89,11 +89,9 @@ def _server_user() -> pwd.struct_passwd | None:
     try:
         return pwd.getpwnam(SUPERUSER)
     except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--user-group", "--no-create-home", "--shell", "/bin/false", SUPERUSER],
-            check=True,
-            capture_output=True,
-        )
+        useradd = shutil.which("useradd") or "/usr/sbin/useradd"
+        options = "--system --user-group --no-create-home --shell /bin/false".split()
+        subprocess.run([useradd, *options, SUPERUSER], check=True, capture_output=True)
         return pwd.getpwnam(SUPERUSER)
 
 
@@ -111,7 +109,6 @@ class LocalPostgres:
         self.password = secrets.token_urlsafe(18)
         self._user = _server_user()
         self._watchdog: subprocess.Popen | None = None
-        self._first_start = True  # the port may still be changed if someone else took it
 
     @property
     def data_dir(self) -> Path:
@@ -134,24 +131,18 @@ class LocalPostgres:
         return f"postgresql://{user}:{password}@127.0.0.1:{self.port}/{database}"
 
     def start(self) -> str:
-        """Start the server (creating the cluster first time); a no-op when it runs. Returns url."""
+        """Start the server (creating the cluster first time); a no-op when it runs. Returns url.
+        A cluster that fails to come up the first time is removed (the error carries its log)."""
         if self.base is None:
-            self._init_cluster()
+            try:
+                self._init_cluster()
+                return self._start_server(attempts=5)
+            except BaseException:
+                self.stop()
+                raise
         if self.running():
             return self.url
-        attempts = 5 if self._first_start else 1
-        for attempt in range(attempts):
-            try:
-                self._pg_ctl(
-                    "start", "-w", "-t", str(START_TIMEOUT_S), "-l", str(self.log_path), "-o", f"-p {self.port}"
-                )
-                break
-            except PostgresError:
-                if attempt == attempts - 1 or "could not bind" not in self._log_tail():
-                    raise
-                self.port = free_port()  # someone took the port between free_port() and the bind
-        self._first_start = False
-        return self.url
+        return self._start_server(attempts=1)
 
     def running(self) -> bool:
         if self.base is None or not self.data_dir.exists():
@@ -183,7 +174,7 @@ class LocalPostgres:
             if self.running():
                 self._kill_postmaster()
             shutil.rmtree(self.base, ignore_errors=True)
-            self.base = None
+            self.base = self.port = None
             if self._watchdog is not None:
                 self._watchdog.kill()
                 self._watchdog.wait()
@@ -243,9 +234,22 @@ class LocalPostgres:
             raise PostgresError("the cluster has not been created (start() first) or was removed")
         return self.base
 
+    def _start_server(self, attempts: int) -> str:
+        """pg_ctl start; with attempts > 1 (a new cluster) a port taken meanwhile is replaced."""
+        for attempt in range(attempts):
+            try:
+                self._pg_ctl(
+                    "start", "-w", "-t", str(START_TIMEOUT_S), "-l", str(self.log_path), "-o", f"-p {self.port}"
+                )
+                break
+            except PostgresError:
+                if attempt == attempts - 1 or "could not bind" not in self._log_tail():
+                    raise
+                self.port = free_port()  # someone took the port between free_port() and the bind
+        return self.url
+
     def _init_cluster(self) -> None:
-        self.base = Path(tempfile.mkdtemp(prefix="asyncfl-pg-", dir=self._base_parent))
-        self._first_start = True
+        self.base = Path(tempfile.mkdtemp(prefix="asyncfl-pg-", dir=self._base_parent)).resolve()
         if self._user is not None:
             os.chown(self.base, self._user.pw_uid, self._user.pw_gid)
         self._start_watchdog()
@@ -254,25 +258,9 @@ class LocalPostgres:
         if self._user is not None:
             os.chown(pwfile, self._user.pw_uid, self._user.pw_gid)
         try:
-            self._run(
-                [
-                    str(self.bindir / "initdb"),
-                    "-D",
-                    str(self.data_dir),
-                    "-U",
-                    SUPERUSER,
-                    "--pwfile",
-                    str(pwfile),
-                    "--auth",
-                    "scram-sha-256",
-                    "-E",
-                    "UTF8",
-                    "--locale",
-                    "C",
-                    # a throwaway cluster: no flush of initdb's files; fsync is on for the server
-                    "--no-sync",
-                ]
-            )
+            # a throwaway cluster: initdb's files are not flushed (--no-sync); the server's fsync is on
+            options = f"-U {SUPERUSER} --auth scram-sha-256 -E UTF8 --locale C --no-sync".split()
+            self._run([str(self.bindir / "initdb"), "-D", str(self.data_dir), "--pwfile", str(pwfile), *options])
         finally:
             pwfile.unlink()
         settings = {
@@ -300,11 +288,19 @@ class LocalPostgres:
         self._run([str(self.bindir / "pg_ctl"), *args, "-D", str(self.data_dir)])
 
     def _as_server_user(self, argv: list[str]) -> list[str]:
-        return argv if self._user is None else ["runuser", "-u", self._user.pw_name, "--", *argv]
+        if self._user is None:
+            return argv
+        runuser = shutil.which("runuser") or "/usr/sbin/runuser"  # sbin: not on every root's PATH
+        return [runuser, "-u", self._user.pw_name, "--", *argv]
 
     def _run(self, argv: list[str], check: bool = True) -> int:
         out = subprocess.run(
-            self._as_server_user(argv), stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
+            self._as_server_user(argv),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd="/",  # the server's user may not be allowed into ours
         )
         if check and out.returncode != 0:
             raise PostgresError(

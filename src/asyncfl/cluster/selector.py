@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import secrets
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
 
+import psycopg
+
 from asyncfl.algorithms.seeds import trip_seed
+from asyncfl.cluster import members
+from asyncfl.cluster.members import DEFAULT_TIMING
 from asyncfl.cluster.pgpool import Pool
 from asyncfl.cluster.served_task import ServedTask
 from asyncfl.cluster.upload_commit import UploadCommitter
@@ -35,7 +37,6 @@ from asyncfl.server.store import hash_token
 log = logging.getLogger("asyncfl.cluster")
 REFRESH_S = 0.15
 RESYNC_S = 2.0
-HEARTBEAT_S = 0.5
 TOKEN_TTL_S, UNKNOWN_TOKEN_TTL_S = 5.0, 1.0
 TOKENS_CACHED = 100_000
 
@@ -89,7 +90,7 @@ class Selector:
     def __init__(self, url: str, settings: ServerConfig | None = None, member_id: str | None = None, pool_size=8):
         self.settings = settings or ServerConfig()
         self.pool = Pool(url, pool_size)
-        self.id = member_id or f"selector-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.id = member_id or members.member_id("selector")
         self.address: str | None = None
         self.auth = Authenticator(TokenCache(self.pool), None)
         self.limiter = RateLimiter(self.settings.rate_per_s, self.settings.rate_burst)
@@ -99,7 +100,7 @@ class Selector:
         self.leases: dict[tuple[str, str], KnownLease] = {}
         self.rejected: collections.Counter[tuple[str, str]] = collections.Counter()  # (task, code)
         self._served: dict[str, ServedTask] = {}
-        self._building = threading.Lock()
+        self._building, self._refreshing = threading.Lock(), threading.Lock()
         self._cursor, self._resynced, self._beat = 0, 0.0, 0.0
         self.commits = UploadCommitter(self)
         self.started = time.time()
@@ -120,31 +121,40 @@ class Selector:
         self.commits.stop()
         try:
             with self.pool.connection() as conn:
-                conn.execute("DELETE FROM members WHERE id=%s", (self.id,))
+                members.leave(conn, self.id)
         except ApiError:
             pass  # the coordinator notices the missing heartbeat instead
         self.pool.close()
 
     def _loop(self) -> None:
+        failing = False  # logged once per outage, not every refresh
         while not self._stop.wait(REFRESH_S):
             try:
                 self.refresh()
             except ApiError as err:
-                log.warning("selector refresh: %s", err.detail)
+                if not failing:
+                    log.warning("selector refresh: %s", err.detail)
+                failing = True
+                continue
             except Exception:
                 log.exception("selector refresh failed")
+                continue
+            if failing:
+                log.warning("selector refresh: the database is reachable again")
+            failing = False
 
     def refresh(self) -> None:
-        """Heartbeat, tasks, this selector's free slots and the lease feed, in one connection."""
+        """Heartbeat, tasks, this selector's free slots and the lease feed, in one connection;
+        one refresh at a time, so an older read never overwrites a newer one."""
+        with self._refreshing:
+            self._refresh()
+
+    def _refresh(self) -> None:
         now = time.monotonic()
         resync = now - self._resynced >= RESYNC_S
         with self.pool.connection() as conn:
-            if now - self._beat >= HEARTBEAT_S:
-                conn.execute(
-                    "INSERT INTO members(id, role, address) VALUES(%s, 'selector', %s) "
-                    "ON CONFLICT (id) DO UPDATE SET heartbeat_at=now(), address=EXCLUDED.address",
-                    (self.id, self.address),
-                )
+            if now - self._beat >= DEFAULT_TIMING.heartbeat_s:
+                members.heartbeat(conn, self.id, "selector", self.address, {"tasks": len(self.views)})
                 self._beat = now
             tasks = conn.execute("SELECT task, version, state, issued FROM tasks").fetchall()
             free = dict(
@@ -226,7 +236,7 @@ class Selector:
 
     def checkin(self, client: str, task: str, eligible: bool = True) -> dict:
         """A client with an active lease gets it back; a new lease only on a slot this selector
-        holds; "retry" otherwise, from memory."""
+        holds; "retry" otherwise, from memory: no database round trip."""
         served, view = self.served(task), self.view(task)
         retry_after = served.settings.retry_after
         with self.lock:
@@ -234,12 +244,13 @@ class Selector:
             stop = view.state == "done" or (served.max_trips is not None and view.issued >= served.max_trips)
         if stop:
             answer = {"action": "stop", "reason": "the run has finished"}
-        elif held is not None and held.expires_at > time.time():
-            answer = train_answer(held.lease_id, held.base_version, held.seed, held.expires_at - time.time())
-        elif not eligible or view.free <= 0:
+        elif not eligible or (held is None and view.free <= 0):
             answer = retry_answer(retry_after, eligible)
-        else:
-            answer = self._claim(client, task, served, view)
+        else:  # a lease known from the feed is confirmed: its upload may have reached another selector
+            try:
+                answer = self._claim(client, task, served, view)
+            except psycopg.errors.UniqueViolation:  # another selector leased to this client meanwhile
+                answer = self._claim(client, task, served, view)
         self.count(view, f"checkin_{answer['action']}")
         return answer
 
@@ -295,6 +306,12 @@ class Selector:
         if lease_id is None:
             return retry_answer(served.settings.retry_after, True)
         return train_answer(lease_id, version, seed, expires_in)
+
+    def lease_ended(self, task: str, client: str, lease_id: str) -> None:
+        with self.lock:
+            held = self.leases.get((task, client))
+            if held is not None and held.lease_id == lease_id:
+                del self.leases[(task, client)]
 
     def task_info(self, task: str) -> dict:
         return self.served(task).info

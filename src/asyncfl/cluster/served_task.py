@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import threading
 
-from asyncfl import config
 from asyncfl.algorithms.defs.registry import definition
-from asyncfl.build import build_aggregator, build_data, build_flat_model, build_norm_guard, num_users
+from asyncfl.build import build_norm_guard
 from asyncfl.cluster.partials import merges
+from asyncfl.cluster.tasks import build_objects, task_config
 from asyncfl.compression import parse_codec
 from asyncfl.server.aggregation import AggregationRole, AggregationSettings
 from asyncfl.server.errors import ApiError
@@ -24,18 +24,13 @@ FRAMES_KEPT = 4  # model frames cached per task: the versions leases start from 
 class ServedTask:
     def __init__(self, name: str, tree: dict, run: str):
         self.name = name
-        self.cfg = config.validate(tree)
-        self.spec = self.cfg.run(run)
-        self.settings = self.cfg.server
-        self.data = build_data(self.cfg)
-        self.model = build_flat_model(self.cfg, self.data)
+        objects = build_objects(task_config(tree), run)
+        self.cfg, self.spec, self.settings = objects.cfg, objects.spec, objects.settings
+        self.data, self.model, self.aggregator = objects.data, objects.model, objects.aggregator
         comp = self.spec.compression
         upload = parse_codec(comp.upload) if comp is not None else None
         download = parse_codec(comp.download) if comp is not None else None
         self.download_codec = download if download is not None and not download.lossless else None
-        self.aggregator = build_aggregator(
-            self.spec, self.cfg.trainer.lr, num_users=num_users(self.cfg, self.data), seed=self.cfg.seed
-        )
         self.merges = merges(self.aggregator)
         w0 = self.model.initial_weights()
         self.algorithm = definition(self.spec.algorithm.name)

@@ -261,6 +261,8 @@ class UploadCommitter:
             if freed:
                 conn.execute("UPDATE slots SET lease_id=NULL, selector=%s WHERE lease_id = ANY(%s)", (me, freed))
         self.commits += 1
+        for p in batch:  # ended here or, for those lost, elsewhere
+            self.selector.lease_ended(p.served.name, p.client, p.checked.header.lease_id)
         for p, result in answers:
             if p.verdict == "buffered":
                 p.served.accepted(p.checked.norm)

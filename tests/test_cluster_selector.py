@@ -1,0 +1,328 @@
+"""The cluster's selector over PostgreSQL, in process (FastAPI TestClient): check-ins answered
+from memory or by a slot claim, never more leases than slots with two selectors racing, uploads
+logged once whichever selectors receive them, refusals with the single process's codes that
+leave the partial sums untouched, and the partial sum a group commit writes."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import psycopg
+import pytest
+import torch
+from cluster_helpers import experiment, fetch
+from fastapi.testclient import TestClient
+
+from asyncfl import wire
+from asyncfl.cluster import upload_commit
+from asyncfl.cluster.members import session
+from asyncfl.cluster.partials import decode_partial
+from asyncfl.cluster.selector import Selector
+from asyncfl.cluster.selector_app import create_selector_app
+from asyncfl.cluster.tasks import add_task, create_token
+from asyncfl.config import ServerConfig
+from asyncfl.server.errors import ApiError
+
+RUN = {
+    "name": "fb",
+    "algorithm": {
+        "name": "fedbuff",
+        "buffer_size": 100,
+        "max_staleness": 2,
+        "staleness": {"kind": "polynomial", "a": 0.5},
+        "example_weight": "n",
+    },
+    "scheduler": {"concurrency": 6},
+}
+SETTINGS = ServerConfig(rate_per_s=1000, rate_burst=1000, anonymous_rate_per_s=1000, anonymous_burst=1000)
+
+
+class Node:
+    """One selector in process, with an HTTP client."""
+
+    def __init__(self, url: str, name: str, tokens: dict[str, str]):
+        self.selector = Selector(url, SETTINGS, member_id=name)
+        self.http = TestClient(create_selector_app(self.selector))
+        self.http.__enter__()
+        self.tokens = tokens
+
+    def auth(self, client: str) -> dict:
+        return {"Authorization": f"Bearer {self.tokens[client]}"}
+
+    def checkin(self, client: str) -> dict:
+        r = self.http.post("/v1/checkin", headers=self.auth(client), json={"eligible": True})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def upload(self, client: str, body: bytes):
+        return self.http.post("/v1/update", headers=self.auth(client), content=body)
+
+    def close(self) -> None:
+        self.http.__exit__(None, None, None)
+
+
+@pytest.fixture
+def cluster(pg_url):
+    cfg = experiment(RUN, server={"lease_timeout": 60, "retry_after": 0.5, "norm_guard": None})
+    with session(pg_url) as conn:
+        add_task(conn, cfg)
+        tokens = {c: create_token(conn, c, "fb") for c in "abcdefghijkl"}
+    nodes: list[Node] = []
+
+    def node(name: str) -> Node:
+        nodes.append(Node(pg_url, name, tokens))
+        return nodes[-1]
+
+    yield pg_url, node
+    for n in nodes:
+        n.close()
+
+
+def grant(url: str, selector: str, slots: list[int]) -> None:
+    """What the coordinator does: free slots dealt to a selector; then it refreshes."""
+    with session(url) as conn:
+        conn.execute("UPDATE slots SET selector=%s WHERE task='fb' AND slot = ANY(%s)", (selector, slots))
+
+
+def frame(node: Node, lease: dict, delta: torch.Tensor | None = None, key: str | None = None, **header) -> bytes:
+    m = node.selector.served("fb").model
+    delta = torch.full((m.numel,), 0.01) if delta is None else delta
+    fields = dict(
+        lease_id=lease["lease_id"],
+        base_version=lease["base_version"],
+        idempotency_key=key or f"k-{np.random.randint(1 << 62)}",
+        n_examples=20,
+        steps=2,
+        loss=1.0,
+    )
+    return wire.encode_update(delta=delta, names=m.names, shapes=m.shapes, **(fields | header))
+
+
+def partials(url: str) -> list[tuple]:
+    return fetch(url, "SELECT id, count, weight_sum, body FROM partials ORDER BY id")
+
+
+def test_no_slot_means_retry_answered_from_memory(cluster, monkeypatch):
+    url, node = cluster
+    a = node("sel-a")
+    assert a.checkin("a")["action"] == "retry"  # no slot granted to this selector
+
+    def down(*args, **kw):
+        raise AssertionError("a retry answer must not touch the database")
+
+    monkeypatch.setattr(a.selector.pool, "connection", down)  # the token is cached, the task's state in memory
+    answer = a.checkin("a")
+    assert answer["action"] == "retry" and answer["reason"] == "concurrency limit reached; no slot is open"
+    assert 0.5 * 0.75 <= answer["retry_after"] <= 0.5 * 1.25
+
+
+def test_granted_slot_gives_a_lease_and_a_recheckin_the_same_one(cluster):
+    url, node = cluster
+    a, b = node("sel-a"), node("sel-b")
+    grant(url, "sel-a", [0])
+    a.selector.refresh()
+    lease = a.checkin("a")
+    assert lease["action"] == "train" and lease["base_version"] == 0 and lease["model_url"] == "/v1/model/0"
+    assert 59 <= lease["lease_expires_in"] <= 60
+    assert fetch(url, "SELECT lease_id FROM slots WHERE task='fb' AND slot=0") == [(lease["lease_id"],)]
+    assert a.checkin("a")["lease_id"] == lease["lease_id"]
+    b.selector.refresh()
+    assert b.checkin("a")["lease_id"] == lease["lease_id"]  # another selector, with no slot of its own
+    assert a.checkin("b")["action"] == "retry"  # the only slot is taken
+    r = a.http.get("/v1/model/0", headers=a.auth("a"))
+    assert r.status_code == 200 and wire.decode(r.content, wire.ModelHeader).header.version == 0
+    assert a.http.get("/v1/task", headers=a.auth("a")).json()["task"] == "fb"
+    b.selector._stop.set()  # b's lease feed lags: it still sees the lease active
+    b.selector._thread.join()
+    assert a.upload("a", frame(a, lease)).status_code == 200
+    assert ("fb", "a") in b.selector.leases
+    for n in (a, b):  # the used lease is never handed out again
+        again = n.checkin("a")
+        assert again.get("lease_id") != lease["lease_id"], again
+
+
+def test_two_selectors_racing_never_lease_more_than_the_slots(cluster):
+    url, node = cluster
+    a, b = node("sel-a"), node("sel-b")
+    grant(url, "sel-a", [0, 1])
+    grant(url, "sel-b", [2, 3])
+    for n in (a, b):
+        n.selector.refresh()
+    answers: list[dict] = []
+
+    def go(n: Node, client: str) -> None:
+        answers.append({"client": client} | n.checkin(client))
+
+    threads = [threading.Thread(target=go, args=(n, c)) for c in "abcdefghij" for n in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    leased = {}
+    for ans in answers:
+        if ans["action"] == "train":
+            assert leased.setdefault(ans["client"], ans["lease_id"]) == ans["lease_id"]  # one lease per client
+    assert len(leased) == 4  # four slots granted, four clients in flight
+    active = fetch(url, "SELECT lease_id FROM leases WHERE state='active'")
+    assert sorted(x for (x,) in active) == sorted(leased.values())
+    held = fetch(url, "SELECT lease_id FROM slots WHERE lease_id IS NOT NULL")
+    assert sorted(x for (x,) in held) == sorted(leased.values())
+
+
+def test_accepted_upload_writes_the_hand_computed_weighted_sum_and_frees_the_slot(cluster):
+    url, node = cluster
+    a = node("sel-a")
+    grant(url, "sel-a", [0, 1])
+    a.selector.refresh()
+    la, lb = a.checkin("a"), a.checkin("b")
+    with session(url) as conn:
+        conn.execute("UPDATE tasks SET version=2 WHERE task='fb'")  # both arrive two versions late
+    numel = a.selector.served("fb").model.numel
+    da, db = torch.linspace(-1, 1, numel) * 0.01, torch.full((numel,), 0.02)
+    results = {}
+
+    def send(client, lease, delta, n):
+        results[client] = a.upload(client, frame(a, lease, delta, n_examples=n))
+
+    threads = [
+        threading.Thread(target=send, args=("a", la, da, 10)),
+        threading.Thread(target=send, args=("b", lb, db, 30)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in results.values():
+        assert r.status_code == 200, r.text
+        assert r.json()["status"] == "accepted" and r.json()["staleness"] == 2 and r.json()["version"] == 2
+    wa, wb = 10 * 3**-0.5, 30 * 3**-0.5  # n x (1 + staleness)^-0.5
+    rows = partials(url)
+    assert sum(c for _, c, _, _ in rows) == 2
+    assert sum(w for _, _, w, _ in rows) == pytest.approx(wa + wb)
+    total = sum(decode_partial(body).total for *_, body in rows)
+    assert torch.allclose(total, wa * da + wb * db, atol=1e-6)
+    assert fetch(url, "SELECT count(*) FROM slots WHERE lease_id IS NULL AND selector='sel-a'") == [(2,)]
+    assert fetch(url, "SELECT state FROM leases ORDER BY lease_id") == [("done",), ("done",)]
+    seqs = fetch(url, "SELECT seq, verdict, partial_id IS NOT NULL FROM updates ORDER BY seq")
+    assert [s for s, _, _ in seqs] == sorted(r.json()["seq"] for r in results.values())
+    assert all(v == "buffered" and p for _, v, p in seqs)
+
+
+@pytest.mark.parametrize("concurrent", [False, True])
+def test_same_upload_to_two_selectors_counts_once(cluster, concurrent):
+    url, node = cluster
+    a, b = node("sel-a"), node("sel-b")
+    grant(url, "sel-a", [0])
+    a.selector.refresh()
+    lease = a.checkin("a")
+    body = frame(a, lease, key="same-key")
+    if concurrent:
+        got = {}
+        threads = [threading.Thread(target=lambda n=n: got.__setitem__(n, n.upload("a", body))) for n in (a, b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        first, second = sorted(got.values(), key=lambda r: r.json().get("replayed", False))
+    else:
+        first, second = a.upload("a", body), b.upload("a", body)
+    assert first.status_code == second.status_code == 200, (first.text, second.text)
+    assert "replayed" not in first.json() and second.json()["replayed"] is True
+    assert second.json()["seq"] == first.json()["seq"]
+    assert fetch(url, "SELECT count(*) FROM updates") == [(1,)]
+    assert sum(c for _, c, _, _ in partials(url)) == 1
+
+
+def test_refusals_use_the_single_process_codes_and_leave_the_partials_unchanged(cluster):
+    url, node = cluster
+    a = node("sel-a")
+    grant(url, "sel-a", [0, 1, 2])
+    a.selector.refresh()
+    la, lb = a.checkin("a"), a.checkin("b")
+
+    def refused(r, status, code):
+        assert r.status_code == status, r.text
+        assert r.json()["error"] == code, r.json()
+
+    refused(a.upload("a", b"not a frame"), 400, "malformed")
+    m = a.selector.served("fb").model
+    arrays = wire.split_flat(torch.zeros(m.numel), m.names, m.shapes)
+    head = {"kind": "update", "lease_id": la["lease_id"], "base_version": 0, "idempotency_key": "k-12345678"}
+    short = wire.encode(head | {"n_examples": 5, "steps": 1, "names": m.names[:-1]}, arrays[:-1])
+    refused(a.upload("a", short), 422, "bad_tensor_count")
+    refused(a.upload("a", frame(a, la, delta=torch.full((m.numel,), float("nan")))), 422, "non_finite")
+    refused(a.upload("a", frame(a, lb)), 409, "no_lease")  # b's lease, a's token
+    refused(a.upload("a", frame(a, la, base_version=1)), 409, "base_mismatch")
+    refused(a.upload("a", frame(a, la, n_examples=10**6)), 422, "n_examples_too_large")
+    refused(a.upload("a", frame(a, la)), 409, "lease_used")  # the refusal above ended the lease
+    with session(url) as conn:
+        conn.execute("UPDATE tasks SET version=3 WHERE task='fb'")  # b's update is 3 versions late
+    r = a.upload("b", frame(a, lb))
+    refused(r, 409, "stale")
+    assert "exceeds max_staleness 2" in r.json()["detail"]
+    assert partials(url) == []
+    assert fetch(url, "SELECT verdict, status FROM updates ORDER BY seq") == [("rejected", 422), ("discarded", 409)]
+    status = a.http.get("/status", headers=a.auth("a"))
+    assert status.status_code == 403 and status.json()["error"] == "forbidden"  # a client token is no operator's
+
+
+def test_database_down_answers_503_and_acknowledges_nothing(cluster):
+    url, node = cluster
+    a = node("sel-a")
+    grant(url, "sel-a", [0])
+    a.selector.refresh()
+    lease = a.checkin("a")
+    body = frame(a, lease, key="key-00001")
+    name = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
+    admin = psycopg.conninfo.make_conninfo(url, dbname="postgres")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname=%s", (name,))
+    try:
+        r = a.upload("a", body)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+        assert r.json()["error"] == "unavailable"
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+    assert fetch(url, "SELECT count(*) FROM updates") == [(0,)]
+    r = a.upload("a", body)  # the client's retry: counted once
+    assert r.status_code == 200 and "replayed" not in r.json(), r.text
+    assert fetch(url, "SELECT count(*) FROM updates") == [(1,)]
+
+
+def test_status_and_metrics_per_task(cluster):
+    url, node = cluster
+    a = node("sel-a")
+    grant(url, "sel-a", [0])
+    a.selector.refresh()
+    lease = a.checkin("a")
+    a.checkin("b")
+    assert a.upload("a", frame(a, lease)).status_code == 200
+    with session(url) as conn:
+        op = create_token(conn, "ops", "*", "operator")
+    s = a.http.get("/status", headers={"Authorization": f"Bearer {op}"}).json()
+    fb = s["tasks"]["fb"]
+    assert fb["counts"]["checkin_train"] == 1 and fb["counts"]["checkin_retry"] == 1
+    assert fb["counts"]["uploads_buffered"] == 1
+    text = a.http.get("/metrics", headers={"Authorization": f"Bearer {op}"}).text
+    assert 'asyncfl_checkins_total{task="fb",answer="train"} 1.0' in text
+    assert 'asyncfl_updates_total{task="fb",verdict="buffered"} 1.0' in text
+    assert "asyncfl_upload_seconds_count 1" in text
+
+
+def test_unknown_token_is_401_and_overload_is_503(cluster, monkeypatch):
+    url, node = cluster
+    a = node("sel-a")
+    r = a.http.post("/v1/checkin", headers={"Authorization": "Bearer nope"})
+    assert r.status_code == 401 and r.json()["error"] == "unauthorized"
+    with pytest.raises(ApiError):
+        a.selector.view("no-such-task")
+    grant(url, "sel-a", [0])
+    a.selector.refresh()
+    lease = a.checkin("a")
+    monkeypatch.setattr(upload_commit, "QUEUE_MAX", 0)  # every commit slot taken
+    r = a.upload("a", frame(a, lease))
+    assert r.status_code == 503 and r.json()["error"] == "overloaded" and r.headers["retry-after"] == "1"
+    assert fetch(url, "SELECT state FROM leases") == [("active",)]  # nothing happened to the lease
