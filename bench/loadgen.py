@@ -75,8 +75,8 @@ def head(method: str, path: str, token: str, length: int, content_type: str = "a
 
 @dataclass
 class Stats:
-    """What one phase measured; latencies only of requests that started after the warm-up and
-    ended before the deadline."""
+    """What one phase measured; latencies (and rates) of the requests answered 200 that started
+    after the warm-up and before the deadline."""
 
     latency: dict[str, list[float]] = field(default_factory=lambda: {"checkin": [], "download": [], "upload": []})
     status: Counter = field(default_factory=Counter)  # (kind, status)
@@ -170,7 +170,7 @@ class Fleet:
             stats.status[(kind, status)] += 1
             if status in SHED and b"retry-after" not in headers:
                 stats.shed_without_retry_after += 1
-            if start >= warm and done <= end:
+            if status == 200 and warm <= start < end:
                 stats.latency[kind].append(done - start)
             return status, headers, payload
 
