@@ -265,6 +265,9 @@ def test_refusals_use_the_single_process_codes_and_leave_the_partials_unchanged(
     assert fetch(url, "SELECT verdict, status FROM updates ORDER BY seq") == [("rejected", 422), ("discarded", 409)]
     status = a.http.get("/status", headers=a.auth("a"))
     assert status.status_code == 403 and status.json()["error"] == "forbidden"  # a client token is no operator's
+    rejected = a.selector.rejected
+    codes = ["malformed", "bad_tensor_count", "non_finite", "no_lease", "base_mismatch", "n_examples_too_large"]
+    assert all(rejected[("fb", code)] == 1 for code in [*codes, "lease_used", "stale"]), rejected
 
 
 def test_database_down_answers_503_and_acknowledges_nothing(cluster):
@@ -326,3 +329,39 @@ def test_unknown_token_is_401_and_overload_is_503(cluster, monkeypatch):
     r = a.upload("a", frame(a, lease))
     assert r.status_code == 503 and r.json()["error"] == "overloaded" and r.headers["retry-after"] == "1"
     assert fetch(url, "SELECT state FROM leases") == [("active",)]  # nothing happened to the lease
+
+
+def test_fedasync_updates_reach_the_aggregator_one_partial_each(pg_url):
+    run = {"name": "fa", "algorithm": {"name": "fedasync", "alpha": 0.5}, "scheduler": {"concurrency": 2}}
+    with session(pg_url) as conn:
+        add_task(conn, experiment(run, server={"norm_guard": None}))
+        tokens = {c: create_token(conn, c, "fa") for c in "ab"}
+        conn.execute("UPDATE slots SET selector='sel-a' WHERE task='fa'")
+    a = Node(pg_url, "sel-a", tokens)
+    try:
+        a.selector.refresh()
+        leases = {c: a.checkin(c) for c in "ab"}
+        with session(pg_url) as conn:
+            conn.execute("UPDATE tasks SET version=1 WHERE task='fa'")
+        m = a.selector.served("fa").model
+        deltas = {"a": torch.full((m.numel,), 0.01), "b": torch.full((m.numel,), -0.02)}
+        for c in "ab":
+            body = wire.encode_update(
+                delta=deltas[c],
+                names=m.names,
+                shapes=m.shapes,
+                lease_id=leases[c]["lease_id"],
+                base_version=0,
+                idempotency_key=f"key-{c}-0001",
+                n_examples=7,
+                steps=2,
+                loss=0.5,
+            )
+            assert a.upload(c, body).status_code == 200
+        rows = partials(pg_url)
+        assert [(count, weight) for _, count, weight, _ in rows] == [(1, 0.0), (1, 0.0)]
+        got = [decode_partial(body) for *_, body in rows]
+        assert all(not p.merged and p.staleness == 1 and p.update.n_examples == 7 for p in got)
+        assert sorted(float(p.update.delta[0]) for p in got) == pytest.approx([-0.02, 0.01])
+    finally:
+        a.close()

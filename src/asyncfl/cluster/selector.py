@@ -78,14 +78,6 @@ class TaskView:
     counts: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
-@dataclass
-class KnownLease:
-    lease_id: str
-    base_version: int
-    seed: int
-    expires_at: float  # wall clock (the database's)
-
-
 class Selector:
     def __init__(self, url: str, settings: ServerConfig | None = None, member_id: str | None = None, pool_size=8):
         self.settings = settings or ServerConfig()
@@ -97,7 +89,7 @@ class Selector:
         self.anonymous = RateLimiter(self.settings.anonymous_rate_per_s, self.settings.anonymous_burst, "address")
         self.lock = threading.Lock()
         self.views: dict[str, TaskView] = {}
-        self.leases: dict[tuple[str, str], KnownLease] = {}
+        self.leases: dict[tuple[str, str], str] = {}  # (task, client) -> active lease id
         self.rejected: collections.Counter[tuple[str, str]] = collections.Counter()  # (task, code)
         self._served: dict[str, ServedTask] = {}
         self._building, self._refreshing = threading.Lock(), threading.Lock()
@@ -164,9 +156,7 @@ class Selector:
             )
             where, args = ("state='active'", ()) if resync else ("change > %s", (self._cursor,))
             changes = conn.execute(
-                "SELECT task, client, lease_id, base_version, seed, extract(epoch FROM expires_at)::float8, state, "
-                f"change FROM leases WHERE {where} ORDER BY change",
-                args,
+                f"SELECT task, client, lease_id, state, change FROM leases WHERE {where} ORDER BY change", args
             ).fetchall()
         with self.lock:
             for name, version, state, issued in tasks:
@@ -180,12 +170,11 @@ class Selector:
             if resync:
                 self.leases = {}
                 self._resynced = now
-            for task, client, lease_id, base, seed, expires, state, change in changes:
-                key = (task, client)
+            for task, client, lease_id, state, change in changes:
                 if state == "active":
-                    self.leases[key] = KnownLease(lease_id, base, seed & ((1 << 64) - 1), expires)
-                elif key in self.leases and self.leases[key].lease_id == lease_id:
-                    del self.leases[key]
+                    self.leases[(task, client)] = lease_id
+                elif self.leases.get((task, client)) == lease_id:
+                    del self.leases[(task, client)]
                 self._cursor = max(self._cursor, change)
 
     # ---- tasks ------------------------------------------------------------------------
@@ -290,27 +279,26 @@ class Selector:
                 lease_id = f"L{issued}-{secrets.token_hex(6)}"
                 conn.execute("UPDATE slots SET lease_id=%s WHERE task=%s AND slot=%s", (lease_id, task, slot[0]))
                 expires_in = served.settings.lease_timeout
-                row = conn.execute(
+                conn.execute(
                     "INSERT INTO leases(lease_id, task, client, base_version, seed, expires_at) "
-                    "VALUES(%s, %s, %s, %s, %s, now() + make_interval(secs => %s)) "
-                    "RETURNING extract(epoch FROM expires_at)::float8",
+                    "VALUES(%s, %s, %s, %s, %s, now() + make_interval(secs => %s))",
                     (lease_id, task, client, version, _signed(seed), expires_in),
-                ).fetchone()
+                )
         with self.lock:
-            if lease_id is None:
+            if lease_id is None:  # no lease for this client, none free: what the feed said is past
                 view.free = 0
+                self.leases.pop((task, client), None)
             else:
                 view.free -= 1
                 view.issued = max(view.issued, issued)
-                self.leases[(task, client)] = KnownLease(lease_id, version, seed, row[0])
+                self.leases[(task, client)] = lease_id
         if lease_id is None:
             return retry_answer(served.settings.retry_after, True)
         return train_answer(lease_id, version, seed, expires_in)
 
     def lease_ended(self, task: str, client: str, lease_id: str) -> None:
         with self.lock:
-            held = self.leases.get((task, client))
-            if held is not None and held.lease_id == lease_id:
+            if self.leases.get((task, client)) == lease_id:
                 del self.leases[(task, client)]
 
     def task_info(self, task: str) -> dict:

@@ -266,6 +266,8 @@ class UploadCommitter:
         for p, result in answers:
             if p.verdict == "buffered":
                 p.served.accepted(p.checked.norm)
+            else:  # counted by reason, as the single process counts them
+                self.selector.reject(p.served.name, p.refusal or ApiError(409, "stale", ""))
             self.selector.count(self.selector.view(p.served.name), f"uploads_{p.verdict}")
             self.selector.count(self.selector.view(p.served.name), "upload_payload_bytes", p.checked.payload_bytes)
             p.finish(result)
