@@ -185,26 +185,32 @@ class Fleet:
                 trainers.add(task)
                 task.add_done_callback(trainers.discard)
 
+        async def until_answered(kind: str, conn: Connection, request: bytes, body: bytes = b""):
+            """Re-sent after each 429/503's Retry-After until answered otherwise or past the grace."""
+            while True:
+                got = await timed(kind, conn, request, body)
+                if got is None or got[0] not in SHED:
+                    return got
+                retry = float(got[1].get(b"retry-after", b"1"))
+                if loop.time() + retry > end + grace_s:
+                    return got
+                await asyncio.sleep(retry)
+
         async def train(device: int, lease: dict) -> None:
-            """Download, sleep for the training time, upload until answered or past the grace."""
+            """Download, sleep for the training time, upload (the same frame on every re-send)."""
             token, conn = self.tokens[device], self.connection()
             try:
-                got = await timed("download", conn, head("GET", lease["model_url"], token, 0))
+                got = await until_answered("download", conn, head("GET", lease["model_url"], token, 0))
                 if got is None or got[0] != 200:
                     return
                 await asyncio.sleep(self.train_s)
                 key = uuid.uuid4().hex
                 body = self.frame(lease, key)
-                request = head("POST", "/v1/update", token, len(body), "application/octet-stream")
-                while True:
-                    got = await timed("upload", conn, request, body)
-                    if got is not None and got[0] == 200:
-                        stats.acknowledged.append((f"d{device}", key))
-                        return
-                    retry = float(got[1].get(b"retry-after", b"1")) if got is not None and got[0] in SHED else None
-                    if retry is None or loop.time() + retry > end + grace_s:
-                        return
-                    await asyncio.sleep(retry)
+                got = await until_answered(
+                    "upload", conn, head("POST", "/v1/update", token, len(body), "application/octet-stream"), body
+                )
+                if got is not None and got[0] == 200:
+                    stats.acknowledged.append((f"d{device}", key))
             finally:
                 conn.close()
 
