@@ -287,7 +287,7 @@ def table(result: dict) -> str:
             f"{o['duplicated']} |"
         )
     verdicts = [f"- {'met' if ok else 'UNMET'}: {goal}" for goal, ok in result["goals"].items()]
-    return "\n".join(["Sustained (closed loop)", *rows, "", "Overload (open loop)", *over, "", *verdicts])
+    return "\n".join(["Sustained (closed loop):", "", *rows, "", "Overload (open loop):", "", *over, "", *verdicts])
 
 
 def main() -> int:
