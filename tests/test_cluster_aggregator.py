@@ -9,7 +9,7 @@ from asyncfl.algorithms.types import ServerState, Verdict
 from asyncfl.cluster.aggregator import AggregatorRole, Fenced, OwnedTask
 from asyncfl.cluster.members import session
 from asyncfl.cluster.partials import Partial, empty
-from asyncfl.cluster.tasks import add_task, build_objects
+from asyncfl.cluster.tasks import add_task, build_objects, list_tasks
 from asyncfl.server.store import tensor_load
 
 
@@ -186,3 +186,5 @@ def test_reaching_the_target_ends_the_task(pg_url):
     ((version, accuracy),) = fetch(pg_url, "SELECT version, accuracy FROM evals")
     assert version == 0 and accuracy >= 0.01
     assert fetch(pg_url, "SELECT state FROM tasks") == [("done",)]
+    with session(pg_url) as conn:
+        assert list_tasks(conn)[0]["accuracy"] == accuracy

@@ -83,7 +83,7 @@ def test_cli_adds_lists_and_mints(pg_url, tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "task 'fedasync' added (run 'fedasync')"
-    assert out[2].split("\t")[:5] == ["fedasync", "fedasync", "running", "0", "0/4"]
+    assert out[2].split("\t") == ["fedasync", "fedasync", "running", "0", "0/4", "- (0)", "-"]
     assert fetch(pg_url, "SELECT hash, client FROM tokens") == [(hash_token(out[3]), "c1")]
     sync = ["--set", "runs.fedbuff.scheduler.mode=sync", "--task", "t2"]
     assert main(["cluster", "task", "add", "--database-url", pg_url, "--config", str(path), *sync]) == 2

@@ -106,61 +106,29 @@ def test_each_update_equals_the_batched_executors_in_any_order(torch_threads):
     remote.close()
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_a_two_node_cluster_joined_from_the_command_line(tmp_path, batched):
     """`ray start --head` and a second `ray start --address` on this machine: the command line
     joins them with --ray-address, and the summary is the batched executor's."""
-    import os
     import subprocess
     import sys
-    import time
-    from pathlib import Path
 
     import yaml
     from conftest import small_config
+    from ray_cluster import node_env, two_node_cluster
 
-    import asyncfl
-
-    ray_cli = Path(sys.executable).parent / "ray"
-    source = str(Path(asyncfl.__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": source, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
-    address = f"127.0.0.1:{free_port()}"
-    common = ["--num-cpus=1", "--block", "--disable-usage-stats"]
-    head = subprocess.Popen(
-        [ray_cli, "start", "--head", f"--port={address.split(':')[1]}", "--include-dashboard=false", *common], env=env
-    )
-    nodes = [head]
-    try:
-        time.sleep(5)
-        nodes.append(subprocess.Popen([ray_cli, "start", f"--address={address}", *common], env=env))
-        time.sleep(3)
+    with two_node_cluster() as address:
         config_file = tmp_path / "small.yaml"
         config_file.write_text(yaml.safe_dump(small_config(executor="ray").model_dump(mode="json")))
         out = tmp_path / "out"
         command = [sys.executable, "-m", "asyncfl.cli", "compare", "--config", str(config_file), "--threads", "1"]
         command += ["--ray-address", address, "--set", "ray_actors=2", "--out", str(out)]
-        subprocess.run(command, env=env, check=True, timeout=300, capture_output=True)
+        subprocess.run(command, env=node_env(), check=True, timeout=300, capture_output=True)
         s = json.loads((out / "summary.json").read_text())
         for r in s["runs"]:
             r.pop("wall_seconds"), r.pop("peak_rss_mb")
         s.pop("peak_rss_mb"), s.pop("threads")
         assert s == batched
-    finally:
-        for node in reversed(nodes):
-            node.terminate()
-            node.wait(timeout=60)
-        # the head records its address for later ray.init() calls to join: not once it is gone
-        record = Path("/tmp/ray/ray_current_cluster")
-        if record.exists() and record.read_text().strip().endswith(":" + address.split(":")[1]):
-            record.unlink()
 
 
 def test_ray_address_applies_to_the_ray_executor_only(tmp_path, capsys):

@@ -49,8 +49,8 @@ def _add_config_args(p: argparse.ArgumentParser, allow_file: bool) -> None:
     p.add_argument("--seed", type=int, help="override the experiment seed")
     p.add_argument(
         "--ray-address",
-        help="executor ray: join this Ray cluster ('auto', or the head's HOST:PORT) instead of starting "
-        "Ray on this machine; the config's ray_address",
+        help="executor ray, or a study's / robustness matrix's backend ray: join this Ray cluster ('auto', "
+        "or the head's HOST:PORT) instead of starting Ray on this machine; the config's ray_address",
     )
     p.add_argument("--out", type=Path, required=True, help="results directory")
     p.add_argument("--quick", action="store_true", help="apply the experiment's quick: block (a small variant)")
@@ -242,8 +242,12 @@ def main(argv: list[str] | None = None) -> int:
             getattr(args, "config", None), args.preset, args.overrides, args.seed, quick=getattr(args, "quick", False)
         )
         if args.ray_address:
-            if cfg.executor != "ray":
-                raise config.ConfigError("--ray-address applies to executor ray (--set executor=ray)")
+            runs_on = cfg.study or cfg.robustness
+            if cfg.executor != "ray" and getattr(runs_on, "backend", None) != "ray":
+                raise config.ConfigError(
+                    "--ray-address applies to executor ray (--set executor=ray) and to a study or robustness "
+                    "matrix on backend ray (--set study.backend=ray)"
+                )
             cfg = cfg.model_copy(update={"ray_address": args.ray_address})
         runs = [cfg.run(args.run).name] if args.command == "simulate" else None
         if args.command == "compare" and cfg.study is not None:

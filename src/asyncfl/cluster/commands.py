@@ -120,11 +120,12 @@ def cluster(args) -> int:
                 raise ConfigError(f"no task {args.task!r} in this database (asyncfl cluster task list)")
             print(f"task {args.task!r} done")
         else:
-            print("task\trun\tstate\tversion\tleased/concurrency\towner (epoch)")
+            print("task\trun\tstate\tversion\tleased/concurrency\towner (epoch)\taccuracy")
             for t in list_tasks(conn):
+                accuracy = "-" if t["accuracy"] is None else f"{t['accuracy']:.4f}"
                 print(
                     f"{t['task']}\t{t['run']}\t{t['state']}\t{t['version']}\t{t['leased']}/{t['concurrency']}\t"
-                    f"{t['owner'] or '-'} ({t['owner_epoch']})"
+                    f"{t['owner'] or '-'} ({t['owner_epoch']})\t{accuracy}"
                 )
     return 0
 

@@ -92,13 +92,14 @@ def add_task(conn: psycopg.Connection, cfg: ExperimentConfig, run: str | None = 
 
 
 def list_tasks(conn: psycopg.Connection) -> list[dict]:
-    """Every task with its progress, owner and slot use, oldest first."""
+    """Every task with its progress (version, latest test accuracy), owner and slot use, oldest first."""
     rows = conn.execute(
         "SELECT t.task, t.run, t.state, t.version, t.concurrency, t.owner, t.owner_epoch, "
-        "(SELECT count(*) FROM slots s WHERE s.task = t.task AND s.lease_id IS NOT NULL) "
+        "(SELECT count(*) FROM slots s WHERE s.task = t.task AND s.lease_id IS NOT NULL), "
+        "(SELECT e.accuracy FROM evals e WHERE e.task = t.task ORDER BY e.id DESC LIMIT 1) "
         "FROM tasks t ORDER BY t.created_at, t.task"
     ).fetchall()
-    keys = ("task", "run", "state", "version", "concurrency", "owner", "owner_epoch", "leased")
+    keys = ("task", "run", "state", "version", "concurrency", "owner", "owner_epoch", "leased", "accuracy")
     return [dict(zip(keys, r)) for r in rows]
 
 

@@ -112,14 +112,14 @@ class UploadCommitter:
         with self._cv:
             pending = self._waiting.get(key)
         if pending is None:
-            with self.pool.connection() as conn:
-                replay = conn.execute(
-                    "SELECT status, response FROM updates WHERE task=%s AND client=%s AND idem_key=%s", key
-                ).fetchone()
+            with self.pool.connection() as conn:  # the lease first: ended by then, its upload's row is there
                 lease = conn.execute(
                     "SELECT l.client, l.state, l.base_version, l.expires_at > now(), t.version FROM leases l "
                     "JOIN tasks t ON t.task = l.task WHERE l.lease_id=%s AND l.task=%s",
                     (h.lease_id, task),
+                ).fetchone()
+                replay = conn.execute(
+                    "SELECT status, response FROM updates WHERE task=%s AND client=%s AND idem_key=%s", key
                 ).fetchone()
             if replay is not None:
                 return replay[0], replay[1] | {"replayed": True}

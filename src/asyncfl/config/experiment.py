@@ -153,7 +153,9 @@ class ExperimentConfig(Strict):
         default=2, ge=1, description="ray executor: actors that train jobs, each a batched executor"
     )
     ray_address: str | None = Field(
-        default=None, description="ray executor: the cluster to join ('auto', 'HOST:PORT'); None starts Ray locally"
+        default=None,
+        description="ray executor, study / robustness backend ray: the cluster to join ('auto', 'HOST:PORT'); "
+        "None starts Ray locally",
     )
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -201,6 +203,18 @@ class ExperimentConfig(Strict):
                 for n in d.runs or []:
                     if n not in names:
                         raise ValueError(f"robustness.defences.{d.name}.runs: {n!r} is not a run; runs: {names}")
+        return self
+
+    @model_validator(mode="after")
+    def _ray_once(self):
+        """Runs that are Ray tasks hold one CPU each: actors of their own could wait for a CPU forever."""
+        runs_on = self.study or self.robustness
+        if self.executor == "ray" and runs_on is not None and runs_on.backend == "ray":
+            which = "study" if self.study is not None else "robustness"
+            raise ValueError(
+                f"executor ray within {which}.backend ray: each run is already a Ray task; "
+                "use executor batched (or the local backend)"
+            )
         return self
 
     def run(self, name: str | None) -> RunSpec:

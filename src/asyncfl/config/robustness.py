@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from asyncfl.attacks import AttackKind
 from asyncfl.config.base import Strict
+from asyncfl.config.study import Backend, Workers, default_workers
 
 
 class MatrixAttack(Strict):
@@ -50,10 +51,12 @@ class RobustnessConfig(Strict):
         description="{defence, fraction, attacks: [names], max_cost}: the claim the report checks (cost in "
         "accuracy points against no attack, for every run)",
     )
-    workers: int = Field(default=1, ge=1, description="runs in parallel processes (one torch thread each)")
+    backend: Backend = "local"
+    workers: Workers = None
 
     @model_validator(mode="after")
     def _consistent(self):
+        self.workers = default_workers(self.backend, self.workers)
         for what, names in (
             ("attacks", [a.name for a in self.attacks]),
             ("defences", [d.name for d in self.defences]),

@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from asyncfl.config.base import Strict
+
+# where the runs of a study or a robustness matrix execute, and how many at once
+Backend = Annotated[
+    Literal["local", "ray"],
+    Field(
+        description="local: processes on this machine; ray: Ray tasks (one CPU, one torch thread each) on the "
+        "Ray cluster at ray_address / --ray-address (none: Ray started on this machine)"
+    ),
+]
+Workers = Annotated[
+    Annotated[int, Field(ge=1)] | None,
+    Field(
+        description="runs at once: local, worker processes with one torch thread each (default 1: in this "
+        "process); ray, Ray tasks in flight (default: as many as the cluster has CPUs)"
+    ),
+]
+
+
+def default_workers(backend: str, workers: int | None) -> int | None:
+    """Unset workers: one (in this process) on the local backend; on Ray, the cluster decides."""
+    return 1 if workers is None and backend == "local" else workers
 
 
 class StudyMethod(Strict):
@@ -84,7 +105,8 @@ class StudyConfig(Strict):
         description="stop a grid point once it can no longer beat the best "
         "point so far (virtual time past the best time to target)",
     )
-    workers: int = Field(default=1, ge=1, description="runs in parallel processes (one torch thread each)")
+    backend: Backend = "local"
+    workers: Workers = None
 
     @field_validator("at_concurrency", mode="before")
     @classmethod
@@ -93,6 +115,7 @@ class StudyConfig(Strict):
 
     @model_validator(mode="after")
     def _consistent(self):
+        self.workers = default_workers(self.backend, self.workers)
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds repeat: {self.seeds}")
         names = [m.name for m in self.methods]

@@ -19,11 +19,12 @@ as follows, all of it decided by the config:
    seed and their spread, per concurrency.
 
 Runs are pure functions of their config and seed, so `workers` > 1 (parallel processes, one
-torch thread each) changes wall times only. Outputs: see `asyncfl.report.study.write_outputs`.
+torch thread each) or `backend: ray` (Ray tasks, one CPU and one torch thread each) changes wall
+times only. Outputs: see `asyncfl.report.study.write_outputs`.
 
 Modules: `planning` (the runs and their configs), `timeouts` (sync runs' default round
-timeouts), `tuning` (running one run, the capped grid, the choice) and `runner` (`run_study`,
-its pool of workers and the runs' files).
+timeouts), `tuning` (running one run, the capped grid, the choice), `pool` / `ray_pool` (where
+runs execute) and `runner` (`run_study`, its pool of workers and the runs' files).
 """
 
 from asyncfl.study.planning import Group, PlannedRun, base_tree, grid_points, plan, run_tree, seed_run

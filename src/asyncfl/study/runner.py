@@ -1,12 +1,11 @@
-"""`run_study`: plan, tune each group's grid and run its seeds on a pool of worker processes
-(or in this process), write every run's files as it ends, then the study's report."""
+"""`run_study`: plan, tune each group's grid and run its seeds on a pool of worker processes,
+in this process or as Ray tasks, write every run's files as it ends, then the study's report."""
 
 from __future__ import annotations
 
 import copy
 import json
 import time
-from concurrent.futures import FIRST_COMPLETED, wait
 from pathlib import Path
 
 import yaml
@@ -17,7 +16,7 @@ from asyncfl.memory import peak_rss_mb
 from asyncfl.report import study as report
 from asyncfl.sim.metrics import write_rows
 from asyncfl.study.planning import Group, plan, seed_run
-from asyncfl.study.pool import make_pool, run_progress
+from asyncfl.study.pool import finished, make_pool, on_ray, run_progress
 from asyncfl.study.tuning import choose, execute, tune
 
 
@@ -41,11 +40,14 @@ def run_study(cfg: ExperimentConfig, out: Path, console: Console | None = None, 
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     n_grid = sum(len(g.grid) for g in groups)
+    pool = make_pool(st.workers, st.backend, cfg.ray_address)
+    if st.workers is None:  # Ray tasks, as many at once as the cluster has CPUs: reported as such
+        st = st.model_copy(update={"workers": pool.workers})
+        cfg = cfg.model_copy(update={"study": st})
     console.print(
         f"{cfg.name}: {len(groups)} (method, concurrency) groups, {n_grid} grid runs (seed {st.grid_seed}), "
-        f"then {sum(len(g.seeds) for g in groups)} seed runs; {st.workers} worker(s)"
+        f"then {sum(len(g.seeds) for g in groups)} seed runs; {st.workers} worker(s){on_ray(st.backend)}"
     )
-    pool = make_pool(st.workers)
     finals: dict[tuple[str, int, int], dict] = {}
     # runs done out of all planned (grids count whole: a group's grid finishes as one task)
     progress = run_progress(console)
@@ -59,8 +61,7 @@ def run_study(cfg: ExperimentConfig, out: Path, console: Console | None = None, 
             for g in sorted(groups, key=lambda g: -g.concurrency)
         }
         while pending:
-            done, _ = wait(list(pending), return_when=FIRST_COMPLETED) if st.workers > 1 else (list(pending), None)
-            for fut in done:
+            for fut in finished(pool, pending):
                 kind, g, seed = pending.pop(fut)
                 if kind == "grid":
                     g.results = fut.result()
@@ -98,9 +99,9 @@ def run_study(cfg: ExperimentConfig, out: Path, console: Console | None = None, 
 
 
 def _runs_threads(cfg: ExperimentConfig, threads: int | str) -> dict:
-    """Set and describe the torch threads runs use: one per worker process, else `threads`
-    (measured on the first method's run when "auto")."""
-    if cfg.study.workers > 1:
+    """Set and describe the torch threads runs use: one per worker process or Ray task, else
+    `threads` (measured on the first method's run when "auto")."""
+    if cfg.study.backend == "ray" or cfg.study.workers > 1:
         return {"mode": "fixed", "threads": 1}
     from asyncfl.experiment import choose_threads
     from asyncfl.study.shared import shared_data
