@@ -1,13 +1,29 @@
 """uvicorn's HTTP/1.1 protocol with a deadline for each request's headers. uvicorn closes a
 connection left idle after a response, but it waits for ever on one whose request never
 finishes its headers, or whose peer sends a byte now and then: a few hundred such slow senders
-would hold the server's connections (and, with a connection cap, lock everyone else out)."""
+would hold the server's connections (and, with a connection cap, lock everyone else out).
+
+Above the connection cap uvicorn's own 503 says neither when to come back nor why (and logs a
+warning per request, CPU spent when a server is overloaded already); here the same cap answers
+503 with Retry-After and a JSON error like every other refusal."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+OVER_CAP_RETRY_AFTER_S = 1
+_OVER_CAP_BODY = json.dumps(
+    {"error": "overloaded", "detail": "the server holds too many connections; retry later"}
+).encode()
+_OVER_CAP_HEADERS = [
+    (b"content-type", b"application/json"),
+    (b"content-length", str(len(_OVER_CAP_BODY)).encode()),
+    (b"retry-after", str(OVER_CAP_RETRY_AFTER_S).encode()),
+    (b"connection", b"close"),
+]
 
 
 class HeaderDeadlineProtocol(H11Protocol):
@@ -19,6 +35,23 @@ class HeaderDeadlineProtocol(H11Protocol):
         super().__init__(*args, **kwargs)
         self.header_timeout = header_timeout
         self._deadline: asyncio.TimerHandle | None = None
+        self.connection_cap, self.limit_concurrency = self.limit_concurrency, None  # checked in _capped
+        if self.connection_cap is not None:
+            self.app = self._capped(self.app)
+
+    def _capped(self, app):
+        """uvicorn's cap (connections, or requests being answered, at the limit) with Retry-After.
+        uvicorn counts the requests before this one's task exists; here it is among them."""
+
+        async def capped(scope, receive, send):
+            cap = self.connection_cap
+            if scope["type"] == "http" and (len(self.connections) >= cap or len(self.tasks) > cap):
+                await send({"type": "http.response.start", "status": 503, "headers": _OVER_CAP_HEADERS})
+                await send({"type": "http.response.body", "body": _OVER_CAP_BODY})
+                return
+            await app(scope, receive, send)
+
+        return capped
 
     def _arm(self) -> None:
         if self._deadline is not None:

@@ -266,10 +266,15 @@ class Store:
             self.db.execute("ALTER TABLE tokens ADD COLUMN role TEXT NOT NULL DEFAULT 'client'")
 
     def create_token(self, token: str, client: str, task: str, role: str = "client") -> None:
+        self.create_tokens([(token, client)], task, role)
+
+    def create_tokens(self, entries: list[tuple[str, str]], task: str, role: str = "client") -> None:
+        """(token, client) pairs in one transaction: one fsync for a whole fleet's tokens."""
+        now = time.time()
         with self.transaction() as db:
-            db.execute(
+            db.executemany(
                 "INSERT INTO tokens(hash, client, task, created_at, role) VALUES(?, ?, ?, ?, ?)",
-                (hash_token(token), client, task, time.time(), role),
+                [(hash_token(token), client, task, now, role) for token, client in entries],
             )
 
     def lookup_token(self, token: str, role: str = "client") -> tuple[str, str] | None:

@@ -120,8 +120,7 @@ def mint_tokens(state_dir: Path, task: str, clients: list[str], role: str = CLIE
     store = Store(state_dir)
     try:
         tokens = [new_token() for _ in clients]
-        for tok, client in zip(tokens, clients):
-            store.create_token(tok, client, task, role)
+        store.create_tokens(list(zip(tokens, clients)), task, role)
         return tokens
     finally:
         store.close()

@@ -1,0 +1,358 @@
+"""Server scale-out benchmark: 10^5 simulated devices checking in, almost all told "come back
+later", the few given a slot downloading the model and uploading a precomputed delta, against
+the single process (`asyncfl serve`, SQLite) and the cluster over PostgreSQL with 1 and 2
+selectors, side by side in one run, on loopback.
+
+Each target runs two phases. Sustained: a closed loop of `--inflight` keep-alive connections
+checking in back to back: check-ins/s and updates/s with their p50/p99 latencies, and the CPU
+every process used over the window (/proc utime+stime: server or selectors, aggregator,
+coordinator, PostgreSQL's backends summed, the load generator itself), hence check-ins/s per
+core of selector. Overload: an open loop offering 10x the sustained check-in rate (up to
+`--overload-inflight` connections): refusals counted (429/503, with or without Retry-After),
+and every upload acknowledged in either phase looked up in the update log after the run
+(missing or duplicated = lost). Each device is client d{i} with a token of its own, minted in
+one transaction (SQLite) or one COPY (PostgreSQL).
+
+    python bench/server_scale.py [--json] [--quick] [--seconds 15] [--devices 100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+sys.path.insert(0, str(SRC))
+
+from loadgen import Fleet  # noqa: E402  (bench/loadgen.py)
+from server import experiment as server_experiment  # noqa: E402  (bench/server.py)
+
+from asyncfl.server.testing import Child, ServerProcess, kill_child, mint_tokens, wait_healthy  # noqa: E402
+
+TASK = "bench"
+SELECTOR_GOAL_PER_CORE, P99_GOAL_MS, OVERLOAD_X = 2000.0, 50.0, 10.0
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def experiment(hidden: list[int], concurrency: int, buffer_size: int) -> dict:
+    """bench/server.py's FedBuff task with `concurrency` slots and the default per-client rate
+    limits (each device checks in rarely)."""
+    tree = server_experiment(hidden, concurrency, buffer_size)
+    for key in ("rate_per_s", "rate_burst"):
+        del tree["server"][key]
+    tree["data"]["num_clients"] = 100
+    return tree
+
+
+def cpu_of(pid: int) -> float:
+    """utime+stime of a process (all its threads), in seconds; 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def children_of(parent: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                    found.append(int(entry.name))
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                continue
+    return found
+
+
+class Single:
+    """`asyncfl serve` over SQLite, as bench/server.py starts it."""
+
+    name, selectors = "single", 0
+
+    def __init__(self, tree: dict, workdir: Path, devices: int):
+        self.server = ServerProcess(tree, workdir)
+        t0 = time.perf_counter()
+        self.tokens = mint_tokens(self.server.state_dir, TASK, [f"d{i}" for i in range(devices)])
+        self.mint_s = time.perf_counter() - t0
+        self.server.start()
+        self.endpoints = [("127.0.0.1", self.server.port)]
+
+    def processes(self) -> dict[str, list[int]]:
+        return {"server": [self.server.proc.pid]}
+
+    def stop(self) -> None:
+        self.server.kill(signal.SIGTERM)
+
+    def update_log(self) -> list[tuple[str, str]]:
+        from asyncfl.server.store import Store
+
+        store = Store(self.server.state_dir)
+        try:
+            return [tuple(r) for r in store.query("SELECT client, idem_key FROM updates")]
+        finally:
+            store.close()
+
+
+class Cluster:
+    """Aggregator, coordinator and `selectors` selectors, each `asyncfl serve --role` in its own
+    process, over a fresh database of the bench's LocalPostgres."""
+
+    def __init__(self, pg, tree: dict, workdir: Path, devices: int, selectors: int):
+        from asyncfl import config
+        from asyncfl.cluster.arguments import DATABASE_URL_ENV
+        from asyncfl.cluster.db import migrate
+        from asyncfl.cluster.members import session
+        from asyncfl.cluster.tasks import add_task, create_tokens
+
+        self.pg, self.selectors = pg, selectors
+        self.name = f"cluster-{selectors}"
+        self.url = pg.create_database(f"bench_{selectors}")
+        migrate(self.url)
+        with session(self.url) as conn:
+            add_task(conn, config.validate(tree), None, TASK)
+            t0 = time.perf_counter()
+            self.tokens = create_tokens(conn, [f"d{i}" for i in range(devices)], TASK)
+            self.mint_s = time.perf_counter() - t0
+        env = {DATABASE_URL_ENV: self.url}
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.roles = {
+            role: Child(["serve", "--role", role, "--log-level", "warning"], workdir / f"{role}.log", env)
+            for role in ("aggregator", "coordinator")
+        }
+        ports = [_free_port() for _ in range(selectors)]
+        for i, port in enumerate(ports):
+            argv = ["serve", "--role", "selector", "--port", str(port), "--log-level", "warning"]
+            self.roles[f"selector-{i + 1}"] = Child(argv, workdir / f"selector-{i + 1}.log", env)
+        for i, port in enumerate(ports):
+            wait_healthy(self.roles[f"selector-{i + 1}"], f"http://127.0.0.1:{port}", "selector", workdir, 120)
+        self.endpoints = [("127.0.0.1", port) for port in ports]
+        self._wait_for_slots(workdir)
+
+    def _wait_for_slots(self, workdir: Path, timeout: float = 60) -> None:
+        """Until the coordinator has granted slots to every selector."""
+        from asyncfl.cluster.members import session
+
+        deadline = time.monotonic() + timeout
+        with session(self.url) as conn:
+            while time.monotonic() < deadline:
+                (granted,) = conn.execute(
+                    "SELECT count(DISTINCT selector) FROM slots WHERE task=%s AND selector IS NOT NULL", (TASK,)
+                ).fetchone()
+                if granted >= self.selectors:
+                    return
+                time.sleep(0.1)
+        raise TimeoutError(f"the coordinator granted no slots to {self.selectors} selectors; see {workdir}")
+
+    def processes(self) -> dict[str, list[int]]:
+        postmaster = self.pg.postmaster_pid()
+        return {name: [child.pid] for name, child in self.roles.items()} | {
+            "postgres": [postmaster, *children_of(postmaster)]
+        }
+
+    def stop(self) -> None:
+        for child in reversed(list(self.roles.values())):  # selectors first
+            kill_child(child, signal.SIGTERM)
+
+    def update_log(self) -> list[tuple[str, str]]:
+        from asyncfl.cluster.members import session
+
+        with session(self.url) as conn:
+            return [tuple(r) for r in conn.execute("SELECT client, idem_key FROM updates WHERE task=%s", (TASK,))]
+
+
+def start_forkserver() -> None:
+    """The process that forks every server and role imports torch and the web stack once; start
+    it now, so those imports overlap with PostgreSQL's initdb and the token minting."""
+    from multiprocessing import forkserver
+
+    from asyncfl.server import testing
+
+    # the servers run this checkout's code, as this process does, wherever it is started from
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
+    testing._context()
+    forkserver.ensure_running()
+
+
+def _free_port() -> int:
+    from asyncfl.server.testing import free_port
+
+    return free_port()
+
+
+class CpuWindow:
+    """CPU seconds of each named group of processes (and of this generator) between two marks."""
+
+    def __init__(self, processes):
+        self.processes, self.at = processes, [None, None]
+
+    def mark(self, i: int) -> None:
+        groups = self.processes() | {"loadgen": [os.getpid()]}
+        self.at[i] = (time.perf_counter(), {name: {pid: cpu_of(pid) for pid in pids} for name, pids in groups.items()})
+
+    def cores(self) -> tuple[float, dict[str, float]]:
+        (t0, start), (t1, end) = self.at
+        wall = t1 - t0
+        used = {
+            name: sum(cpu - start.get(name, {}).get(pid, 0.0) for pid, cpu in pids.items()) / wall
+            for name, pids in end.items()
+        }
+        return wall, {name: round(c, 3) for name, c in used.items()}
+
+
+def measure(fleet: Fleet, target, seconds: float, warmup: float, inflight: int, rate: float | None, grace: float):
+    window = CpuWindow(target.processes)
+    stats = asyncio.run(fleet.phase(seconds, warmup, inflight, rate, grace, window.mark))
+    wall, cores = window.cores()
+    out = stats.summary(seconds) | {"window_s": round(wall, 3), "cpu_cores": cores}
+    selector_cores = sum(c for name, c in cores.items() if name.startswith(("selector", "server")))
+    out["checkins_per_selector_core"] = round(out["checkins_per_s"] / selector_cores, 1) if selector_cores else None
+    if rate is not None:
+        out["offered_per_s"] = round(stats.offered / seconds, 1)
+        out["sent_per_s"] = round((stats.offered - stats.capped) / seconds, 1)
+        out["capped"] = stats.capped
+    return out, stats.acknowledged
+
+
+def run_target(target, tokens_fleet: Fleet, args) -> dict:
+    sustained, acked = measure(tokens_fleet, target, args.seconds, args.warmup, args.inflight, None, 2.0)
+    rate = OVERLOAD_X * max(sustained["checkins_per_s"], 1.0)
+    overload, acked_over = measure(
+        tokens_fleet, target, args.overload_seconds, 0.0, args.overload_inflight, rate, args.grace
+    )
+    overload["offered_x"] = round(overload["offered_per_s"] / max(sustained["checkins_per_s"], 1.0), 2)
+    overload["sent_x"] = round(overload["sent_per_s"] / max(sustained["checkins_per_s"], 1.0), 2)
+    target.stop()
+    logged: dict[tuple[str, str], int] = {}
+    for entry in target.update_log():
+        logged[entry] = logged.get(entry, 0) + 1
+    acknowledged = acked + acked_over
+    overload["lost"] = sum(1 for key in acknowledged if logged.get(key, 0) == 0)
+    overload["duplicated"] = sum(1 for key in acknowledged if logged.get(key, 0) > 1)
+    overload["acknowledged_total"] = len(acknowledged)
+    return {"token_mint_s": round(target.mint_s, 3), "sustained": sustained, "overload": overload}
+
+
+def goals(results: dict) -> dict:
+    out = {}
+    for name, r in results.items():
+        s, o = r["sustained"], r["overload"]
+        if name.startswith("cluster"):
+            per_core = s["checkins_per_selector_core"] or 0.0
+            out[f"{name}: selector >= {SELECTOR_GOAL_PER_CORE:,.0f} check-ins/s per core, p99 < {P99_GOAL_MS:g} ms"] = (
+                per_core >= SELECTOR_GOAL_PER_CORE and (s["checkin_p99_ms"] or math.inf) < P99_GOAL_MS
+            )
+        # capped: sessions due while every connection still waited for an answer, i.e. not shed
+        graceful = o["shed_without_retry_after"] == 0 and o["transport_errors"] == 0 and o["capped"] == 0
+        out[f"{name}: {OVERLOAD_X:g}x overload offered, nothing lost, shed by 429/503 + Retry-After"] = (
+            o["offered_x"] >= OVERLOAD_X * 0.95 and o["lost"] == 0 and o["duplicated"] == 0 and graceful
+        )
+    return out
+
+
+def table(result: dict) -> str:
+    rows = [
+        "| target | check-ins/s | check-in p50 / p99 ms | updates/s | upload p50 / p99 ms | train frac | "
+        "check-ins/s per selector core | CPU cores (window) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    over = [
+        "| target | offered/s (x sustained) | sent/s | capped | check-ins answered 200/s (p99 ms) | shed 429/503 | "
+        "without Retry-After | transport errors | acked uploads | lost | duplicated |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in result["targets"].items():
+        s, o = r["sustained"], r["overload"]
+        cpu = ", ".join(f"{k} {v:.2f}" for k, v in s["cpu_cores"].items())
+        rows.append(
+            f"| {name} | {s['checkins_per_s']:,.0f} | {s['checkin_p50_ms']} / {s['checkin_p99_ms']} | "
+            f"{s['updates_per_s']:,.1f} | {s['upload_p50_ms']} / {s['upload_p99_ms']} | {s['train_fraction']:.3f} | "
+            f"{s['checkins_per_selector_core'] or 0:,.0f} | {cpu} |"
+        )
+        over.append(
+            f"| {name} | {o['offered_per_s']:,.0f} ({o['offered_x']}x) | {o['sent_per_s']:,.0f} | {o['capped']} | "
+            f"{o['checkins_per_s']:,.0f} ({o['checkin_p99_ms']}) | {o['shed_total']} | "
+            f"{o['shed_without_retry_after']} | {o['transport_errors']} | {o['acknowledged_total']} | {o['lost']} | "
+            f"{o['duplicated']} |"
+        )
+    verdicts = [f"- {'met' if ok else 'UNMET'}: {goal}" for goal, ok in result["goals"].items()]
+    return "\n".join(["Sustained (closed loop):", "", *rows, "", "Overload (open loop):", "", *over, "", *verdicts])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--quick", action="store_true", help="short phases (the test's mode)")
+    ap.add_argument("--seconds", type=float, default=15.0, help="sustained phase, per target")
+    ap.add_argument("--overload-seconds", type=float, default=8.0)
+    ap.add_argument("--warmup", type=float, default=2.0)
+    ap.add_argument("--grace", type=float, default=5.0, help="seconds uploads are retried after a phase")
+    ap.add_argument("--devices", type=int, default=100_000)
+    ap.add_argument("--inflight", type=int, default=32, help="requests in flight, sustained phase")
+    ap.add_argument("--overload-inflight", type=int, default=1024, help="cap on requests in flight, overload")
+    ap.add_argument("--concurrency", type=int, default=32, help="the task's slots (devices training at once)")
+    ap.add_argument("--train-seconds", type=float, default=0.2, help="a training device's sleep before uploading")
+    ap.add_argument("--hidden", type=int, nargs="+", default=[64], help="MLP widths (default 4,810 params)")
+    ap.add_argument("--buffer-size", type=int, default=8)
+    ap.add_argument("--targets", nargs="+", default=["single", "cluster-1", "cluster-2"])
+    args = ap.parse_args()
+    if args.quick:
+        args.seconds, args.overload_seconds, args.warmup, args.grace = 1.5, 1.0, 0.5, 0.5
+        args.devices = min(args.devices, 10_000)
+    from asyncfl.cluster.postgres import LocalPostgres
+
+    start_forkserver()
+
+    tree = experiment(args.hidden, args.concurrency, args.buffer_size)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        pg = stack.enter_context(LocalPostgres()) if any(t != "single" for t in args.targets) else None
+        for name in args.targets:
+            workdir = Path(tmp) / name
+            started = time.perf_counter()
+            if name == "single":
+                target = Single(tree, workdir, args.devices)
+            else:
+                target = Cluster(pg, tree, workdir, args.devices, int(name.split("-")[1]))
+            try:
+                host, port = target.endpoints[0]
+                info = httpx.get(
+                    f"http://{host}:{port}/v1/task", headers={"Authorization": f"Bearer {target.tokens[0]}"}
+                ).json()
+                names = [t["name"] for t in info["tensors"]]
+                shapes = [tuple(t["shape"]) for t in info["tensors"]]
+                fleet = Fleet(target.endpoints, target.tokens, names, shapes, args.train_seconds)
+                print(f"{name}: up in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+                results[name] = run_target(target, fleet, args)
+                print(f"{name}: measured in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+            finally:
+                target.stop()
+    params = sum(math.prod(s) for s in shapes)
+    result = {
+        "devices": args.devices,
+        "params": params,
+        "concurrency": args.concurrency,
+        "inflight": args.inflight,
+        "overload_inflight": args.overload_inflight,
+        "seconds": args.seconds,
+        "cpus": os.cpu_count(),
+        "targets": results,
+    }
+    result["goals"] = goals(results)
+    print(json.dumps(result) if args.json else table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
