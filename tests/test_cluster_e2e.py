@@ -1,7 +1,7 @@
 """The multi-process server end to end: every role a real process, real `asyncfl client`
 processes training over two selectors. Training advances; active leases never exceed the
-task's concurrency; kill -9 of the aggregator hands the task to the other one and kill -9 of
-the coordinator stops nothing, and afterwards every update a client was told was accepted is in
+task's concurrency; kill -9 of the aggregator hands the task to the other one, kill -9 of
+the coordinator stops nothing, kill -9 of a selector loses nothing its clients were told, and afterwards every update a client was told was accepted is in
 the update log once and in exactly one folded partial sum."""
 
 import json
@@ -90,6 +90,15 @@ def _healthy(port):
         return False
 
 
+def _served_by(url) -> int:
+    """Uploads logged by the newest selector process (members ids end with the pid)."""
+    return fetch(
+        url,
+        "SELECT count(*) FROM updates WHERE selector = "
+        "(SELECT id FROM members WHERE role = 'selector' ORDER BY started_at DESC LIMIT 1)",
+    )[0][0]
+
+
 def _task(url):
     return fetch(url, "SELECT owner, owner_epoch, version FROM tasks WHERE task = 'fedbuff'")[0]
 
@@ -113,8 +122,7 @@ def test_cluster_trains_and_survives_kill_9(pg_url, tmp_path):
         aggregators = [cluster.role("aggregator"), cluster.role("aggregator")]
         coordinator = cluster.role("coordinator")
         ports = [free_port(), free_port()]
-        for port in ports:
-            cluster.role("selector", "--port", str(port))
+        selectors = [cluster.role("selector", "--port", str(port)) for port in ports]
         _until(lambda: all(_healthy(p) for p in ports), "the selectors")
         for i, token in enumerate(tokens):
             cluster.spawn(
@@ -145,6 +153,16 @@ def test_cluster_trains_and_survives_kill_9(pg_url, tmp_path):
         cluster.role("coordinator")
         version = _task(pg_url)[2]
         _until(lambda: _task(pg_url)[2] >= version + 2, "training with the coordinator back")
+
+        # kill -9 of a selector amid its clients' uploads: the other selector's clients go on,
+        # and its own re-send to it once it is back on its port (acknowledged ones are durable)
+        selectors[1].send_signal(signal.SIGKILL)
+        version = _task(pg_url)[2]
+        _until(lambda: _task(pg_url)[2] >= version + 2, "training to go on with one selector")
+        cluster.role("selector", "--port", str(ports[1]))
+        _until(lambda: _healthy(ports[1]), "the restarted selector")
+        served = _served_by(pg_url)
+        _until(lambda: _served_by(pg_url) > served, "uploads through the restarted selector")
         for p in cluster.procs:
             if "client" in p.args:
                 p.terminate()
