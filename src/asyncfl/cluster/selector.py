@@ -261,19 +261,27 @@ class Selector:
                 if held[3] <= 0:  # expiring: the coordinator frees it within a tick
                     return retry_answer(served.settings.retry_after, True)
                 return train_answer(held[0], held[1], held[2] & ((1 << 64) - 1), held[3])
+            # the task's row first, then a slot: every claim takes its locks in this order, so
+            # two selectors leasing to one client cannot deadlock (the second waits, then finds
+            # the first one's lease and answers with it)
+            trip = conn.execute(
+                "SELECT issued + 1, version FROM tasks WHERE task=%s AND state='running' "
+                "AND (%s::bigint IS NULL OR issued < %s) FOR UPDATE",
+                (task, served.max_trips, served.max_trips),
+            ).fetchone()
+            if trip is None:  # done, or stop.max_trips reached: the next refresh shows it
+                return {"action": "stop", "reason": "the run has finished"}
             slot = conn.execute(
                 "SELECT slot FROM slots WHERE task=%s AND selector=%s AND lease_id IS NULL LIMIT 1 "
                 "FOR UPDATE SKIP LOCKED",
                 (task, self.id),
             ).fetchone()
-            if slot is not None:
-                trip = conn.execute(
-                    "UPDATE tasks SET issued=issued+1 WHERE task=%s AND state='running' "
-                    "AND (%s::bigint IS NULL OR issued < %s) RETURNING issued, version",
-                    (task, served.max_trips, served.max_trips),
-                ).fetchone()
-                if trip is None:  # done, or stop.max_trips reached: the next refresh shows it
-                    return {"action": "stop", "reason": "the run has finished"}
+            if slot is None:  # ours are all taken, or locked by the coordinator regranting them
+                free_now = conn.execute(
+                    "SELECT count(*) FROM slots WHERE task=%s AND selector=%s AND lease_id IS NULL", (task, self.id)
+                ).fetchone()[0]
+            else:
+                conn.execute("UPDATE tasks SET issued=issued+1 WHERE task=%s", (task,))
                 issued, version = trip
                 seed = int(trip_seed(served.cfg.seed, issued - 1)[0])  # trips count from 0, as in the simulator
                 lease_id = f"L{issued}-{secrets.token_hex(6)}"
@@ -285,8 +293,8 @@ class Selector:
                     (lease_id, task, client, version, _signed(seed), expires_in),
                 )
         with self.lock:
-            if lease_id is None:  # no lease for this client, none free: what the feed said is past
-                view.free = 0
+            if lease_id is None:  # no lease for this client and none of ours free now
+                view.free = free_now
                 self.leases.pop((task, client), None)
             else:
                 view.free -= 1
