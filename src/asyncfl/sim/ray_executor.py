@@ -15,6 +15,7 @@ import os
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import ray
 import torch
 
@@ -48,6 +49,19 @@ def connect(address: str | None) -> None:
         ray.init(address="local", runtime_env={"env_vars": {"PYTHONPATH": path}}, **quiet)
 
 
+def train_pass(ex: BatchedExecutor, specs: list[tuple], min_width: int, bases: list[torch.Tensor]) -> tuple:
+    """One pass on `ex`, its minibatch slots at least `min_width` wide: specs are (job id, client,
+    version, index into bases, seed, steps, correction, flip labels). Returns the stacked deltas
+    (numpy: Ray ships arrays without pickling them) and each update's other fields."""
+    ex.min_width = min_width
+    for job_id, client, version, b, seed, steps, correction, flip in specs:
+        ex.submit(TrainJob(job_id, client, version, bases[b], seed, steps, correction=correction, flip_labels=flip))
+    ex.run_pool()
+    updates = [ex.result(spec[0]) for spec in specs]
+    fields = [(u.n_examples, u.steps, u.loss, u.start_loss, u.planned_steps) for u in updates]
+    return torch.stack([u.delta for u in updates]).numpy(), fields
+
+
 @ray.remote
 class TrainingActor:
     """Trains shipped passes with its own batched executor."""
@@ -63,18 +77,9 @@ class TrainingActor:
     def peak_rss_mb(self) -> float:
         return process_peak_rss_mb()
 
-    def train(self, specs: list[tuple], min_width: int, *bases: torch.Tensor) -> tuple[torch.Tensor, list[tuple]]:
-        """One pass, its minibatch slots at least `min_width` wide: specs are (job id, client,
-        version, index into bases, seed, steps, correction, flip labels). Returns the stacked
-        deltas and each update's other fields."""
-        ex = self.executor
-        ex.min_width = min_width
-        for job_id, client, version, b, seed, steps, correction, flip in specs:
-            ex.submit(TrainJob(job_id, client, version, bases[b], seed, steps, correction=correction, flip_labels=flip))
-        ex.run_pool()
-        updates = [ex.result(spec[0]) for spec in specs]
-        fields = [(u.n_examples, u.steps, u.loss, u.start_loss, u.planned_steps) for u in updates]
-        return torch.stack([u.delta for u in updates]), fields
+    def train(self, specs: list[tuple], min_width: int, *bases: np.ndarray) -> tuple:
+        # start models arrive as read-only views of the object store: a copy each, per pass
+        return train_pass(self.executor, specs, min_width, [torch.from_numpy(b.copy()) for b in bases])
 
 
 class LocalPasses:
@@ -125,7 +130,8 @@ class RayExecutor(Executor):
         address: str | None = None,
     ):
         super().__init__(trainer, data)
-        self.local = BatchedExecutor(trainer, data, memory_mb)  # evaluates; raises NotVectorisable first
+        # evaluates, and trains the passes needed before they could be shipped; raises NotVectorisable first
+        self.local = BatchedExecutor(trainer, data, memory_mb)
         connect(address)
         self._shared = ray.put((trainer, data))
         self._actor_args = (memory_mb, torch.get_num_threads())
@@ -134,9 +140,10 @@ class RayExecutor(Executor):
         self.replaced = 0  # actors that died and were replaced
         self.in_flight = [0] * actors  # passes shipped to each actor and not yet collected
         self.outbox: dict[int, TrainJob] = {}  # submitted, not shipped yet
-        self.shipped: dict[int, tuple[ray.ObjectRef, int, int, int]] = {}  # job -> (reply, row, steps, actor)
-        self.replies: dict[ray.ObjectRef, tuple] = {}  # fetched replies, until every row is taken
-        self.rows_left: dict[ray.ObjectRef, int] = {}  # reply -> its jobs still waiting for it
+        # job -> (its reply: an object ref, or a key of a pass trained here; row; steps; actor or None)
+        self.shipped: dict[int, tuple[object, int, int, int | None]] = {}
+        self.replies: dict[object, tuple] = {}  # fetched replies, until every row is taken
+        self.rows_left: dict[object, int] = {}  # reply -> its jobs still waiting for it
         self.models: OrderedDict[int, tuple[torch.Tensor, ray.ObjectRef]] = OrderedDict()
         self.passes = LocalPasses()
         # the minibatch width of shipped passes: the local executor's large passes hold a client with
@@ -144,6 +151,7 @@ class RayExecutor(Executor):
         # examples train each width apart (no padding), and so do epochs, slot by slot
         self.width = 0 if self.local.kernel.mixes_examples or trainer.local_epochs else trainer.batch_size
         self.shipped_jobs = 0  # jobs trained remotely, retrained ones included
+        self.trained_here = 0  # jobs trained on the driver: needed before they were shipped
         self.models_put = 0  # start models put in the object store
 
     def submit(self, job):
@@ -171,14 +179,14 @@ class RayExecutor(Executor):
                 self.outbox[job_id] = job
 
     def result(self, job_id):
-        if job_id in self.outbox:
-            self._flush()
+        if job_id in self.outbox:  # needed before it was shipped: a round trip would only add to the wait
+            self._train_here([job for job in self.outbox.values() if job.reports], self.width)
         job = self.pending.pop(job_id)
         for chunk in self._narrow(self.passes.result(job_id)):  # trained as the local executor does
-            self._ship(chunk, min_width=0)
+            self._train_here(chunk, 0)
         self.trained = self.passes.trained
         if job_id not in self.shipped:  # a job that was not expected to report
-            self._ship([job])
+            self._train_here([job], self.width)
         while (ref := self.shipped[job_id][0]) not in self.replies:
             try:
                 self.replies[ref] = ray.get(ref)
@@ -188,7 +196,8 @@ class RayExecutor(Executor):
         deltas, fields = self.replies[ref]
         self._forget(job_id)
         n, steps, loss, start_loss, planned = fields[row]
-        return ClientUpdate(job.client, job.base_version, deltas[row].clone(), n, steps, loss, start_loss, planned)
+        delta = torch.from_numpy(deltas[row].copy())  # a remote reply is a read-only view of the object store
+        return ClientUpdate(job.client, job.base_version, delta, n, steps, loss, start_loss, planned)
 
     def _new_actor(self):
         return TrainingActor.options(scheduling_strategy="SPREAD").remote(self._shared, *self._actor_args)
@@ -225,7 +234,8 @@ class RayExecutor(Executor):
             del self.rows_left[ref]
             self.replies.pop(ref, None)
             self.passes_of.pop(ref, None)
-            self.in_flight[actor] -= 1
+            if actor is not None:
+                self.in_flight[actor] -= 1
 
     def _flush(self) -> None:
         """Ship the waiting jobs, in passes of the local executor's size."""
@@ -242,7 +252,7 @@ class RayExecutor(Executor):
         if kept is not None and kept[0] is w:
             self.models.move_to_end(key)
             return kept[1]
-        ref = ray.put(w)
+        ref = ray.put(w.numpy())  # an array: Ray stores it without pickling
         self.models_put += 1
         self.models[key] = (w, ref)  # the tensor stays referenced, so its id is not reused meanwhile
         if len(self.models) > MODELS_KEPT:
@@ -258,39 +268,53 @@ class RayExecutor(Executor):
         chunks = [jobs[s : s + size] for s in range(0, len(jobs), size)]
         return [c for c in chunks if max(int(self.local.sizes[job.client]) for job in c) < full]
 
-    def _ship(self, jobs: list[TrainJob], min_width: int | None = None, actor: int | None = None) -> None:
-        refs: list[ray.ObjectRef] = []
+    @staticmethod
+    def _specs(jobs: list[TrainJob], name_of) -> tuple[list[tuple], list]:
+        """A pass's job specs (see `train_pass`) and its distinct start models, each as `name_of` names it."""
+        bases: list = []
         where: dict[int, int] = {}
         specs = []
         for job in jobs:
             key = id(job.base_w)
             if key not in where:
-                where[key] = len(refs)
-                refs.append(self._model_ref(job.base_w))
+                where[key] = len(bases)
+                bases.append(name_of(job.base_w))
+            b = where[key]
             specs.append(
-                (
-                    job.job_id,
-                    job.client,
-                    job.base_version,
-                    where[key],
-                    job.seed,
-                    job.steps,
-                    job.correction,
-                    job.flip_labels,
-                )
+                (job.job_id, job.client, job.base_version, b, job.seed, job.steps, job.correction, job.flip_labels)
             )
+        return specs, bases
+
+    def _claim(self, reply: object, jobs: list[TrainJob], actor: int | None) -> None:
+        """Each job's result is now row k of `reply`; an earlier one is not wanted."""
+        self.rows_left[reply] = len(jobs)
+        for row, job in enumerate(jobs):
+            self.outbox.pop(job.job_id, None)
+            self._forget(job.job_id)
+            self.shipped[job.job_id] = (reply, row, job.steps, actor)
+
+    def _ship(self, jobs: list[TrainJob], min_width: int | None = None, actor: int | None = None) -> None:
+        specs, refs = self._specs(jobs, self._model_ref)
         if actor is None:
             actor = min(range(len(self.actors)), key=self.in_flight.__getitem__)
         width = self.width if min_width is None else min_width
         ref = self.actors[actor].train.remote(specs, width, *refs)
         self.in_flight[actor] += 1
-        self.rows_left[ref] = len(jobs)
         self.passes_of[ref] = (jobs, width)
-        for row, job in enumerate(jobs):
-            self.outbox.pop(job.job_id, None)
-            self._forget(job.job_id)  # a job shipped again: its earlier result is not wanted
-            self.shipped[job.job_id] = (ref, row, job.steps, actor)
+        self._claim(ref, jobs, actor)
         self.shipped_jobs += len(jobs)
+
+    def _train_here(self, jobs: list[TrainJob], min_width: int) -> None:
+        """Train a pass on the driver, which would otherwise wait for it: the same executor code,
+        width and thread count as an actor's, so the same results."""
+        size = self.local.chunk_size()
+        for s in range(0, len(jobs), size):
+            chunk = jobs[s : s + size]
+            key = object()  # the pass's reply, already here
+            specs, bases = self._specs(chunk, lambda w: w)
+            self.replies[key] = train_pass(self.local, specs, min_width, bases)
+            self._claim(key, chunk, None)
+            self.trained_here += len(chunk)
 
     def close(self) -> None:
         """End the actors; Ray itself stays up for the process's next run and shuts down at exit."""
