@@ -22,7 +22,7 @@ def summary_of(cfg, out) -> dict:
     run_experiment(cfg, out, threads=1)
     s = json.loads((out / "summary.json").read_text())
     for r in s["runs"]:
-        r.pop("wall_seconds"), r.pop("peak_rss_mb")
+        r.pop("wall_seconds"), r.pop("peak_rss_mb"), r.pop("ray_actor_peak_rss_mb", None)
     s.pop("peak_rss_mb"), s.pop("threads")
     return s
 
@@ -150,7 +150,7 @@ def test_a_two_node_cluster_joined_from_the_command_line(tmp_path, batched):
         subprocess.run(command, env=env, check=True, timeout=300, capture_output=True)
         s = json.loads((out / "summary.json").read_text())
         for r in s["runs"]:
-            r.pop("wall_seconds"), r.pop("peak_rss_mb")
+            r.pop("wall_seconds"), r.pop("peak_rss_mb"), r.pop("ray_actor_peak_rss_mb")
         s.pop("peak_rss_mb"), s.pop("threads")
         assert s == batched
     finally:
@@ -202,3 +202,34 @@ def test_a_killed_actor_is_replaced_and_the_result_is_unchanged(small, tmp_path,
     ours = summary_of(small(executor="ray", ray_actors=2), tmp_path)
     assert len(seen) > 30 and seen[29].replaced >= 1  # the executor of the run it was killed in
     assert ours == batched
+
+
+def test_a_run_reports_its_actors_memory_and_the_driver_keeps_little(small, tmp_path, monkeypatch):
+    """Over a run of a thousand server versions: summary.json gives each actor's peak RSS, the
+    driver keeps at most MODELS_KEPT start models and a reply only for jobs in flight, and the
+    object references it holds (the object store's entries it owns) do not grow."""
+    from asyncfl.sim import ray_executor
+
+    core_worker = ray._private.worker.global_worker.core_worker  # the driver's reference counts
+    kept, result = [], ray_executor.RayExecutor.result
+
+    def sampling_result(self, job_id):
+        update = result(self, job_id)
+        refs = len(core_worker.get_all_reference_counts())
+        kept.append((len(self.models), len(self.rows_left), len(self.shipped), len(self.passes.trained_steps), refs))
+        return update
+
+    monkeypatch.setattr(ray_executor.RayExecutor, "result", sampling_result)
+    held_before = len(core_worker.get_all_reference_counts())
+    cfg = small(executor="ray", ray_actors=2, sets=["stop.max_time=600", "runs.fedbuff.algorithm.buffer_size=1"])
+    run_experiment(cfg, tmp_path, runs=["fedbuff"], threads=1)
+    run = json.loads((tmp_path / "summary.json").read_text())["runs"][0]
+    assert run["server_steps"] > 1000
+    peaks = run["ray_actor_peak_rss_mb"]  # an actor holds torch, the data and its passes: not GBs
+    assert len(peaks) == 2 and all(100 < p < 2000 for p in peaks), peaks
+    concurrency = cfg.run("fedbuff").scheduler.concurrency
+    models, replies, shipped, replayed, refs = (max(column) for column in zip(*kept))
+    assert models == ray_executor.MODELS_KEPT
+    assert max(replies, shipped, replayed) <= concurrency
+    assert refs - held_before <= ray_executor.MODELS_KEPT + concurrency + 1  # models, replies, the shared data
+    assert len(core_worker.get_all_reference_counts()) <= held_before  # the run is over: all freed

@@ -2,10 +2,18 @@
 
 A job is fixed when its trip starts, so it can be trained from then on: jobs are shipped as
 batched passes as soon as they are a fraction of the jobs in flight, and the event loop runs on
-while actors train; it blocks only on a result that is not back yet. Each start model is put in
-the object store once. A pass's composition is set by the event loop alone, never by which
-actor is free, so a run's results do not depend on the number of actors or the order in which
-they finish; they equal the local batched executor's (see `LocalPasses` and `min_width`).
+while actors train; it blocks only on a result that is not back yet. A result needed before its
+job was shipped (a short trip) is trained on the driver, with the jobs waiting with it: a round
+trip would only add Ray's latency to the wait. Each start model is put in the object store once;
+models and replies travel as numpy arrays, which Ray moves without pickling. A pass's
+composition is set by the event loop alone, never by which actor is free, so a run's results do
+not depend on the number of actors or the order in which they finish; they equal the local
+batched executor's (see `LocalPasses` and `min_width`).
+
+What stays in memory is bounded: an actor holds the data, the model and its batched executor,
+whose passes stay within `memory_mb` and whose buffers are reused; it caches no start model.
+The driver keeps the last `MODELS_KEPT` start models in the object store and a reply until its
+last row is taken (or its jobs cancelled), so the object store holds what the jobs in flight need.
 """
 
 from __future__ import annotations
@@ -220,6 +228,9 @@ class RayExecutor(Executor):
         """Each live actor's peak resident memory so far (MB), in actor order."""
         return ray.get([actor.peak_rss_mb.remote() for actor in self.actors])
 
+    def measured(self):
+        return {"ray_actor_peak_rss_mb": self.actor_peak_rss_mb()}
+
     def evaluate_many(self, ws, x, y):
         return self.local.evaluate_many(ws, x, y)
 
@@ -322,3 +333,6 @@ class RayExecutor(Executor):
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
+        kept_by_run = (self.outbox, self.shipped, self.replies, self.rows_left, self.passes_of, self.models)
+        for kept in (*kept_by_run, self.passes.pending, self.passes.trained_steps):
+            kept.clear()  # the object store frees what these referenced
