@@ -35,9 +35,12 @@ from asyncfl.memory import process_peak_rss_mb
 from asyncfl.sim.batched import BatchedExecutor
 from asyncfl.sim.executor import Executor, TrainJob
 
-# jobs wait to be shipped until they are this fraction of the jobs in flight (or one is needed):
-# passes large enough that the per-call cost is shared, early enough that few results are waited on
-SHIP_FRACTION = 1 / 8
+# jobs wait to be shipped until they are this fraction of the jobs in flight, and at least
+# SHIP_MIN (a remote call costs about as much as training a few dozen small jobs; with fewer than
+# 4 * SHIP_MIN in flight a quarter of them): early enough that most jobs are trained remotely
+# before they are needed, the few needed sooner are trained on the driver
+SHIP_FRACTION = 1 / 64
+SHIP_MIN = 32
 # start models kept in the object store: async runs ship jobs of the newest few versions
 MODELS_KEPT = 8
 
@@ -154,10 +157,12 @@ class RayExecutor(Executor):
         self.rows_left: dict[object, int] = {}  # reply -> its jobs still waiting for it
         self.models: OrderedDict[int, tuple[torch.Tensor, ray.ObjectRef]] = OrderedDict()
         self.passes = LocalPasses()
-        # the minibatch width of shipped passes: the local executor's large passes hold a client with
-        # a full minibatch, and a pass's width changes the last bits of floats. Kernels that may mix
-        # examples train each width apart (no padding), and so do epochs, slot by slot
-        self.width = 0 if self.local.kernel.mixes_examples or trainer.local_epochs else trainer.batch_size
+        # the minibatch width of shipped passes: the local executor's large passes hold the client
+        # with the most examples (a full minibatch, or all of its examples when every client has
+        # fewer), and a pass's width changes the last bits of floats. Kernels that may mix examples
+        # train each width apart (no padding), and so do epochs, slot by slot
+        widest = int(min(trainer.batch_size, self.local.sizes.max(initial=0)))
+        self.width = 0 if self.local.kernel.mixes_examples or trainer.local_epochs else widest
         self.shipped_jobs = 0  # jobs trained remotely, retrained ones included
         self.trained_here = 0  # jobs trained on the driver: needed before they were shipped
         self.models_put = 0  # start models put in the object store
@@ -167,7 +172,8 @@ class RayExecutor(Executor):
         self.passes.submit(job)
         if job.reports:  # a job that will not report is trained only if its result is asked for
             self.outbox[job.job_id] = job
-            if len(self.outbox) >= SHIP_FRACTION * len(self.pending):
+            in_flight = len(self.pending)
+            if len(self.outbox) >= max(SHIP_FRACTION * in_flight, min(SHIP_MIN, in_flight / 4)):
                 self._flush()
 
     def cancel(self, job_id):
@@ -272,12 +278,12 @@ class RayExecutor(Executor):
 
     def _narrow(self, jobs: list[TrainJob]) -> list[list[TrainJob]]:
         """The local executor's chunks of a pass whose minibatches are narrower than the width
-        the actors pad to: no client in them has a full minibatch (rare; rounding differs)."""
+        the actors pad to: none of its clients is as wide (rare; rounding differs)."""
         if not self.width:
             return []
-        size, full = self.local.chunk_size(), self.trainer.batch_size
+        size = self.local.chunk_size()
         chunks = [jobs[s : s + size] for s in range(0, len(jobs), size)]
-        return [c for c in chunks if max(int(self.local.sizes[job.client]) for job in c) < full]
+        return [c for c in chunks if max(int(self.local.sizes[job.client]) for job in c) < self.width]
 
     @staticmethod
     def _specs(jobs: list[TrainJob], name_of) -> tuple[list[tuple], list]:
