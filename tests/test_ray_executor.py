@@ -233,3 +233,28 @@ def test_a_run_reports_its_actors_memory_and_the_driver_keeps_little(small, tmp_
     assert max(replies, shipped, replayed) <= concurrency
     assert refs - held_before <= ray_executor.MODELS_KEPT + concurrency + 1  # models, replies, the shared data
     assert len(core_worker.get_all_reference_counts()) <= held_before  # the run is over: all freed
+
+
+@pytest.mark.slow
+def test_a_million_devices_with_ten_thousand_in_flight_train_on_two_actors():
+    """bench/scale.py's run (10^6 devices as arrays on the driver, 10^4 training at once, FedBuff
+    K=100), cut to 20,000 trips, on 2 actors: updates are applied, the actors trained most jobs,
+    and each holds far less than the population or the jobs in flight would take."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "scale.py"
+    spec = importlib.util.spec_from_file_location("bench_scale", path)
+    scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale)
+    sim = scale.build(1_000_000, 10_000, 20_000, 512.0, executor="ray", ray_actors=2)
+    try:
+        m = sim.run()
+        peaks = sim.executor.actor_peak_rss_mb()
+        here, shipped = sim.executor.trained_here, sim.executor.shipped_jobs
+    finally:
+        sim.executor.close()
+    assert m.server_steps >= 80 and m.completed >= 8_000
+    assert m.rows[-1]["test_accuracy"] > 0.5
+    assert shipped > 4 * here
+    assert len(peaks) == 2 and all(p < 1500 for p in peaks), peaks  # torch, the data, one pass
