@@ -258,3 +258,22 @@ def test_a_million_devices_with_ten_thousand_in_flight_train_on_two_actors():
     assert m.rows[-1]["test_accuracy"] > 0.5
     assert shipped > 4 * here
     assert len(peaks) == 2 and all(p < 1500 for p in peaks), peaks  # torch, the data, one pass
+
+
+def test_clients_all_smaller_than_a_batch_give_the_batched_executors_summary(small, tmp_path, monkeypatch):
+    """100 iid clients of about 14 digits each, batches of 16: passes are padded as wide as the
+    widest client, not the batch, as in the local executor, so none is trained twice."""
+    from asyncfl.sim import ray_executor
+
+    counts, close = [], ray_executor.RayExecutor.close
+
+    def counting_close(self):
+        counts.append((self.shipped_jobs + self.trained_here, self.trained))
+        close(self)
+
+    monkeypatch.setattr(ray_executor.RayExecutor, "close", counting_close)
+    sets = ["data.num_clients=100", "data.partition.kind=iid"]
+    theirs = summary_of(small(executor="batched", sets=sets), tmp_path / "batched")
+    assert summary_of(small(executor="ray", ray_actors=2, sets=sets), tmp_path / "ray") == theirs
+    trained_by_us, trained_locally = counts[1]  # fedbuff's (fedavg's also trains trips its rounds drop)
+    assert trained_by_us <= trained_locally + 8, counts  # beyond it: the 8 jobs in flight at the stop
