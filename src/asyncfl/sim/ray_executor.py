@@ -4,11 +4,13 @@ A job is fixed when its trip starts, so it can be trained from then on: jobs are
 batched passes as soon as they are a fraction of the jobs in flight, and the event loop runs on
 while actors train; it blocks only on a result that is not back yet. A result needed before its
 job was shipped (a short trip) is trained on the driver, with the jobs waiting with it: a round
-trip would only add Ray's latency to the wait. Each start model is put in the object store once;
-models and replies travel as numpy arrays, which Ray moves without pickling. A pass's
-composition is set by the event loop alone, never by which actor is free, so a run's results do
-not depend on the number of actors or the order in which they finish; they equal the local
-batched executor's (see `LocalPasses` and `min_width`).
+trip would only add Ray's latency to the wait. The driver also keeps the jobs it would ship while
+waiting for shipped passes has lately cost it more per job than training them (a small model on
+a few cores); where a pass trains never changes its results. Each start model is put in the
+object store once; models and replies travel as numpy arrays, which Ray moves without pickling.
+A pass's composition is set by the event loop alone, never by which actor is free, so a run's
+results do not depend on the number of actors or the order in which they finish; they equal the
+local batched executor's (see `LocalPasses` and `min_width`).
 
 What stays in memory is bounded: an actor holds the data, the model and its batched executor,
 whose passes stay within `memory_mb` and whose buffers are reused; it caches no start model.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -41,6 +44,11 @@ from asyncfl.sim.executor import Executor, TrainJob
 # before they are needed, the few needed sooner are trained on the driver
 SHIP_FRACTION = 1 / 64
 SHIP_MIN = 32
+# a full outbox trains on the driver while, lately, waiting for shipped passes has cost the driver
+# more per job than training them itself (a small model on few cores: Ray's round trip costs more
+# than the training it carries); every EXPLORE-th is shipped regardless, to keep measuring
+EXPLORE = 32
+DECAY = 1 / 8  # weight of the newest pass in those per-job costs
 # start models kept in the object store: async runs ship jobs of the newest few versions
 MODELS_KEPT = 8
 
@@ -166,6 +174,9 @@ class RayExecutor(Executor):
         self.shipped_jobs = 0  # jobs trained remotely, retrained ones included
         self.trained_here = 0  # jobs trained on the driver: needed before they were shipped
         self.models_put = 0  # start models put in the object store
+        # the driver's seconds per job (decayed averages): blocked on shipped passes, training here
+        self.wait_per_job = self.here_per_job = 0.0
+        self.kept_flushes = 0  # full outboxes trained here since one was last shipped
 
     def submit(self, job):
         self.pending[job.job_id] = job
@@ -203,7 +214,11 @@ class RayExecutor(Executor):
             self._train_here([job], self.width)
         while (ref := self.shipped[job_id][0]) not in self.replies:
             try:
+                t = time.perf_counter()
                 self.replies[ref] = ray.get(ref)
+                self.wait_per_job += DECAY * (
+                    (time.perf_counter() - t) / len(self.passes_of[ref][0]) - self.wait_per_job
+                )
             except ray.exceptions.RayActorError:  # its actor died: replace it, train its passes again
                 self._replace(self.shipped[job_id][3])
         row = self.shipped[job_id][1]
@@ -255,9 +270,15 @@ class RayExecutor(Executor):
                 self.in_flight[actor] -= 1
 
     def _flush(self) -> None:
-        """Ship the waiting jobs, in passes of the local executor's size."""
+        """Ship the waiting jobs, in passes of the local executor's size, or train them here while
+        that has lately been cheaper for the driver (where a pass trains does not change its results)."""
         jobs = [job for job in self.outbox.values() if job.reports]
         self.outbox.clear()
+        if self.wait_per_job > self.here_per_job and self.kept_flushes < EXPLORE - 1:
+            self.kept_flushes += 1
+            self._train_here(jobs, self.width)
+            return
+        self.kept_flushes = 0
         size = self.local.chunk_size()
         for s in range(0, len(jobs), size):
             self._ship(jobs[s : s + size])
@@ -329,7 +350,9 @@ class RayExecutor(Executor):
             chunk = jobs[s : s + size]
             key = object()  # the pass's reply, already here
             specs, bases = self._specs(chunk, lambda w: w)
+            t = time.perf_counter()
             self.replies[key] = train_pass(self.local, specs, min_width, bases)
+            self.here_per_job += DECAY * ((time.perf_counter() - t) / len(chunk) - self.here_per_job)
             self._claim(key, chunk, None)
             self.trained_here += len(chunk)
 
