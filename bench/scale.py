@@ -25,7 +25,8 @@ from asyncfl import config
 from asyncfl.experiment import build_simulation
 
 
-def build(devices: int, concurrency: int, trips: int, memory_mb: float):
+def build(devices: int, concurrency: int, trips: int, memory_mb: float, **settings):
+    """The simulation; `settings` replace top-level config fields (e.g. executor="ray")."""
     tree = {
         "name": "scale",
         "seed": 0,
@@ -45,7 +46,7 @@ def build(devices: int, concurrency: int, trips: int, memory_mb: float):
             }
         ],
     }
-    cfg = config.validate(tree)
+    cfg = config.validate({**tree, **settings})
     return build_simulation(cfg, cfg.runs[0])
 
 

@@ -22,7 +22,7 @@ def summary_of(cfg, out) -> dict:
     run_experiment(cfg, out, threads=1)
     s = json.loads((out / "summary.json").read_text())
     for r in s["runs"]:
-        r.pop("wall_seconds"), r.pop("peak_rss_mb")
+        r.pop("wall_seconds"), r.pop("peak_rss_mb"), r.pop("ray_actor_peak_rss_mb", None)
     s.pop("peak_rss_mb"), s.pop("threads")
     return s
 
@@ -126,7 +126,7 @@ def test_a_two_node_cluster_joined_from_the_command_line(tmp_path, batched):
         subprocess.run(command, env=node_env(), check=True, timeout=300, capture_output=True)
         s = json.loads((out / "summary.json").read_text())
         for r in s["runs"]:
-            r.pop("wall_seconds"), r.pop("peak_rss_mb")
+            r.pop("wall_seconds"), r.pop("peak_rss_mb"), r.pop("ray_actor_peak_rss_mb")
         s.pop("peak_rss_mb"), s.pop("threads")
         assert s == batched
 
@@ -170,3 +170,78 @@ def test_a_killed_actor_is_replaced_and_the_result_is_unchanged(small, tmp_path,
     ours = summary_of(small(executor="ray", ray_actors=2), tmp_path)
     assert len(seen) > 30 and seen[29].replaced >= 1  # the executor of the run it was killed in
     assert ours == batched
+
+
+def test_a_run_reports_its_actors_memory_and_the_driver_keeps_little(small, tmp_path, monkeypatch):
+    """Over a run of a thousand server versions: summary.json gives each actor's peak RSS, the
+    driver keeps at most MODELS_KEPT start models and a reply only for jobs in flight, and the
+    object references it holds (the object store's entries it owns) do not grow."""
+    from asyncfl.sim import ray_executor
+
+    core_worker = ray._private.worker.global_worker.core_worker  # the driver's reference counts
+    kept, result = [], ray_executor.RayExecutor.result
+
+    def sampling_result(self, job_id):
+        update = result(self, job_id)
+        refs = len(core_worker.get_all_reference_counts())
+        kept.append((len(self.models), len(self.rows_left), len(self.shipped), len(self.passes.trained_steps), refs))
+        return update
+
+    monkeypatch.setattr(ray_executor.RayExecutor, "result", sampling_result)
+    held_before = len(core_worker.get_all_reference_counts())
+    cfg = small(executor="ray", ray_actors=2, sets=["stop.max_time=600", "runs.fedbuff.algorithm.buffer_size=1"])
+    run_experiment(cfg, tmp_path, runs=["fedbuff"], threads=1)
+    run = json.loads((tmp_path / "summary.json").read_text())["runs"][0]
+    assert run["server_steps"] > 1000
+    peaks = run["ray_actor_peak_rss_mb"]  # an actor holds torch, the data and its passes: not GBs
+    assert len(peaks) == 2 and all(100 < p < 2000 for p in peaks), peaks
+    concurrency = cfg.run("fedbuff").scheduler.concurrency
+    models, replies, shipped, replayed, refs = (max(column) for column in zip(*kept))
+    assert models == ray_executor.MODELS_KEPT
+    assert max(replies, shipped, replayed) <= concurrency
+    assert refs - held_before <= ray_executor.MODELS_KEPT + concurrency + 1  # models, replies, the shared data
+    assert len(core_worker.get_all_reference_counts()) <= held_before  # the run is over: all freed
+
+
+@pytest.mark.slow
+def test_a_million_devices_with_ten_thousand_in_flight_train_on_two_actors():
+    """bench/scale.py's run (10^6 devices as arrays on the driver, 10^4 training at once, FedBuff
+    K=100), cut to 20,000 trips, on 2 actors: updates are applied, the actors trained jobs, none
+    was trained twice, and each actor holds far less than the population or the jobs in flight."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "scale.py"
+    spec = importlib.util.spec_from_file_location("bench_scale", path)
+    scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale)
+    sim = scale.build(1_000_000, 10_000, 20_000, 512.0, executor="ray", ray_actors=2)
+    try:
+        m = sim.run()
+        peaks = sim.executor.actor_peak_rss_mb()
+        here, shipped, trained = sim.executor.trained_here, sim.executor.shipped_jobs, sim.executor.trained
+    finally:
+        sim.executor.close()
+    assert m.server_steps >= 80 and m.completed >= 8_000
+    assert m.rows[-1]["test_accuracy"] > 0.5
+    assert shipped > 0 and here + shipped <= trained + 10_000  # beyond it: jobs in flight at the stop
+    assert len(peaks) == 2 and all(p < 1500 for p in peaks), peaks  # torch, the data, one pass
+
+
+def test_clients_all_smaller_than_a_batch_give_the_batched_executors_summary(small, tmp_path, monkeypatch):
+    """100 iid clients of about 14 digits each, batches of 16: passes are padded as wide as the
+    widest client, not the batch, as in the local executor, so none is trained twice."""
+    from asyncfl.sim import ray_executor
+
+    counts, close = [], ray_executor.RayExecutor.close
+
+    def counting_close(self):
+        counts.append((self.shipped_jobs + self.trained_here, self.trained))
+        close(self)
+
+    monkeypatch.setattr(ray_executor.RayExecutor, "close", counting_close)
+    sets = ["data.num_clients=100", "data.partition.kind=iid"]
+    theirs = summary_of(small(executor="batched", sets=sets), tmp_path / "batched")
+    assert summary_of(small(executor="ray", ray_actors=2, sets=sets), tmp_path / "ray") == theirs
+    trained_by_us, trained_locally = counts[1]  # fedbuff's (fedavg's also trains trips its rounds drop)
+    assert trained_by_us <= trained_locally + 8, counts  # beyond it: the 8 jobs in flight at the stop

@@ -77,6 +77,7 @@ def run_one(
     sim = build_simulation(cfg, spec, data, progress, module)
     try:
         m = sim.run()
+        m.extra.update(sim.executor.measured())
     finally:
         sim.executor.close()
     if getattr(sim.data, "client_test_indices", None) is not None:  # per-client spread of the final model

@@ -56,6 +56,10 @@ class Executor(ABC):
         """(accuracy, loss) of several global-model snapshots; batched executors vectorise it."""
         return [self.trainer.model.evaluate(w, x, y) for w in ws]
 
+    def measured(self) -> dict:
+        """Summary fields measured on the executor's workers by the run's end (none in-process)."""
+        return {}
+
     def close(self) -> None:
         """The run is over: drop the jobs still pending (remote executors also end their workers)."""
         self.pending.clear()

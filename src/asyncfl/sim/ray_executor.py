@@ -2,19 +2,31 @@
 
 A job is fixed when its trip starts, so it can be trained from then on: jobs are shipped as
 batched passes as soon as they are a fraction of the jobs in flight, and the event loop runs on
-while actors train; it blocks only on a result that is not back yet. Each start model is put in
-the object store once. A pass's composition is set by the event loop alone, never by which
-actor is free, so a run's results do not depend on the number of actors or the order in which
-they finish; they equal the local batched executor's (see `LocalPasses` and `min_width`).
+while actors train; it blocks only on a result that is not back yet. A result needed before its
+job was shipped (a short trip) is trained on the driver, with the jobs waiting with it: a round
+trip would only add Ray's latency to the wait. The driver also keeps the jobs it would ship while
+waiting for shipped passes has lately cost it more per job than training them (a small model on
+a few cores); where a pass trains never changes its results. Each start model is put in the
+object store once; models and replies travel as numpy arrays, which Ray moves without pickling.
+A pass's composition is set by the event loop alone, never by which actor is free, so a run's
+results do not depend on the number of actors or the order in which they finish; they equal the
+local batched executor's (see `LocalPasses` and `min_width`).
+
+What stays in memory is bounded: an actor holds the data, the model and its batched executor,
+whose passes stay within `memory_mb` and whose buffers are reused; it caches no start model.
+The driver keeps the last `MODELS_KEPT` start models in the object store and a reply until its
+last row is taken (or its jobs cancelled), so the object store holds what the jobs in flight need.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import ray
 import torch
 
@@ -26,9 +38,17 @@ from asyncfl.memory import process_peak_rss_mb
 from asyncfl.sim.batched import BatchedExecutor
 from asyncfl.sim.executor import Executor, TrainJob
 
-# jobs wait to be shipped until they are this fraction of the jobs in flight (or one is needed):
-# passes large enough that the per-call cost is shared, early enough that few results are waited on
-SHIP_FRACTION = 1 / 8
+# jobs wait to be shipped until they are this fraction of the jobs in flight, and at least
+# SHIP_MIN (a remote call costs about as much as training a few dozen small jobs; with fewer than
+# 4 * SHIP_MIN in flight a quarter of them): early enough that most jobs are trained remotely
+# before they are needed, the few needed sooner are trained on the driver
+SHIP_FRACTION = 1 / 64
+SHIP_MIN = 32
+# a full outbox trains on the driver while, lately, waiting for shipped passes has cost the driver
+# more per job than training them itself (a small model on few cores: Ray's round trip costs more
+# than the training it carries); every EXPLORE-th is shipped regardless, to keep measuring
+EXPLORE = 32
+DECAY = 1 / 8  # weight of the newest pass in those per-job costs
 # start models kept in the object store: async runs ship jobs of the newest few versions
 MODELS_KEPT = 8
 
@@ -48,6 +68,19 @@ def connect(address: str | None) -> None:
         ray.init(address="local", runtime_env={"env_vars": {"PYTHONPATH": path}}, **quiet)
 
 
+def train_pass(ex: BatchedExecutor, specs: list[tuple], min_width: int, bases: list[torch.Tensor]) -> tuple:
+    """One pass on `ex`, its minibatch slots at least `min_width` wide: specs are (job id, client,
+    version, index into bases, seed, steps, correction, flip labels). Returns the stacked deltas
+    (numpy: Ray ships arrays without pickling them) and each update's other fields."""
+    ex.min_width = min_width
+    for job_id, client, version, b, seed, steps, correction, flip in specs:
+        ex.submit(TrainJob(job_id, client, version, bases[b], seed, steps, correction=correction, flip_labels=flip))
+    ex.run_pool()
+    updates = [ex.result(spec[0]) for spec in specs]
+    fields = [(u.n_examples, u.steps, u.loss, u.start_loss, u.planned_steps) for u in updates]
+    return torch.stack([u.delta for u in updates]).numpy(), fields
+
+
 @ray.remote
 class TrainingActor:
     """Trains shipped passes with its own batched executor."""
@@ -63,18 +96,9 @@ class TrainingActor:
     def peak_rss_mb(self) -> float:
         return process_peak_rss_mb()
 
-    def train(self, specs: list[tuple], min_width: int, *bases: torch.Tensor) -> tuple[torch.Tensor, list[tuple]]:
-        """One pass, its minibatch slots at least `min_width` wide: specs are (job id, client,
-        version, index into bases, seed, steps, correction, flip labels). Returns the stacked
-        deltas and each update's other fields."""
-        ex = self.executor
-        ex.min_width = min_width
-        for job_id, client, version, b, seed, steps, correction, flip in specs:
-            ex.submit(TrainJob(job_id, client, version, bases[b], seed, steps, correction=correction, flip_labels=flip))
-        ex.run_pool()
-        updates = [ex.result(spec[0]) for spec in specs]
-        fields = [(u.n_examples, u.steps, u.loss, u.start_loss, u.planned_steps) for u in updates]
-        return torch.stack([u.delta for u in updates]), fields
+    def train(self, specs: list[tuple], min_width: int, *bases: np.ndarray) -> tuple:
+        # start models arrive as read-only views of the object store: a copy each, per pass
+        return train_pass(self.executor, specs, min_width, [torch.from_numpy(b.copy()) for b in bases])
 
 
 class LocalPasses:
@@ -125,7 +149,8 @@ class RayExecutor(Executor):
         address: str | None = None,
     ):
         super().__init__(trainer, data)
-        self.local = BatchedExecutor(trainer, data, memory_mb)  # evaluates; raises NotVectorisable first
+        # evaluates, and trains the passes needed before they could be shipped; raises NotVectorisable first
+        self.local = BatchedExecutor(trainer, data, memory_mb)
         connect(address)
         self._shared = ray.put((trainer, data))
         self._actor_args = (memory_mb, torch.get_num_threads())
@@ -134,24 +159,32 @@ class RayExecutor(Executor):
         self.replaced = 0  # actors that died and were replaced
         self.in_flight = [0] * actors  # passes shipped to each actor and not yet collected
         self.outbox: dict[int, TrainJob] = {}  # submitted, not shipped yet
-        self.shipped: dict[int, tuple[ray.ObjectRef, int, int, int]] = {}  # job -> (reply, row, steps, actor)
-        self.replies: dict[ray.ObjectRef, tuple] = {}  # fetched replies, until every row is taken
-        self.rows_left: dict[ray.ObjectRef, int] = {}  # reply -> its jobs still waiting for it
+        # job -> (its reply: an object ref, or a key of a pass trained here; row; steps; actor or None)
+        self.shipped: dict[int, tuple[object, int, int, int | None]] = {}
+        self.replies: dict[object, tuple] = {}  # fetched replies, until every row is taken
+        self.rows_left: dict[object, int] = {}  # reply -> its jobs still waiting for it
         self.models: OrderedDict[int, tuple[torch.Tensor, ray.ObjectRef]] = OrderedDict()
         self.passes = LocalPasses()
-        # the minibatch width of shipped passes: the local executor's large passes hold a client with
-        # a full minibatch, and a pass's width changes the last bits of floats. Kernels that may mix
-        # examples train each width apart (no padding), and so do epochs, slot by slot
-        self.width = 0 if self.local.kernel.mixes_examples or trainer.local_epochs else trainer.batch_size
+        # the minibatch width of shipped passes: the local executor's large passes hold the client
+        # with the most examples (a full minibatch, or all of its examples when every client has
+        # fewer), and a pass's width changes the last bits of floats. Kernels that may mix examples
+        # train each width apart (no padding), and so do epochs, slot by slot
+        widest = int(min(trainer.batch_size, self.local.sizes.max(initial=0)))
+        self.width = 0 if self.local.kernel.mixes_examples or trainer.local_epochs else widest
         self.shipped_jobs = 0  # jobs trained remotely, retrained ones included
+        self.trained_here = 0  # jobs trained on the driver: needed before they were shipped
         self.models_put = 0  # start models put in the object store
+        # the driver's seconds per job (decayed averages): blocked on shipped passes, training here
+        self.wait_per_job = self.here_per_job = 0.0
+        self.kept_flushes = 0  # full outboxes trained here since one was last shipped
 
     def submit(self, job):
         self.pending[job.job_id] = job
         self.passes.submit(job)
         if job.reports:  # a job that will not report is trained only if its result is asked for
             self.outbox[job.job_id] = job
-            if len(self.outbox) >= SHIP_FRACTION * len(self.pending):
+            in_flight = len(self.pending)
+            if len(self.outbox) >= max(SHIP_FRACTION * in_flight, min(SHIP_MIN, in_flight / 4)):
                 self._flush()
 
     def cancel(self, job_id):
@@ -171,24 +204,29 @@ class RayExecutor(Executor):
                 self.outbox[job_id] = job
 
     def result(self, job_id):
-        if job_id in self.outbox:
-            self._flush()
+        if job_id in self.outbox:  # needed before it was shipped: a round trip would only add to the wait
+            self._train_here([job for job in self.outbox.values() if job.reports], self.width)
         job = self.pending.pop(job_id)
         for chunk in self._narrow(self.passes.result(job_id)):  # trained as the local executor does
-            self._ship(chunk, min_width=0)
+            self._train_here(chunk, 0)
         self.trained = self.passes.trained
         if job_id not in self.shipped:  # a job that was not expected to report
-            self._ship([job])
+            self._train_here([job], self.width)
         while (ref := self.shipped[job_id][0]) not in self.replies:
             try:
+                t = time.perf_counter()
                 self.replies[ref] = ray.get(ref)
+                self.wait_per_job += DECAY * (
+                    (time.perf_counter() - t) / len(self.passes_of[ref][0]) - self.wait_per_job
+                )
             except ray.exceptions.RayActorError:  # its actor died: replace it, train its passes again
                 self._replace(self.shipped[job_id][3])
         row = self.shipped[job_id][1]
         deltas, fields = self.replies[ref]
         self._forget(job_id)
         n, steps, loss, start_loss, planned = fields[row]
-        return ClientUpdate(job.client, job.base_version, deltas[row].clone(), n, steps, loss, start_loss, planned)
+        delta = torch.from_numpy(deltas[row].copy())  # a remote reply is a read-only view of the object store
+        return ClientUpdate(job.client, job.base_version, delta, n, steps, loss, start_loss, planned)
 
     def _new_actor(self):
         return TrainingActor.options(scheduling_strategy="SPREAD").remote(self._shared, *self._actor_args)
@@ -211,6 +249,9 @@ class RayExecutor(Executor):
         """Each live actor's peak resident memory so far (MB), in actor order."""
         return ray.get([actor.peak_rss_mb.remote() for actor in self.actors])
 
+    def measured(self):
+        return {"ray_actor_peak_rss_mb": self.actor_peak_rss_mb()}
+
     def evaluate_many(self, ws, x, y):
         return self.local.evaluate_many(ws, x, y)
 
@@ -225,12 +266,19 @@ class RayExecutor(Executor):
             del self.rows_left[ref]
             self.replies.pop(ref, None)
             self.passes_of.pop(ref, None)
-            self.in_flight[actor] -= 1
+            if actor is not None:
+                self.in_flight[actor] -= 1
 
     def _flush(self) -> None:
-        """Ship the waiting jobs, in passes of the local executor's size."""
+        """Ship the waiting jobs, in passes of the local executor's size, or train them here while
+        that has lately been cheaper for the driver (where a pass trains does not change its results)."""
         jobs = [job for job in self.outbox.values() if job.reports]
         self.outbox.clear()
+        if self.wait_per_job > self.here_per_job and self.kept_flushes < EXPLORE - 1:
+            self.kept_flushes += 1
+            self._train_here(jobs, self.width)
+            return
+        self.kept_flushes = 0
         size = self.local.chunk_size()
         for s in range(0, len(jobs), size):
             self._ship(jobs[s : s + size])
@@ -242,7 +290,7 @@ class RayExecutor(Executor):
         if kept is not None and kept[0] is w:
             self.models.move_to_end(key)
             return kept[1]
-        ref = ray.put(w)
+        ref = ray.put(w.numpy())  # an array: Ray stores it without pickling
         self.models_put += 1
         self.models[key] = (w, ref)  # the tensor stays referenced, so its id is not reused meanwhile
         if len(self.models) > MODELS_KEPT:
@@ -251,46 +299,62 @@ class RayExecutor(Executor):
 
     def _narrow(self, jobs: list[TrainJob]) -> list[list[TrainJob]]:
         """The local executor's chunks of a pass whose minibatches are narrower than the width
-        the actors pad to: no client in them has a full minibatch (rare; rounding differs)."""
+        the actors pad to: none of its clients is as wide (rare; rounding differs)."""
         if not self.width:
             return []
-        size, full = self.local.chunk_size(), self.trainer.batch_size
+        size = self.local.chunk_size()
         chunks = [jobs[s : s + size] for s in range(0, len(jobs), size)]
-        return [c for c in chunks if max(int(self.local.sizes[job.client]) for job in c) < full]
+        return [c for c in chunks if max(int(self.local.sizes[job.client]) for job in c) < self.width]
 
-    def _ship(self, jobs: list[TrainJob], min_width: int | None = None, actor: int | None = None) -> None:
-        refs: list[ray.ObjectRef] = []
+    @staticmethod
+    def _specs(jobs: list[TrainJob], name_of) -> tuple[list[tuple], list]:
+        """A pass's job specs (see `train_pass`) and its distinct start models, each as `name_of` names it."""
+        bases: list = []
         where: dict[int, int] = {}
         specs = []
         for job in jobs:
             key = id(job.base_w)
             if key not in where:
-                where[key] = len(refs)
-                refs.append(self._model_ref(job.base_w))
+                where[key] = len(bases)
+                bases.append(name_of(job.base_w))
+            b = where[key]
             specs.append(
-                (
-                    job.job_id,
-                    job.client,
-                    job.base_version,
-                    where[key],
-                    job.seed,
-                    job.steps,
-                    job.correction,
-                    job.flip_labels,
-                )
+                (job.job_id, job.client, job.base_version, b, job.seed, job.steps, job.correction, job.flip_labels)
             )
+        return specs, bases
+
+    def _claim(self, reply: object, jobs: list[TrainJob], actor: int | None) -> None:
+        """Each job's result is now row k of `reply`; an earlier one is not wanted."""
+        self.rows_left[reply] = len(jobs)
+        for row, job in enumerate(jobs):
+            self.outbox.pop(job.job_id, None)
+            self._forget(job.job_id)
+            self.shipped[job.job_id] = (reply, row, job.steps, actor)
+
+    def _ship(self, jobs: list[TrainJob], min_width: int | None = None, actor: int | None = None) -> None:
+        specs, refs = self._specs(jobs, self._model_ref)
         if actor is None:
             actor = min(range(len(self.actors)), key=self.in_flight.__getitem__)
         width = self.width if min_width is None else min_width
         ref = self.actors[actor].train.remote(specs, width, *refs)
         self.in_flight[actor] += 1
-        self.rows_left[ref] = len(jobs)
         self.passes_of[ref] = (jobs, width)
-        for row, job in enumerate(jobs):
-            self.outbox.pop(job.job_id, None)
-            self._forget(job.job_id)  # a job shipped again: its earlier result is not wanted
-            self.shipped[job.job_id] = (ref, row, job.steps, actor)
+        self._claim(ref, jobs, actor)
         self.shipped_jobs += len(jobs)
+
+    def _train_here(self, jobs: list[TrainJob], min_width: int) -> None:
+        """Train a pass on the driver, which would otherwise wait for it: the same executor code,
+        width and thread count as an actor's, so the same results."""
+        size = self.local.chunk_size()
+        for s in range(0, len(jobs), size):
+            chunk = jobs[s : s + size]
+            key = object()  # the pass's reply, already here
+            specs, bases = self._specs(chunk, lambda w: w)
+            t = time.perf_counter()
+            self.replies[key] = train_pass(self.local, specs, min_width, bases)
+            self.here_per_job += DECAY * ((time.perf_counter() - t) / len(chunk) - self.here_per_job)
+            self._claim(key, chunk, None)
+            self.trained_here += len(chunk)
 
     def close(self) -> None:
         """End the actors; Ray itself stays up for the process's next run and shuts down at exit."""
@@ -298,3 +362,6 @@ class RayExecutor(Executor):
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
+        kept_by_run = (self.outbox, self.shipped, self.replies, self.rows_left, self.passes_of, self.models)
+        for kept in (*kept_by_run, self.passes.pending, self.passes.trained_steps):
+            kept.clear()  # the object store frees what these referenced
