@@ -34,8 +34,14 @@ def batched(tmp_path_factory):
     return summary_of(small_config(executor="batched"), tmp_path_factory.mktemp("batched"))
 
 
-@pytest.mark.parametrize("actors", [1, 2, 3])
-def test_same_summary_as_the_batched_executor(small, tmp_path, batched, actors):
+@pytest.mark.parametrize("actors,ship_always", [(1, True), (2, True), (3, True), (2, False)])
+def test_same_summary_as_the_batched_executor(small, tmp_path, batched, actors, ship_always, monkeypatch):
+    """`ship_always`: every waiting pass goes to the actors (the driver keeps none, whatever the
+    round trips cost), so the remote path is what is compared; else the driver's own choice."""
+    from asyncfl.sim import ray_executor
+
+    if ship_always:
+        monkeypatch.setattr(ray_executor, "EXPLORE", 1)
     ours = summary_of(small(executor="ray", ray_actors=actors), tmp_path)
     assert ours == batched
 
@@ -167,6 +173,7 @@ def test_a_killed_actor_is_replaced_and_the_result_is_unchanged(small, tmp_path,
         return result(self, job_id)
 
     monkeypatch.setattr(ray_executor.RayExecutor, "result", killing_result)
+    monkeypatch.setattr(ray_executor, "EXPLORE", 1)  # passes keep going to the actors after the kill
     ours = summary_of(small(executor="ray", ray_actors=2), tmp_path)
     assert len(seen) > 30 and seen[29].replaced >= 1  # the executor of the run it was killed in
     assert ours == batched
