@@ -274,3 +274,28 @@ def test_a_takeover_after_closing_resends_and_steps_once(cluster):
     assert fetch(c.url, "SELECT count(*) FROM versions") == [(2,)]
     body = tensor_load(bytes(fetch(c.url, "SELECT body FROM aggregator_state")[0][0]))
     assert body["closed"] == [] and body["open"]["contributions"] == [] and body["next_step"] == 2
+
+
+def test_a_non_finite_step_drops_its_buffer_and_the_next_one_steps(cluster, monkeypatch):
+    c = cluster
+    ds = deltas(2 * K, c.terms.length)
+    for client, d in zip("abc", ds):
+        assert c.upload(client, d).status_code == 200
+    owned = c.aggregator("agg", 1)
+    opt = owned.aggregator.server_opt
+    step = opt.step
+    monkeypatch.setattr(opt, "step", lambda w, g: w + float("nan"))
+    owned.poll()
+    owned.poll()
+    assert fetch(c.url, "SELECT version FROM tasks") == [(0,)]
+    assert fetch(c.url, "SELECT sum(discarded), min(folded_version) FROM partials") == [(K, 0)]
+    body = tensor_load(bytes(fetch(c.url, "SELECT body FROM aggregator_state")[0][0]))
+    assert body["closed"] == [] and body["next_step"] == 2
+    monkeypatch.setattr(opt, "step", step)
+    w0 = c.weights(0)
+    for client, d in zip("def", ds[K:]):
+        assert c.upload(client, d).status_code == 200
+    owned.poll()
+    owned.poll()
+    assert fetch(c.url, "SELECT version FROM tasks") == [(1,)]
+    assert (c.weights(1) - plain_mean_step(w0, ds[K:])).abs().max() <= c.bound(K)
