@@ -18,12 +18,12 @@ from asyncfl.models.flat import FlatModel
 from asyncfl.server.auth import ANY_TASK, CLIENT, new_token
 from asyncfl.server.service import fingerprint
 from asyncfl.server.store import hash_token, tensor_bytes
-from asyncfl.server.tsa_buffer import MaskedFedBuff, TsaServing, tsa_serving
+from asyncfl.server.tsa_buffer import TsaServing, tsa_serving
 
 SINGLE_PROCESS_ONLY = "runs in the single-process server only (`asyncfl serve` without --role)"
 # what the cluster's aggregator folds: FedBuff's weighted sums (pre-summed by selectors), FedAsync
 # and the robust FedBuff rules (one update at a time); a subclass may fold differently
-CLUSTER_AGGREGATORS = (BufferedAggregator, FedAsync, RobustAggregator, MaskedFedBuff)
+CLUSTER_AGGREGATORS = (BufferedAggregator, FedAsync, RobustAggregator)
 
 
 @dataclass
