@@ -43,11 +43,12 @@ def test_a_taken_name_is_refused(pg_url):
         ({"name": "sync", "algorithm": {"name": "fedavg"}, "scheduler": {"concurrency": 4}}, "synchronous rounds"),
         (
             {
-                "name": "tsa",
-                "algorithm": {"name": "fedbuff", "buffer_size": 4},
-                "secure_aggregation": {"protocol": "tsa", "clip_range": 0.5},
+                "name": "secagg",
+                "algorithm": {"name": "fedavg"},
+                "scheduler": {"mode": "sync", "concurrency": 4},
+                "secure_aggregation": {"protocol": "secagg_plus", "clip_range": 0.5},
             },
-            "secure aggregation",
+            "secure aggregation 'secagg_plus'",
         ),
         ({"name": "qf", "algorithm": {"name": "qfedavg", "buffer_size": 4}, "scheduler": {"mode": "async"}}, "QFedAvg"),
     ],

@@ -9,6 +9,13 @@ task's `owner_epoch`: the new version, the aggregator's state after it and the p
 folded commit together, or (ownership lost) nothing does and the task is dropped. Partials
 buffered but not yet stepped stay waiting in the database, so whoever owns the task next folds
 them again from the last step's state: every accepted update lands in exactly one version.
+
+With secure aggregation by the TSA the partials are masked ring sums (MaskedFedBuff). Once they
+hold K contributions the buffer closes: its step id, contributions and ring sum go into
+`aggregator_state`, and its partials are marked with the step id, in one fenced transaction,
+before the TSA hears of the request. Only then is the TSA asked to unmask; the step with the
+unmasked sum commits like any other. A crash or takeover in between finds the closed buffer in
+the state and sends the identical request again, which the TSA answers with its first answer.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from asyncfl.cluster.partials import Partial, decode_partial
 from asyncfl.cluster.tasks import build_objects, task_config
 from asyncfl.server.aggregation import all_finite
 from asyncfl.server.store import tensor_bytes, tensor_load
+from asyncfl.server.tsa_link import FIRST_RETRY, LONGEST_RETRY, TsaRefused, TsaUnavailable
 
 log = logging.getLogger("asyncfl.cluster.aggregator")
 BATCH = 256  # partials read per round and task
@@ -60,22 +68,41 @@ class OwnedTask:
         self.buffered: list[tuple[int, int]] = []  # (partial id, updates) folded since the last step
         self.evaluation = TaskEvaluation(self.objects)
         self.done = state == "done"
+        self.tsa_link = None if self.objects.tsa is None else self.objects.tsa.link()
+        self._tsa_retry_at, self._tsa_wait = 0.0, FIRST_RETRY
+        if self.tsa_link is not None and self.aggregator.closed:  # closed before a crash: its partials
+            self.buffered = conn.execute(
+                "SELECT id, count FROM partials WHERE task = %s AND tsa_step = %s AND folded_version IS NULL "
+                "ORDER BY id",
+                (task, self.aggregator.closed[0].requested_step),
+            ).fetchall()
 
     # ---- folding ----------------------------------------------------------------------
     def poll(self) -> int:
         """Fold the partials waiting (not yet in this buffer), stepping as the aggregator
-        decides; how many were read."""
+        decides; how many were read. A closed masked buffer is unmasked and stepped first."""
+        if self.tsa_link is not None and self.aggregator.closed:
+            self._unmask()
+            return 0
         rows = self.conn.execute(
             "SELECT id, count, body FROM partials WHERE task = %s AND folded_version IS NULL "
             "AND NOT (id = ANY(%s)) ORDER BY id LIMIT %s",
             (self.task, [pid for pid, _ in self.buffered], BATCH),
         ).fetchall()
-        for pid, count, body in rows:
+        for read, (pid, count, body) in enumerate(rows, 1):
             self.fold(pid, count, decode_partial(body))
+            if self.tsa_link is not None and self.aggregator.closed:
+                return read
         return len(rows)
 
     def fold(self, pid: int, count: int, partial: Partial) -> None:
         agg = self.aggregator
+        if partial.masked is not None:
+            partial.fold_masked(agg)
+            self.buffered.append((pid, count))
+            if agg.close_if_full():
+                self._close()
+            return
         if partial.merged:
             if type(agg) is not BufferedAggregator:
                 raise TypeError(f"task {self.task}: a summed partial for a {type(agg).__name__}")
@@ -104,6 +131,47 @@ class OwnedTask:
             w = self.state.w if row is None else tensor_load(row[0])
         return w
 
+    def _close(self) -> None:
+        """The buffer just closed, made durable before its request leaves: the state holding it
+        (an empty open buffer, since the partial that filled it was folded whole) and its partials
+        marked with its step id."""
+        body = tensor_bytes(self.aggregator.state_dict())
+        step = self.aggregator.closed[0].requested_step
+        ids = [pid for pid, _ in self.buffered]
+        with self.conn.transaction():
+            self._fence()
+            self.conn.execute("UPDATE aggregator_state SET body = %s WHERE task = %s", (body, self.task))
+            marked = self.conn.execute(
+                "UPDATE partials SET tsa_step = %s WHERE id = ANY(%s) AND folded_version IS NULL AND tsa_step IS NULL",
+                (step, ids),
+            ).rowcount
+            if marked != len(ids):
+                raise Fenced(f"task {self.task}: {len(ids) - marked} of buffer {step}'s partials were taken elsewhere")
+        self.state_body = body
+
+    def _unmask(self) -> None:
+        """Ask the TSA for the closed buffer's mask sum (backing off while it cannot answer) and
+        step with the unmasked sum."""
+        now = time.monotonic()
+        if now < self._tsa_retry_at:
+            return
+        agg = self.aggregator
+        try:
+            response = self.tsa_link.unmask(agg.pending_request())
+            agg.accept(response)
+        except (TsaUnavailable, TsaRefused, ValueError) as err:
+            log.warning(
+                "task %s: unmasking buffer %s: %s; retrying in %.1f s",
+                self.task,
+                agg.closed[0].requested_step,
+                err,
+                self._tsa_wait,
+            )
+            self._tsa_retry_at, self._tsa_wait = now + self._tsa_wait, min(LONGEST_RETRY, 2 * self._tsa_wait)
+            return
+        self._tsa_retry_at, self._tsa_wait = 0.0, FIRST_RETRY
+        self._stepped(agg.flush(self.state))
+
     def _stepped(self, stepped: bool) -> None:
         """After the aggregator stepped (or emptied its buffer without a step): commit the
         version, or refuse a step that made anything non-finite, as the single process does."""
@@ -115,6 +183,9 @@ class OwnedTask:
         self.aggregator.load_state_dict(tensor_load(self.state_body))
         if stepped:
             log.warning("task %s: a step would have made the model non-finite; version %d kept", self.task, last)
+        if self.tsa_link is not None and self.aggregator.closed:  # the refused buffer is dropped with its partials
+            self.aggregator.closed.pop(0)
+            self.state_body = tensor_bytes(self.aggregator.state_dict())
         self._discard(self.buffered)
         self.buffered = []
 
@@ -171,6 +242,8 @@ class OwnedTask:
                 "AND folded_version IS NULL",
                 (self.state.version, [pid for pid, _ in partials]),
             )
+            if self.tsa_link is not None:  # a closed buffer it dropped
+                self.conn.execute("UPDATE aggregator_state SET body = %s WHERE task = %s", (self.state_body, self.task))
 
     def _prune(self, version: int) -> None:
         """Versions older than keep_versions that no active lease and no waiting update starts from."""

@@ -6,6 +6,10 @@ an aggregator reads one tensor per commit instead of one per client. Other aggre
 (FedAsync steps per update, robust rules order the deltas, filters judge each one) need every
 update as it came: one partial per update. Staleness is judged by the selector against the
 version it knows when the upload arrives, as the single process judges it on arrival.
+
+With secure aggregation by the TSA the updates are masked: a selector sums up to K of them in
+the ring, each times its integer weight (tsa_buffer's), and hands over that ring sum with the
+list of its contributions (lease id, weight, sealed seed) the TSA will need to unmask it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ import torch
 
 from asyncfl.algorithms.aggregators import Aggregator, BufferedAggregator, clipped
 from asyncfl.algorithms.types import ClientUpdate
+from asyncfl.secagg import MaskedBuffer
 from asyncfl.server.store import tensor_bytes, tensor_load
+from asyncfl.server.tsa_buffer import MaskedFedBuff
 
 FORMAT = 1
 
@@ -33,17 +39,35 @@ def merges(aggregator: Aggregator) -> bool:
 class Partial:
     """Either a weighted sum of `count` updates (`total` = sum of a_i clip(delta_i), `weight_sum`
     = sum of a_i, with a_i the aggregator's weight at the update's staleness), or one update
-    (`update`, count 1, weight_sum 0) with the `staleness` it was accepted at."""
+    (`update`, count 1, weight_sum 0) with the `staleness` it was accepted at, or a masked ring
+    sum (`masked`: MaskedFedBuff.buffer_state's form; weight_sum: its integer weights' sum)."""
 
     count: int
     weight_sum: float
     total: torch.Tensor | None = None
     update: ClientUpdate | None = None
     staleness: int | None = None
+    masked: dict | None = None
 
     @property
     def merged(self) -> bool:
-        return self.update is None
+        return self.update is None and self.masked is None
+
+    @classmethod
+    def masked_sum(cls, aggregator: MaskedFedBuff, buffer: MaskedBuffer) -> Partial:
+        """A ring sum of masked uploads (`buffer`, not closed) as a partial."""
+        state = aggregator.buffer_state(buffer)
+        return cls(count=len(buffer.contributions), weight_sum=float(buffer.total_weight), masked=state)
+
+    def fold_masked(self, aggregator: MaskedFedBuff) -> None:
+        """Add this ring sum and its contributions to the open buffer (refused past the ring's
+        capacity, or for an update id already in it); closing it is the caller's decision."""
+        part, buffer = aggregator.buffer_of(self.masked), aggregator.open
+        if any(c.update_id == o.update_id for c in part.contributions for o in buffer.contributions):
+            raise ValueError("a masked partial names an update already in the open buffer")
+        aggregator.codec.check_weight(buffer.total_weight + part.total_weight)
+        buffer.total = aggregator.codec.ring.add(buffer.total, part.total)
+        buffer.contributions.extend(part.contributions)
 
     @classmethod
     def single(cls, update: ClientUpdate, staleness: int) -> Partial:
@@ -81,6 +105,8 @@ def _number(x: float) -> float | None:
 
 
 def encode_partial(p: Partial) -> bytes:
+    if p.masked is not None:
+        return tensor_bytes({"format": FORMAT, "kind": "masked", "buffer": p.masked})
     if p.merged:
         if p.count < 1 or p.total is None:
             raise ValueError("a partial sum holds at least one update")
@@ -108,6 +134,9 @@ def decode_partial(data: bytes) -> Partial:
     body = tensor_load(bytes(data))
     if body.get("format") != FORMAT:
         raise ValueError(f"partial of format {body.get('format')!r}; this asyncfl reads format {FORMAT}")
+    if body["kind"] == "masked":
+        rows = body["buffer"]["contributions"]
+        return Partial(count=len(rows), weight_sum=float(sum(w for _, w, _ in rows)), masked=body["buffer"])
     if body["kind"] == "sum":
         return Partial(count=body["count"], weight_sum=body["weight_sum"], total=body["total"])
     update = ClientUpdate(

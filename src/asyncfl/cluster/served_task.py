@@ -1,7 +1,9 @@
 """One task as a selector serves it: built once per selector from the task's row (its resolved
 experiment config and run), with the single process's own pieces, so an upload is judged by the
 same code whichever server receives it: AggregationRole.check (frame, tensors, values, norm
-bound), ReportBounds, the norm guard, the body limit, the task description and model frames."""
+bound), ReportBounds, the norm guard, the body limit, the task description and model frames.
+With secure aggregation by the TSA: the masked frame reader, and the TSA link that vets each
+upload's sealed seed (no norm guard: norms are masked)."""
 
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ class ServedTask:
         objects = build_objects(task_config(tree), run)
         self.cfg, self.spec, self.settings = objects.cfg, objects.spec, objects.settings
         self.data, self.model, self.aggregator = objects.data, objects.model, objects.aggregator
+        self.tsa = objects.tsa
+        self.tsa_link = None if self.tsa is None else self.tsa.link()
         comp = self.spec.compression
         upload = parse_codec(comp.upload) if comp is not None else None
         download = parse_codec(comp.download) if comp is not None else None
@@ -46,8 +50,9 @@ class ServedTask:
                 upload,
                 comp.upload if comp is not None else None,
                 self.algorithm.upload_fields,
+                None if self.tsa is None else self.tsa.frames,
             ),
-            build_norm_guard(self.settings.norm_guard, w0),
+            build_norm_guard(self.settings.norm_guard, w0) if self.tsa is None else None,
         )
         self.max_body_bytes = body_limit(self.settings, self.aggregation)
         self.bounds = report_bounds(self.cfg, self.spec, self.settings, self.data, self.model)
@@ -60,7 +65,7 @@ class ServedTask:
             self.aggregation.expected_codec,
             self.download_codec,
             self.max_body_bytes,
-        )
+        ) | ({} if self.tsa is None else {"secure_aggregation": self.tsa.advertised()})
         self.lock = threading.Lock()  # the norm guard and the frame cache
         self._frames: dict[int, bytes] = {}
 
@@ -89,6 +94,11 @@ class ServedTask:
                 self._frames.pop(min(self._frames))
             self._frames[version] = frame
         return frame
+
+    def vet(self, checked) -> ApiError | None:
+        """A masked upload's sealed seed checked by the TSA (`TsaLink.vet`: the 422 refusal, or
+        503 raised while the TSA cannot be asked); None for a plain upload."""
+        return None if checked.masked is None else self.tsa_link.vet(checked.masked)
 
     def screen(self, norm: float) -> None:
         """The norm guard's verdict (422 norm_rejected), as the single process gives it; each

@@ -18,6 +18,7 @@ from asyncfl.models.flat import FlatModel
 from asyncfl.server.auth import ANY_TASK, CLIENT, new_token
 from asyncfl.server.service import fingerprint
 from asyncfl.server.store import hash_token, tensor_bytes
+from asyncfl.server.tsa_buffer import TsaServing, tsa_serving
 
 SINGLE_PROCESS_ONLY = "runs in the single-process server only (`asyncfl serve` without --role)"
 # what the cluster's aggregator folds: FedBuff's weighted sums (pre-summed by selectors), FedAsync
@@ -35,27 +36,42 @@ class TaskObjects:
     data: object
     model: FlatModel
     aggregator: Aggregator
+    tsa: TsaServing | None = None  # secure aggregation with the TSA: masked uploads, masked FedBuff
+
+
+def tsa_buffer_terms(k: int) -> tuple[int, int]:
+    """(most uploads in one masked partial, most in one buffer): a selector sums at most K
+    uploads per partial, and the aggregator folds partials whole until a buffer holds K, so a
+    buffer ends with at most 2K - 1; the ring's capacity (clients encode with it) is sized for that."""
+    return k, 2 * k - 1
 
 
 def build_objects(cfg: ExperimentConfig, run: str | None = None) -> TaskObjects:
     """The run's data, model and aggregator; ConfigError for a run the cluster cannot train."""
     spec = cfg.run(run)
     where = f"run {spec.name!r}"
+    secure = spec.secure_aggregation
+    if secure is not None and secure.protocol != "tsa":
+        raise ConfigError(f"{where}: secure aggregation {secure.protocol!r} {SINGLE_PROCESS_ONLY}")
     if spec.scheduler.mode != "async":
         raise ConfigError(f"{where}: synchronous rounds (scheduler.mode {spec.scheduler.mode!r}) {SINGLE_PROCESS_ONLY}")
-    if spec.secure_aggregation is not None:
-        raise ConfigError(f"{where}: secure aggregation {SINGLE_PROCESS_ONLY}")
     if spec.privacy is not None:
         raise ConfigError(f"{where}: differential privacy {SINGLE_PROCESS_ONLY}")
     data = build_data(cfg)
     model = build_flat_model(cfg, data)
+    settings = cfg.server
+    if secure is not None:
+        max_examples = settings.max_examples or int(data.client_sizes().max())
+        _, per_buffer = tsa_buffer_terms(spec.algorithm.buffer_size)
+        tsa = tsa_serving(spec, settings, model.numel, max_examples, per_buffer)
+        return TaskObjects(cfg, spec, settings, data, model, tsa.aggregator, tsa)
     aggregator = build_aggregator(spec, cfg.trainer.lr, num_users=num_users(cfg, data), seed=cfg.seed)
     if type(aggregator) not in CLUSTER_AGGREGATORS:
         raise ConfigError(
             f"{where}: algorithm {spec.algorithm.name!r} ({type(aggregator).__name__}) {SINGLE_PROCESS_ONLY}; "
             "the cluster trains FedBuff (mean or robust rules, no filter) and FedAsync"
         )
-    return TaskObjects(cfg, spec, cfg.server, data, model, aggregator)
+    return TaskObjects(cfg, spec, settings, data, model, aggregator)
 
 
 def task_config(tree: dict) -> ExperimentConfig:

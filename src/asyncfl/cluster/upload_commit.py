@@ -1,7 +1,8 @@
 """Uploads at a selector: judged here, acknowledged only once PostgreSQL holds them.
 
 An upload is checked as the single process checks it (frame, tensors, values, reported bounds,
-norm guard, lease rule, staleness against the version known now) without holding anything; the
+norm guard, lease rule, staleness against the version known now; a masked one's sealed seed by
+the TSA, 503 while the TSA cannot be asked) without holding anything; the
 uploads that pass, and the refusals that end a lease, then wait for a group commit: every
 BATCH_WAIT_S or BATCH_MAX uploads, one transaction claims each upload's lease (active -> done:
 the claim decides between selectors that received the same upload), logs it (updates, unique
@@ -26,6 +27,8 @@ from psycopg.types.json import Jsonb
 from asyncfl.cluster.partials import Partial, empty, encode_partial
 from asyncfl.cluster.pgpool import unavailable
 from asyncfl.cluster.served_task import ServedTask
+from asyncfl.cluster.tasks import tsa_buffer_terms
+from asyncfl.secagg import MaskedBuffer
 from asyncfl.server.aggregation import Checked
 from asyncfl.server.coordinator import EXPIRED, base_mismatch, lease_ended, no_lease
 from asyncfl.server.errors import ApiError
@@ -148,7 +151,8 @@ class UploadCommitter:
 
     def _judged(self, client: str, served: ServedTask, checked: Checked, lease: tuple | None) -> Pending:
         """The lease rule (409s that leave the lease as it is), then the checks whose refusal ends
-        the lease: reported values, the norm guard, the staleness bound."""
+        the lease: the TSA's verdict on a masked upload's seed, reported values, the norm guard,
+        the staleness bound."""
         h = checked.header
         if lease is None or lease[0] != client:
             raise no_lease(h.lease_id, client)
@@ -157,10 +161,11 @@ class UploadCommitter:
             raise lease_ended(state if state != "active" else EXPIRED)
         if h.base_version != base_version:
             raise base_mismatch(h.base_version, h.lease_id, base_version)
-        refusal = None
+        refusal = served.vet(checked)  # raises 503 while the TSA cannot be asked: nothing acknowledged
         try:
-            served.bounds.check(h, served.spec.algorithm.name)
-            served.screen(checked.norm)
+            if refusal is None:
+                served.bounds.check(h, served.spec.algorithm.name)
+                served.screen(checked.norm)
         except ApiError as err:
             refusal = err
         stale = served.max_staleness is not None and version - h.base_version > served.max_staleness
@@ -277,7 +282,9 @@ class UploadCommitter:
         update) one partial per update; their update rows point to it."""
         served = accepted[0][0].served
         groups: list[tuple[Partial, list[int]]] = []
-        if served.merges:
+        if served.tsa is not None:
+            groups = self._masked_sums(served, accepted)
+        elif served.merges:
             total = empty()
             for p, _ in accepted:
                 total.add(served.aggregator, client_update(p.client, p.checked.header, p.checked), p.staleness)
@@ -292,6 +299,21 @@ class UploadCommitter:
                 (task, self.selector.id, partial.count, partial.weight_sum, encode_partial(partial)),
             ).fetchone()
             conn.execute("UPDATE updates SET partial_id=%s WHERE seq = ANY(%s)", (pid, seqs))
+
+    @staticmethod
+    def _masked_sums(served: ServedTask, accepted: list[tuple[Pending, int]]) -> list[tuple[Partial, list[int]]]:
+        """Masked uploads summed in the ring, each times its integer weight at the staleness it
+        arrived with, at most K per partial (`tsa_buffer_terms`)."""
+        agg = served.aggregator
+        per_partial, _ = tsa_buffer_terms(agg.terms.buffer_size)
+        groups = []
+        for i in range(0, len(accepted), per_partial):
+            chunk = accepted[i : i + per_partial]
+            buffer = MaskedBuffer(agg.codec, agg.terms.length)
+            for p, _ in chunk:
+                buffer.fold(p.checked.masked, agg.integer_weight(p.checked.header.n_examples, p.staleness))
+            groups.append((Partial.masked_sum(agg, buffer), [seq for _, seq in chunk]))
+        return groups
 
     def _resolve_lost(self, lost: list[Pending]) -> None:
         """Uploads whose lease another commit claimed: the logged answer to the same key (the

@@ -55,12 +55,13 @@ class TsaTerms:
     bits: int
     clip_range: float
     noise: TsaNoise | None = None  # central DP: the TSA adds the noise
+    max_contributions: int | None = None  # most uploads one buffer may sum (None: exactly K)
 
     @property
     def max_total_weight(self) -> int:
-        """K max_weight, plus ring headroom for the TSA's noise."""
+        """The most contributions a buffer sums times max_weight, plus ring headroom for the TSA's noise."""
         room = 0 if self.noise is None else self.noise.headroom(self.max_weight, self.clip_range)
-        return self.buffer_size * self.max_weight + room
+        return (self.max_contributions or self.buffer_size) * self.max_weight + room
 
     @property
     def codec(self) -> FixedPointCodec:
@@ -92,12 +93,12 @@ class TsaTerms:
         } | ({} if self.noise is None else {"clip_norm": self.noise.clip_norm})
 
 
-def tsa_terms(spec, length: int, max_examples: int) -> TsaTerms:
+def tsa_terms(spec, length: int, max_examples: int, max_contributions: int | None = None) -> TsaTerms:
     """A run's terms: K = buffer_size, and the largest integer weight an update of at most
     `max_examples` examples can get (staleness weights are at most 1)."""
     s, a = spec.secure_aggregation, spec.algorithm
     max_weight = math.ceil(LEVELS * EXAMPLE_WEIGHTS[a.example_weight](max_examples))
-    return TsaTerms(length, a.buffer_size, max_weight, s.bits, s.clip_range, tsa_noise(spec))
+    return TsaTerms(length, a.buffer_size, max_weight, s.bits, s.clip_range, tsa_noise(spec), max_contributions)
 
 
 def tsa_terms_of(cfg, settings, run: str | None) -> TsaTerms:
@@ -195,12 +196,19 @@ class MaskedFedBuff(Aggregator):
         # staleness at the version this buffer will step from: after every closed buffer's step
         applied_at = state.version + len(self.closed)
         self.open.fold(update.masked, self.integer_weight(update.n_examples, applied_at - update.base_version))
-        if len(self.open.contributions) >= self.terms.buffer_size:
-            self.open.request(f"{self.run_id}-{self.next_step}")
-            self.closed.append(self.open)
-            self.next_step += 1
-            self.open, self.open_users = MaskedBuffer(self.codec, self.terms.length), []
+        self.close_if_full()
         return Verdict.BUFFERED
+
+    def close_if_full(self) -> bool:
+        """Once the open buffer holds K contributions: give it the next step id, queue it for
+        the TSA and open a new one; whether it closed."""
+        if len(self.open.contributions) < self.terms.buffer_size:
+            return False
+        self.open.request(f"{self.run_id}-{self.next_step}")
+        self.closed.append(self.open)
+        self.next_step += 1
+        self.open, self.open_users = MaskedBuffer(self.codec, self.terms.length), []
+        return True
 
     def pending_request(self) -> TsaRequest | None:
         """The oldest closed buffer's request (the same bytes every time), if it awaits the TSA."""
@@ -250,8 +258,8 @@ class MaskedFedBuff(Aggregator):
         return {
             "run_id": self.run_id,
             "next_step": self.next_step,
-            "open": self._buffer_state(self.open),
-            "closed": [self._buffer_state(b) for b in self.closed],
+            "open": self.buffer_state(self.open),
+            "closed": [self.buffer_state(b) for b in self.closed],
             "server_opt": self.server_opt.state_dict(),
             "open_users": list(self.open_users),
             "accountant": None if self.accounting is None else self.accounting.state_dict(),
@@ -259,15 +267,16 @@ class MaskedFedBuff(Aggregator):
 
     def load_state_dict(self, state: dict) -> None:
         self.run_id, self.next_step = state["run_id"], state["next_step"]
-        self.open = self._buffer_of(state["open"])
-        self.closed = [self._buffer_of(b) for b in state["closed"]]
+        self.open = self.buffer_of(state["open"])
+        self.closed = [self.buffer_of(b) for b in state["closed"]]
         self.unmasked = None
         self.server_opt.load_state_dict(state["server_opt"])
         self.open_users = list(state["open_users"])
         if self.accounting is not None:
             self.accounting.load_state_dict(state["accountant"])
 
-    def _buffer_state(self, buffer: MaskedBuffer) -> dict:
+    def buffer_state(self, buffer: MaskedBuffer) -> dict:
+        """A buffer as tensors and lists (`buffer_of` reads it back)."""
         rows = [[c.update_id, c.weight, to_base64(c.sealed_seed)] for c in buffer.contributions]
         return {
             "total": torch.from_numpy(self._wire_bytes(buffer.total)),
@@ -285,7 +294,7 @@ class MaskedFedBuff(Aggregator):
             return total.view(np.uint8)
         return np.frombuffer(ring.to_bytes(total), np.uint8).copy()
 
-    def _buffer_of(self, state: dict) -> MaskedBuffer:
+    def buffer_of(self, state: dict) -> MaskedBuffer:
         buffer = MaskedBuffer(self.codec, self.terms.length)
         buffer.total = self.codec.ring.from_bytes(state["total"].numpy().tobytes(), self.terms.length)
         buffer.contributions = [TsaContribution(i, int(w), from_base64(s)) for i, w, s in state["contributions"]]
@@ -319,21 +328,28 @@ class TsaServing:
     def advertised(self) -> dict:
         return self.terms.advertised(self.settings.tsa_public_key)
 
-    def unmasker(self, shared, commit):
+    def link(self):
+        """A client of the TSA, with the token shared with it (server.tsa_token_file, else $ASYNCFL_TSA_TOKEN)."""
         from pathlib import Path
 
-        from asyncfl.server.tsa_link import TsaLink, Unmasker
+        from asyncfl.server.tsa_link import TsaLink
         from asyncfl.tsa.commands import read_token
 
         token_file = self.settings.tsa_token_file
-        token = read_token(Path(token_file) if token_file else None)
-        return Unmasker(shared, commit, TsaLink(self.settings.tsa_url, token))
+        return TsaLink(self.settings.tsa_url, read_token(Path(token_file) if token_file else None))
+
+    def unmasker(self, shared, commit):
+        from asyncfl.server.tsa_link import Unmasker
+
+        return Unmasker(shared, commit, self.link())
 
 
-def tsa_serving(spec, settings, length: int, max_examples: int) -> TsaServing | None:
+def tsa_serving(
+    spec, settings, length: int, max_examples: int, max_contributions: int | None = None
+) -> TsaServing | None:
     """None unless the run's secure aggregation is the TSA; refuses what does not fit yet."""
     if spec.secure_aggregation is None or spec.secure_aggregation.protocol != "tsa":
         return None
     check_serve(spec, settings)
-    terms = tsa_terms(spec, length, max_examples)
+    terms = tsa_terms(spec, length, max_examples, max_contributions)
     return TsaServing(terms, masked_fedbuff(spec, terms), MaskedFrames(terms), settings)
