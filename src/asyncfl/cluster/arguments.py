@@ -45,9 +45,20 @@ def add_token_database(create: argparse.ArgumentParser) -> None:
     add_database_url(create, required=False)
 
 
-def _task_source(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, required=True, help="experiment YAML (may hold a server: section)")
-    p.add_argument("--run", help="which of the config's runs (default: the first)")
+def _task_source(p: argparse.ArgumentParser, many: bool = False) -> None:
+    if many:
+        p.add_argument(
+            "--config",
+            type=Path,
+            action="append",
+            required=True,
+            help="experiment YAML (may hold a server: section); repeat it to serve several tasks at once, "
+            "each named by its server.task, else its run's name, with its own tokens file",
+        )
+        p.add_argument("--run", help="which run of each config (default: its first)")
+    else:
+        p.add_argument("--config", type=Path, required=True, help="experiment YAML (may hold a server: section)")
+        p.add_argument("--run", help="which of the config's runs (default: the first)")
     p.add_argument("--server-config", type=Path, help="server settings YAML (limits, leases, evaluation)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--seed", type=int)
@@ -68,15 +79,19 @@ def add_cluster_command(sub) -> None:
     add_database_url(finish)
     finish.add_argument("--task", required=True)
     up = csub.add_parser("up", help="run a whole cluster on this machine (child processes, prefixed logs)")
-    _task_source(up)
+    _task_source(up, many=True)
     add_database_url(up, required=False)
-    up.add_argument("--task", help="task id (default: server.task, else the run's name)")
+    up.add_argument("--task", help="task id, with a single --config (default: server.task, else the run's name)")
     up.add_argument("--selectors", type=int, default=2, help="selector processes (HTTP, consecutive ports)")
     up.add_argument("--aggregators", type=int, default=1, help="aggregator processes")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=8080, help="the first selector's port")
-    up.add_argument("--clients", type=int, default=10, help="client tokens to mint")
+    up.add_argument("--clients", type=int, default=10, help="client tokens to mint per task")
     up.add_argument(
-        "--tokens-file", type=Path, default=Path("cluster-tokens.txt"), help="where the tokens go (CLIENT TOKEN)"
+        "--tokens-file",
+        type=Path,
+        default=Path("cluster-tokens.txt"),
+        help="where the tokens go (CLIENT TOKEN lines); with several tasks, each task's go to STEM-TASK.SUFFIX "
+        "(cluster-tokens-fedbuff.txt)",
     )
     up.add_argument("--log-level", default="warning")

@@ -130,10 +130,11 @@ def cluster(args) -> int:
     return 0
 
 
-def load_task_config(args):
+def load_task_config(args, path=None):
+    """The experiment at `path` (default: --config) with --set, --server-config and --seed applied."""
     from asyncfl.server.settings import load_serve_config
 
-    cfg, _ = load_serve_config(args.config, args.overrides, args.server_config, args.seed)
+    cfg, _ = load_serve_config(path or args.config, args.overrides, args.server_config, args.seed)
     return cfg
 
 

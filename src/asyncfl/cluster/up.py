@@ -1,7 +1,8 @@
 """`asyncfl cluster up`: a whole cluster on one machine, for trying it out and for tests.
 
 A throwaway PostgreSQL (`LocalPostgres`) unless --database-url names one; the schema migrated;
-the task added (kept when a task of that name exists); client tokens minted into a file; then
+each --config's task added (kept when a task of that name exists); each task's client tokens
+minted into its own file (a token names its task, so a client trains only that one); then
 every role as a child process of this one, aggregators and the coordinator first, selectors on
 consecutive ports. Their output is printed line by line behind the role's name. Ctrl-C or
 SIGTERM stops the selectors first (no new uploads), then the coordinator and the aggregators,
@@ -76,27 +77,50 @@ def stop_children(children: list[Child]) -> None:
                 child.process.wait()
 
 
-def prepare(url: str, args) -> tuple[str, Path]:
-    """Migrate, add the task unless it exists, mint the client tokens; (task, tokens file)."""
+def tokens_path(tokens_file: Path, task: str, several: bool) -> Path:
+    """Where a task's tokens go: --tokens-file itself for a single task, else STEM-TASK.SUFFIX."""
+    return tokens_file.with_name(f"{tokens_file.stem}-{task}{tokens_file.suffix}") if several else tokens_file
+
+
+def planned_tasks(args) -> list[tuple[str, object]]:
+    """(task name, config) for every --config; ConfigError when two would share a name."""
     from asyncfl.cluster.commands import load_task_config
+
+    if args.task is not None and len(args.config) > 1:
+        raise ConfigError("--task names a single task; with several --config, name each by its server.task")
+    plan: list[tuple[str, object]] = []
+    for path in args.config:
+        cfg = load_task_config(args, path)
+        name = args.task or cfg.server.task or cfg.run(args.run).name
+        if name in (n for n, _ in plan):
+            raise ConfigError(f"two configs make task {name!r}: give each a distinct server.task")
+        plan.append((name, cfg))
+    return plan
+
+
+def prepare(url: str, args) -> dict[str, Path]:
+    """Migrate, add each task unless it exists, mint each task's client tokens; {task: tokens file}."""
     from asyncfl.cluster.db import migrate
     from asyncfl.cluster.members import session
-    from asyncfl.cluster.tasks import add_task, create_token
+    from asyncfl.cluster.tasks import add_task, create_tokens
 
+    plan = planned_tasks(args)
     migrate(url)
-    cfg = load_task_config(args)
-    name = args.task or cfg.server.task or cfg.run(args.run).name
-    with session(url) as conn:
-        if conn.execute("SELECT 1 FROM tasks WHERE task = %s", (name,)).fetchone() is None:
-            add_task(conn, cfg, args.run, name)
-            print(f"task {name!r} added")
-        else:
-            print(f"task {name!r} exists: resuming it")
-        tokens = [(f"client-{i}", create_token(conn, f"client-{i}", name)) for i in range(args.clients)]
-    path = Path(args.tokens_file)
-    path.touch(mode=0o600)
-    path.write_text("".join(f"{client}\t{token}\n" for client, token in tokens))
-    return name, path
+    files = {}
+    clients = [f"client-{i}" for i in range(args.clients)]
+    for name, cfg in plan:
+        with session(url) as conn:
+            if conn.execute("SELECT 1 FROM tasks WHERE task = %s", (name,)).fetchone() is None:
+                add_task(conn, cfg, args.run, name)
+                print(f"task {name!r} added")
+            else:
+                print(f"task {name!r} exists: resuming it")
+            tokens = create_tokens(conn, clients, name)
+        path = tokens_path(Path(args.tokens_file), name, len(plan) > 1)
+        path.touch(mode=0o600)
+        path.write_text("".join(f"{client}\t{token}\n" for client, token in zip(clients, tokens)))
+        files[name] = path
+    return files
 
 
 def up(args) -> int:
@@ -116,13 +140,14 @@ def up(args) -> int:
             local.start()
             url = local.create_database("asyncfl")
             print(f"local PostgreSQL on port {local.port} (removed at exit)")
-        task, tokens = prepare(url, args)
+        tokens = prepare(url, args)
         children = start_children(url, args)
         last = args.port + args.selectors - 1
+        served = ", ".join(f"{task!r} (client tokens in {path})" for task, path in tokens.items())
         print(
-            f"task {task!r}: {args.selectors} selector(s) on http://{args.host}:{args.port}"
-            f"{'' if last == args.port else f'..{last}'}/, {args.aggregators} aggregator(s), 1 coordinator; "
-            f"client tokens in {tokens}; Ctrl-C stops them all",
+            f"task{'s' if len(tokens) > 1 else ''} {served}: {args.selectors} selector(s) on "
+            f"http://{args.host}:{args.port}{'' if last == args.port else f'..{last}'}/, "
+            f"{args.aggregators} aggregator(s), 1 coordinator; Ctrl-C stops them all",
             flush=True,
         )
         while not stop.wait(0.5):
