@@ -147,3 +147,26 @@ def token_create(args) -> int:
     with _session(args) as conn:
         print(create_token(conn, args.client, args.task or ANY_TASK, OPERATOR if args.operator else CLIENT))
     return 0
+
+
+def token_revoke(args) -> int:
+    """`asyncfl token revoke --database-url URL --client NAME`: every token of the client issued
+    until now, signed ones included; selectors refuse them within a refresh."""
+    from asyncfl.cluster.tokens import revoke_client
+
+    with _session(args) as conn:
+        stored = revoke_client(conn, args.client)
+    print(f"revoked {stored} token(s) of {args.client}")
+    return 0
+
+
+def token_rotate_key(args) -> int:
+    """`asyncfl token rotate-key --database-url URL [--retire-old]`."""
+    from asyncfl.cluster.tokens import add_signing_key, retire_signing_keys, signing_key
+
+    with _session(args) as conn:
+        add_signing_key(conn)
+        retired = retire_signing_keys(conn) if args.retire_old else 0
+        key_id, _ = signing_key(conn)
+    print(f"signing key {key_id} signs new tokens; {retired} older key(s) retired")
+    return 0
