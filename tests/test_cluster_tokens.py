@@ -107,7 +107,7 @@ def test_forged_tampered_unknown_key_and_wrong_role_are_refused(url):
     unknown_key = sign(key_id + 5, secret, "alice", "fb", issued)
     with selector(url, "sel-a", background=False) as (sel, http):
         assert checkin(http, token).status_code == 200
-        for bad in (forged, other_task, unknown_key, token + "x"):
+        for bad in (forged, other_task, unknown_key, token + "x", "afl_1.x." + token.split(".", 2)[2]):
             r = checkin(http, bad)
             assert r.status_code == 401 and r.json()["error"] == "unauthorized", bad
             assert r.headers["www-authenticate"] == "Bearer"

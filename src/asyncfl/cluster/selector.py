@@ -5,11 +5,11 @@ of them answers any request.
 
 The hot path, a check-in answered "retry", touches no database: client tokens are signed and
 checked in memory (tokens.py; random ones of older mints are cached for a few seconds), and a
-background thread refreshes every
-REFRESH_S each task's version and state, the free slots the coordinator granted this selector,
-and the active leases and the token revocations (from change feeds, resynchronised in full every RESYNC_S since
-sequence numbers may commit out of order). Only a check-in that can get a slot claims one, in
-one transaction. Uploads go through `upload_commit.UploadCommitter`.
+background thread refreshes every REFRESH_S each task's version and state, the free slots the
+coordinator granted this selector, the active leases and the token revocations (from change
+feeds, resynchronised in full every RESYNC_S since sequence numbers may commit out of order).
+Only a check-in that can get a slot claims one, in one transaction. Uploads go through
+`upload_commit.UploadCommitter`.
 """
 
 from __future__ import annotations

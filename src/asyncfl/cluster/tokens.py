@@ -152,6 +152,8 @@ class TokenCache:
         """`lookup_token` from memory alone; NeedsDatabase when that is not enough."""
         key_id = signed_key_id(token)
         if key_id is not None:
+            if key_id < 0:  # malformed: no key can verify it
+                return None
             secret = self.keys.get(key_id)
             if secret is None:
                 raise NeedsDatabase
