@@ -11,7 +11,7 @@ core of selector. Overload: an open loop offering 10x the sustained check-in rat
 `--overload-inflight` connections): refusals counted (429/503, with or without Retry-After),
 and every upload acknowledged in either phase looked up in the update log after the run
 (missing or duplicated = lost). Each device is client d{i} with a token of its own, minted in
-one transaction (SQLite) or one COPY (PostgreSQL).
+one transaction (SQLite) or one COPY (PostgreSQL; signed, so selectors verify them in memory).
 
     python bench/server_scale.py [--json] [--quick] [--seconds 15] [--devices 100000]
 """

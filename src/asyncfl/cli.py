@@ -137,7 +137,11 @@ def _add_network_commands(sub) -> None:
         p = tsub.add_parser(name, help=help_)
         p.add_argument("--state-dir", type=Path, default=Path("server-state"))
         if name == "revoke":
+            add_token_database(p)
             p.add_argument("--client", required=True)
+    rotate = tsub.add_parser("rotate-key", help="cluster: a new signing key for client tokens minted from now on")
+    add_token_database(rotate)
+    rotate.add_argument("--retire-old", action="store_true", help="refuse tokens signed by the older keys from now on")
 
 
 def _add_tsa_command(sub) -> None:

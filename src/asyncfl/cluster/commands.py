@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 
 import psycopg
@@ -11,6 +12,7 @@ import psycopg
 from asyncfl.config import ConfigError
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+GIL_SWITCH_S = 0.0005  # a selector's: see _serve_selector
 
 
 def log_level(name: str) -> int:
@@ -87,6 +89,11 @@ def _serve_selector(args, url: str) -> int:
         settings = ServerConfig.model_validate(tree or {})
     except ValueError as err:
         raise ConfigError(f"server config {args.server_config}: {err}") from None
+    # check-ins answered on the event loop keep it busy, and a thread (a slot claim, an upload,
+    # the refresh) waits for the GIL at each of its queries up to this long: Python's default,
+    # 5 ms, starved uploads under a stream of check-ins (bench/server_scale.py: 22-31 updates/s
+    # against 42-66 with 0.5 ms)
+    sys.setswitchinterval(GIL_SWITCH_S)
     selector = Selector(url, settings)
     selector.address = f"{'https' if args.ssl_certfile else 'http'}://{args.host}:{args.port}"
     print(f"asyncfl selector {selector.id}: {selector.address}/", flush=True)
@@ -147,4 +154,27 @@ def token_create(args) -> int:
         raise ConfigError("a client token needs --task")
     with _session(args) as conn:
         print(create_token(conn, args.client, args.task or ANY_TASK, OPERATOR if args.operator else CLIENT))
+    return 0
+
+
+def token_revoke(args) -> int:
+    """`asyncfl token revoke --database-url URL --client NAME`: every token of the client issued
+    until now, signed ones included; selectors refuse them within a refresh."""
+    from asyncfl.cluster.tokens import revoke_client
+
+    with _session(args) as conn:
+        stored = revoke_client(conn, args.client)
+    print(f"revoked {stored} token(s) of {args.client}")
+    return 0
+
+
+def token_rotate_key(args) -> int:
+    """`asyncfl token rotate-key --database-url URL [--retire-old]`."""
+    from asyncfl.cluster.tokens import add_signing_key, retire_signing_keys, signing_key
+
+    with _session(args) as conn:
+        add_signing_key(conn)
+        retired = retire_signing_keys(conn) if args.retire_old else 0
+        key_id, _ = signing_key(conn)
+    print(f"signing key {key_id} signs new tokens; {retired} older key(s) retired")
     return 0

@@ -95,7 +95,10 @@ def check_schema(conn: psycopg.Connection) -> None:
 
 
 def migrate(url: str) -> list[int]:
-    """Apply the migrations the database lacks; returns the versions this call applied."""
+    """Apply the migrations the database lacks, and generate a token signing key if there is
+    none; returns the versions this call applied."""
+    from asyncfl.cluster.tokens import signing_key
+
     known = migrations()
     applied_now = []
     with connect(url) as conn:
@@ -105,6 +108,8 @@ def migrate(url: str) -> list[int]:
         conn.commit()
         try:
             _apply(conn, known, applied_now)
+            with conn.transaction():
+                signing_key(conn)  # generated here rather than at the first mint
         finally:
             conn.rollback()
             conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))

@@ -3,12 +3,13 @@ task in the database, with the single process's answers (server/selector.py), so
 client` works unchanged against any selector. Selectors keep no state a client depends on: any
 of them answers any request.
 
-The hot path, a check-in answered "retry", touches no database: tokens are cached for a few
-seconds (a revocation holds within TOKEN_TTL_S), and a background thread refreshes every
-REFRESH_S each task's version and state, the free slots the coordinator granted this selector,
-and the active leases (from the lease change feed, resynchronised in full every RESYNC_S since
-sequence numbers may commit out of order). Only a check-in that can get a slot claims one, in
-one transaction. Uploads go through `upload_commit.UploadCommitter`.
+The hot path, a check-in answered "retry", touches no database: client tokens are signed and
+checked in memory (tokens.py; random ones of older mints are cached for a few seconds), and a
+background thread refreshes every REFRESH_S each task's version and state, the free slots the
+coordinator granted this selector, the active leases and the token revocations (from change
+feeds, resynchronised in full every RESYNC_S since sequence numbers may commit out of order).
+Only a check-in that can get a slot claims one, in one transaction. Uploads go through
+`upload_commit.UploadCommitter`.
 """
 
 from __future__ import annotations
@@ -27,44 +28,16 @@ from asyncfl.cluster import members
 from asyncfl.cluster.members import DEFAULT_TIMING
 from asyncfl.cluster.pgpool import Pool
 from asyncfl.cluster.served_task import ServedTask
+from asyncfl.cluster.tokens import InMemory, TokenCache
 from asyncfl.cluster.upload_commit import UploadCommitter
 from asyncfl.config import ServerConfig
 from asyncfl.server.auth import CLIENT, Authenticator, RateLimiter, admit, bearer
 from asyncfl.server.errors import ApiError
 from asyncfl.server.selector import retry_answer, train_answer
-from asyncfl.server.store import hash_token
 
 log = logging.getLogger("asyncfl.cluster")
 REFRESH_S = 0.15
 RESYNC_S = 2.0
-TOKEN_TTL_S, UNKNOWN_TOKEN_TTL_S = 5.0, 1.0
-TOKENS_CACHED = 100_000
-
-
-class TokenCache:
-    """Store's `lookup_token` over PostgreSQL, remembered for a few seconds."""
-
-    def __init__(self, pool: Pool):
-        self.pool = pool
-        self._entries: dict[tuple[str, str], tuple[tuple[str, str] | None, float]] = {}
-        self._lock = threading.Lock()
-
-    def lookup_token(self, token: str, role: str = CLIENT) -> tuple[str, str] | None:
-        key, now = (hash_token(token), role), time.monotonic()
-        with self._lock:
-            hit = self._entries.get(key)
-        if hit is not None and hit[1] > now:
-            return hit[0]
-        with self.pool.connection() as conn:
-            row = conn.execute(
-                "SELECT client, task FROM tokens WHERE hash=%s AND role=%s AND NOT revoked", key
-            ).fetchone()
-        found = None if row is None else (row[0], row[1])
-        with self._lock:
-            if len(self._entries) >= TOKENS_CACHED:
-                self._entries.clear()
-            self._entries[key] = (found, now + (TOKEN_TTL_S if found else UNKNOWN_TOKEN_TTL_S))
-        return found
 
 
 @dataclass
@@ -84,7 +57,9 @@ class Selector:
         self.pool = Pool(url, pool_size)
         self.id = member_id or members.member_id("selector")
         self.address: str | None = None
-        self.auth = Authenticator(TokenCache(self.pool), None)
+        self.tokens = TokenCache(self.pool)
+        self.auth = Authenticator(self.tokens, None)
+        self._auth_in_memory = Authenticator(InMemory(self.tokens), None)
         self.limiter = RateLimiter(self.settings.rate_per_s, self.settings.rate_burst)
         self.anonymous = RateLimiter(self.settings.anonymous_rate_per_s, self.settings.anonymous_burst, "address")
         self.lock = threading.Lock()
@@ -158,6 +133,7 @@ class Selector:
             changes = conn.execute(
                 f"SELECT task, client, lease_id, state, change FROM leases WHERE {where} ORDER BY change", args
             ).fetchall()
+            self.tokens.follow(conn, resync)
         with self.lock:
             for name, version, state, issued in tasks:
                 view = self.views.get(name)
@@ -205,11 +181,13 @@ class Selector:
         return found
 
     # ---- requests ---------------------------------------------------------------------
-    def authenticate(self, authorization: str | None, address: str) -> tuple[str, str]:
-        """(client, task) behind a request's client token, within the rate limits."""
+    def authenticate(self, authorization: str | None, address: str, in_memory: bool = False) -> tuple[str, str]:
+        """(client, task) behind a request's client token, within the rate limits; `in_memory`:
+        NeedsDatabase rather than a lookup."""
+        auth = self._auth_in_memory if in_memory else self.auth
         try:
             return admit(
-                lambda: self.auth.lookup(bearer(authorization), CLIENT),
+                lambda: auth.lookup(bearer(authorization), CLIENT),
                 address,
                 self.anonymous,
                 self.limiter,
@@ -223,10 +201,17 @@ class Selector:
         with self.lock:
             self.rejected[(task, err.code)] += 1
 
-    def checkin(self, client: str, task: str, eligible: bool = True) -> dict:
+    def checkin(self, client: str, task: str, eligible: bool = True, in_memory: bool = False) -> dict | None:
         """A client with an active lease gets it back; a new lease only on a slot this selector
-        holds; "retry" otherwise, from memory: no database round trip."""
-        served, view = self.served(task), self.view(task)
+        holds; "retry" otherwise, from memory: no database round trip. `in_memory`: None where
+        the answer needs the database (a claim, or a task not seen yet)."""
+        if in_memory:
+            with self.lock:
+                served, view = self._served.get(task), self.views.get(task)
+            if served is None or view is None:
+                return None
+        else:
+            served, view = self.served(task), self.view(task)
         retry_after = served.settings.retry_after
         with self.lock:
             held = self.leases.get((task, client))
@@ -235,6 +220,8 @@ class Selector:
             answer = {"action": "stop", "reason": "the run has finished"}
         elif not eligible or (held is None and view.free <= 0):
             answer = retry_answer(retry_after, eligible)
+        elif in_memory:
+            return None
         else:  # a lease known from the feed is confirmed: its upload may have reached another selector
             try:
                 answer = self._claim(client, task, served, view)

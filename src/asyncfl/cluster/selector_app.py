@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from asyncfl.cluster.selector import Selector
 from asyncfl.cluster.selector_status import metrics_of, status_of
+from asyncfl.cluster.tokens import NeedsDatabase
 from asyncfl.server.app import CHECKIN_LIMIT, FRAME_TYPE, add_error_handlers, checkin_eligible, read_limited
 from asyncfl.server.auth import ANY_TASK, OPERATOR, admit, bearer
 from asyncfl.server.errors import ApiError
@@ -40,8 +41,13 @@ def create_selector_app(selector: Selector, background: bool = True) -> FastAPI:
         return request.client.host if request.client else "unknown"
 
     async def client_of(request: Request) -> tuple[str, str]:
-        """(client, task); the token cache may need the database, so off the event loop."""
-        return await run_in_threadpool(selector.authenticate, request.headers.get("authorization"), address(request))
+        """(client, task): on the event loop when memory knows the token (a signed one, or one
+        remembered), else off it, since the lookup needs the database."""
+        authorization, where = request.headers.get("authorization"), address(request)
+        try:
+            return selector.authenticate(authorization, where, in_memory=True)
+        except NeedsDatabase:
+            return await run_in_threadpool(selector.authenticate, authorization, where)
 
     async def operator_tasks(request: Request) -> set[str] | None:
         """The tasks an operator may read (None: all)."""
@@ -72,7 +78,10 @@ def create_selector_app(selector: Selector, background: bool = True) -> FastAPI:
         except ApiError as err:
             selector.reject(task, err)
             raise
-        return await run_in_threadpool(selector.checkin, client, task, eligible)
+        answer = selector.checkin(client, task, eligible, in_memory=True)  # "retry"/"stop" need no database
+        if answer is None:
+            answer = await run_in_threadpool(selector.checkin, client, task, eligible)
+        return JSONResponse(answer)  # past FastAPI's encoder: the answer is plain JSON already
 
     @app.get("/v1/task")
     async def task_info(request: Request):

@@ -1,7 +1,8 @@
 """Task admin: a task is one run of an experiment config, trained by the cluster. Adding one
 writes everything the roles start from (the tasks row, its `concurrency` slots, model version 0
 and the aggregator's initial state) in one transaction; tokens for its clients are minted into
-the same database, hashed as the single-process server stores them."""
+the same database, hashed as the single-process server stores them (client tokens are also
+signed, so selectors verify them without a lookup: tokens.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from psycopg.types.json import Jsonb
 from asyncfl import config
 from asyncfl.algorithms.aggregators import Aggregator, BufferedAggregator, FedAsync, RobustAggregator
 from asyncfl.build import build_aggregator, build_data, build_flat_model, num_users
+from asyncfl.cluster.tokens import mint
 from asyncfl.config import ConfigError, ExperimentConfig, RunSpec, ServerConfig
 from asyncfl.models.flat import FlatModel
 from asyncfl.server.auth import ANY_TASK, CLIENT, new_token
@@ -126,7 +128,7 @@ def finish_task(conn: psycopg.Connection, task: str) -> bool:
 
 def create_token(conn: psycopg.Connection, client: str, task: str, role: str = CLIENT) -> str:
     """A new token for `client` on `task` (ANY_TASK: an operator's for every task), stored
-    hashed; the token itself is returned once and kept nowhere."""
+    hashed; the token itself is returned once and kept nowhere. Client tokens are signed."""
     return create_tokens(conn, [client], task, role)[0]
 
 
@@ -134,7 +136,7 @@ def create_tokens(conn: psycopg.Connection, clients: list[str], task: str, role:
     """`create_token` for many clients in one COPY (10^5 tokens in about a second)."""
     if task != ANY_TASK and conn.execute("SELECT 1 FROM tasks WHERE task = %s", (task,)).fetchone() is None:
         raise ConfigError(f"no task {task!r} in this database (asyncfl cluster task list)")
-    tokens = [new_token() for _ in clients]
+    tokens = mint(conn, clients, task) if role == CLIENT else [new_token() for _ in clients]
     with conn.cursor() as cur, cur.copy("COPY tokens(hash, client, task, role) FROM STDIN") as copy:
         for token, client in zip(tokens, clients):
             copy.write_row((hash_token(token), client, task, role))

@@ -52,10 +52,14 @@ def serve(args) -> int:
 
 
 def token(args) -> int:
-    if args.token_command == "create" and args.database_url:
-        from asyncfl.cluster.commands import token_create
+    if args.token_command in ("create", "revoke", "rotate-key") and args.database_url:
+        from asyncfl.cluster.commands import token_create, token_revoke, token_rotate_key
 
-        return token_create(args)
+        return {"create": token_create, "revoke": token_revoke, "rotate-key": token_rotate_key}[args.token_command](
+            args
+        )
+    if args.token_command == "rotate-key":
+        raise ConfigError("signing keys are the cluster's: give --database-url (or set $ASYNCFL_DATABASE_URL)")
     from asyncfl.server.auth import ANY_TASK, CLIENT, OPERATOR, new_token
     from asyncfl.server.store import Store
 
