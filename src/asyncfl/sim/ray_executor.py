@@ -53,6 +53,11 @@ DECAY = 1 / 8  # weight of the newest pass in those per-job costs
 MODELS_KEPT = 8
 
 
+def decayed(average: float | None, sample: float) -> float:
+    """A decayed average that starts at its first sample (no bias towards zero)."""
+    return sample if average is None else average + DECAY * (sample - average)
+
+
 def connect(address: str | None) -> None:
     """Join the cluster at `address`, or start Ray on this machine, unless Ray already runs in
     this process (a test's or a user's ray.init). Ray shuts down when the process exits."""
@@ -157,7 +162,9 @@ class RayExecutor(Executor):
         self.actors = [self._new_actor() for _ in range(actors)]
         self.passes_of: dict[ray.ObjectRef, tuple[list[TrainJob], int]] = {}  # reply -> its pass and width
         self.replaced = 0  # actors that died and were replaced
-        self.in_flight = [0] * actors  # passes shipped to each actor and not yet collected
+        self.warm: set[int] = set()  # actors that answered a pass: their first one builds kernels
+        self.in_flight = [0] * actors  # jobs shipped to each actor and not yet collected: the next
+        # pass goes to the least loaded, so actors finish a burst of passes of unequal sizes together
         self.outbox: dict[int, TrainJob] = {}  # submitted, not shipped yet
         # job -> (its reply: an object ref, or a key of a pass trained here; row; steps; actor or None)
         self.shipped: dict[int, tuple[object, int, int, int | None]] = {}
@@ -175,7 +182,9 @@ class RayExecutor(Executor):
         self.trained_here = 0  # jobs trained on the driver: needed before they were shipped
         self.models_put = 0  # start models put in the object store
         # the driver's seconds per job (decayed averages): blocked on shipped passes, training here
-        self.wait_per_job = self.here_per_job = 0.0
+        # decayed per-collection averages: the driver's time blocked on a reply, the jobs a reply
+        # brings, and the driver's time per job trained here
+        self.blocked = self.jobs_back = self.here_per_job = None
         self.kept_flushes = 0  # full outboxes trained here since one was last shipped
 
     def submit(self, job):
@@ -212,13 +221,17 @@ class RayExecutor(Executor):
         self.trained = self.passes.trained
         if job_id not in self.shipped:  # a job that was not expected to report
             self._train_here([job], self.width)
+        if self.shipped[job_id][0] not in self.replies and self.outbox:
+            self._flush()  # work for the actors (or the driver) while this reply is awaited
         while (ref := self.shipped[job_id][0]) not in self.replies:
             try:
                 t = time.perf_counter()
                 self.replies[ref] = ray.get(ref)
-                self.wait_per_job += DECAY * (
-                    (time.perf_counter() - t) / len(self.passes_of[ref][0]) - self.wait_per_job
-                )
+                actor = self.shipped[job_id][3]
+                if actor in self.warm:
+                    self.blocked = decayed(self.blocked, time.perf_counter() - t)
+                    self.jobs_back = decayed(self.jobs_back, len(self.passes_of[ref][0]))
+                self.warm.add(actor)
             except ray.exceptions.RayActorError:  # its actor died: replace it, train its passes again
                 self._replace(self.shipped[job_id][3])
         row = self.shipped[job_id][1]
@@ -236,6 +249,7 @@ class RayExecutor(Executor):
         to it again, the same jobs at the same width: jobs are deterministic, so the run's results
         do not change."""
         self.actors[actor] = self._new_actor()
+        self.warm.discard(actor)
         self.replaced += 1
         lost: dict[ray.ObjectRef, list[tuple[int, int]]] = {}
         for job_id, (ref, row, _, where) in list(self.shipped.items()):
@@ -261,20 +275,26 @@ class RayExecutor(Executor):
         if entry is None:
             return
         ref, _, _, actor = entry
+        if actor is not None:
+            self.in_flight[actor] -= 1
         self.rows_left[ref] -= 1
         if self.rows_left[ref] == 0:
             del self.rows_left[ref]
             self.replies.pop(ref, None)
             self.passes_of.pop(ref, None)
-            if actor is not None:
-                self.in_flight[actor] -= 1
+
+    def wait_per_job(self) -> float:
+        """The driver's time blocked per job that actors trained, lately: replies of several actors
+        that arrive during one wait all count, so it falls as actors train side by side."""
+        return self.blocked / self.jobs_back if self.jobs_back else 0.0  # None (nothing back yet): 0
 
     def _flush(self) -> None:
         """Ship the waiting jobs, in passes of the local executor's size, or train them here while
         that has lately been cheaper for the driver (where a pass trains does not change its results)."""
         jobs = [job for job in self.outbox.values() if job.reports]
         self.outbox.clear()
-        if self.wait_per_job > self.here_per_job and self.kept_flushes < EXPLORE - 1:
+        here = self.here_per_job
+        if here is not None and self.wait_per_job() > here and self.kept_flushes < EXPLORE - 1:
             self.kept_flushes += 1
             self._train_here(jobs, self.width)
             return
@@ -337,7 +357,7 @@ class RayExecutor(Executor):
             actor = min(range(len(self.actors)), key=self.in_flight.__getitem__)
         width = self.width if min_width is None else min_width
         ref = self.actors[actor].train.remote(specs, width, *refs)
-        self.in_flight[actor] += 1
+        self.in_flight[actor] += len(jobs)
         self.passes_of[ref] = (jobs, width)
         self._claim(ref, jobs, actor)
         self.shipped_jobs += len(jobs)
@@ -352,7 +372,7 @@ class RayExecutor(Executor):
             specs, bases = self._specs(chunk, lambda w: w)
             t = time.perf_counter()
             self.replies[key] = train_pass(self.local, specs, min_width, bases)
-            self.here_per_job += DECAY * ((time.perf_counter() - t) / len(chunk) - self.here_per_job)
+            self.here_per_job = decayed(self.here_per_job, (time.perf_counter() - t) / len(chunk))
             self._claim(key, chunk, None)
             self.trained_here += len(chunk)
 
