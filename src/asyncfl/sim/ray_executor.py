@@ -221,8 +221,8 @@ class RayExecutor(Executor):
         self.trained = self.passes.trained
         if job_id not in self.shipped:  # a job that was not expected to report
             self._train_here([job], self.width)
-        if self.shipped[job_id][0] not in self.replies and self.outbox:
-            self._flush()  # work for the actors (or the driver) while this reply is awaited
+        if self.shipped[job_id][0] not in self.replies and self.outbox and not self._keeping():
+            self._flush()  # work for the actors while this reply is awaited
         while (ref := self.shipped[job_id][0]) not in self.replies:
             try:
                 t = time.perf_counter()
@@ -288,13 +288,17 @@ class RayExecutor(Executor):
         that arrive during one wait all count, so it falls as actors train side by side."""
         return self.blocked / self.jobs_back if self.jobs_back else 0.0  # None (nothing back yet): 0
 
+    def _keeping(self) -> bool:
+        """Whether the next outbox trains on the driver (see EXPLORE)."""
+        here = self.here_per_job
+        return here is not None and self.wait_per_job() > here and self.kept_flushes < EXPLORE - 1
+
     def _flush(self) -> None:
         """Ship the waiting jobs, in passes of the local executor's size, or train them here while
         that has lately been cheaper for the driver (where a pass trains does not change its results)."""
         jobs = [job for job in self.outbox.values() if job.reports]
         self.outbox.clear()
-        here = self.here_per_job
-        if here is not None and self.wait_per_job() > here and self.kept_flushes < EXPLORE - 1:
+        if self._keeping():
             self.kept_flushes += 1
             self._train_here(jobs, self.width)
             return
