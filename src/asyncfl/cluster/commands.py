@@ -74,13 +74,12 @@ def serve_role(args) -> int:
 def _serve_selector(args, url: str) -> int:
     """HTTP on --host/--port (TLS with --ssl-certfile/--ssl-keyfile); the selector-wide settings
     (rate limits, connection limits) from --server-config, per-task ones from each task's config."""
-    import uvicorn
     import yaml
 
     from asyncfl.cluster.selector import Selector
     from asyncfl.cluster.selector_app import create_selector_app
     from asyncfl.config import ServerConfig
-    from asyncfl.server.limits import uvicorn_options
+    from asyncfl.server.limits import serve_http
 
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         raise ConfigError("give both --ssl-certfile and --ssl-keyfile for TLS")
@@ -97,16 +96,7 @@ def _serve_selector(args, url: str) -> int:
     selector = Selector(url, settings)
     selector.address = f"{'https' if args.ssl_certfile else 'http'}://{args.host}:{args.port}"
     print(f"asyncfl selector {selector.id}: {selector.address}/", flush=True)
-    uvicorn.run(
-        create_selector_app(selector),
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        ssl_certfile=args.ssl_certfile,
-        ssl_keyfile=args.ssl_keyfile,
-        access_log=False,
-        **uvicorn_options(settings),
-    )
+    serve_http(create_selector_app(selector), args, settings)
     return 0
 
 

@@ -17,11 +17,10 @@ def serve(args) -> int:
     if args.config is None:
         raise ConfigError("asyncfl serve needs --config (the multi-process roles read their tasks from --database-url)")
     import torch
-    import uvicorn
     from uvicorn.config import LOG_LEVELS
 
     from asyncfl.server.app import create_app
-    from asyncfl.server.limits import uvicorn_options
+    from asyncfl.server.limits import serve_http
     from asyncfl.server.service import FLServer
     from asyncfl.server.settings import load_serve_config
 
@@ -38,16 +37,7 @@ def serve(args) -> int:
         f"{scheme}://{args.host}:{args.port}/",
         flush=True,
     )
-    uvicorn.run(
-        create_app(server),
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        ssl_certfile=args.ssl_certfile,
-        ssl_keyfile=args.ssl_keyfile,
-        access_log=False,
-        **uvicorn_options(settings),
-    )
+    serve_http(create_app(server), args, settings)
     return 0
 
 

@@ -42,3 +42,20 @@ def uvicorn_options(settings: ServerConfig) -> dict:
         "timeout_keep_alive": settings.keep_alive_timeout,
         "limit_concurrency": settings.max_connections,
     }
+
+
+def serve_http(app, args, settings: ServerConfig) -> None:
+    """Run an ASGI app on uvicorn as `serve` does for every role: the command line's address,
+    TLS and log level, no access log, and the bounds above."""
+    import uvicorn
+
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
+        access_log=False,
+        **uvicorn_options(settings),
+    )
