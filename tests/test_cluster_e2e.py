@@ -61,6 +61,13 @@ class Cluster:
     def role(self, role, *extra):
         return self.spawn(role, "serve", "--role", role, "--log-level", "info", "--member-timeout", "2", *extra)
 
+    def stop_clients(self):
+        """End the clients, then leave the last uploads' group commits and folds time to land."""
+        for p in self.procs:
+            if "client" in p.args:
+                p.terminate()
+        time.sleep(2)
+
     def stop(self):
         for p in reversed(self.procs):
             if p.poll() is None:
@@ -163,10 +170,7 @@ def test_cluster_trains_and_survives_kill_9(pg_url, tmp_path):
         _until(lambda: _healthy(ports[1]), "the restarted selector")
         served = _served_by(pg_url)
         _until(lambda: _served_by(pg_url) > served, "uploads through the restarted selector")
-        for p in cluster.procs:
-            if "client" in p.args:
-                p.terminate()
-        time.sleep(2)  # the last uploads' group commits and folds
+        cluster.stop_clients()
     finally:
         watching.set()
         watcher.join()
@@ -261,10 +265,7 @@ def test_cluster_rides_out_a_postgresql_restart(postgres, pg_url, tmp_path):
         version = _task(pg_url)[2]
         _until(lambda: _task(pg_url)[2] >= version + 3, "training to go on after the restart")
         assert selector.poll() is None
-        for p in cluster.procs:
-            if "client" in p.args:
-                p.terminate()
-        time.sleep(2)
+        cluster.stop_clients()
     finally:
         cluster.stop()
     acks = [json.loads(line) for i in range(clients) for line in open(tmp_path / f"acks{i}.jsonl")]

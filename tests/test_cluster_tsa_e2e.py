@@ -3,13 +3,15 @@ real `asyncfl tsa serve`, and `asyncfl client --tsa-key` processes training mask
 kill -9 of the aggregator that owns the task hands it to the other one, training goes on, and
 every update a client was told was accepted is in exactly one closed buffer and one version."""
 
+import copy
 import json
 import signal
 
 import pytest
 import yaml
 from cluster_helpers import fetch
-from test_cluster_e2e import Cluster, _healthy, _task, _until
+from test_cluster_e2e import CLIENTS, Cluster, K, _healthy, _task, _until
+from test_cluster_e2e import EXPERIMENT as PLAIN
 
 from asyncfl.cluster.members import session
 from asyncfl.cluster.postgres import free_port
@@ -17,24 +19,9 @@ from asyncfl.cluster.tasks import add_task, create_token
 from asyncfl.config import validate
 from asyncfl.tsa.testing import TsaProcess
 
-CONCURRENCY, K, CLIENTS = 4, 3, 6
-EXPERIMENT = {
-    "name": "e2e-tsa",
-    "seed": 0,
-    "target_accuracy": 0.99,
-    "data": {"num_clients": CLIENTS, "partition": {"kind": "iid"}},
-    "model": {"name": "mlp", "hidden": [16]},
-    "trainer": {"lr": 0.1, "batch_size": 16, "local_steps": 2},
-    "server": {"lease_timeout": 20, "eval_every_s": 1, "keep_versions": 1000, "rate_per_s": 100, "rate_burst": 100},
-    "runs": [
-        {
-            "name": "fedbuff",
-            "algorithm": {"name": "fedbuff", "buffer_size": K},
-            "scheduler": {"concurrency": CONCURRENCY},
-            "secure_aggregation": {"protocol": "tsa", "clip_range": 1.0},
-        }
-    ],
-}
+# the plain end-to-end test's task, masked for the TSA
+EXPERIMENT = copy.deepcopy(PLAIN) | {"name": "e2e-tsa"}
+EXPERIMENT["runs"][0]["secure_aggregation"] = {"protocol": "tsa", "clip_range": 1.0}
 
 
 @pytest.mark.slow
