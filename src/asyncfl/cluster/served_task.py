@@ -56,16 +56,7 @@ class ServedTask:
         )
         self.max_body_bytes = body_limit(self.settings, self.aggregation)
         self.bounds = report_bounds(self.cfg, self.spec, self.settings, self.data, self.model)
-        self.info = describe_task(
-            name,
-            self.cfg,
-            self.spec,
-            self.data,
-            self.model,
-            self.aggregation.expected_codec,
-            self.download_codec,
-            self.max_body_bytes,
-        ) | ({} if self.tsa is None else {"secure_aggregation": self.tsa.advertised()})
+        self.info = describe_task(name, self)
         self.lock = threading.Lock()  # the norm guard and the frame cache
         self._frames: dict[int, bytes] = {}
 

@@ -62,13 +62,14 @@ def report_bounds(cfg: ExperimentConfig, spec: RunSpec, settings: ServerConfig, 
     return ReportBounds(max_examples, max_steps, settings.max_loss, definition(spec.algorithm.name).reported)
 
 
-def describe_task(
-    task: str, cfg: ExperimentConfig, spec: RunSpec, data, model, upload_codec: str | None, download_codec, body: int
-) -> dict:
-    """What a client needs to build the same model and trainer as the simulator (GET /v1/task):
-    `upload_codec` the codec uploads must use (None: raw), `body` the largest upload accepted."""
+def describe_task(task: str, served) -> dict:
+    """What a client needs to build the same model and trainer as the simulator (GET /v1/task),
+    from what serves the task (the single process's FLServer or a selector's ServedTask: the same
+    attribute names): the codec uploads must use, the largest upload accepted, the TSA's terms."""
+    cfg, spec, model, data = served.cfg, served.spec, served.model, served.data
     algorithm = definition(spec.algorithm.name)
-    return {
+    download_codec, tsa = served.download_codec, served.tsa
+    info = {
         "protocol": PROTOCOL,
         "task": task,
         "run": spec.name,
@@ -80,10 +81,11 @@ def describe_task(
         "client_state": algorithm.client_state,
         "upload_fields": list(algorithm.upload_fields),
         "tensors": [{"name": n, "shape": list(s)} for n, s in zip(model.names, model.shapes)],
-        "codecs": [upload_codec or "none"],
+        "codecs": [served.aggregation.expected_codec or "none"],
         "download_codec": download_codec.spec if download_codec is not None else "none",
-        "max_body_bytes": body,
+        "max_body_bytes": served.max_body_bytes,
     }
+    return info | ({} if tsa is None else {"secure_aggregation": tsa.advertised()})
 
 
 def model_frame_bytes(seed: int, version: int, w, model, download_codec, extras: dict) -> bytes:
@@ -243,17 +245,7 @@ class FLServer:
 
     def task_info(self) -> dict:
         """What a client needs to build the same model and trainer as the simulator."""
-        info = describe_task(
-            self.task,
-            self.cfg,
-            self.spec,
-            self.data,
-            self.model,
-            self.aggregation.expected_codec,
-            self.download_codec,
-            self.max_body_bytes,
-        )
-        return info | ({} if self.tsa is None else {"secure_aggregation": self.tsa.advertised()})
+        return describe_task(self.task, self)
 
     def model_frame(self, version: int) -> bytes:
         """A version's frame (`model_frame_bytes`), built once."""
