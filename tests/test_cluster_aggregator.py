@@ -140,7 +140,7 @@ def test_old_versions_are_pruned_unless_a_lease_starts_from_them(pg_url):
     with session(pg_url) as conn:
         add_task(conn, cfg)
         conn.execute(
-            "INSERT INTO leases(lease_id, task, client, base_version, seed, expires_at) "
+            "INSERT INTO leases(lease_id, task, client, base_version, trip, expires_at) "
             "VALUES ('L', 'fedasync', 'c', 0, 1, now() + interval '1 minute')"
         )
     for u in updates(5, build_objects(cfg).model.numel):

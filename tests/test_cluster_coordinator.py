@@ -30,7 +30,7 @@ def _holdings(url, task="fedbuff"):
 def _lease(url, slot, lease_id, expires="now() + interval '1 minute'", task="fedbuff"):
     with session(url) as conn, conn.transaction():
         conn.execute(
-            f"INSERT INTO leases(lease_id, task, client, base_version, seed, expires_at) "
+            f"INSERT INTO leases(lease_id, task, client, base_version, trip, expires_at) "
             f"VALUES (%s, %s, %s, 0, 1, {expires})",
             (lease_id, task, f"client-{lease_id}"),
         )

@@ -15,6 +15,7 @@ from cluster_helpers import experiment, fetch
 from fastapi.testclient import TestClient
 
 from asyncfl import wire
+from asyncfl.algorithms.seeds import trip_seed
 from asyncfl.cluster import upload_commit
 from asyncfl.cluster.members import session
 from asyncfl.cluster.partials import decode_partial
@@ -117,6 +118,23 @@ def test_no_slot_means_retry_answered_from_memory(cluster, monkeypatch):
     assert 0.5 * 0.75 <= answer["retry_after"] <= 0.5 * 1.25
 
 
+def test_only_as_many_checkins_as_free_slots_go_to_the_database(cluster):
+    """A refresh showing one free slot sends one check-in to claim it; the others in flight
+    meanwhile are answered "retry" from memory, and the reservation ends with the claim."""
+    url, node = cluster
+    a = node("sel-a")
+    a.checkin("a")  # the task's view and its judge, built on first use
+    grant(url, "sel-a", [0])
+    a.selector.refresh()
+    first, reserved = a.selector.checkin_from_memory("b", "fb")
+    assert first is None and reserved
+    second, held = a.selector.checkin_from_memory("c", "fb")
+    assert second["action"] == "retry" and not held
+    lease = a.selector.checkin("b", "fb", reserved=True)
+    assert lease["action"] == "train" and a.selector.views["fb"].claiming == 0
+    assert fetch(url, "SELECT count(*) FROM leases WHERE state='active'") == [(1,)]
+
+
 def test_granted_slot_gives_a_lease_and_a_recheckin_the_same_one(cluster):
     url, node = cluster
     a, b = node("sel-a"), node("sel-b")
@@ -128,7 +146,10 @@ def test_granted_slot_gives_a_lease_and_a_recheckin_the_same_one(cluster):
     assert fetch(url, "SELECT lease_id FROM slots WHERE task='fb' AND slot=0") == [(lease["lease_id"],)]
     assert a.checkin("a")["lease_id"] == lease["lease_id"]
     b.selector.refresh()
-    assert b.checkin("a")["lease_id"] == lease["lease_id"]  # another selector, with no slot of its own
+    again = b.checkin("a")  # another selector, with no slot of its own
+    assert (again["lease_id"], again["base_version"]) == (lease["lease_id"], 0)
+    # the first trip's seed, as the simulator numbers trips, whichever selector answers
+    assert again["seed"] == lease["seed"] == int(trip_seed(a.selector.served("fb").cfg.seed, 0)[0])
     assert a.checkin("b")["action"] == "retry"  # the only slot is taken
     r = a.http.get("/v1/model/0", headers=a.auth("a"))
     assert r.status_code == 200 and wire.decode(r.content, wire.ModelHeader).header.version == 0

@@ -48,6 +48,7 @@ class TaskView:
     state: str
     issued: int
     free: int = 0  # slots granted to this selector and free
+    claiming: int = 0  # of them, set aside for check-ins on their way to claim one
     counts: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
@@ -201,95 +202,84 @@ class Selector:
         with self.lock:
             self.rejected[(task, err.code)] += 1
 
-    def checkin(self, client: str, task: str, eligible: bool = True, in_memory: bool = False) -> dict | None:
-        """A client with an active lease gets it back; a new lease only on a slot this selector
-        holds; "retry" otherwise, from memory: no database round trip. `in_memory`: None where
-        the answer needs the database (a claim, or a task not seen yet)."""
-        if in_memory:
-            with self.lock:
-                served, view = self._served.get(task), self.views.get(task)
-            if served is None or view is None:
-                return None
-        else:
-            served, view = self.served(task), self.view(task)
-        retry_after = served.settings.retry_after
+    def checkin_from_memory(self, client: str, task: str, eligible: bool = True) -> tuple[dict | None, bool]:
+        """(answer, False) where memory decides ("retry", "stop"): no database round trip. Else
+        (None, reserved): the answer needs the database (a claim, a lease to confirm, or a task
+        not seen yet) and `reserved` says one of the view's free slots is set aside for this
+        check-in, to be released by `checkin(..., reserved=True)`: when a refresh shows a few
+        free slots, only that many check-ins go to claim them, not every one in flight."""
         with self.lock:
-            held = self.leases.get((task, client))
-            stop = view.state == "done" or (served.max_trips is not None and view.issued >= served.max_trips)
-        if stop:
-            answer = {"action": "stop", "reason": "the run has finished"}
-        elif not eligible or (held is None and view.free <= 0):
-            answer = retry_answer(retry_after, eligible)
-        elif in_memory:
-            return None
-        else:  # a lease known from the feed is confirmed: its upload may have reached another selector
-            try:
-                answer = self._claim(client, task, served, view)
-            except psycopg.errors.UniqueViolation:  # another selector leased to this client meanwhile
-                answer = self._claim(client, task, served, view)
+            served, view = self._served.get(task), self.views.get(task)
+            if served is None or view is None:
+                return None, False
+            answer = self._decide(served, view, task, client, eligible)
+            if answer is None:
+                view.claiming += 1
+                return None, True
+            view.counts[f"checkin_{answer['action']}"] += 1
+        return answer, False
+
+    def checkin(self, client: str, task: str, eligible: bool = True, reserved: bool = False) -> dict:
+        """A client with an active lease gets it back; a new lease only on a slot this selector
+        holds; "retry" otherwise. `reserved`: `checkin_from_memory` set a slot aside for it."""
+        served, view = self.served(task), self.view(task)
+        try:
+            with self.lock:
+                answer = self._decide(served, view, task, client, eligible, reserved)
+            if answer is None:  # a lease known from the feed is confirmed: its upload may have reached another selector
+                try:
+                    answer = self._claim(client, task, served, view)
+                except psycopg.errors.UniqueViolation:  # another selector leased to this client meanwhile
+                    answer = self._claim(client, task, served, view)
+        finally:
+            if reserved:
+                with self.lock:
+                    view.claiming -= 1
         self.count(view, f"checkin_{answer['action']}")
         return answer
+
+    def _decide(
+        self, served: ServedTask, view: TaskView, task: str, client: str, eligible: bool, reserved: bool = False
+    ) -> dict | None:
+        """Under self.lock: "stop" or "retry" when the view decides, None when the database must."""
+        if view.state == "done" or (served.max_trips is not None and view.issued >= served.max_trips):
+            return {"action": "stop", "reason": "the run has finished"}
+        unreserved = view.free - view.claiming + (1 if reserved else 0)
+        if not eligible or ((task, client) not in self.leases and unreserved <= 0):
+            return retry_answer(served.settings.retry_after, eligible)
+        return None
 
     def count(self, view: TaskView, what: str, n: int = 1) -> None:
         with self.lock:
             view.counts[what] += n
 
     def _claim(self, client: str, task: str, served: ServedTask, view: TaskView) -> dict:
-        """One transaction: the client's active lease if it has one (another selector may have
-        issued it), else a free slot of ours, the trip's number and the lease."""
-        lease_id = None
-        with self.pool.transaction() as conn:
-            held = conn.execute(
-                "SELECT lease_id, base_version, seed, extract(epoch FROM expires_at - now())::float8 FROM leases "
-                "WHERE task=%s AND client=%s AND state='active'",
-                (task, client),
+        """The client's active lease if it has one (another selector may have issued it), else a
+        free slot of ours, the trip's number and the lease: one call of the database's
+        asyncfl_claim, a single round trip."""
+        retry_after = served.settings.retry_after
+        with self.pool.connection() as conn:
+            outcome, lease_id, version, trip, expires_s, free_now = conn.execute(
+                "SELECT * FROM asyncfl_claim(%s, %s, %s, %s, %s, %s)",
+                (task, client, self.id, served.max_trips, served.settings.lease_timeout, secrets.token_hex(6)),
             ).fetchone()
-            if held is not None:
-                if held[3] <= 0:  # expiring: the coordinator frees it within a tick
-                    return retry_answer(served.settings.retry_after, True)
-                return train_answer(held[0], held[1], held[2] & ((1 << 64) - 1), held[3])
-            # the task's row first, then a slot: every claim takes its locks in this order, so
-            # two selectors leasing to one client cannot deadlock (the second waits, then finds
-            # the first one's lease and answers with it)
-            trip = conn.execute(
-                "SELECT issued + 1, version FROM tasks WHERE task=%s AND state='running' "
-                "AND (%s::bigint IS NULL OR issued < %s) FOR UPDATE",
-                (task, served.max_trips, served.max_trips),
-            ).fetchone()
-            if trip is None:  # done, or stop.max_trips reached: the next refresh shows it
-                return {"action": "stop", "reason": "the run has finished"}
-            slot = conn.execute(
-                "SELECT slot FROM slots WHERE task=%s AND selector=%s AND lease_id IS NULL LIMIT 1 "
-                "FOR UPDATE SKIP LOCKED",
-                (task, self.id),
-            ).fetchone()
-            if slot is None:  # ours are all taken, or locked by the coordinator regranting them
-                free_now = conn.execute(
-                    "SELECT count(*) FROM slots WHERE task=%s AND selector=%s AND lease_id IS NULL", (task, self.id)
-                ).fetchone()[0]
-            else:
-                conn.execute("UPDATE tasks SET issued=issued+1 WHERE task=%s", (task,))
-                issued, version = trip
-                seed = int(trip_seed(served.cfg.seed, issued - 1)[0])  # trips count from 0, as in the simulator
-                lease_id = f"L{issued}-{secrets.token_hex(6)}"
-                conn.execute("UPDATE slots SET lease_id=%s WHERE task=%s AND slot=%s", (lease_id, task, slot[0]))
-                expires_in = served.settings.lease_timeout
-                conn.execute(
-                    "INSERT INTO leases(lease_id, task, client, base_version, seed, expires_at) "
-                    "VALUES(%s, %s, %s, %s, %s, now() + make_interval(secs => %s))",
-                    (lease_id, task, client, version, _signed(seed), expires_in),
-                )
+        if outcome == "expiring":
+            return retry_answer(retry_after, True)
+        if outcome == "stop":  # the next refresh shows it
+            return {"action": "stop", "reason": "the run has finished"}
         with self.lock:
-            if lease_id is None:  # no lease for this client and none of ours free now
+            if outcome == "full":  # no lease for this client and none of ours free now
                 view.free = free_now
                 self.leases.pop((task, client), None)
             else:
-                view.free -= 1
-                view.issued = max(view.issued, issued)
+                if outcome == "leased":
+                    view.free -= 1
+                    view.issued = max(view.issued, trip)
                 self.leases[(task, client)] = lease_id
-        if lease_id is None:
-            return retry_answer(served.settings.retry_after, True)
-        return train_answer(lease_id, version, seed, expires_in)
+        if outcome == "full":
+            return retry_answer(retry_after, True)
+        seed = int(trip_seed(served.cfg.seed, trip - 1)[0])  # trips count from 0, as in the simulator
+        return train_answer(lease_id, version, seed, expires_s)
 
     def lease_ended(self, task: str, client: str, lease_id: str) -> None:
         with self.lock:
@@ -316,8 +306,3 @@ class Selector:
         except ApiError as err:
             self.reject(task, err)
             raise
-
-
-def _signed(seed: int) -> int:
-    """A uint64 seed as PostgreSQL's signed bigint (two's complement)."""
-    return seed - (1 << 64) if seed >= 1 << 63 else seed

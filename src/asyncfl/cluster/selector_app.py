@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from contextlib import asynccontextmanager
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -19,6 +20,8 @@ from asyncfl.cluster.tokens import NeedsDatabase
 from asyncfl.server.app import CHECKIN_LIMIT, FRAME_TYPE, add_error_handlers, checkin_eligible, read_limited
 from asyncfl.server.auth import ANY_TASK, OPERATOR, admit, bearer
 from asyncfl.server.errors import ApiError
+
+CLAIM_THREADS = 8
 
 
 def create_selector_app(selector: Selector, background: bool = True) -> FastAPI:
@@ -34,6 +37,9 @@ def create_selector_app(selector: Selector, background: bool = True) -> FastAPI:
         title="asyncfl selector", version="1", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
     app.state.selector = selector
+    # claims take one round trip; their own threads keep them from queueing behind uploads,
+    # which hold a thread until their group commit
+    claims = anyio.CapacityLimiter(CLAIM_THREADS)
     settings = selector.settings
     add_error_handlers(app, lambda err: selector.reject("", err))
 
@@ -78,9 +84,9 @@ def create_selector_app(selector: Selector, background: bool = True) -> FastAPI:
         except ApiError as err:
             selector.reject(task, err)
             raise
-        answer = selector.checkin(client, task, eligible, in_memory=True)  # "retry"/"stop" need no database
+        answer, reserved = selector.checkin_from_memory(client, task, eligible)  # "retry"/"stop": no database
         if answer is None:
-            answer = await run_in_threadpool(selector.checkin, client, task, eligible)
+            answer = await anyio.to_thread.run_sync(selector.checkin, client, task, eligible, reserved, limiter=claims)
         return JSONResponse(answer)  # past FastAPI's encoder: the answer is plain JSON already
 
     @app.get("/v1/task")
