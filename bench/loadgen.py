@@ -78,7 +78,9 @@ class Stats:
     """What one phase measured; latencies (and rates) of the requests answered 200 that started
     after the warm-up and before the deadline."""
 
-    latency: dict[str, list[float]] = field(default_factory=lambda: {"checkin": [], "download": [], "upload": []})
+    latency: dict[str, list[float]] = field(
+        default_factory=lambda: {"checkin": [], "checkin_train": [], "download": [], "upload": []}
+    )  # "checkin_train": the check-ins among "checkin" answered with a lease
     status: Counter = field(default_factory=Counter)  # (kind, status)
     shed_without_retry_after: int = 0
     transport_errors: int = 0
@@ -99,6 +101,8 @@ class Stats:
             "updates_per_s": round(len(self.latency["upload"]) / seconds, 1),
             "checkin_p50_ms": pct("checkin", 50),
             "checkin_p99_ms": pct("checkin", 99),
+            "checkin_train_p50_ms": pct("checkin_train", 50),
+            "checkin_train_p99_ms": pct("checkin_train", 99),
             "upload_p50_ms": pct("upload", 50),
             "upload_p99_ms": pct("upload", 99),
             "download_p50_ms": pct("download", 50),
@@ -170,9 +174,10 @@ class Fleet:
             stats.status[(kind, status)] += 1
             if status in SHED and b"retry-after" not in headers:
                 stats.shed_without_retry_after += 1
-            if status == 200 and warm <= start < end:
-                stats.latency[kind].append(done - start)
-            return status, headers, payload
+            timed_s = done - start if status == 200 and warm <= start < end else None
+            if timed_s is not None:
+                stats.latency[kind].append(timed_s)
+            return status, headers, payload, timed_s
 
         async def checkin(conn: Connection) -> None:
             device = self.rng.randrange(len(self.tokens))
@@ -181,6 +186,8 @@ class Fleet:
             )
             if got is not None and got[0] == 200 and b'"train"' in got[2]:
                 stats.trains += 1
+                if got[3] is not None:
+                    stats.latency["checkin_train"].append(got[3])
                 task = asyncio.ensure_future(train(device, json.loads(got[2])))
                 trainers.add(task)
                 task.add_done_callback(trainers.discard)
