@@ -11,6 +11,7 @@ uploads still being retried at most `grace_s` after it.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 import uuid
@@ -86,8 +87,8 @@ class Stats:
     transport_errors: int = 0
     trains: int = 0
     acknowledged: list[tuple[str, str]] = field(default_factory=list)  # (client, idempotency key) answered 200
-    offered: int = 0  # open loop: sessions due
-    capped: int = 0  # open loop: sessions not sent, every connection busy
+    offered: int = 0  # open loop: sessions due after the warm-up
+    capped: int = 0  # open loop: of them, not sent: every connection busy
 
     def summary(self, seconds: float) -> dict:
         def pct(kind: str, q: float) -> float | None:
@@ -161,7 +162,13 @@ class Fleet:
         warm, end = t0 + warmup, t0 + warmup + seconds
         loop.call_at(warm, marks, 0)
         loop.call_at(end, marks, 1)
-        idle = [self.connection() for _ in range(inflight)]
+        connections = [self.connection() for _ in range(inflight)]
+        # open loop: each endpoint's idle connections, most recently used last, so sessions go
+        # round-robin over the selectors as a load balancer's would and reuse open connections
+        idle = {endpoint: [] for endpoint in self.endpoints}
+        for conn in reversed(connections):
+            idle[(conn.host, conn.port)].append(conn)
+        turn = itertools.cycle(self.endpoints)
 
         async def timed(kind: str, conn: Connection, request: bytes, body: bytes = b""):
             start = loop.time()
@@ -229,10 +236,10 @@ class Fleet:
             try:
                 await checkin(conn)
             finally:
-                idle.append(conn)
+                idle[(conn.host, conn.port)].append(conn)
 
         if rate is None:
-            await asyncio.gather(*(closed_loop(c) for c in idle))
+            await asyncio.gather(*(closed_loop(c) for c in connections))
         else:
             due, sessions = t0, set()
             while due < end:
@@ -240,18 +247,21 @@ class Fleet:
                 if due > now:
                     await asyncio.sleep(due - now)
                 while due <= loop.time() and due < end:
+                    measured = due >= warm
                     due += 1.0 / rate
-                    stats.offered += 1
-                    if not idle:
-                        stats.capped += 1
+                    stats.offered += measured
+                    first = next(turn)
+                    endpoint = next((e for e in (first, *self.endpoints) if idle[e]), None)
+                    if endpoint is None:
+                        stats.capped += measured
                         continue
-                    task = asyncio.ensure_future(session(idle.pop()))
+                    task = asyncio.ensure_future(session(idle[endpoint].pop()))
                     sessions.add(task)
                     task.add_done_callback(sessions.discard)
             if sessions:
                 await asyncio.wait(sessions)
         if trainers:
             await asyncio.wait(set(trainers), timeout=end + grace_s + 5 - loop.time())
-        for conn in idle:
+        for conn in connections:
             conn.close()
         return stats

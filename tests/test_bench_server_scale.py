@@ -1,5 +1,5 @@
 """bench/server_scale.py --quick --json runs every target and reports what the docs quote: rates,
-latencies, per-process CPU, shedding, and no acknowledged upload missing from the update log."""
+latencies (at saturation and at the goal's rate), per-process CPU, shedding, and no acknowledged upload missing from the update log."""
 
 import json
 import subprocess
@@ -33,14 +33,19 @@ def test_quick_scale_bench_reports_every_target(tmp_path):
         sustained, overload = target["sustained"], target["overload"]
         assert sustained["checkins_per_s"] > 0 and sustained["checkin_p99_ms"] >= sustained["checkin_p50_ms"]
         assert sustained["updates_per_s"] > 0 and 0 < sustained["train_fraction"] < 1
+        selectors = 0 if name == "single" else int(name.split("-")[1])
         if name == "single":
             processes = {"server", "loadgen"}
         else:
-            selectors = {f"selector-{i + 1}" for i in range(int(name.split("-")[1]))}
-            processes = {"aggregator", "coordinator", "postgres", "loadgen"} | selectors
+            processes = {"aggregator", "coordinator", "postgres", "loadgen"}
+            processes |= {f"selector-{i + 1}" for i in range(selectors)}
         assert set(sustained["cpu_cores"]) == processes
         assert all(cores >= 0 for cores in sustained["cpu_cores"].values())
         assert sustained["checkins_per_selector_core"] > 0
+        at_goal = target["goal_rate"]  # 2,000 check-ins/s offered to each selector
+        assert at_goal["offered_per_s"] == pytest.approx(2000 * max(1, selectors), rel=0.02)
+        assert at_goal["checkins_per_s"] > 0 and at_goal["checkin_p99_ms"] >= at_goal["checkin_p50_ms"]
+        assert set(at_goal["cpu_cores"]) == processes
         assert overload["offered_x"] == pytest.approx(10.0, abs=0.1)
         assert overload["sent_per_s"] <= overload["offered_per_s"]
         assert overload["acknowledged_total"] > 0
