@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 OVER_CAP_RETRY_AFTER_S = 1
 _OVER_CAP_BODY = json.dumps(
@@ -26,10 +26,11 @@ _OVER_CAP_HEADERS = [
 ]
 
 
-class HeaderDeadlineProtocol(H11Protocol):
+class HeaderDeadlineProtocol(HttpToolsProtocol):
     """A connection must deliver a complete request head within `header_timeout` seconds of
     opening, and of each response; else it is closed. The body's own bound is the app's
-    (`read_limited`)."""
+    (`read_limited`). httptools' C parser rather than h11's: parsing is most of what a check-in
+    answered from memory costs, and it parses a request several times faster."""
 
     def __init__(self, *args, header_timeout: float, **kwargs):
         super().__init__(*args, **kwargs)
