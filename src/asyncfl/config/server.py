@@ -57,6 +57,12 @@ class ServerConfig(Strict):
     body_timeout: float = Field(default=30.0, gt=0, description="seconds to send a request's body (408 after)")
     keep_alive_timeout: float = Field(default=5.0, gt=0, description="seconds an idle connection stays open")
     max_connections: int = Field(default=256, ge=1, description="connections open at once (503 above)")
+    checkin_rate_per_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="check-ins per second this process answers (a selector's admission budget); above, 429 with "
+        "Retry-After before any other work; set it below the measured capacity; null: only the connection cap",
+    )
     # secure_aggregation 'tsa': where the trusted secure aggregator answers, and its public key
     tsa_url: str | None = Field(default=None, description="the TSA's URL (asyncfl tsa serve)")
     tsa_public_key: str | None = Field(

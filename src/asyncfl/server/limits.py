@@ -46,7 +46,7 @@ def uvicorn_options(settings: ServerConfig) -> dict:
 
 def serve_http(app, args, settings: ServerConfig) -> None:
     """Run an ASGI app on uvicorn as `serve` does for every role: the command line's address,
-    TLS and log level, no access log, and the bounds above.
+    TLS and log level, no access log, the bounds above and the check-in budget.
 
     Everything alive by now (torch, the web stack, the app) moves to the collector's permanent
     generation: a full collection would otherwise walk those millions of objects, stopping
@@ -55,11 +55,13 @@ def serve_http(app, args, settings: ServerConfig) -> None:
 
     import uvicorn
 
+    from asyncfl.server.admission import with_admission
+
     gc.collect()
     gc.freeze()
 
     uvicorn.run(
-        app,
+        with_admission(app, settings.checkin_rate_per_s, settings.retry_after),
         host=args.host,
         port=args.port,
         log_level=args.log_level,
