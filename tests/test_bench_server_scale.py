@@ -52,5 +52,11 @@ def test_quick_scale_bench_reports_every_target(tmp_path):
         # exactly once: every upload answered 200 is in the update log, once
         assert overload["lost"] == 0 and overload["duplicated"] == 0
         assert overload["shed_without_retry_after"] == 0
+        # a check-in budget on every selector, offered tenfold: refusals say when to come back
+        budgeted = target["overload_budget"]
+        assert budgeted["budget_per_s"] == 400 * max(1, selectors)
+        assert budgeted["offered_x"] == pytest.approx(10.0, abs=0.1)
+        assert budgeted["shed_total"] > 0 and budgeted["shed_without_retry_after"] == 0
+        assert budgeted["lost"] == 0 and budgeted["duplicated"] == 0
     assert all(isinstance(met, bool) for met in result["goals"].values())
-    assert len(result["goals"]) == 5
+    assert len(result["goals"]) == 8
