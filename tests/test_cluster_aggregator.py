@@ -1,6 +1,8 @@
 """The aggregator role against a real PostgreSQL: folding partials gives the single process's
 model, a takeover re-folds what was buffered exactly once, and a fenced-out commit changes nothing."""
 
+import json
+
 import pytest
 import torch
 from cluster_helpers import FEDASYNC, FEDBUFF_ADAM, experiment, fetch, insert_partial, updates
@@ -188,3 +190,57 @@ def test_reaching_the_target_ends_the_task(pg_url):
     assert fetch(pg_url, "SELECT state FROM tasks") == [("done",)]
     with session(pg_url) as conn:
         assert list_tasks(conn)[0]["accuracy"] == accuracy
+
+
+ONE_AT_A_TIME = {
+    "qfedavg": {"algorithm": {"name": "qfedavg", "q": 1.0, "buffer_size": 3}},
+    "fednova": {"algorithm": {"name": "fednova", "buffer_size": 3, "server_opt": {"name": "sgd", "lr": 1.0}}},
+    "dp_fedbuff": {
+        "algorithm": {"name": "fedbuff", "buffer_size": 3},
+        "privacy": {
+            "clip_norm": 0.05,
+            "noise_multiplier": 1.0,
+            "sample_rate": 0.1,
+            "adaptive": {"target_quantile": 0.5, "count_noise_std": 2.0},
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(ONE_AT_A_TIME))
+def test_one_update_rules_step_like_the_single_process_across_a_takeover(pg_url, name):
+    """q-FedAvg, FedNova and DP-FedBuff (noise, adaptive clipping): single partials folded by one
+    aggregator, which dies with one update buffered; the next one resumes from the durable step
+    and reaches the single process's model, noise stream, clip norm and epsilon."""
+    cfg = experiment({"name": name, "scheduler": {"mode": "async", "concurrency": 6}} | ONE_AT_A_TIME[name])
+    with session(pg_url) as conn:
+        add_task(conn, cfg)
+    ups = updates(9, build_objects(cfg).model.numel)
+    for i, u in enumerate(ups):
+        u.start_loss, u.steps, u.planned_steps = 0.5 + 0.1 * i, 1 + i % 3, 3
+    reference = build_objects(cfg).aggregator
+    state = ServerState(w=build_objects(cfg).model.initial_weights(), version=0)
+    w0 = state.w
+    for u in ups:
+        reference.submit(state, u, w0)
+    assert state.version == 3
+    for u in ups[:4]:
+        insert_partial(pg_url, name, Partial.single(u, 0))
+    first = AggregatorRole(pg_url)
+    _assign(pg_url, name, first.member, 1)
+    first.round()
+    assert fetch(pg_url, "SELECT version FROM tasks") == [(1,)]
+    assert first.tasks[name].aggregator.count == 1  # the fourth, buffered in memory only
+    second = AggregatorRole(pg_url)  # the first is killed: the coordinator moves the task
+    _assign(pg_url, name, second.member, 2)
+    for u in ups[4:]:
+        insert_partial(pg_url, name, Partial.single(u, 0))
+    second.round()
+    assert fetch(pg_url, "SELECT version FROM tasks") == [(3,)]
+    assert torch.allclose(_weights(pg_url, name, 3), state.w, atol=1e-6)
+    assert fetch(pg_url, "SELECT sum(count) FROM partials WHERE folded_version IS NOT NULL") == [(9,)]
+    (report,) = fetch(pg_url, "SELECT report FROM aggregator_state WHERE task = %s", name)[0]
+    if name == "dp_fedbuff":
+        privacy = json.loads(report)["privacy"]
+        assert privacy["privacy_steps"] == 3 and privacy["epsilon"] == pytest.approx(reference.epsilon())
+        assert privacy["clip_norm"] == pytest.approx(reference.clip_norm) and reference.clip_norm != 0.05

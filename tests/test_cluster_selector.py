@@ -86,8 +86,10 @@ def grant(url: str, selector: str, slots: list[int]) -> None:
         conn.execute("UPDATE slots SET selector=%s WHERE task='fb' AND slot = ANY(%s)", (selector, slots))
 
 
-def frame(node: Node, lease: dict, delta: torch.Tensor | None = None, key: str | None = None, **header) -> bytes:
-    m = node.selector.served("fb").model
+def frame(
+    node: Node, lease: dict, delta: torch.Tensor | None = None, key: str | None = None, task: str = "fb", **header
+) -> bytes:
+    m = node.selector.served(task).model
     delta = torch.full((m.numel,), 0.01) if delta is None else delta
     fields = dict(
         lease_id=lease["lease_id"],
@@ -384,5 +386,44 @@ def test_fedasync_updates_reach_the_aggregator_one_partial_each(pg_url):
         got = [decode_partial(body) for *_, body in rows]
         assert all(not p.merged and p.staleness == 1 and p.update.n_examples == 7 for p in got)
         assert sorted(float(p.update.delta[0]) for p in got) == pytest.approx([-0.02, 0.01])
+    finally:
+        a.close()
+
+
+def test_a_private_task_reports_the_epsilon_its_aggregator_spent(pg_url):
+    """DP-FedBuff through a selector and the aggregator role: the buffer of 2 steps with noise,
+    and every selector serves the epsilon and clip norm the aggregator reported at that step."""
+    from asyncfl.cluster.aggregator import AggregatorRole
+
+    run = {
+        "name": "dp",
+        "algorithm": {"name": "fedbuff", "buffer_size": 2},
+        "privacy": {"clip_norm": 0.5, "noise_multiplier": 1.0, "sample_rate": 0.05},
+        "scheduler": {"concurrency": 2},
+    }
+    with session(pg_url) as conn:
+        add_task(conn, experiment(run, server={"norm_guard": None}))
+        tokens = {c: create_token(conn, c, "dp") for c in "ab"}
+        op = create_token(conn, "ops", "*", "operator")
+        conn.execute("UPDATE slots SET selector='sel-a' WHERE task='dp'")
+    a = Node(pg_url, "sel-a", tokens)
+    try:
+        a.selector.refresh()
+        for c in "ab":
+            assert a.upload(c, frame(a, a.checkin(c), task="dp")).status_code == 200
+        role = AggregatorRole(pg_url)
+        with session(pg_url) as conn:
+            conn.execute("UPDATE tasks SET owner = %s, owner_epoch = 1 WHERE task = 'dp'", (role.member,))
+        role.round()
+        assert fetch(pg_url, "SELECT version FROM tasks") == [(1,)]
+        a.selector.refresh()
+        auth = {"Authorization": f"Bearer {op}"}
+        privacy = a.http.get("/status", headers=auth).json()["tasks"]["dp"]["aggregator"]["privacy"]
+        expected = role.tasks["dp"].aggregator.epsilon()
+        assert privacy["privacy_steps"] == 1 and privacy["epsilon"] == pytest.approx(expected) and expected > 0
+        assert privacy["clip_norm"] == 0.5
+        text = a.http.get("/metrics", headers=auth).text
+        assert f'asyncfl_privacy_epsilon{{task="dp"}} {float(expected)!r}' in text
+        assert 'asyncfl_privacy_steps_total{task="dp"} 1.0' in text
     finally:
         a.close()

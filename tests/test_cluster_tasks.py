@@ -50,11 +50,22 @@ def test_a_taken_name_is_refused(pg_url):
             },
             "secure aggregation 'secagg_plus'",
         ),
-        ({"name": "qf", "algorithm": {"name": "qfedavg", "buffer_size": 4}, "scheduler": {"mode": "async"}}, "QFedAvg"),
+        ({"name": "kardam", "algorithm": {"name": "fedasync", "filter": {"kind": "kardam"}}}, "LipschitzFilter"),
     ],
 )
 def test_single_process_only_runs_are_refused(pg_url, run, why):
     with session(pg_url) as conn, pytest.raises(ConfigError, match=f"{why}.*single-process server only"):
+        add_task(conn, experiment(run))
+    assert fetch(pg_url, "SELECT count(*) FROM tasks") == [(0,)]
+
+
+def test_a_noisy_run_without_a_sample_rate_is_refused_as_the_single_process_refuses_it(pg_url):
+    run = {
+        "name": "dp",
+        "algorithm": {"name": "fedbuff", "buffer_size": 4},
+        "privacy": {"clip_norm": 1.0, "noise_multiplier": 1.0},
+    }
+    with session(pg_url) as conn, pytest.raises(ConfigError, match="privacy.sample_rate is required"):
         add_task(conn, experiment(run))
     assert fetch(pg_url, "SELECT count(*) FROM tasks") == [(0,)]
 

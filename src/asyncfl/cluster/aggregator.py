@@ -20,6 +20,7 @@ the state and sends the identical request again, which the TSA answers with its 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -200,7 +201,8 @@ class OwnedTask:
                 (self.task, v, sum(n for _, n in self.buffered), tensor_bytes(w)),
             )
             self.conn.execute(
-                "UPDATE aggregator_state SET version = %s, body = %s WHERE task = %s", (v, body, self.task)
+                "UPDATE aggregator_state SET version = %s, body = %s, report = %s WHERE task = %s",
+                (v, body, json.dumps(self.aggregator.status()), self.task),
             )
             folded = self.conn.execute(
                 "UPDATE partials SET folded_version = %s WHERE id = ANY(%s) AND folded_version IS NULL", (v, ids)

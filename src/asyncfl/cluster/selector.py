@@ -50,6 +50,7 @@ class TaskView:
     free: int = 0  # slots granted to this selector and free
     claiming: int = 0  # of them, set aside for check-ins on their way to claim one
     counts: collections.Counter[str] = field(default_factory=collections.Counter)
+    report: str | None = None  # the aggregator's, as of its newest step (JSON)
 
 
 class Selector:
@@ -124,7 +125,10 @@ class Selector:
             if now - self._beat >= DEFAULT_TIMING.heartbeat_s:
                 members.heartbeat(conn, self.id, "selector", self.address, {"tasks": len(self.views)})
                 self._beat = now
-            tasks = conn.execute("SELECT task, version, state, issued FROM tasks").fetchall()
+            tasks = conn.execute(
+                "SELECT t.task, t.version, t.state, t.issued, a.report FROM tasks t "
+                "LEFT JOIN aggregator_state a ON a.task = t.task"
+            ).fetchall()
             free = dict(
                 conn.execute(
                     "SELECT task, count(*) FROM slots WHERE selector=%s AND lease_id IS NULL GROUP BY task", (self.id,)
@@ -136,12 +140,13 @@ class Selector:
             ).fetchall()
             self.tokens.follow(conn, resync)
         with self.lock:
-            for name, version, state, issued in tasks:
+            for name, version, state, issued, report in tasks:
                 view = self.views.get(name)
                 if view is None:
-                    self.views[name] = TaskView(version, state, issued, free.get(name, 0))
+                    self.views[name] = TaskView(version, state, issued, free.get(name, 0), report=report)
                 else:
                     view.version, view.state, view.issued, view.free = version, state, issued, free.get(name, 0)
+                    view.report = report
             for gone in set(self.views) - {t[0] for t in tasks}:
                 del self.views[gone]
             if resync:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 import time
 from typing import TYPE_CHECKING
 
@@ -10,6 +11,13 @@ from asyncfl.server.observability import metric_lines, upload_seconds
 
 if TYPE_CHECKING:
     from asyncfl.cluster.selector import Selector
+
+
+PRIVACY_METRICS = (  # as the aggregator reported them at its newest step
+    ("privacy_epsilon", "gauge", "Epsilon spent at the task's delta (NaN without noise).", "epsilon"),
+    ("privacy_steps_total", "counter", "Noisy server steps (DP aggregates).", "privacy_steps"),
+    ("privacy_clip_norm", "gauge", "Current clip norm C.", "clip_norm"),
+)
 
 
 def status_of(selector: Selector, tasks: set[str] | None = None) -> dict:
@@ -34,6 +42,8 @@ def status_of(selector: Selector, tasks: set[str] | None = None) -> dict:
                     "leases_active": known[name],
                     "counts": dict(v.counts),
                     "rejected": rejected.get(name, {}),
+                    # the aggregator's status as of its newest step: buffer, privacy
+                    "aggregator": None if v.report is None else json.loads(v.report),
                 }
                 for name, v in sorted(views.items())
             },
@@ -75,6 +85,9 @@ def metrics_of(selector: Selector, tasks: set[str] | None = None) -> str:
         "Update body bytes received.",
         lambda v: v["counts"].get("upload_body_bytes", 0),
     )
+    private = [(t, v["aggregator"]["privacy"]) for t, v in items if (v["aggregator"] or {}).get("privacy")]
+    for name, kind, help_, key in PRIVACY_METRICS if private else ():
+        out.extend(metric_lines(name, kind, help_, [({"task": t}, p[key]) for t, p in private]))
     out.extend(metric_lines("group_commits_total", "counter", "Upload group commits.", [({}, s["group_commits"])]))
     out.extend(upload_seconds(list(selector.commits.latency)))
     return "\n".join(out) + "\n"

@@ -12,20 +12,25 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from asyncfl import config
-from asyncfl.algorithms.aggregators import Aggregator, BufferedAggregator, FedAsync, RobustAggregator
+from asyncfl.algorithms.aggregators import Aggregator, BufferedAggregator, FedAsync, QFedAvg, RobustAggregator
+from asyncfl.algorithms.fednova import FedNova
+from asyncfl.algorithms.private import PrivateAggregator
 from asyncfl.build import build_aggregator, build_data, build_flat_model, num_users
 from asyncfl.cluster.tokens import mint
 from asyncfl.config import ConfigError, ExperimentConfig, RunSpec, ServerConfig
 from asyncfl.models.flat import FlatModel
 from asyncfl.server.auth import ANY_TASK, CLIENT, new_token
-from asyncfl.server.service import fingerprint
+from asyncfl.server.service import fingerprint, require_served_sample_rate
 from asyncfl.server.store import hash_token, tensor_bytes
 from asyncfl.server.tsa_buffer import TsaServing, tsa_serving
 
 SINGLE_PROCESS_ONLY = "runs in the single-process server only (`asyncfl serve` without --role)"
-# what the cluster's aggregator folds: FedBuff's weighted sums (pre-summed by selectors), FedAsync
-# and the robust FedBuff rules (one update at a time); a subclass may fold differently
-CLUSTER_AGGREGATORS = (BufferedAggregator, FedAsync, RobustAggregator)
+# what the cluster's aggregator folds: FedBuff's weighted sums (pre-summed by selectors); one
+# update at a time, FedAsync, the robust FedBuff rules, q-FedAvg, FedNova and DP-FedBuff (each
+# restored whole from its state_dict after a step). Kardam's filter is not among them: its
+# per-client history changes on a refusal too, which no step would make durable. A subclass may
+# fold differently.
+CLUSTER_AGGREGATORS = (BufferedAggregator, FedAsync, RobustAggregator, QFedAvg, FedNova, PrivateAggregator)
 
 
 @dataclass
@@ -57,8 +62,9 @@ def build_objects(cfg: ExperimentConfig, run: str | None = None) -> TaskObjects:
         raise ConfigError(f"{where}: secure aggregation {secure.protocol!r} {SINGLE_PROCESS_ONLY}")
     if spec.scheduler.mode != "async":
         raise ConfigError(f"{where}: synchronous rounds (scheduler.mode {spec.scheduler.mode!r}) {SINGLE_PROCESS_ONLY}")
-    if spec.privacy is not None:
-        raise ConfigError(f"{where}: differential privacy {SINGLE_PROCESS_ONLY}")
+    if spec.privacy is not None and secure is not None:
+        raise ConfigError(f"{where}: differential privacy with secure aggregation {SINGLE_PROCESS_ONLY}")
+    require_served_sample_rate(spec)
     data = build_data(cfg)
     model = build_flat_model(cfg, data)
     settings = cfg.server
@@ -71,7 +77,8 @@ def build_objects(cfg: ExperimentConfig, run: str | None = None) -> TaskObjects:
     if type(aggregator) not in CLUSTER_AGGREGATORS:
         raise ConfigError(
             f"{where}: algorithm {spec.algorithm.name!r} ({type(aggregator).__name__}) {SINGLE_PROCESS_ONLY}; "
-            "the cluster trains FedBuff (mean or robust rules, no filter) and FedAsync"
+            "the cluster trains FedBuff (mean or robust rules, with or without differential privacy; no filter), "
+            "FedAsync, q-FedAvg and FedNova"
         )
     return TaskObjects(cfg, spec, settings, data, model, aggregator)
 

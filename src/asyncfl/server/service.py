@@ -106,18 +106,24 @@ def fingerprint(cfg: ExperimentConfig, run: str, task: str) -> str:
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def require_served_sample_rate(spec: RunSpec) -> None:
+    """ConfigError for a noisy run without privacy.sample_rate: a server cannot know how many
+    users will take part, so it cannot derive the rate epsilon is accounted at."""
+    privacy = spec.privacy
+    if privacy is not None and privacy.noise_multiplier > 0 and privacy.sample_rate is None:
+        raise ConfigError(
+            f"run {spec.name!r}: privacy.sample_rate is required by `asyncfl serve`: the server cannot know how "
+            "many users will take part, so it cannot derive the rate epsilon is accounted at; set it to the "
+            "expected share of all users contributing to one server step (e.g. buffer_size / users)"
+        )
+
+
 class FLServer:
     def __init__(self, cfg: ExperimentConfig, settings: ServerConfig, state_dir: str | Path, run: str | None = None):
         self.cfg, self.settings = cfg, settings
         self.spec = cfg.run(run)
         self.task = settings.task or self.spec.name
-        privacy = self.spec.privacy
-        if privacy is not None and privacy.noise_multiplier > 0 and privacy.sample_rate is None:
-            raise ConfigError(
-                f"run {self.spec.name!r}: privacy.sample_rate is required by `asyncfl serve`: the server cannot know how "
-                "many users will take part, so it cannot derive the rate epsilon is accounted at; set it to the "
-                "expected share of all users contributing to one server step (e.g. buffer_size / users)"
-            )
+        require_served_sample_rate(self.spec)
         self.data = build_data(cfg)
         self.model = build_flat_model(cfg, self.data)
         comp = self.spec.compression
