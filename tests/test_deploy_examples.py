@@ -65,6 +65,19 @@ def test_every_command_line_parses(monkeypatch, capsys):
 
 
 def test_the_example_experiment_is_a_cluster_task():
-    (cm,) = [d for d in _documents() if d["kind"] == "ConfigMap"]
+    (cm,) = [d for d in _documents() if d["kind"] == "ConfigMap" and "experiment.yaml" in d["data"]]
     cfg = config.validate(yaml.safe_load(cm["data"]["experiment.yaml"]))
     assert build_objects(cfg).spec.scheduler.mode == "async"
+
+
+def test_the_selectors_settings_are_valid_server_settings():
+    from asyncfl.config import ServerConfig
+
+    (config_map,) = [d for d in _documents() if d["metadata"]["name"] == "asyncfl-selector-settings"]
+    settings = ServerConfig.model_validate(yaml.safe_load(config_map["data"]["selector.yaml"]))
+    assert settings.checkin_rate_per_s == 4000
+    selectors = next(
+        d for d in _documents() if d["metadata"]["name"] == "asyncfl-selector" and d["kind"] == "Deployment"
+    )
+    (container,) = _containers(selectors)
+    assert container["args"][container["args"].index("--server-config") + 1] == "/etc/asyncfl/selector.yaml"
