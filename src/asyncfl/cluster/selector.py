@@ -53,6 +53,14 @@ class TaskView:
     report: str | None = None  # the aggregator's, as of its newest step (JSON)
 
 
+@dataclass
+class Reservation:
+    """A free slot of `view` set aside for one check-in on its way to claim it."""
+
+    view: TaskView
+    ended: bool = False
+
+
 class Selector:
     def __init__(self, url: str, settings: ServerConfig | None = None, member_id: str | None = None, pool_size=8):
         self.settings = settings or ServerConfig()
@@ -207,39 +215,49 @@ class Selector:
         with self.lock:
             self.rejected[(task, err.code)] += 1
 
-    def checkin_from_memory(self, client: str, task: str, eligible: bool = True) -> tuple[dict | None, bool]:
-        """(answer, False) where memory decides ("retry", "stop"): no database round trip. Else
-        (None, reserved): the answer needs the database (a claim, a lease to confirm, or a task
-        not seen yet) and `reserved` says one of the view's free slots is set aside for this
-        check-in, to be released by `checkin(..., reserved=True)`: when a refresh shows a few
-        free slots, only that many check-ins go to claim them, not every one in flight."""
+    def checkin_from_memory(
+        self, client: str, task: str, eligible: bool = True
+    ) -> tuple[dict | None, Reservation | None]:
+        """(answer, None) where memory decides ("retry", "stop"): no database round trip. Else
+        (None, reservation): the answer needs the database (a claim, a lease to confirm, or a
+        task not seen yet); a reservation sets one of the view's free slots aside for this
+        check-in until `checkin(..., reserved)` or `release` ends it: when a refresh shows a
+        few free slots, only that many check-ins go to claim them, not every one in flight."""
         with self.lock:
             served, view = self._served.get(task), self.views.get(task)
             if served is None or view is None:
-                return None, False
+                return None, None
             answer = self._decide(served, view, task, client, eligible)
             if answer is None:
                 view.claiming += 1
-                return None, True
+                return None, Reservation(view)
             view.counts[f"checkin_{answer['action']}"] += 1
-        return answer, False
+        return answer, None
 
-    def checkin(self, client: str, task: str, eligible: bool = True, reserved: bool = False) -> dict:
+    def release(self, reserved: Reservation | None) -> None:
+        """End a reservation (once: later calls do nothing)."""
+        if reserved is None:
+            return
+        with self.lock:
+            if not reserved.ended:
+                reserved.ended = True
+                reserved.view.claiming -= 1
+
+    def checkin(self, client: str, task: str, eligible: bool = True, reserved: Reservation | None = None) -> dict:
         """A client with an active lease gets it back; a new lease only on a slot this selector
-        holds; "retry" otherwise. `reserved`: `checkin_from_memory` set a slot aside for it."""
+        holds; "retry" otherwise. `reserved`: the slot `checkin_from_memory` set aside for it."""
         served, view = self.served(task), self.view(task)
         try:
             with self.lock:
-                answer = self._decide(served, view, task, client, eligible, reserved)
+                mine = reserved is not None and not reserved.ended
+                answer = self._decide(served, view, task, client, eligible, mine)
             if answer is None:  # a lease known from the feed is confirmed: its upload may have reached another selector
                 try:
                     answer = self._claim(client, task, served, view)
                 except psycopg.errors.UniqueViolation:  # another selector leased to this client meanwhile
                     answer = self._claim(client, task, served, view)
         finally:
-            if reserved:
-                with self.lock:
-                    view.claiming -= 1
+            self.release(reserved)
         self.count(view, f"checkin_{answer['action']}")
         return answer
 

@@ -86,7 +86,12 @@ def create_selector_app(selector: Selector, background: bool = True) -> FastAPI:
             raise
         answer, reserved = selector.checkin_from_memory(client, task, eligible)  # "retry"/"stop": no database
         if answer is None:
-            answer = await anyio.to_thread.run_sync(selector.checkin, client, task, eligible, reserved, limiter=claims)
+            try:
+                answer = await anyio.to_thread.run_sync(
+                    selector.checkin, client, task, eligible, reserved, limiter=claims
+                )
+            finally:  # also when cancelled before its thread ran
+                selector.release(reserved)
         return JSONResponse(answer)  # past FastAPI's encoder: the answer is plain JSON already
 
     @app.get("/v1/task")
