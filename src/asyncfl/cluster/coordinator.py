@@ -110,12 +110,17 @@ class Coordinator:
             by_task.setdefault(task, []).append((slot, selector, leased))
         moved = 0
         for task, slots in by_task.items():
-            for slot, old, new in plan_grants(slots, selectors):
-                moved += self.conn.execute(
-                    "UPDATE slots SET selector = %s WHERE task = %s AND slot = %s AND lease_id IS NULL "
-                    "AND selector IS NOT DISTINCT FROM %s",
-                    (new, task, slot, old),
-                ).rowcount
+            plan = plan_grants(slots, selectors)
+            if not plan:
+                continue
+            numbers, olds, news = (list(column) for column in zip(*plan))
+            # one statement per task (10^4 slots dealt in one round trip, not 10^4); a slot
+            # leased or regranted meanwhile keeps its selector
+            moved += self.conn.execute(
+                "UPDATE slots s SET selector = g.new FROM unnest(%s::int[], %s::text[], %s::text[]) AS g(slot, old, new) "
+                "WHERE s.task = %s AND s.slot = g.slot AND s.lease_id IS NULL AND s.selector IS NOT DISTINCT FROM g.old",
+                (numbers, olds, news, task),
+            ).rowcount
         return moved
 
     def assign_tasks(self) -> int:
