@@ -15,6 +15,15 @@ import json
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 OVER_CAP_RETRY_AFTER_S = 1
+MAX_HEAD_BYTES = 16 * 1024  # a request's line and headers (h11's bound; httptools has none)
+_HEAD_TOO_LARGE_BODY = json.dumps(
+    {"error": "header_too_large", "detail": f"a request's line and headers may hold at most {MAX_HEAD_BYTES} bytes"}
+).encode()
+_HEAD_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+    + f"content-length: {len(_HEAD_TOO_LARGE_BODY)}\r\nconnection: close\r\n\r\n".encode()
+    + _HEAD_TOO_LARGE_BODY
+)
 _OVER_CAP_BODY = json.dumps(
     {"error": "overloaded", "detail": "the server holds too many connections; retry later"}
 ).encode()
@@ -28,9 +37,11 @@ _OVER_CAP_HEADERS = [
 
 class HeaderDeadlineProtocol(HttpToolsProtocol):
     """A connection must deliver a complete request head within `header_timeout` seconds of
-    opening, and of each response; else it is closed. The body's own bound is the app's
-    (`read_limited`). httptools' C parser rather than h11's: parsing is most of what a check-in
-    answered from memory costs, and it parses a request several times faster."""
+    opening, and of each response; else it is closed. A head of more than MAX_HEAD_BYTES is
+    answered 431 and the connection closed (httptools would buffer it whole). The body's own
+    bound is the app's (`read_limited`). httptools' C parser rather than h11's: parsing is most
+    of what a check-in answered from memory costs, and it parses a request several times
+    faster."""
 
     def __init__(self, *args, header_timeout: float, **kwargs):
         super().__init__(*args, **kwargs)
@@ -69,7 +80,32 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        self._head_bytes: int | None = 0  # of the head arriving; None while a body does
+        self._tail = b""  # the last bytes of it, where its blank line may have begun
         self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        """A head ends at its first blank line: only the bytes up to it count, so a chunk that
+        ends a head and carries a body is judged by its head alone."""
+        if self._head_bytes is not None:
+            seen = self._tail + data
+            end = seen.find(b"\r\n\r\n")
+            head = len(data) if end < 0 else end + 4 - len(self._tail)
+            if self._head_bytes + head > MAX_HEAD_BYTES:
+                self.transport.write(_HEAD_TOO_LARGE)
+                self.transport.close()
+                return
+            self._head_bytes += head
+            self._tail = seen[-3:]
+        super().data_received(data)
+
+    def on_headers_complete(self) -> None:
+        self._head_bytes = None
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._head_bytes, self._tail = 0, b""
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
