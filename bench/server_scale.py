@@ -14,8 +14,7 @@ Each target runs three phases, then a fourth on a fresh copy of it:
 - Overload: an open loop offering 10x the sustained check-in rate (up to `--overload-inflight`
   connections): refusals counted (429/503, with or without Retry-After).
 - Overload of a budget: every selector (or the single process) started with a check-in budget of
-  `--budget`/s (`server.checkin_rate_per_s`) and `max_connections` 1,024, and offered 10x the
-  budgets. A selector's full
+  `--budget`/s (`server.checkin_rate_per_s`), and offered 10x the budgets. A selector's full
   capacity is more than a Python load generator sharing the machine can offer tenfold.
 Every upload acknowledged in a phase is then looked up in the update log (missing or there twice:
 lost or duplicated). Each device is client d{i} with a token of its own, minted in one
@@ -63,13 +62,6 @@ def experiment(hidden: list[int], concurrency: int, buffer_size: int) -> dict:
     return tree
 
 
-def budget_settings(budget: float) -> dict:
-    """Server settings of the last phase, as `examples/kubernetes/selectors.yaml` sets them: the
-    check-in budget, and room for 1,024 connections (an open loop's bursts passed the default
-    256, whose 503s close connections, and reopening them costs more than refusing)."""
-    return {"checkin_rate_per_s": budget, "max_connections": 1024}
-
-
 def cpu_of(pid: int) -> float:
     """utime+stime of a process (all its threads), in seconds; 0 once it is gone."""
     try:
@@ -98,7 +90,7 @@ class Single:
 
     def __init__(self, tree: dict, workdir: Path, devices: int, budget: float | None = None):
         if budget is not None:
-            tree = tree | {"server": tree["server"] | budget_settings(budget)}
+            tree = tree | {"server": tree["server"] | {"checkin_rate_per_s": budget}}
         self.server = ServerProcess(tree, workdir)
         t0 = time.perf_counter()
         self.tokens = mint_tokens(self.server.state_dir, TASK, [f"d{i}" for i in range(devices)])
@@ -153,7 +145,7 @@ class Cluster:
             argv = ["serve", "--role", "selector", "--port", str(port), "--log-level", "warning"]
             if budget is not None:  # the selector-wide settings
                 settings = workdir / "selector.yaml"
-                settings.write_text(json.dumps(budget_settings(budget)))
+                settings.write_text(json.dumps({"checkin_rate_per_s": budget}))
                 argv += ["--server-config", str(settings)]
             self.roles[f"selector-{i + 1}"] = Child(argv, workdir / f"selector-{i + 1}.log", env)
         for i, port in enumerate(ports):

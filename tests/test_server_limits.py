@@ -16,9 +16,10 @@ from test_server_inputs import Harness, assert_rejected, unchanged
 
 from asyncfl import strict_json, wire
 from asyncfl.compression import parse_codec
+from asyncfl.config import ConfigError
 from asyncfl.server.app import read_limited
 from asyncfl.server.errors import ApiError
-from asyncfl.server.limits import BODY_MARGIN
+from asyncfl.server.limits import BODY_MARGIN, SPARE_DESCRIPTORS, make_room_for
 
 
 @pytest.fixture
@@ -248,3 +249,44 @@ def test_an_explicit_body_limit_wins(tmp_path):
     with Harness(tmp_path, max_body_bytes=123_456) as h:
         assert h.server.max_body_bytes == 123_456
         assert h.http.get("/v1/task", headers=h.auth("a")).json()["max_body_bytes"] == 123_456
+
+
+class Limits:
+    """resource's open-files limit, as a test sets it."""
+
+    def __init__(self, soft, hard):
+        self.value = (soft, hard)
+
+    def getrlimit(self, which):
+        return self.value
+
+    def setrlimit(self, which, value):
+        self.value = value
+
+
+@pytest.mark.parametrize(
+    "soft, hard, after",
+    [
+        (1024, 4096, (1024 + SPARE_DESCRIPTORS, 4096)),  # raised to fit, hard limit kept
+        (65536, 65536, (65536, 65536)),  # room already
+    ],
+)
+def test_the_open_files_limit_is_raised_to_fit_the_connection_cap(monkeypatch, soft, hard, after):
+    import resource
+
+    limits = Limits(soft, hard)
+    monkeypatch.setattr(resource, "getrlimit", limits.getrlimit)
+    monkeypatch.setattr(resource, "setrlimit", limits.setrlimit)
+    make_room_for(1024)
+    assert limits.value == after
+
+
+def test_a_connection_cap_above_the_hard_limit_is_refused_by_name(monkeypatch):
+    import resource
+
+    limits = Limits(256, 512)
+    monkeypatch.setattr(resource, "getrlimit", limits.getrlimit)
+    monkeypatch.setattr(resource, "setrlimit", limits.setrlimit)
+    with pytest.raises(ConfigError, match="max_connections 1024 needs 1152 open files.*hard limit 512"):
+        make_room_for(1024)
+    assert limits.value == (256, 512)

@@ -56,7 +56,11 @@ class ServerConfig(Strict):
     header_timeout: float = Field(default=10.0, gt=0, description="seconds to send a request's headers (then closed)")
     body_timeout: float = Field(default=30.0, gt=0, description="seconds to send a request's body (408 after)")
     keep_alive_timeout: float = Field(default=5.0, gt=0, description="seconds an idle connection stays open")
-    max_connections: int = Field(default=256, ge=1, description="connections open at once (503 above)")
+    max_connections: int = Field(
+        default=1024,
+        ge=1,
+        description="connections open at once (503 above); the open-files limit is raised to fit them",
+    )
     checkin_rate_per_s: float | None = Field(
         default=None,
         gt=0,

@@ -8,7 +8,7 @@ import functools
 import math
 
 from asyncfl import wire
-from asyncfl.config import ServerConfig
+from asyncfl.config import ConfigError, ServerConfig
 from asyncfl.server.aggregation import AggregationRole
 
 BODY_MARGIN = 1.25  # over the largest valid frame: room for a client that writes its header less tightly
@@ -44,6 +44,29 @@ def uvicorn_options(settings: ServerConfig) -> dict:
     }
 
 
+SPARE_DESCRIPTORS = 128  # besides the client connections: database connections, state files, logs
+
+
+def make_room_for(connections: int) -> None:
+    """Raise this process's soft limit on open files to fit `connections` sockets and
+    SPARE_DESCRIPTORS others (a common default soft limit is 1,024); ConfigError when even the
+    hard limit is lower."""
+    try:
+        import resource
+    except ImportError:  # no such limit to raise on this platform
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = connections + SPARE_DESCRIPTORS
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    if hard != resource.RLIM_INFINITY and hard < need:
+        raise ConfigError(
+            f"max_connections {connections} needs {need} open files, above this process's hard limit {hard}: "
+            "lower server.max_connections or raise the limit (ulimit -Hn, LimitNOFILE=)"
+        )
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+
+
 def serve_http(app, args, settings: ServerConfig) -> None:
     """Run an ASGI app on uvicorn as `serve` does for every role: the command line's address,
     TLS and log level, no access log, the bounds above and the check-in budget.
@@ -57,6 +80,7 @@ def serve_http(app, args, settings: ServerConfig) -> None:
 
     from asyncfl.server.admission import with_admission
 
+    make_room_for(settings.max_connections)
     gc.collect()
     gc.freeze()
 
