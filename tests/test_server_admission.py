@@ -8,6 +8,8 @@ import asyncio
 import json
 import socket
 
+from raw_http import read_response
+
 from asyncfl.server import admission
 from asyncfl.server.admission import CheckinAdmission, with_admission
 from asyncfl.server.testing import ServerProcess, mint_tokens
@@ -67,17 +69,7 @@ def test_no_budget_leaves_the_app_as_it_is():
 
 def exchange(sock: socket.socket, request: bytes) -> tuple[int, dict[str, str], bytes]:
     sock.sendall(request)
-    raw = b""
-    while b"\r\n\r\n" not in raw:
-        chunk = sock.recv(4096)
-        assert chunk, "the server closed the connection"
-        raw += chunk
-    head, _, body = raw.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    while len(body) < int(headers["content-length"]):
-        body += sock.recv(4096)
-    return int(lines[0].split()[1]), headers, body
+    return read_response(sock)
 
 
 def test_a_served_budget_sheds_on_the_same_keep_alive_connection(tmp_path):

@@ -7,6 +7,7 @@ import threading
 import time
 
 import uvicorn
+from raw_http import read_response
 
 from asyncfl.config import ServerConfig
 from asyncfl.server.connection import OVER_CAP_RETRY_AFTER_S
@@ -26,15 +27,7 @@ async def ok_app(scope, receive, send):
 def request(port: int) -> tuple[int, dict[str, str], bytes]:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        raw = b""
-        while b"\r\n\r\n" not in raw:
-            raw += s.recv(4096)
-        head, _, body = raw.partition(b"\r\n\r\n")
-        lines = head.decode().split("\r\n")
-        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-        while len(body) < int(headers.get("content-length", 0)):
-            body += s.recv(4096)
-        return int(lines[0].split()[1]), headers, body
+        return read_response(s)
 
 
 def test_over_the_cap_503_carries_retry_after_and_frees_with_the_connections():

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import uvicorn
+from raw_http import read_response
 
 from asyncfl.config import ServerConfig
 from asyncfl.server.connection import MAX_HEAD_BYTES
@@ -48,21 +49,6 @@ def port():
     thread.join(timeout=10)
 
 
-def answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    raw = b""
-    while b"\r\n\r\n" not in raw:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        raw += chunk
-    head, _, body = raw.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    while len(body) < int(headers.get("content-length", 0)):
-        body += sock.recv(65536)
-    return int(lines[0].split()[1]), headers, body
-
-
 def head(pad: int, body_length: int = 0) -> bytes:
     return (f"POST /x HTTP/1.1\r\nHost: x\r\nX-Pad: {'a' * pad}\r\nContent-Length: {body_length}\r\n\r\n").encode()
 
@@ -78,7 +64,7 @@ def test_a_head_past_the_bound_is_refused_431_and_closed(port, pieces):
             except (BrokenPipeError, ConnectionResetError):
                 break  # refused already: the rest is not read
             time.sleep(0.005)
-        status, headers, body = answer(sock)
+        status, headers, body = read_response(sock)
         assert status == 431 and headers["connection"] == "close"
         assert json.loads(body)["error"] == "header_too_large"
         assert sock.recv(1) == b""  # closed
@@ -87,10 +73,10 @@ def test_a_head_past_the_bound_is_refused_431_and_closed(port, pieces):
 def test_a_head_within_the_bound_and_a_large_body_in_one_write_are_answered(port):
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(head(MAX_HEAD_BYTES - 200))
-        assert answer(sock)[:1] == (200,)
+        assert read_response(sock)[:1] == (200,)
         body = b"b" * 300_000  # arrives with its head, several times the head bound
         sock.sendall(head(10, len(body)) + body)
-        status, _, payload = answer(sock)
+        status, _, payload = read_response(sock)
         assert (status, payload) == (200, str(len(body)).encode())
         sock.sendall(head(10))  # the connection goes on: the next head counts from zero
-        assert answer(sock)[0] == 200
+        assert read_response(sock)[0] == 200
