@@ -1,4 +1,5 @@
-"""uvicorn's HTTP/1.1 protocol with a deadline for each request's headers. uvicorn closes a
+"""uvicorn's HTTP/1.1 protocol with a deadline for each request's headers, and a bound on their
+size (httptools, unlike h11, has none: a head would be buffered whole). uvicorn closes a
 connection left idle after a response, but it waits for ever on one whose request never
 finishes its headers, or whose peer sends a byte now and then: a few hundred such slow senders
 would hold the server's connections (and, with a connection cap, lock everyone else out).
