@@ -25,6 +25,7 @@ import psycopg
 
 from asyncfl.algorithms.seeds import trip_seed
 from asyncfl.cluster import members
+from asyncfl.cluster.async_pool import AsyncPool
 from asyncfl.cluster.members import DEFAULT_TIMING
 from asyncfl.cluster.pgpool import Pool
 from asyncfl.cluster.served_task import ServedTask
@@ -65,6 +66,7 @@ class Selector:
     def __init__(self, url: str, settings: ServerConfig | None = None, member_id: str | None = None, pool_size=8):
         self.settings = settings or ServerConfig()
         self.pool = Pool(url, pool_size)
+        self.claims = AsyncPool(url)
         self.id = member_id or members.member_id("selector")
         self.address: str | None = None
         self.tokens = TokenCache(self.pool)
@@ -218,11 +220,12 @@ class Selector:
     def checkin_from_memory(
         self, client: str, task: str, eligible: bool = True
     ) -> tuple[dict | None, Reservation | None]:
-        """(answer, None) where memory decides ("retry", "stop"): no database round trip. Else
-        (None, reservation): the answer needs the database (a claim, a lease to confirm, or a
-        task not seen yet); a reservation sets one of the view's free slots aside for this
-        check-in until `checkin(..., reserved)` or `release` ends it: when a refresh shows a
-        few free slots, only that many check-ins go to claim them, not every one in flight."""
+        """(answer, None) where memory decides ("retry", "stop"): no database round trip.
+        (None, reservation) where the answer needs the database (a claim, or a lease to
+        confirm): one of the view's free slots is set aside for this check-in until `checkin`
+        or `release` ends it, so that when a refresh shows a few free slots only that many
+        check-ins go to claim them, not every one in flight. (None, None) for a task memory
+        does not know yet: `know` it first."""
         with self.lock:
             served, view = self._served.get(task), self.views.get(task)
             if served is None or view is None:
@@ -243,19 +246,26 @@ class Selector:
                 reserved.ended = True
                 reserved.view.claiming -= 1
 
-    def checkin(self, client: str, task: str, eligible: bool = True, reserved: Reservation | None = None) -> dict:
+    def know(self, task: str) -> None:
+        """Build what memory needs to answer the task's check-ins (its judge, its view); 403 for
+        a task the database does not hold. Off the event loop: it may query and load the data."""
+        self.served(task)
+        self.view(task)
+
+    async def checkin(self, client: str, task: str, eligible: bool, reserved: Reservation) -> dict:
         """A client with an active lease gets it back; a new lease only on a slot this selector
-        holds; "retry" otherwise. `reserved`: the slot `checkin_from_memory` set aside for it."""
-        served, view = self.served(task), self.view(task)
+        holds; "retry" otherwise. `reserved`: the slot `checkin_from_memory` set aside for it,
+        released here. The claim's one round trip is awaited on the event loop."""
+        served, view = self._served[task], reserved.view
         try:
             with self.lock:
-                mine = reserved is not None and not reserved.ended
-                answer = self._decide(served, view, task, client, eligible, mine)
+                answer = self._decide(served, view, task, client, eligible, not reserved.ended)
             if answer is None:  # a lease known from the feed is confirmed: its upload may have reached another selector
                 try:
-                    answer = self._claim(client, task, served, view)
+                    row = await self._claim_row(client, task, served)
                 except psycopg.errors.UniqueViolation:  # another selector leased to this client meanwhile
-                    answer = self._claim(client, task, served, view)
+                    row = await self._claim_row(client, task, served)
+                answer = self._claimed(row, client, task, served, view)
         finally:
             self.release(reserved)
         self.count(view, f"checkin_{answer['action']}")
@@ -276,16 +286,19 @@ class Selector:
         with self.lock:
             view.counts[what] += n
 
-    def _claim(self, client: str, task: str, served: ServedTask, view: TaskView) -> dict:
-        """The client's active lease if it has one (another selector may have issued it), else a
-        free slot of ours, the trip's number and the lease: one call of the database's
-        asyncfl_claim, a single round trip."""
+    async def _claim_row(self, client: str, task: str, served: ServedTask) -> tuple:
+        """One call of the database's asyncfl_claim: the client's active lease if it has one
+        (another selector may have issued it), else a free slot of ours, the trip's number and
+        the lease."""
+        params = (task, client, self.id, served.max_trips, served.settings.lease_timeout, secrets.token_hex(6))
+        async with self.claims.connection() as conn:
+            cursor = await conn.execute("SELECT * FROM asyncfl_claim(%s, %s, %s, %s, %s, %s)", params)
+            return await cursor.fetchone()
+
+    def _claimed(self, row: tuple, client: str, task: str, served: ServedTask, view: TaskView) -> dict:
+        """The answer to a claim's outcome, and what memory learns from it."""
+        outcome, lease_id, version, trip, expires_s, free_now = row
         retry_after = served.settings.retry_after
-        with self.pool.connection() as conn:
-            outcome, lease_id, version, trip, expires_s, free_now = conn.execute(
-                "SELECT * FROM asyncfl_claim(%s, %s, %s, %s, %s, %s)",
-                (task, client, self.id, served.max_trips, served.settings.lease_timeout, secrets.token_hex(6)),
-            ).fetchone()
         if outcome == "expiring":
             return retry_answer(retry_after, True)
         if outcome == "stop":  # the next refresh shows it

@@ -9,19 +9,17 @@ from __future__ import annotations
 
 from contextlib import asynccontextmanager
 
-import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from asyncfl.cluster.pgpool import unavailable
 from asyncfl.cluster.selector import Selector
 from asyncfl.cluster.selector_status import metrics_of, status_of
 from asyncfl.cluster.tokens import NeedsDatabase
 from asyncfl.server.app import CHECKIN_LIMIT, FRAME_TYPE, add_error_handlers, checkin_eligible, read_limited
 from asyncfl.server.auth import ANY_TASK, OPERATOR, admit, bearer
 from asyncfl.server.errors import ApiError
-
-CLAIM_THREADS = 8
 
 
 def create_selector_app(selector: Selector, background: bool = True) -> FastAPI:
@@ -30,6 +28,7 @@ def create_selector_app(selector: Selector, background: bool = True) -> FastAPI:
         if background:
             await run_in_threadpool(selector.start)
         yield
+        await selector.claims.close()
         if background:
             await run_in_threadpool(selector.close)
 
@@ -37,9 +36,6 @@ def create_selector_app(selector: Selector, background: bool = True) -> FastAPI:
         title="asyncfl selector", version="1", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
     app.state.selector = selector
-    # claims take one round trip; their own threads keep them from queueing behind uploads,
-    # which hold a thread until their group commit
-    claims = anyio.CapacityLimiter(CLAIM_THREADS)
     settings = selector.settings
     add_error_handlers(app, lambda err: selector.reject("", err))
 
@@ -85,13 +81,13 @@ def create_selector_app(selector: Selector, background: bool = True) -> FastAPI:
             selector.reject(task, err)
             raise
         answer, reserved = selector.checkin_from_memory(client, task, eligible)  # "retry"/"stop": no database
+        if answer is None and reserved is None:  # a task memory does not know yet
+            await run_in_threadpool(selector.know, task)
+            answer, reserved = selector.checkin_from_memory(client, task, eligible)
+            if answer is None and reserved is None:
+                raise unavailable("the task's state changed meanwhile")
         if answer is None:
-            try:
-                answer = await anyio.to_thread.run_sync(
-                    selector.checkin, client, task, eligible, reserved, limiter=claims
-                )
-            finally:  # also when cancelled before its thread ran
-                selector.release(reserved)
+            answer = await selector.checkin(client, task, eligible, reserved)
         return JSONResponse(answer)  # past FastAPI's encoder: the answer is plain JSON already
 
     @app.get("/v1/task")
