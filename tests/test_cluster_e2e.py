@@ -110,6 +110,16 @@ def _task(url):
     return fetch(url, "SELECT owner, owner_epoch, version FROM tasks WHERE task = 'fedbuff'")[0]
 
 
+def kill_the_owner(url, aggregators) -> None:
+    """kill -9 of the aggregator that owns the task; back once another one has taken it over
+    (the next epoch) and stepped three more versions."""
+    owner, epoch, version = _task(url)
+    victim = next(p for p in aggregators if p.pid == int(owner.split("-")[-2]))
+    victim.send_signal(signal.SIGKILL)
+    _until(lambda: _task(url)[1] == epoch + 1, "the other aggregator to take over")
+    _until(lambda: _task(url)[2] >= version + 3, "training to go on after the takeover")
+
+
 @pytest.mark.slow
 def test_cluster_trains_and_survives_kill_9(pg_url, tmp_path):
     with session(pg_url) as conn:
@@ -148,11 +158,7 @@ def test_cluster_trains_and_survives_kill_9(pg_url, tmp_path):
             )
         _until(lambda: _task(pg_url)[2] >= 4, "version 4")
 
-        owner, epoch, version = _task(pg_url)
-        victim = next(p for p in aggregators if p.pid == int(owner.split("-")[-2]))
-        victim.send_signal(signal.SIGKILL)
-        _until(lambda: _task(pg_url)[1] == epoch + 1, "the other aggregator to take over")
-        _until(lambda: _task(pg_url)[2] >= version + 3, "training to go on after the takeover")
+        kill_the_owner(pg_url, aggregators)
 
         coordinator.send_signal(signal.SIGKILL)
         version = _task(pg_url)[2]

@@ -5,12 +5,11 @@ every update a client was told was accepted is in exactly one closed buffer and 
 
 import copy
 import json
-import signal
 
 import pytest
 import yaml
 from cluster_helpers import fetch
-from test_cluster_e2e import CLIENTS, Cluster, K, _healthy, _task, _until
+from test_cluster_e2e import CLIENTS, Cluster, K, _healthy, _task, _until, kill_the_owner
 from test_cluster_e2e import EXPERIMENT as PLAIN
 
 from asyncfl.cluster.members import session
@@ -59,11 +58,7 @@ def test_cluster_trains_masked_fedbuff_and_survives_kill_9(pg_url, tmp_path):
                 "1",
             )
         _until(lambda: _task(pg_url)[2] >= 3, "version 3")
-        owner, epoch, version = _task(pg_url)
-        victim = next(p for p in aggregators if p.pid == int(owner.split("-")[-2]))
-        victim.send_signal(signal.SIGKILL)
-        _until(lambda: _task(pg_url)[1] == epoch + 1, "the other aggregator to take over")
-        _until(lambda: _task(pg_url)[2] >= version + 3, "training to go on after the takeover")
+        kill_the_owner(pg_url, aggregators)
         for p in cluster.procs:
             if "client" in p.args:
                 p.terminate()
