@@ -277,7 +277,7 @@ def test_the_open_files_limit_is_raised_to_fit_the_connection_cap(monkeypatch, s
     limits = Limits(soft, hard)
     monkeypatch.setattr(resource, "getrlimit", limits.getrlimit)
     monkeypatch.setattr(resource, "setrlimit", limits.setrlimit)
-    make_room_for(1024)
+    assert make_room_for(1024) == 1024
     assert limits.value == after
 
 
@@ -288,5 +288,16 @@ def test_a_connection_cap_above_the_hard_limit_is_refused_by_name(monkeypatch):
     monkeypatch.setattr(resource, "getrlimit", limits.getrlimit)
     monkeypatch.setattr(resource, "setrlimit", limits.setrlimit)
     with pytest.raises(ConfigError, match="max_connections 1024 needs 1152 open files.*hard limit 512"):
-        make_room_for(1024)
+        make_room_for(1024, chosen=True)
     assert limits.value == (256, 512)
+
+
+def test_the_default_cap_shrinks_to_a_small_hard_limit_rather_than_refuse_to_start(monkeypatch, caplog):
+    import resource
+
+    limits = Limits(256, 512)
+    monkeypatch.setattr(resource, "getrlimit", limits.getrlimit)
+    monkeypatch.setattr(resource, "setrlimit", limits.setrlimit)
+    assert make_room_for(1024, chosen=False) == 512 - SPARE_DESCRIPTORS
+    assert limits.value == (512, 512)
+    assert "serving at most 384 connections" in caplog.text

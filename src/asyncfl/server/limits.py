@@ -5,12 +5,14 @@ drop slow senders and cap the connections held at once."""
 from __future__ import annotations
 
 import functools
+import logging
 import math
 
 from asyncfl import wire
 from asyncfl.config import ConfigError, ServerConfig
 from asyncfl.server.aggregation import AggregationRole
 
+log = logging.getLogger("asyncfl.server")
 BODY_MARGIN = 1.25  # over the largest valid frame: room for a client that writes its header less tightly
 
 
@@ -48,24 +50,30 @@ GC_THRESHOLDS = (10_000, 50, 100)  # young, middle, old: see serve_http
 SPARE_DESCRIPTORS = 128  # besides the client connections: database connections, state files, logs
 
 
-def make_room_for(connections: int) -> None:
+def make_room_for(connections: int, chosen: bool = True) -> int:
     """Raise this process's soft limit on open files to fit `connections` sockets and
-    SPARE_DESCRIPTORS others (a common default soft limit is 1,024); ConfigError when even the
-    hard limit is lower."""
+    SPARE_DESCRIPTORS others (a common default soft limit is 1,024); the connection cap to
+    serve with. When even the hard limit is lower: ConfigError for a cap the operator `chosen`,
+    else (the default cap) the largest cap that fits, with a warning, so that a default server
+    still starts where the hard limit is small."""
     try:
         import resource
     except ImportError:  # no such limit to raise on this platform
-        return
+        return connections
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = connections + SPARE_DESCRIPTORS
     if soft == resource.RLIM_INFINITY or soft >= need:
-        return
+        return connections
     if hard != resource.RLIM_INFINITY and hard < need:
-        raise ConfigError(
-            f"max_connections {connections} needs {need} open files, above this process's hard limit {hard}: "
-            "lower server.max_connections or raise the limit (ulimit -Hn, LimitNOFILE=)"
-        )
+        if chosen or hard <= 2 * SPARE_DESCRIPTORS:
+            raise ConfigError(
+                f"max_connections {connections} needs {need} open files, above this process's hard limit {hard}: "
+                "lower server.max_connections or raise the limit (ulimit -Hn, LimitNOFILE=)"
+            )
+        connections, need = hard - SPARE_DESCRIPTORS, hard
+        log.warning("open files limited to %d: serving at most %d connections", hard, connections)
     resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    return connections
 
 
 def serve_http(app, args, settings: ServerConfig) -> None:
@@ -84,7 +92,8 @@ def serve_http(app, args, settings: ServerConfig) -> None:
 
     from asyncfl.server.admission import with_admission
 
-    make_room_for(settings.max_connections)
+    cap = make_room_for(settings.max_connections, chosen="max_connections" in settings.model_fields_set)
+    settings = settings.model_copy(update={"max_connections": cap})
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
