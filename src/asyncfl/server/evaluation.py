@@ -52,10 +52,10 @@ class Evaluation:
             return
         if last is not None and last["version"] == version and now - last["t"] < 30:
             return
-        self._tried_at = now
         if version != self._snapshot_version:  # before the row is published: history never runs ahead of it
             atomic_write(sh.store.dir / "model.afl", wire.encode_model(version, w, self.model.names, self.model.shapes))
             self._snapshot_version = version
+        self._tried_at = time.time()  # after the snapshot's write: attempts, not writes, are every_s apart
         acc, loss = self.model.evaluate(w, self.data.x_test, self.data.y_test)
         if math.isfinite(acc) and math.isfinite(loss):
             self._record(now, version, acc, loss)
