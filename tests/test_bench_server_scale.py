@@ -11,6 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # a whole benchmark run (about 30-50 s): make test-slow
 def test_quick_scale_bench_reports_every_target(tmp_path):
     from asyncfl.cluster.postgres import PostgresNotInstalled, find_bindir
 

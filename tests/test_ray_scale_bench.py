@@ -29,6 +29,7 @@ def test_heavy_clients_take_full_minibatches():
     assert sizes.min() >= HEAVY["batch"] and sizes.max() <= 64 and sizes.min() < sizes.max()
 
 
+@pytest.mark.slow  # a whole benchmark run (about 30-50 s): make test-slow
 def test_quick_run_reports_every_figure():
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
     env.pop("RAY_worker_niceness", None)
