@@ -437,3 +437,25 @@ def test_a_private_task_reports_the_epsilon_its_aggregator_spent(pg_url):
         assert 'asyncfl_privacy_steps_total{task="dp"} 1.0' in text
     finally:
         a.close()
+
+
+def test_checkin_refusals_are_answered_as_every_other_endpoints(cluster):
+    """The check-in route, answered beneath FastAPI's router, refuses as the app does: JSON
+    bodies with their codes, 405 with Allow for another method, malformed bodies counted, and
+    an unexpected failure a 500 that leaves the selector serving."""
+    url, node = cluster
+    a = node("sel-a")
+    grant(url, "sel-a", [0])
+    a.selector.refresh()
+    r = a.http.get("/v1/checkin", headers=a.auth("a"))
+    assert (r.status_code, r.json()["error"], r.headers["allow"]) == (405, "method_not_allowed", "POST")
+    r = a.http.post("/v1/checkin", headers=a.auth("a"), content=b"[1, 2")
+    assert r.status_code == 400 and r.json()["error"] == "malformed"
+    r = a.http.post("/v1/checkin", headers=a.auth("a"), content=b" " * 100_000)
+    assert r.status_code == 413 and r.json()["error"] == "too_large"
+    assert a.selector.rejected[("fb", "malformed")] == 1
+    assert a.checkin("a")["action"] == "train"  # the selector serves on, its slot given
+    broken = TestClient(create_selector_app(a.selector, background=False), raise_server_exceptions=False)
+    a.selector.checkin_from_memory = None  # any unexpected failure
+    r = broken.post("/v1/checkin", headers=a.auth("b"), json={})
+    assert r.status_code == 500

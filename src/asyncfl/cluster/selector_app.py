@@ -17,8 +17,10 @@ from asyncfl.cluster.pgpool import unavailable
 from asyncfl.cluster.selector import Selector
 from asyncfl.cluster.selector_status import metrics_of, status_of
 from asyncfl.cluster.tokens import NeedsDatabase
+from asyncfl.server.admission import CHECKIN_PATH
 from asyncfl.server.app import CHECKIN_LIMIT, FRAME_TYPE, add_error_handlers, checkin_eligible, read_limited
 from asyncfl.server.auth import ANY_TASK, OPERATOR, admit, bearer
+from asyncfl.server.direct_route import DirectRoute
 from asyncfl.server.errors import ApiError
 
 
@@ -71,8 +73,7 @@ def create_selector_app(selector: Selector, background: bool = True) -> FastAPI:
             raise
         return None if task == ANY_TASK else {task}
 
-    @app.post("/v1/checkin")
-    async def checkin(request: Request):
+    async def checkin(request: Request) -> JSONResponse:
         client, task = await client_of(request)
         raw = await read_limited(request, CHECKIN_LIMIT, settings.body_timeout)
         try:
@@ -88,7 +89,9 @@ def create_selector_app(selector: Selector, background: bool = True) -> FastAPI:
                 raise unavailable("the task's state changed meanwhile")
         if answer is None:
             answer = await selector.checkin(client, task, eligible, reserved)
-        return JSONResponse(answer)  # past FastAPI's encoder: the answer is plain JSON already
+        return JSONResponse(answer)  # the answer is plain JSON already
+
+    app.add_middleware(DirectRoute, method="POST", path=CHECKIN_PATH, endpoint=checkin)  # the hot path
 
     @app.get("/v1/task")
     async def task_info(request: Request):

@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from asyncfl import strict_json
 from asyncfl.server.auth import OPERATOR_COOKIE, bearer
 from asyncfl.server.dashboard import PAGE, SIGN_IN
+from asyncfl.server.direct_route import error_response
 from asyncfl.server.errors import ApiError
 from asyncfl.server.secagg_http import add_secagg_routes
 from asyncfl.server.service import HISTORY_LIMIT, HISTORY_MAX_LIMIT, FLServer
@@ -83,7 +84,7 @@ def add_error_handlers(app: FastAPI, reject: Callable[[ApiError], None]) -> None
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError):
-        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+        return error_response(err)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, err: RequestValidationError):
