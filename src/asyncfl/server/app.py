@@ -58,7 +58,8 @@ async def read_limited(request: Request, limit: int, timeout: float | None = Non
         return b"".join(chunks)
 
     try:
-        return await asyncio.wait_for(read(), timeout)
+        async with asyncio.timeout(timeout):  # no task per body, as wait_for would create
+            return await read()
     except TimeoutError:
         raise ApiError(
             408, "body_timeout", f"body not received within {timeout:g} s", headers={"Connection": "close"}
