@@ -410,11 +410,23 @@ def test_sync_round_timeout_closes_the_round(tmp_path):
     with Harness(tmp_path, {"name": "fedavg"}, {"mode": "sync", "concurrency": 2, "round_timeout": 0.3}) as h:
         a = h.checkin("a")
         assert 0 < a["round_deadline_in"] <= 0.3
+        joined = h.http.get("/status").json()["round"]["number"]  # 1, or later on a machine slow to check in
         assert h.upload("a", h.frame(a)).status_code == 200
         time.sleep(0.35)
         h.server.tick()
         s = h.http.get("/status").json()
-        assert s["version"] == 1 and s["round"]["number"] == 2  # partial cohort flushed at the deadline
+        assert s["version"] == 1 and s["round"]["number"] == joined + 1  # partial cohort flushed at the deadline
+
+
+def test_a_checkin_after_a_passed_deadline_joins_the_next_round_not_the_closed_one(tmp_path):
+    """The background tick has not yet closed the round whose deadline passed: the check-in
+    closes it first, so its lease is never one of a round already over."""
+    with Harness(tmp_path, {"name": "fedavg"}, {"mode": "sync", "concurrency": 2, "round_timeout": 0.3}) as h:
+        time.sleep(0.35)  # round 1's deadline passes, no tick
+        a = h.checkin("a")
+        assert 0.2 < a["round_deadline_in"] <= 0.3
+        assert h.http.get("/status").json()["round"]["number"] == 2
+        assert h.upload("a", h.frame(a)).status_code == 200
 
 
 def test_fednova_round_normalizes_each_update_by_its_reported_steps(tmp_path):

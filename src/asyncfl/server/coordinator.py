@@ -236,11 +236,18 @@ class Coordinator:
                 self._end(lease, EXPIRED)
                 self.policy.on_lost(self, lease)
                 changed = True
+        return self.fire_due_timers() or changed
+
+    def fire_due_timers(self) -> bool:
+        """The policy's timers now due (a round's deadline); True if any fired. Called at each
+        check-in too, so a lease is never given in a round whose deadline has passed while the
+        background tick has not come round yet."""
+        now, fired = self.clock(), False
         while self.timers and self.timers[0][0] <= now:
             _, _, payload = heapq.heappop(self.timers)
             self.policy.on_timer(self, payload)
-            changed = True
-        return changed
+            fired = True
+        return fired
 
     def needed_versions(self) -> set[int]:
         return {lease.base_version for lease in self.leases.values()} | {self.aggregation.state.version}

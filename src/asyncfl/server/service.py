@@ -242,9 +242,9 @@ class FLServer:
         with self.lock:
             if self.tsa is not None and not self.done and self.tsa.aggregator.waiting():
                 return {"action": "retry", "retry_after": self.settings.retry_after, "reason": "waiting for the TSA"}
-            issued = self.coordinator.issued
+            fired, issued = self.coordinator.fire_due_timers(), self.coordinator.issued
             answer, _ = self.selector.checkin(client, eligible)
-            epoch = self.commit.epoch if self.coordinator.issued != issued else None
+            epoch = self.commit.epoch if fired or self.coordinator.issued != issued else None
         if epoch is not None:
             self.commit.sync(epoch)
         return answer
