@@ -79,8 +79,10 @@ def test_public_status_opens_status_and_metrics_only(tmp_path):
 
 def test_dashboard_signs_in_with_an_httponly_cookie(h):
     http = bare(h)
-    page = http.get("/")
+    page = http.get("/", headers={"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"})  # a browser's
     assert page.status_code == 401 and "#token=" in page.text and "acc-chart" not in page.text
+    refused = http.get("/", headers=h.auth("a"))  # not a browser: the JSON refusal of every endpoint
+    assert refused.status_code == 403 and refused.json()["error"] == "forbidden"
     assert http.post("/v1/session", headers=h.auth("a")).status_code == 403
     assert bare(h, cookie=h.operator).post("/v1/session").status_code == 401  # a bearer token only
     r = http.post("/v1/session", headers={"Authorization": f"Bearer {h.operator}"})

@@ -205,10 +205,13 @@ def create_app(server: FLServer, background: bool = True) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse)
     async def dashboard(request: Request):
+        """The page for an operator; the sign-in page, with the refusal's status, for a browser
+        without one (it asks for text/html); any other client gets the JSON refusal, as from
+        every other endpoint."""
         try:
             operator(request)
         except ApiError as err:
-            if err.status == 429:
+            if err.status == 429 or "text/html" not in request.headers.get("accept", ""):
                 raise
             return HTMLResponse(SIGN_IN, status_code=err.status)
         return HTMLResponse(PAGE)

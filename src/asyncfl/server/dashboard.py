@@ -1,7 +1,8 @@
 """The live dashboard at `/`: one self-contained HTML page (inline CSS, JS and SVG, no external
 assets) that polls /status and /v1/history and draws test accuracy against wall time.
 
-It needs an operator token. Without one `/` answers SIGN_IN, which takes the token from the
+It needs an operator token. Without one, a browser at `/` gets SIGN_IN (other callers get a
+JSON refusal), which takes the token from the
 URL fragment (`/#token=...`: browsers never send the fragment, so it reaches no server or proxy
 log), removes it from the address bar and history, trades it at POST /v1/session for an HttpOnly
 cookie, and reloads."""
