@@ -158,6 +158,11 @@ def test_granted_slot_gives_a_lease_and_a_recheckin_the_same_one(cluster):
     assert a.checkin("b")["action"] == "retry"  # the only slot is taken
     r = a.http.get("/v1/model/0", headers=a.auth("a"))
     assert r.status_code == 200 and wire.decode(r.content, wire.ModelHeader).header.version == 0
+    again = a.http.get("/v1/model/0", headers=a.auth("b"))  # from memory this time, counted all the same
+    assert again.content == r.content
+    counts = a.selector.views["fb"].counts
+    assert (counts["downloads"], counts["download_bytes"]) == (2, 2 * len(r.content))
+    assert a.http.get("/v1/model/7", headers=a.auth("a")).json()["error"] == "version_unavailable"
     assert a.http.get("/v1/task", headers=a.auth("a")).json()["task"] == "fb"
     b.selector._stop.set()  # b's lease feed lags: it still sees the lease active
     b.selector._thread.join()

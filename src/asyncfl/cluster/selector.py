@@ -325,6 +325,21 @@ class Selector:
     def task_info(self, task: str) -> dict:
         return self.served(task).info
 
+    def served_from_memory(self, task: str) -> ServedTask | None:
+        """The task's judge when built already (`served` builds it, off the event loop)."""
+        return self._served.get(task)
+
+    def frame_from_memory(self, task: str, version: int) -> bytes | None:
+        """A version's frame when memory holds it, as it does for every download but the first
+        of each version; None: `model_frame` builds it, off the event loop."""
+        served = self._served.get(task)
+        with self.lock:
+            view = self.views.get(task)
+        frame = None if served is None or view is None else served.cached_frame(version)
+        if frame is not None:
+            self._downloaded(view, frame)
+        return frame
+
     def model_frame(self, task: str, version: int) -> bytes:
         def load(v: int) -> bytes | None:
             with self.pool.connection() as conn:
@@ -332,9 +347,13 @@ class Selector:
             return None if row is None else row[0]
 
         frame = self.served(task).frame(version, load)
-        self.count(self.view(task), "downloads")
-        self.count(self.view(task), "download_bytes", len(frame))
+        self._downloaded(self.view(task), frame)
         return frame
+
+    def _downloaded(self, view: TaskView, frame: bytes) -> None:
+        with self.lock:
+            view.counts["downloads"] += 1
+            view.counts["download_bytes"] += len(frame)
 
     def upload(self, client: str, task: str, body: bytes) -> tuple[int, dict]:
         try:

@@ -100,14 +100,16 @@ def create_selector_app(selector: Selector, background: bool = True) -> FastAPI:
 
     @app.get("/v1/model/{version}")
     async def model(version: int, request: Request):
-        _, task = await client_of(request)
-        frame = await run_in_threadpool(selector.model_frame, task, version)
+        _, task = await client_of(request)  # memory first, as for tokens: a thread hop costs the loop
+        frame = selector.frame_from_memory(task, version) or await run_in_threadpool(
+            selector.model_frame, task, version
+        )
         return Response(frame, media_type=FRAME_TYPE)
 
     @app.post("/v1/update")
     async def update(request: Request):
         client, task = await client_of(request)
-        served = await run_in_threadpool(selector.served, task)
+        served = selector.served_from_memory(task) or await run_in_threadpool(selector.served, task)
         try:
             body = await read_limited(request, served.max_body_bytes, settings.body_timeout)
         except ApiError as err:

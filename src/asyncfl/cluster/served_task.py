@@ -68,11 +68,14 @@ class ServedTask:
     def max_trips(self) -> int | None:
         return self.cfg.stop.max_trips
 
+    def cached_frame(self, version: int) -> bytes | None:
+        with self.lock:
+            return self._frames.get(version)
+
     def frame(self, version: int, load) -> bytes:
         """A version's model frame, built once per selector; `load(version)` reads its weights
         (the versions row's body, or None when it is gone)."""
-        with self.lock:
-            found = self._frames.get(version)
+        found = self.cached_frame(version)
         if found is not None:
             return found
         body = load(version)
