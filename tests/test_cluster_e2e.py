@@ -265,6 +265,10 @@ def test_cluster_rides_out_a_postgresql_restart(postgres, pg_url, tmp_path):
                 *("--data", f"digits:client={i}", "--ack-log", str(tmp_path / f"acks{i}.jsonl"), "--backoff-cap", "1"),
             )
         _until(lambda: _task(pg_url)[2] >= 2, "version 2")
+        # every client running before the outage (one slow to start had no answer, hence no ack log, by the end)
+        _until(
+            lambda: all((tmp_path / f"acks{i}.jsonl").exists() for i in range(clients)), "every client's first answer"
+        )
         postgres.shutdown("fast")
         time.sleep(3)
         postgres.start()
