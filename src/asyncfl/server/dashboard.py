@@ -2,10 +2,9 @@
 assets) that polls /status and /v1/history and draws test accuracy against wall time.
 
 It needs an operator token. Without one, a browser at `/` gets SIGN_IN (other callers get a
-JSON refusal), which takes the token from the
-URL fragment (`/#token=...`: browsers never send the fragment, so it reaches no server or proxy
-log), removes it from the address bar and history, trades it at POST /v1/session for an HttpOnly
-cookie, and reloads."""
+JSON refusal), which takes the token from the URL fragment (`/#token=...`: browsers never send
+the fragment, so it reaches no server or proxy log), removes it from the address bar and
+history, trades it at POST /v1/session for an HttpOnly cookie, and reloads."""
 
 SIGN_IN = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>asyncfl server: sign in</title></head><body>
