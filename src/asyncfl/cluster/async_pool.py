@@ -32,7 +32,8 @@ class AsyncPool:
         """An autocommit connection; 503 when none can be had or it breaks meanwhile."""
         idle = self._queue()
         try:
-            conn = await asyncio.wait_for(idle.get(), self.wait_s)
+            async with asyncio.timeout(self.wait_s):  # no task per claim, as wait_for would create
+                conn = await idle.get()
         except TimeoutError:
             raise unavailable(f"all connections busy for {self.wait_s:g} s") from None
         try:

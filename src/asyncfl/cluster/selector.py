@@ -332,7 +332,7 @@ class Selector:
     def frame_from_memory(self, task: str, version: int) -> bytes | None:
         """A version's frame when memory holds it, as it does for every download but the first
         of each version; None: `model_frame` builds it, off the event loop."""
-        served = self._served.get(task)
+        served = self.served_from_memory(task)
         with self.lock:
             view = self.views.get(task)
         frame = None if served is None or view is None else served.cached_frame(version)
