@@ -8,7 +8,7 @@ checked in memory (tokens.py; random ones of older mints are cached for a few se
 background thread refreshes every REFRESH_S each task's version and state, the free slots the
 coordinator granted this selector, the active leases and the token revocations (from change
 feeds, resynchronised in full every RESYNC_S since sequence numbers may commit out of order).
-Only a check-in that can get a slot claims one, in one transaction. Uploads go through
+Only a check-in that can get a slot claims one, batched with the claims of that moment (claims.py). Uploads go through
 `upload_commit.UploadCommitter`.
 """
 
@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import collections
 import logging
-import secrets
 import threading
 import time
 from dataclasses import dataclass, field
 
-import psycopg
-
 from asyncfl.algorithms.seeds import trip_seed
 from asyncfl.cluster import members
 from asyncfl.cluster.async_pool import AsyncPool
+from asyncfl.cluster.claims import ClaimBatcher
 from asyncfl.cluster.members import DEFAULT_TIMING
 from asyncfl.cluster.pgpool import Pool
 from asyncfl.cluster.served_task import ServedTask
@@ -66,8 +64,8 @@ class Selector:
     def __init__(self, url: str, settings: ServerConfig | None = None, member_id: str | None = None, pool_size=8):
         self.settings = settings or ServerConfig()
         self.pool = Pool(url, pool_size)
-        self.claims = AsyncPool(url)
         self.id = member_id or members.member_id("selector")
+        self.claims = ClaimBatcher(AsyncPool(url), self.id)
         self.address: str | None = None
         self.tokens = TokenCache(self.pool)
         self.auth = Authenticator(self.tokens, None)
@@ -255,16 +253,13 @@ class Selector:
     async def checkin(self, client: str, task: str, eligible: bool, reserved: Reservation) -> dict:
         """A client with an active lease gets it back; a new lease only on a slot this selector
         holds; "retry" otherwise. `reserved`: the slot `checkin_from_memory` set aside for it,
-        released here. The claim's one round trip is awaited on the event loop."""
+        released here. The claim is awaited on the event loop, sent in a batch (claims.py)."""
         served, view = self._served[task], reserved.view
         try:
             with self.lock:
                 answer = self._decide(served, view, task, client, eligible, not reserved.ended)
             if answer is None:  # a lease known from the feed is confirmed: its upload may have reached another selector
-                try:
-                    row = await self._claim_row(client, task, served)
-                except psycopg.errors.UniqueViolation:  # another selector leased to this client meanwhile
-                    row = await self._claim_row(client, task, served)
+                row = await self.claims.claim(task, client, served.max_trips, served.settings.lease_timeout)
                 answer = self._claimed(row, client, task, served, view)
         finally:
             self.release(reserved)
@@ -285,15 +280,6 @@ class Selector:
     def count(self, view: TaskView, what: str, n: int = 1) -> None:
         with self.lock:
             view.counts[what] += n
-
-    async def _claim_row(self, client: str, task: str, served: ServedTask) -> tuple:
-        """One call of the database's asyncfl_claim: the client's active lease if it has one
-        (another selector may have issued it), else a free slot of ours, the trip's number and
-        the lease."""
-        params = (task, client, self.id, served.max_trips, served.settings.lease_timeout, secrets.token_hex(6))
-        async with self.claims.connection() as conn:
-            cursor = await conn.execute("SELECT * FROM asyncfl_claim(%s, %s, %s, %s, %s, %s)", params)
-            return await cursor.fetchone()
 
     def _claimed(self, row: tuple, client: str, task: str, served: ServedTask, view: TaskView) -> dict:
         """The answer to a claim's outcome, and what memory learns from it."""
