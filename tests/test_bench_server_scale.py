@@ -2,6 +2,7 @@
 latencies (at saturation and at the goal's rate), per-process CPU, shedding, and no acknowledged upload missing from the update log."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,15 @@ def test_quick_scale_bench_reports_every_target(tmp_path):
         assert set(sustained["cpu_cores"]) == processes
         assert all(cores >= 0 for cores in sustained["cpu_cores"].values())
         assert sustained["checkins_per_selector_core"] > 0
+        # each serving process on a core of its own where the machine has one more, else shared
+        serving = {"server"} if name == "single" else {f"selector-{i + 1}" for i in range(selectors)}
+        cores, placement = os.sched_getaffinity(0), target["placement"]
+        if len(cores) > len(serving):
+            own = [placement[process] for process in serving]
+            assert all(len(c) == 1 for c in own) and len({c[0] for c in own}) == len(serving)
+            assert not {c[0] for c in own} & set(placement["others"]) and set(placement) == serving | {"others"}
+        else:
+            assert placement is None
         at_goal = target["goal_rate"]  # 2,000 check-ins/s offered to each selector
         assert at_goal["offered_per_s"] == pytest.approx(2000 * max(1, selectors), rel=0.02)
         assert at_goal["checkins_per_s"] > 0 and at_goal["checkin_p99_ms"] >= at_goal["checkin_p50_ms"]
