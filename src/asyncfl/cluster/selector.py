@@ -8,8 +8,8 @@ checked in memory (tokens.py; random ones of older mints are cached for a few se
 background thread refreshes every REFRESH_S each task's version and state, the free slots the
 coordinator granted this selector, the active leases and the token revocations (from change
 feeds, resynchronised in full every RESYNC_S since sequence numbers may commit out of order).
-Only a check-in that can get a slot claims one, batched with the claims of that moment (claims.py). Uploads go through
-`upload_commit.UploadCommitter`.
+Only a check-in that can get a slot claims one, batched with the claims of that moment
+(claims.py). Uploads go through `upload_commit.UploadCommitter`.
 """
 
 from __future__ import annotations
