@@ -43,6 +43,21 @@ class Spy(ClaimBatcher):
         return await super()._statement(params)
 
 
+async def lock_wait(url: str, statement: str, timeout_s: float = 30.0) -> None:
+    """Until a backend running `statement` waits for a lock."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while asyncio.get_running_loop().time() < deadline:
+        waiting = fetch(
+            url,
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
+            f"%{statement}%",
+        )
+        if waiting[0][0]:
+            return
+        await asyncio.sleep(0.02)
+    raise TimeoutError(f"no backend running {statement} waited for a lock within {timeout_s} s")
+
+
 def claim_all(batcher: ClaimBatcher, clients: list[str]) -> list[tuple]:
     async def scenario():
         try:
@@ -95,8 +110,8 @@ def test_two_selectors_racing_for_one_client_give_it_one_lease(url):
                 "SELECT lease_id FROM asyncfl_claim(%s, 'x', 'sel-b', NULL, 60, 'bbbbbb')", (TASK,)
             ).fetchone()
             racing = asyncio.ensure_future(spy.claim(TASK, "x", None, 60.0))
-            await asyncio.sleep(0.3)
-            assert not racing.done()  # waiting for the task's row
+            await lock_wait(url, "asyncfl_claim_many")  # sel-a's batch waits for the task's row
+            assert not racing.done()
             other.commit()
         try:
             return b_lease, await asyncio.wait_for(racing, 10)
